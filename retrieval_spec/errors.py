@@ -1,0 +1,25 @@
+"""One exception family for everything a user can get wrong.
+
+Messages name the file, line or field at fault and what was expected; the CLI prints the message on one
+line and exits non-zero. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class RetrievalSpecError(Exception):
+    """Base of every error caused by input, files or configuration rather than by a bug."""
+
+
+class InputError(RetrievalSpecError):
+    """A prompt, JSONL record, option or argument that cannot be used as given."""
+
+
+class ModelNotFoundError(RetrievalSpecError):
+    """A model name that is neither a known embedded model nor a loadable directory."""
+
+
+class DatastoreFormatError(RetrievalSpecError):
+    """An index directory that is missing files, truncated, altered or of another format version."""
+
+
+class TokenizerMismatchError(RetrievalSpecError):
+    """An index built with one tokenizer opened for a model with another."""
