@@ -126,6 +126,66 @@ class DraftTree:
         )
 
 
+def trie_from_continuations(
+    root: int,
+    continuations: Sequence[np.ndarray],
+    weights: np.ndarray,
+    depth_probs: np.ndarray,
+    source: Source,
+    max_nodes: int,
+) -> DraftTree:
+    """Count weighted continuations into a trie and score each node as a probability of acceptance.
+
+    A node's score is the share of the total weight whose continuation passes through it, times
+    ``depth_probs[0] * ... * depth_probs[d - 1]`` for a node at depth ``d`` (how often copying goes on that
+    far). Continuations are inserted heaviest first and no new node is created past ``max_nodes``.
+
+    Args:
+        root: the newest context token.
+        continuations: token arrays, each continuing ``root``.
+        weights: (len(continuations),) positive weights (match counts, match lengths...).
+        depth_probs: (max_depth,) conditional probabilities in (0, 1]; continuations are cut to this length.
+        source: the proposing drafter.
+        max_nodes: node budget beyond the root.
+    """
+    if not continuations or max_nodes <= 0:
+        return DraftTree.empty(root)
+    total = float(np.sum(weights))
+    reach = np.cumprod(depth_probs)
+    tokens, parents, mass = [root], [-1], [total]
+    children: dict[tuple[int, int], int] = {}
+    for i in np.argsort(-np.asarray(weights), kind="stable"):
+        node = 0
+        for token in continuations[i][: len(depth_probs)].tolist():
+            child = children.get((node, token))
+            if child is None:
+                if len(tokens) > max_nodes:
+                    break
+                child = children[(node, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+                mass.append(0.0)
+            mass[child] += float(weights[i])
+            node = child
+    parents_array = np.array(parents, dtype=np.int32)
+    scores = np.array(mass, dtype=np.float64) / total
+    scores[1:] *= reach[depths_of(parents_array)[1:] - 1]
+    return DraftTree(
+        tokens=np.array(tokens, dtype=np.int32),
+        parents=parents_array,
+        scores=np.minimum(scores, 1.0).astype(np.float32),
+        sources=np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
+    )
+
+
+def depths_of(parents: np.ndarray) -> np.ndarray:
+    """(n,) int32 depth of every node of a topological parent array (root = 0)."""
+    out = np.zeros(len(parents), dtype=np.int32)
+    for i in range(1, len(parents)):
+        out[i] = out[parents[i]] + 1
+    return out
+
+
 @dataclass(frozen=True)
 class StepFeedback:
     """What one verification step tells the drafters.

@@ -1,0 +1,83 @@
+"""The measured cost of verification on this machine, probed once per model and machine and cached.
+
+On a CPU one forward over 8 tokens costs about twice one decoding step; on a GPU nearly the same as one.
+Tree sizes are chosen from this curve (``tree.best_size``), so it is measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from .drafters.base import DraftTree
+from .models import cache_dir
+from .tree import CostCurve
+from .verify import TreeVerifier
+
+
+@dataclass(frozen=True)
+class CostProbe:
+    """How the curve is measured: forwards of chains of ``sizes`` nodes over a ``context_len`` prefix."""
+
+    sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    context_len: int = 256  # typical prompt + output length on the Spec-Bench dev split
+    repeats: int = 3
+
+
+def measure_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -> CostCurve:
+    """Time one verification forward at every probed tree size (median of ``probe.repeats``)."""
+    verifier = TreeVerifier(model)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    verifier.reset(rng.integers(0, vocab, probe.context_len + 1).astype(np.int32))
+    ms = []
+    for size in probe.sizes:
+        tree = DraftTree(
+            tokens=rng.integers(0, vocab, size).astype(np.int32),
+            parents=np.arange(-1, size - 1, dtype=np.int32),
+            scores=np.ones(size, dtype=np.float32),
+            sources=np.zeros(size, dtype=np.uint8),
+        )
+        times = []
+        for _ in range(probe.repeats + 1):  # the first run warms this shape up
+            start = time.perf_counter()
+            verifier.logits(tree)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+            verifier.rollback()
+        ms.append(float(np.median(times[1:])))
+    return CostCurve(sizes=np.array(probe.sizes), ms=np.array(ms))
+
+
+def cached_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -> CostCurve:
+    """The cost curve of ``model`` on this machine and thread count, measured on first use, then read back."""
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    key = json.dumps(
+        [
+            model.config.to_json_string(use_diff=False),
+            str(model.dtype),
+            device,
+            torch.get_num_threads(),
+            torch.__version__,
+            probe.sizes,
+            probe.context_len,
+        ]
+    )
+    path = cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
+    curve = measure_cost_curve(model, probe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist(), "device": device}))
+    tmp.replace(path)
+    return curve

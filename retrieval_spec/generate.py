@@ -1,0 +1,241 @@
+"""The decoding loop: draft → tree → verify → accept → compact → observe, until EOS or the token limit.
+
+Greedy decoding (``temperature == 0``) accepts the longest path the target's argmax agrees with; sampling
+accepts with the lossless rule of :func:`retrieval_spec.verify.sample_accept`. Either way the output is
+distributed exactly as plain decoding of the same model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .calibration import AcceptanceModel
+from .costs import cached_cost_curve
+from .drafters.base import Drafter, DraftTree, Source, StepFeedback
+from .errors import InputError
+from .tree import CostCurve, best_first, best_size, merge
+from .verify import TreeVerifier, greedy_accept
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate and how large a tree may grow.
+
+    Attributes:
+        max_new_tokens: stop after this many new tokens.
+        tree_budget: most drafted nodes verified in one step; the cost curve usually picks fewer.
+        stop_strings: stop once the decoded output contains one of these (the token completing it is kept).
+    """
+
+    max_new_tokens: int = 128
+    tree_budget: int = 64  # upper bound only: best_size() picks the verified size from the cost curve
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.tree_budget < 0:
+            raise InputError(f"tree_budget must be >= 0, got {self.tree_budget}")
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation. Times are wall-clock milliseconds."""
+
+    new_tokens: int = 0
+    steps: int = 0
+    drafted_nodes: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    prefill_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_step: dict[int, int] = field(default_factory=dict)  # histogram: tokens gained in a step -> steps
+    accepted_by_source: dict[str, int] = field(default_factory=dict)  # drafted tokens accepted, per source
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens gained per verification step (1.0 is plain decoding)."""
+        return self.new_tokens / max(self.steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1e3 * self.new_tokens / max(self.total_ms, 1e-9)
+
+    def to_dict(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "mean_accepted": round(self.mean_accepted, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "drafted_nodes": self.drafted_nodes,
+            "draft_ms_per_step": round(self.draft_ms / max(self.steps, 1), 4),
+            "verify_ms_per_step": round(self.verify_ms / max(self.steps, 1), 4),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "total_ms": round(self.total_ms, 3),
+            "tokens_per_step": {str(k): v for k, v in sorted(self.tokens_per_step.items())},
+            "accepted_by_source": dict(sorted(self.accepted_by_source.items())),
+        }
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Output of one request: the new tokens (prompt excluded), their text, and counters."""
+
+    tokens: np.ndarray
+    text: str
+    stats: GenerationStats
+
+
+class SpeculativeGenerator:
+    """Lossless speculative decoding of one Hugging Face causal LM with any set of drafters.
+
+    Args:
+        model: a causal LM (any ``transformers`` model that accepts a 4-D float ``attention_mask``).
+        tokenizer: its tokenizer (for text prompts, stop strings and decoding the output).
+        drafters: sources of draft trees; none means plain decoding through the same loop.
+        cost_curve: cost of verifying k nodes on this machine; measured (and cached on disk) when omitted.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        drafters: Sequence[Drafter] = (),
+        cost_curve: CostCurve | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafters = list(drafters)
+        self.cost_curve = cost_curve if cost_curve is not None or not self.drafters else cached_cost_curve(model)
+        self.acceptance = AcceptanceModel()
+        self.verifier = TreeVerifier(model)
+        eos = model.generation_config.eos_token_id
+        self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+    def encode(self, prompt: str) -> np.ndarray:
+        """Token ids of a prompt as given (no special tokens added: chat templates carry their own)."""
+        if not prompt:
+            raise InputError("the prompt is empty")
+        return np.asarray(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32)
+
+    def generate(
+        self,
+        prompt: str | np.ndarray,
+        config: GenerationConfig = GenerationConfig(),
+        references: Sequence[str | np.ndarray] = (),
+    ) -> GenerationResult:
+        """Decode a continuation of ``prompt``.
+
+        Args:
+            prompt: text (tokenized without added special tokens) or (p,) token ids.
+            config: limits.
+            references: documents the output may copy from (retrieved passages, the article to summarise).
+
+        Raises:
+            InputError: empty prompt, or prompt plus ``max_new_tokens`` beyond the model's context.
+        """
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt, dtype=np.int32)
+        if len(prompt_ids) == 0:
+            raise InputError("the prompt is empty")
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None
+        )
+        if limit is not None and len(prompt_ids) + config.max_new_tokens > limit:
+            raise InputError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={config.max_new_tokens} exceeds the "
+                f"model's context of {limit} tokens"
+            )
+        reference_ids = [self.encode(r) if isinstance(r, str) else np.asarray(r, dtype=np.int32) for r in references]
+        stats = GenerationStats()
+        started = time.perf_counter()
+        context = np.zeros(len(prompt_ids) + config.max_new_tokens, dtype=np.int32)
+        context[: len(prompt_ids)] = prompt_ids
+        length = len(prompt_ids)
+        self.verifier.reset(prompt_ids)
+        for drafter in self.drafters:
+            drafter.start(prompt_ids, reference_ids)
+        stats.prefill_ms = (time.perf_counter() - started) * 1e3
+        done = False
+        while not done:
+            t0 = time.perf_counter()
+            remaining = len(context) - length
+            tree, features = self._draft(context[:length], min(config.tree_budget, remaining - 1))
+            t1 = time.perf_counter()
+            logits = self.verifier.logits(tree)
+            accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
+            new_tokens, done = self._cut(new_tokens, context[len(prompt_ids) : length], remaining, config)
+            if not done:
+                self.verifier.commit(accepted)
+            t2 = time.perf_counter()
+            context[length : length + len(new_tokens)] = new_tokens
+            length += len(new_tokens)
+            feedback = StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens)
+            for drafter in self.drafters:
+                drafter.observe(feedback)
+            if len(tree) > 1:
+                self.acceptance.update(features, tree.parents, accepted)
+            self._count(stats, tree, accepted, new_tokens, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
+        stats.total_ms = (time.perf_counter() - started) * 1e3
+        output = context[len(prompt_ids) : length].copy()
+        text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return GenerationResult(tokens=output, text=text, stats=stats)
+
+    def _draft(self, context: np.ndarray, budget: int) -> tuple[DraftTree, np.ndarray]:
+        """Merge every drafter's proposal, calibrate, and keep the nodes worth their verification cost."""
+        root = int(context[-1])
+        if budget <= 0 or not self.drafters:
+            return DraftTree.empty(root), np.array([-1])
+        raw = merge([drafter.propose(context, budget) for drafter in self.drafters])
+        if len(raw) == 1:
+            return raw, np.array([-1])
+        features = self.acceptance.features(raw)
+        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget)
+        size = 1 + best_size(ranked.scores[1:], self.cost_curve)
+        tree = DraftTree(
+            tokens=ranked.tokens[:size],
+            parents=ranked.parents[:size],
+            scores=ranked.scores[:size],
+            sources=ranked.sources[:size],
+        )
+        return tree, features[keep[:size]]
+
+    def _cut(
+        self, new_tokens: np.ndarray, output: np.ndarray, remaining: int, config: GenerationConfig
+    ) -> tuple[np.ndarray, bool]:
+        """Trim a step's tokens at EOS, the token limit or a stop string; say whether decoding is done."""
+        for i, token in enumerate(new_tokens.tolist()):
+            if token in self.eos_token_ids or i + 1 == remaining or self._hits_stop(output, new_tokens[: i + 1], config):
+                return new_tokens[: i + 1], True
+        return new_tokens, False
+
+    def _hits_stop(self, output: np.ndarray, tail: np.ndarray, config: GenerationConfig) -> bool:
+        if not config.stop_strings:
+            return False
+        window = np.concatenate([output[-16:], tail])
+        text = self.tokenizer.decode(window, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return any(stop in text for stop in config.stop_strings)
+
+    @staticmethod
+    def _count(
+        stats: GenerationStats,
+        tree: DraftTree,
+        accepted: np.ndarray,
+        new_tokens: np.ndarray,
+        draft_seconds: float,
+        verify_seconds: float,
+    ) -> None:
+        stats.steps += 1
+        stats.new_tokens += len(new_tokens)
+        stats.drafted_nodes += len(tree) - 1
+        stats.draft_ms += draft_seconds * 1e3
+        stats.verify_ms += verify_seconds * 1e3
+        stats.tokens_per_step[len(new_tokens)] = stats.tokens_per_step.get(len(new_tokens), 0) + 1
+        for node in accepted[1 : len(new_tokens)]:
+            name = Source(int(tree.sources[node])).name.lower()
+            stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
+

