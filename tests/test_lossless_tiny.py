@@ -1,0 +1,115 @@
+"""Greedy speculative output equals Hugging Face greedy generate, on tiny random-weight models (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
+from retrieval_spec.drafters.base import DraftTree
+from retrieval_spec.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
+from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.tree import CostCurve
+from retrieval_spec.verify import TreeVerifier, greedy_accept
+
+FREE = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))  # verify everything drafted
+CPU_LIKE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 64]), ms=np.array([45.0, 63, 90, 95, 104, 180]))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+def prompts(seed: int, count: int, vocab: int = 96):
+    """Random prompts with repeats inside, so prompt lookup has something to copy."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        base = rng.integers(0, vocab, int(rng.integers(3, 30)))
+        out.append(np.concatenate([base, base[: int(rng.integers(1, len(base) + 1))]]).astype(np.int32))
+    return out
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16, 64])
+def test_prompt_lookup_equals_plain_greedy(model, budget):
+    for i, prompt in enumerate(prompts(budget, 6)):
+        expected = plain_greedy(model, prompt, 40)
+        drafter = PromptLookupDrafter(PromptLookupConfig(max_ngram=3, depth=6))
+        generator = SpeculativeGenerator(model, StubTokenizer(), [drafter], cost_curve=FREE)
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=40, tree_budget=budget))
+        np.testing.assert_array_equal(result.tokens, expected, err_msg=f"prompt {i}, budget {budget}")
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_always_right_and_always_wrong_drafters_change_nothing(model, right):
+    for i, prompt in enumerate(prompts(7, 5)):
+        expected = plain_greedy(model, prompt, 30)
+        drafter = OracleDrafter(expected, len(prompt), 96, right=right, seed=i)
+        generator = SpeculativeGenerator(model, StubTokenizer(), [drafter], cost_curve=FREE)
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=30, tree_budget=24))
+        np.testing.assert_array_equal(result.tokens, expected)
+        if right:
+            assert result.stats.mean_accepted > 1.5  # the oracle is actually used
+        else:
+            assert result.stats.mean_accepted == 1.0
+
+
+def test_combined_drafters_under_a_cpu_like_cost_curve(model):
+    for i, prompt in enumerate(prompts(11, 5)):
+        expected = plain_greedy(model, prompt, 40)
+        drafters = [PromptLookupDrafter(), OracleDrafter(expected, len(prompt), 96, right=i % 2 == 0, seed=i)]
+        generator = SpeculativeGenerator(model, StubTokenizer(), drafters, cost_curve=CPU_LIKE)
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=40, tree_budget=32))
+        np.testing.assert_array_equal(result.tokens, expected)
+
+
+def test_no_drafter_is_plain_decoding(model):
+    prompt = prompts(3, 1)[0]
+    result = SpeculativeGenerator(model, StubTokenizer(), []).generate(prompt, GenerationConfig(max_new_tokens=20))
+    np.testing.assert_array_equal(result.tokens, plain_greedy(model, prompt, 20))
+    assert result.stats.steps == 20
+
+
+def test_eos_stops_like_generate():
+    model = tiny_model("llama")
+    prompt = prompts(5, 1)[0]
+    free_run = plain_greedy(model, prompt, 30)
+    eos = int(free_run[12])  # a token the model emits: generation must stop at its first occurrence
+    model.generation_config.eos_token_id = eos
+    try:
+        expected = plain_greedy(model, prompt, 30)
+        generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(free_run, len(prompt), 96, True)],
+                                         cost_curve=FREE)
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=30, tree_budget=16))
+    finally:
+        model.generation_config.eos_token_id = None
+    np.testing.assert_array_equal(result.tokens, expected)
+    assert result.tokens[-1] == eos and eos not in result.tokens[:-1].tolist()
+
+
+def test_compacted_cache_equals_the_cache_of_plain_decoding():
+    model = tiny_model("llama")
+    prompt = prompts(9, 1)[0]
+    verifier = TreeVerifier(model)
+    verifier.reset(prompt)
+    with torch.inference_mode():
+        first = int(model(torch.as_tensor(prompt[None])).logits[0, -1].argmax())
+    wrong = (first + 1) % 96
+    # Root, then a wrong branch of two nodes, then the right token: the accepted path is not contiguous.
+    tree = DraftTree(np.array([prompt[-1], wrong, 5, first], np.int32), np.array([-1, 0, 1, 0], np.int32),
+                     np.array([1, .9, .8, .5], np.float32), np.array([0, 1, 1, 1], np.uint8))
+    logits = verifier.logits(tree)
+    accepted, new_tokens = greedy_accept(tree, logits.argmax(-1).numpy())
+    assert accepted.tolist() == [0, 3]
+    verifier.commit(accepted)
+    full = np.concatenate([prompt, [first]])
+    reference = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.as_tensor(full[None]), past_key_values=reference)
+    assert verifier.cached_len == len(full)
+    for ours, theirs in zip(verifier.cache.layers, reference.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)

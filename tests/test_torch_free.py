@@ -1,0 +1,23 @@
+"""Datastore, builders, drafters, tree and calibration are pure numpy: importing them never imports torch."""
+
+import subprocess
+import sys
+
+import pytest
+
+PURE = [
+    "retrieval_spec.errors",
+    "retrieval_spec.datastore",
+    "retrieval_spec.builders",
+    "retrieval_spec.drafters.base",
+    "retrieval_spec.drafters.prompt_lookup",
+    "retrieval_spec.tree",
+    "retrieval_spec.calibration",
+]
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_module_does_not_import_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'; " \
+           f"assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,121 @@
+"""Tree algebra without a model: drafts, merging, best-first pruning, masks, positions, cost sizing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from retrieval_spec.drafters.base import DraftTree, Source, trie_from_continuations
+from retrieval_spec.tree import CostCurve, ancestor_mask, best_first, best_size, depths, merge
+
+
+@st.composite
+def trees(draw, max_nodes: int = 30) -> DraftTree:
+    """Random valid trees: each node picks an earlier parent and a token unused among its siblings."""
+    n = draw(st.integers(1, max_nodes))
+    parents, tokens, scores = [-1], [draw(st.integers(0, 50))], [1.0]
+    used: dict[int, set] = {}
+    for i in range(1, n):
+        p = draw(st.integers(0, i - 1))
+        free = [t for t in range(40) if t not in used.get(p, set())]
+        token = draw(st.sampled_from(free))
+        used.setdefault(p, set()).add(token)
+        parents.append(p)
+        tokens.append(token)
+        scores.append(scores[p] * draw(st.floats(0.0, 1.0)))
+    return DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32), np.array(scores, np.float32),
+                     np.array([0] + [1] * (n - 1), np.uint8))
+
+
+def ancestors(parents: np.ndarray, i: int) -> set[int]:
+    out = {i}
+    while parents[i] >= 0:
+        i = int(parents[i])
+        out.add(i)
+    return out
+
+
+@given(trees())
+def test_mask_is_exactly_the_ancestor_set(tree):
+    mask = ancestor_mask(tree.parents)
+    for i in range(len(tree)):
+        assert set(np.flatnonzero(mask[i]).tolist()) == ancestors(tree.parents, i)
+        assert depths(tree.parents)[i] == len(ancestors(tree.parents, i)) - 1
+
+
+def test_validation_rejects_malformed_trees():
+    ok = dict(tokens=np.array([1, 2], np.int32), parents=np.array([-1, 0], np.int32),
+              scores=np.array([1, 0.5], np.float32), sources=np.array([0, 1], np.uint8))
+    DraftTree(**ok)
+    with pytest.raises(ValueError, match="parents"):
+        DraftTree(**{**ok, "parents": np.array([-1, 1], np.int32)})
+    with pytest.raises(ValueError, match="never rise"):
+        DraftTree(np.array([1, 2, 3], np.int32), np.array([-1, 0, 1], np.int32),
+                  np.array([1, .5, .6], np.float32), np.array([0, 1, 1], np.uint8))
+    with pytest.raises(ValueError, match="int32"):
+        DraftTree(**{**ok, "tokens": np.array([1, 2], np.int64)})
+    with pytest.raises(ValueError, match="distinct"):
+        DraftTree(np.array([1, 2, 2], np.int32), np.array([-1, 0, 0], np.int32),
+                  np.array([1, .5, .5], np.float32), np.array([0, 1, 1], np.uint8))
+
+
+@settings(max_examples=60)
+@given(trees(), st.integers(0, 30))
+def test_best_first_keeps_an_ancestor_closed_top_set(tree, budget):
+    kept, keep = best_first(tree, budget)
+    assert len(kept) == min(budget, len(tree) - 1) + 1
+    assert set(keep.tolist()) == set().union(*(ancestors(tree.parents, int(k)) for k in keep))
+    assert np.all(np.diff(kept.scores[1:]) <= 1e-7)  # best first
+    np.testing.assert_array_equal(kept.tokens, tree.tokens[keep])
+    # Every dropped node scores no better than the worst kept one (ties aside).
+    dropped = np.setdiff1d(np.arange(len(tree)), keep)
+    if len(dropped) and len(kept) > 1:
+        assert tree.scores[dropped].max() <= kept.scores[1:].min() + 1e-7
+
+
+@settings(max_examples=60)
+@given(st.lists(trees(12), min_size=1, max_size=3))
+def test_merge_holds_every_path_of_every_tree(parts):
+    root = int(parts[0].tokens[0])
+    parts = [DraftTree(np.concatenate([[root], t.tokens[1:]]).astype(np.int32), t.parents, t.scores, t.sources)
+             for t in parts]
+    merged = merge(parts)
+
+    def paths(t):
+        out = {}
+        for i in range(len(t)):
+            nodes = sorted(ancestors(t.parents, i))
+            out[tuple(t.tokens[nodes].tolist())] = float(t.scores[i])
+        return out
+
+    merged_paths = paths(merged)
+    for part in parts:
+        for path, score in paths(part).items():
+            assert merged_paths[path] >= score - 1e-6
+    assert len(merged_paths) == len(merged)
+
+
+def test_trie_from_continuations_scores_by_weight_share_and_depth():
+    tree = trie_from_continuations(7, [np.array([1, 2]), np.array([1, 3]), np.array([4])],
+                                   np.array([2.0, 1.0, 1.0]), np.array([0.5, 0.5]), Source.PROMPT, 10)
+    by_path = {tuple(tree.tokens[sorted(ancestors(tree.parents, i))].tolist()): float(tree.scores[i])
+               for i in range(len(tree))}
+    assert by_path[(7, 1)] == pytest.approx(0.75 * 0.5)
+    assert by_path[(7, 1, 2)] == pytest.approx(0.5 * 0.25)
+    assert by_path[(7, 4)] == pytest.approx(0.25 * 0.5)
+    assert len(trie_from_continuations(7, [np.array([1, 2, 3])], np.array([1.0]), np.ones(3), Source.PROMPT, 2)) == 3
+
+
+def test_best_size_follows_the_cost_curve():
+    cpu = CostCurve(sizes=np.array([1, 2, 4, 8, 16]), ms=np.array([45.0, 63, 90, 95, 104]))
+    free = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))
+    hopeless = np.full(10, 0.05, dtype=np.float32)
+    assert best_size(hopeless, cpu) == 0  # draft nothing where nothing will be accepted
+    assert best_size(hopeless, free) == 10
+    likely = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1, 0.05], dtype=np.float32)
+    k = best_size(likely, cpu)
+    assert 1 <= k <= 7
+    expected = (1 + np.cumsum(np.r_[0, likely])) / cpu.relative(np.arange(1, 9))
+    assert k == int(np.argmax(expected))
