@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .calibration import AcceptanceModel
 from .costs import cached_cost_curve
 from .drafters.base import Drafter, DraftTree, Source, StepFeedback
 from .errors import InputError
-from .tree import CostCurve, best_first, best_size, merge
+from .fusion import TreeFuser
+from .tree import CostCurve
 from .verify import TreeVerifier, greedy_accept
 
 
@@ -110,9 +110,9 @@ class SpeculativeGenerator:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.drafters = list(drafters)
-        self.cost_curve = cost_curve if cost_curve is not None or not self.drafters else cached_cost_curve(model)
-        self.acceptance = AcceptanceModel()
+        if cost_curve is None:
+            cost_curve = cached_cost_curve(model) if drafters else CostCurve(np.array([1]), np.array([1.0]))
+        self.fuser = TreeFuser(drafters, cost_curve)
         self.verifier = TreeVerifier(model)
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
@@ -157,14 +157,13 @@ class SpeculativeGenerator:
         context[: len(prompt_ids)] = prompt_ids
         length = len(prompt_ids)
         self.verifier.reset(prompt_ids)
-        for drafter in self.drafters:
-            drafter.start(prompt_ids, reference_ids)
+        self.fuser.start(prompt_ids, reference_ids)
         stats.prefill_ms = (time.perf_counter() - started) * 1e3
         done = False
         while not done:
             t0 = time.perf_counter()
             remaining = len(context) - length
-            tree, features = self._draft(context[:length], min(config.tree_budget, remaining - 1))
+            tree = self.fuser.propose(context[:length], min(config.tree_budget, remaining - 1))
             t1 = time.perf_counter()
             logits = self.verifier.logits(tree)
             accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
@@ -174,35 +173,12 @@ class SpeculativeGenerator:
             t2 = time.perf_counter()
             context[length : length + len(new_tokens)] = new_tokens
             length += len(new_tokens)
-            feedback = StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens)
-            for drafter in self.drafters:
-                drafter.observe(feedback)
-            if len(tree) > 1:
-                self.acceptance.update(features, tree.parents, accepted)
+            self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
             self._count(stats, tree, accepted, new_tokens, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
         stats.total_ms = (time.perf_counter() - started) * 1e3
         output = context[len(prompt_ids) : length].copy()
         text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return GenerationResult(tokens=output, text=text, stats=stats)
-
-    def _draft(self, context: np.ndarray, budget: int) -> tuple[DraftTree, np.ndarray]:
-        """Merge every drafter's proposal, calibrate, and keep the nodes worth their verification cost."""
-        root = int(context[-1])
-        if budget <= 0 or not self.drafters:
-            return DraftTree.empty(root), np.array([-1])
-        raw = merge([drafter.propose(context, budget) for drafter in self.drafters])
-        if len(raw) == 1:
-            return raw, np.array([-1])
-        features = self.acceptance.features(raw)
-        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget)
-        size = 1 + best_size(ranked.scores[1:], self.cost_curve)
-        tree = DraftTree(
-            tokens=ranked.tokens[:size],
-            parents=ranked.parents[:size],
-            scores=ranked.scores[:size],
-            sources=ranked.sources[:size],
-        )
-        return tree, features[keep[:size]]
 
     def _cut(
         self, new_tokens: np.ndarray, output: np.ndarray, remaining: int, config: GenerationConfig

@@ -13,6 +13,7 @@ PURE = [
     "retrieval_spec.drafters.prompt_lookup",
     "retrieval_spec.tree",
     "retrieval_spec.calibration",
+    "retrieval_spec.fusion",
 ]
 
 

@@ -1,0 +1,60 @@
+"""Record plain greedy outputs (and the target's top-k at every output position) for model-free replay.
+
+    python benchmarks/record_plain.py --model smollm2-135m --limit 8 --out results/plain_smollm2-135m.jsonl
+
+Each line: question_id, category, prompt (token ids), output (token ids), top (k ids per output position,
+the target's most likely tokens after each prefix). ``benchmarks/simulate.py`` replays drafters over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import ROOT, prompt_ids, spec_bench
+from retrieval_spec.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=8, help="prompts per category")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = args.out or ROOT / "results" / f"plain_{args.model}.jsonl"
+    model, tokenizer = load_model(args.model)
+    done = set()
+    if out.exists():
+        done = {json.loads(line)["question_id"] for line in out.read_text().splitlines()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        for row in tqdm(spec_bench(args.limit), desc="plain greedy"):
+            if row["question_id"] in done:
+                continue
+            ids = torch.as_tensor(prompt_ids(tokenizer, row)[None], dtype=torch.long)
+            with torch.inference_mode():
+                result = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                        do_sample=False, output_logits=True, return_dict_in_generate=True)
+            top = torch.stack(result.logits)[:, 0].topk(args.top_k, dim=-1).indices
+            record = {
+                "question_id": row["question_id"],
+                "category": row["category"],
+                "prompt": ids[0].tolist(),
+                "output": result.sequences[0, ids.shape[1]:].tolist(),
+                "top": top.tolist(),
+            }
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+if __name__ == "__main__":
+    main()

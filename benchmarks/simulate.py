@@ -1,0 +1,104 @@
+"""Model-free replay: score drafting methods against recorded plain greedy outputs, in seconds.
+
+For greedy decoding the tokens a tree gains are fixed by the plain output: the longest tree path that agrees
+with it, plus one. So the whole decoding loop (drafters, fusion, calibration, cost-based sizing) can run
+without the model; only the cost of verifying k tokens is needed, taken from a measured cost curve.
+
+    python benchmarks/record_plain.py --limit 8            # once: results/plain_smollm2-135m.jsonl
+    python benchmarks/simulate.py --methods pld --cost results/cost_smollm2-135m.json
+
+Reports per category: mean tokens per step and the speedup the cost curve predicts
+(tokens per step divided by the mean relative cost of a step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, write_json
+from retrieval_spec.drafters.base import StepFeedback
+from retrieval_spec.fusion import TreeFuser
+from retrieval_spec.tree import CostCurve, children_lists
+
+# SmolLM2-135M fp32, 2 threads, 400-token context (ANCHORS.md); used when no measured curve is given.
+DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 32, 64]), ms=np.array([45, 63, 90, 94.5, 103.5, 121.5, 180.0]))
+
+
+def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
+    """Decode one recorded output with ``fuser``'s drafters; return steps, tokens and summed relative cost."""
+    prompt = np.asarray(record["prompt"], dtype=np.int32)
+    output = np.asarray(record["output"], dtype=np.int32)
+    top = np.asarray(record["top"], dtype=np.int32)
+    context = np.concatenate([prompt, output])
+    fuser.start(prompt)
+    pos, steps, cost, draft_s = 0, 0, 0.0, 0.0
+    while pos < len(output):
+        start = time.perf_counter()
+        tree = fuser.propose(context[: len(prompt) + pos], min(budget, len(output) - pos - 1))
+        draft_s += time.perf_counter() - start
+        kids = children_lists(tree.parents)
+        node, path = 0, [0]
+        while pos + len(path) - 1 < len(output) - 1:
+            want = output[pos + len(path) - 1]
+            nxt = next((c for c in kids[node] if tree.tokens[c] == want), None)
+            if nxt is None:
+                break
+            node = nxt
+            path.append(node)
+        accepted = np.array(path, dtype=np.int32)
+        new_tokens = output[pos : pos + len(path)]
+        # The target's top-k is known only along the true path; other nodes repeat their deepest true ancestor.
+        depth_rows = np.minimum(pos + np.arange(len(tree)), len(output) - 1)
+        feedback = StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top[depth_rows])
+        fuser.observe(feedback)
+        cost += float(fuser.cost_curve.relative(np.array([len(tree)]))[0])
+        pos += len(new_tokens)
+        steps += 1
+    return {"steps": steps, "tokens": int(len(output)), "cost": cost, "draft_ms": draft_s * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=Path, default=ROOT / "results" / "plain_smollm2-135m.jsonl")
+    parser.add_argument("--methods", default="pld")
+    parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--cost", type=Path, help="cost curve JSON ({sizes, ms}); default: ANCHORS.md SmolLM2")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
+    args = parser.parse_args()
+    from retrieval_spec.api import make_drafters
+
+    records = [json.loads(line) for line in args.records.read_text().splitlines()]
+    curve = DEFAULT_CURVE
+    if args.cost:
+        data = json.loads(args.cost.read_text())
+        curve = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
+    report = {}
+    for method in args.methods.split(","):
+        fuser = TreeFuser(make_drafters(method), curve)
+        per_category = defaultdict(lambda: {"steps": 0, "tokens": 0, "cost": 0.0, "draft_ms": 0.0})
+        for record in records:
+            result = replay(record, fuser, args.budget)
+            for bucket in (per_category[record["category"]], per_category["overall"]):
+                for key, value in result.items():
+                    bucket[key] += value
+        report[method] = {
+            category: {
+                "tokens_per_step": round(c["tokens"] / c["steps"], 3),
+                "predicted_speedup": round(c["tokens"] / c["cost"], 3),
+                "draft_ms_per_step": round(c["draft_ms"] / c["steps"], 3),
+            }
+            for category, c in sorted(per_category.items())
+        }
+        print(f"{method}: " + ", ".join(f"{k} {v['tokens_per_step']:.2f}/{v['predicted_speedup']:.2f}x"
+                                          for k, v in report[method].items()))
+    write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

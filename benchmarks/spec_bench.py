@@ -1,0 +1,127 @@
+"""Spec-Bench dev split: our methods against plain greedy and transformers' prompt lookup, same process.
+
+    python benchmarks/spec_bench.py --model smollm2-135m --limit 4 --methods pld
+    python benchmarks/spec_bench.py --limit 8 --categories summarization,rag --out results/sb.json
+
+Per prompt, every method runs once, in rotating order (interleaved, so drift in machine speed hits all
+alike). Baselines: ``plain`` is ``model.generate(do_sample=False)``; ``hf_pld`` is the same with
+``prompt_lookup_num_tokens=10``. Our methods must reproduce ``plain`` token for token; a mismatch is
+recorded and makes the script exit non-zero. Writes JSON (``--out``) and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import ROOT, prompt_ids, spec_bench, write_json
+from retrieval_spec.api import make_drafters
+from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.models import load_model
+
+
+def hf_generate(model, ids: np.ndarray, max_new_tokens: int, **kwargs) -> tuple[np.ndarray, float]:
+    tensor = torch.as_tensor(ids[None], dtype=torch.long)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
+                             do_sample=False, **kwargs)
+    return out[0, len(ids):].numpy(), time.perf_counter() - start
+
+
+def table(report: dict, methods: list[str]) -> str:
+    lines = ["| category | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for category, row in report["categories"].items():
+        cells = []
+        for method in methods:
+            r = row[method]
+            cell = f"{r['speedup']:.2f}x"
+            if "mean_accepted" in r:
+                cell += f" · {r['mean_accepted']:.2f} tok/step · {r['draft_ms_per_step']:.1f}+{r['verify_ms_per_step']:.0f} ms"
+            cells.append(cell)
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default="pld", help="comma-separated methods of ours (see api.METHODS)")
+    parser.add_argument("--limit", type=int, default=4, help="prompts per category")
+    parser.add_argument("--categories", help="comma-separated subset of categories")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-hf-pld", action="store_true", help="skip transformers' prompt lookup baseline")
+    parser.add_argument("--out", type=Path, help="JSON path (default results/spec_bench_<model>.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = args.out or ROOT / "results" / f"spec_bench_{args.model}.json"
+    model, tokenizer = load_model(args.model)
+    ours = args.methods.split(",")
+    generators = {m: SpeculativeGenerator(model, tokenizer, make_drafters(m)) for m in ours}
+    baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
+    methods = baselines + ours
+    rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    warm = prompt_ids(tokenizer, rows[0])
+    hf_generate(model, warm, 8)
+    for generator in generators.values():
+        generator.generate(warm, GenerationConfig(max_new_tokens=8))
+    totals: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
+    mismatches = []
+    for i, row in enumerate(tqdm(rows, desc="spec-bench")):
+        ids = prompt_ids(tokenizer, row)
+        outputs = {}
+        for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+            if method == "plain":
+                tokens, seconds = hf_generate(model, ids, args.max_new_tokens)
+                stats = None
+            elif method == "hf_pld":
+                tokens, seconds = hf_generate(model, ids, args.max_new_tokens, prompt_lookup_num_tokens=10)
+                stats = None
+            else:
+                result = generators[method].generate(ids, config)
+                tokens, seconds, stats = result.tokens, result.stats.total_ms / 1e3, result.stats
+            outputs[method] = tokens
+            for bucket in (totals[row["category"]][method], totals["overall"][method]):
+                bucket["seconds"] += seconds
+                bucket["tokens"] += len(tokens)
+                if stats is not None:
+                    bucket["steps"] += stats.steps
+                    bucket["draft_ms"] += stats.draft_ms
+                    bucket["verify_ms"] += stats.verify_ms
+        for method in ours + ["hf_pld"] * (not args.no_hf_pld):
+            if not np.array_equal(outputs[method], outputs["plain"]):
+                mismatches.append({"question_id": row["question_id"], "method": method})
+    report = {"model": args.model, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+              "limit_per_category": args.limit, "mismatches": mismatches, "categories": {}}
+    for category in sorted(totals, key=lambda c: (c == "overall", c)):
+        plain_rate = totals[category]["plain"]["tokens"] / totals[category]["plain"]["seconds"]
+        report["categories"][category] = {}
+        for method in methods:
+            t = totals[category][method]
+            entry = {"speedup": round(t["tokens"] / t["seconds"] / plain_rate, 3),
+                     "tokens_per_second": round(t["tokens"] / t["seconds"], 2)}
+            if t["steps"]:
+                entry |= {"mean_accepted": round(t["tokens"] / t["steps"], 3),
+                          "draft_ms_per_step": round(t["draft_ms"] / t["steps"], 3),
+                          "verify_ms_per_step": round(t["verify_ms"] / t["steps"], 3)}
+            report["categories"][category][method] = entry
+    write_json(out, report)
+    markdown = table(report, methods)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    if mismatches:
+        print(f"MISMATCHES against plain greedy: {mismatches}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
