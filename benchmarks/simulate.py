@@ -40,7 +40,7 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
     pos, steps, cost, draft_s = 0, 0, 0.0, 0.0
     while pos < len(output):
         start = time.perf_counter()
-        tree = fuser.propose(context[: len(prompt) + pos], min(budget, len(output) - pos - 1))
+        tree = fuser.propose(context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
         draft_s += time.perf_counter() - start
         kids = children_lists(tree.parents)
         node, path = 0, [0]

@@ -85,11 +85,19 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--stop", "stop_strings", multiple=True, help="Stop once the output contains this string (repeatable).")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Wrap each prompt in the model's chat template as a user message.")
+@click.option("--temperature", default=0.0, show_default=True,
+              help="0 decodes greedily; above 0 samples, with exactly the model's own distribution.")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, help="Sample from the smallest set with this probability.")
+@click.option("--seed", type=int, help="Seed of the sampler: same seed, same output.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
 def generate(model_name, prompt, input_path, output_path, method, max_new_tokens, tree_budget, references,
-             stop_strings, chat, json_stats, threads):
-    """Generate continuations, token-for-token identical to plain greedy decoding.
+             stop_strings, chat, temperature, top_k, top_p, seed, json_stats, threads):
+    """Generate continuations exactly as plain decoding would, in fewer model steps.
+
+    Greedy output is token-for-token that of plain greedy decoding; sampled output (--temperature > 0)
+    follows exactly the model's distribution under the same temperature, top-k and top-p.
 
     \b
     Examples:
@@ -107,7 +115,8 @@ def generate(model_name, prompt, input_path, output_path, method, max_new_tokens
     from .generate import GenerationConfig, SpeculativeGenerator
     from .models import chat_prompt, load_model
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     model, tokenizer = load_model(model_name)
     generator = SpeculativeGenerator(model, tokenizer, make_drafters(method))
     reference_texts = [p.read_text(encoding="utf-8") for p in references]

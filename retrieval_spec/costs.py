@@ -26,7 +26,7 @@ from .verify import TreeVerifier
 class CostProbe:
     """How the curve is measured: forwards of chains of ``sizes`` nodes over a ``context_len`` prefix."""
 
-    sizes: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    sizes: tuple[int, ...] = tuple(range(1, 17)) + (20, 24, 32, 48, 64)
     context_len: int = 256  # typical prompt + output length on the Spec-Bench dev split
     repeats: int = 3
 

@@ -34,17 +34,20 @@ class TreeFuser:
         for drafter in self.drafters:
             drafter.start(prompt, references)
 
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
-        """The tree to verify after ``context``: at most ``budget`` drafted nodes, often fewer, maybe none."""
+    def propose(self, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
+        """The tree to verify after ``context``: at most ``budget`` drafted nodes, often fewer, maybe none.
+
+        ``max_depth`` drops nodes that could only be accepted beyond the token limit.
+        """
         root = int(context[-1])
         self._features = np.array([-1])
-        if budget <= 0 or not self.drafters:
+        if budget <= 0 or max_depth == 0 or not self.drafters:
             return DraftTree.empty(root)
         raw = merge([drafter.propose(context, budget) for drafter in self.drafters])
         if len(raw) == 1:
             return raw
         features = self.acceptance.features(raw)
-        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget)
+        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
         size = 1 + best_size(ranked.scores[1:], self.cost_curve)
         self._features = features[keep[:size]]
         return DraftTree(

@@ -19,7 +19,10 @@ from .drafters.base import Drafter, DraftTree, Source, StepFeedback
 from .errors import InputError
 from .fusion import TreeFuser
 from .tree import CostCurve
-from .verify import TreeVerifier, greedy_accept
+from .verify import Sampler, TreeVerifier, greedy_accept, sample_accept
+
+
+NO_TOP = np.zeros((0, 0), dtype=np.int32)  # top_tokens when no drafter asks for the target's top-k
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,23 @@ class GenerationConfig:
         max_new_tokens: stop after this many new tokens.
         tree_budget: most drafted nodes verified in one step; the cost curve usually picks fewer.
         stop_strings: stop once the decoded output contains one of these (the token completing it is kept).
+        temperature: 0 decodes greedily; above 0 samples (losslessly) from the processed distribution.
+        top_k: keep the k most likely tokens before sampling (0: all), as ``generate(top_k=...)``.
+        top_p: keep the smallest set of tokens with this much probability (1.0: all), as ``generate(top_p=...)``.
+        seed: seed of the sampler; the same seed, prompt and drafters give the same output.
     """
 
     max_new_tokens: int = 128
     tree_budget: int = 64  # upper bound only: best_size() picks the verified size from the cost curve
     stop_strings: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise InputError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.tree_budget < 0:
@@ -113,6 +126,7 @@ class SpeculativeGenerator:
         if cost_curve is None:
             cost_curve = cached_cost_curve(model) if drafters else CostCurve(np.array([1]), np.array([1.0]))
         self.fuser = TreeFuser(drafters, cost_curve)
+        self.top_k = max((drafter.top_k for drafter in drafters), default=0)
         self.verifier = TreeVerifier(model)
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
@@ -151,6 +165,7 @@ class SpeculativeGenerator:
                 f"model's context of {limit} tokens"
             )
         reference_ids = [self.encode(r) if isinstance(r, str) else np.asarray(r, dtype=np.int32) for r in references]
+        sampler = Sampler(config) if config.temperature > 0 else None
         stats = GenerationStats()
         started = time.perf_counter()
         context = np.zeros(len(prompt_ids) + config.max_new_tokens, dtype=np.int32)
@@ -163,17 +178,21 @@ class SpeculativeGenerator:
         while not done:
             t0 = time.perf_counter()
             remaining = len(context) - length
-            tree = self.fuser.propose(context[:length], min(config.tree_budget, remaining - 1))
+            tree = self.fuser.propose(context[:length], config.tree_budget, max_depth=remaining - 1)
             t1 = time.perf_counter()
-            logits = self.verifier.logits(tree)
-            accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
+            logits = self.verifier.logits(tree, pad_to=self.fuser.cost_curve.padded_size(len(tree)))
+            if sampler is None:
+                accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
+            else:
+                accepted, new_tokens = sample_accept(tree, sampler.probs(logits), sampler.rng)
             new_tokens, done = self._cut(new_tokens, context[len(prompt_ids) : length], remaining, config)
             if not done:
                 self.verifier.commit(accepted)
             t2 = time.perf_counter()
             context[length : length + len(new_tokens)] = new_tokens
             length += len(new_tokens)
-            self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
+            top = logits.topk(self.top_k, dim=-1).indices.numpy().astype(np.int32) if self.top_k else NO_TOP
+            self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top))
             self._count(stats, tree, accepted, new_tokens, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
         stats.total_ms = (time.perf_counter() - started) * 1e3
         output = context[len(prompt_ids) : length].copy()

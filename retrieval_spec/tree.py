@@ -153,11 +153,30 @@ class CostCurve:
         if self.ms.shape != self.sizes.shape or np.any(self.ms <= 0):
             raise ValueError("CostCurve.ms must be positive, one per size")
 
+    def _envelope(self) -> np.ndarray:
+        """(m,) cost of each measured size if it may be padded up to any larger measured size."""
+        return np.minimum.accumulate(self.ms[::-1])[::-1]
+
+    def padded_size(self, num_nodes: int) -> int:
+        """The node count to actually run for ``num_nodes`` nodes: a larger measured size when that is cheaper.
+
+        Matrix kernels are not monotone in the row count on CPUs (3 rows can cost more than 4), so the
+        verifier pads a tree with inert nodes up to this size.
+        """
+        at_least = self.sizes >= num_nodes
+        if not np.any(at_least):
+            return int(num_nodes)
+        candidates = np.flatnonzero(at_least)
+        best = candidates[np.argmin(self.ms[candidates])]
+        interpolated = np.interp(num_nodes, self.sizes, self.ms)
+        return int(self.sizes[best]) if self.ms[best] < interpolated else int(num_nodes)
+
     def relative(self, num_nodes: np.ndarray) -> np.ndarray:
-        """Cost of verifying ``num_nodes`` nodes relative to one plain decoding step (1 node)."""
-        # Cost can only grow with size; measurement noise must not say otherwise.
-        monotone = np.maximum.accumulate(self.ms)
-        return np.interp(num_nodes, self.sizes, monotone) / monotone[0]
+        """Cost of verifying ``num_nodes`` nodes (padded as :meth:`padded_size`) relative to one plain step."""
+        interpolated = np.interp(num_nodes, self.sizes, self.ms)
+        at_least = np.searchsorted(self.sizes, num_nodes, side="left")
+        padded = np.append(self._envelope(), np.inf)[np.minimum(at_least, len(self.sizes))]
+        return np.minimum(interpolated, padded) / self._envelope()[0]
 
 
 def best_size(scores: np.ndarray, curve: CostCurve) -> int:

@@ -10,6 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .drafters.base import DraftTree
 from .tree import ancestor_mask, children_lists, depths
@@ -44,6 +50,64 @@ def greedy_accept(tree: DraftTree, target_tokens: np.ndarray) -> tuple[np.ndarra
     return accepted, new_tokens
 
 
+class Sampler:
+    """The target's processed sampling distribution, with Hugging Face's own warpers in generate()'s order."""
+
+    def __init__(self, config) -> None:
+        warpers = [TemperatureLogitsWarper(config.temperature)]
+        if config.top_k > 0:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.rng = np.random.default_rng(config.seed)
+
+    def probs(self, logits: torch.Tensor) -> np.ndarray:
+        """(n, vocab) logits -> (n, vocab) float64 probabilities."""
+        scores = self.warpers(None, logits.float())
+        return torch.softmax(scores, dim=-1).double().numpy()
+
+
+def sample_accept(tree: DraftTree, probs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Lossless acceptance of a deterministic draft tree under sampling.
+
+    At the current node, the children are tried in order: child ``x`` is accepted with probability
+    ``q(x)``, where ``q`` starts as the target distribution at the node and, after each rejection, has the
+    rejected token zeroed and is renormalised. Accepting descends to the child and repeats; when every child
+    is rejected, the bonus token is drawn from the final ``q`` and the step ends. Drafts are point masses, so
+    this emits exactly the target distribution (ANCHORS.md, detail 3); it needs distinct sibling tokens,
+    which :class:`DraftTree` guarantees.
+
+    Args:
+        tree: the verified tree.
+        probs: (n, vocab) the target's processed next-token distribution at every node (rows sum to 1).
+        rng: the source of randomness (seed it for reproducible runs).
+
+    Returns:
+        accepted_nodes and new_tokens, as :func:`greedy_accept`.
+    """
+    kids = children_lists(tree.parents)
+    node, path = 0, [0]
+    while True:
+        residual = probs[node].astype(np.float64)
+        accepted_child = None
+        for child in kids[node]:
+            token = tree.tokens[child]
+            mass = residual.sum()
+            if rng.random() * mass < residual[token]:
+                accepted_child = child
+                break
+            residual[token] = 0.0
+        if accepted_child is None:
+            cdf = np.cumsum(residual)
+            bonus = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+            break
+        node = accepted_child
+        path.append(node)
+    accepted = np.array(path, dtype=np.int32)
+    return accepted, np.append(tree.tokens[accepted[1:]], bonus).astype(np.int32)
+
+
 class TreeVerifier:
     """Holds the model and its KV cache for one sequence and verifies draft trees against it.
 
@@ -58,38 +122,60 @@ class TreeVerifier:
         self.dtype = model.dtype
         self.cache = DynamicCache(config=model.config)
         self.cached_len = 0
+        self._prefilled = np.zeros(0, dtype=np.int32)  # the tokens the current cache was prefilled with
 
     @torch.inference_mode()
     def reset(self, prompt: np.ndarray) -> None:
-        """Start a sequence: cache every prompt token but the last, which becomes the first root."""
+        """Start a sequence: cache every prompt token but the last, which becomes the first root.
+
+        When the prompt is the one prefilled last (samples of one prompt), the cache is cut back to that
+        prefill instead of recomputed: the same tensors, so the same results bit for bit.
+        """
+        prefix = np.asarray(prompt[:-1], dtype=np.int32)
+        if len(prefix) and np.array_equal(prefix, self._prefilled) and self.cached_len >= len(prefix):
+            self.cached_len = len(prefix)
+            self.rollback()
+            return
         self.cache = DynamicCache(config=self.model.config)
         self.cached_len = 0
-        if len(prompt) > 1:
-            ids = torch.as_tensor(prompt[None, :-1], dtype=torch.long, device=self.device)
+        self._prefilled = prefix.copy()
+        if len(prefix):
+            ids = torch.as_tensor(prefix[None], dtype=torch.long, device=self.device)
             self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            self.cached_len = len(prompt) - 1
+            self.cached_len = len(prefix)
 
     @torch.inference_mode()
-    def logits(self, tree: DraftTree) -> torch.Tensor:
+    def logits(self, tree: DraftTree, pad_to: int = 0) -> torch.Tensor:
         """Run the model over every node of ``tree`` in one forward pass.
 
         The tree's keys and values are appended to the cache (call :meth:`commit` next).
+
+        Args:
+            tree: n nodes, root first.
+            pad_to: run this many rows when larger than n: the extra rows are inert (no real node attends to
+                them) and exist only because some row counts are faster than smaller ones on this machine.
 
         Returns:
             (n, vocab) float32 logits; row ``i`` predicts the token after node ``i``.
         """
         n = len(tree)
-        ids = torch.as_tensor(tree.tokens[None, :], dtype=torch.long, device=self.device)
-        positions = torch.as_tensor(self.cached_len + depths(tree.parents)[None, :], dtype=torch.long, device=self.device)
+        rows = max(n, pad_to)
+        tokens = np.full(rows, tree.tokens[0], dtype=np.int32)
+        tokens[:n] = tree.tokens
+        depth = np.zeros(rows, dtype=np.int32)
+        depth[:n] = depths(tree.parents)
+        ids = torch.as_tensor(tokens[None], dtype=torch.long, device=self.device)
+        positions = torch.as_tensor(self.cached_len + depth[None], dtype=torch.long, device=self.device)
         kwargs = {}
-        if n > 1:
-            visible = np.ones((n, self.cached_len + n), dtype=bool)
-            visible[:, self.cached_len :] = ancestor_mask(tree.parents)
-            mask = torch.zeros((1, 1, n, self.cached_len + n), dtype=self.dtype, device=self.device)
+        if rows > 1:
+            visible = np.ones((rows, self.cached_len + rows), dtype=bool)
+            visible[:, self.cached_len :] = np.eye(rows, dtype=bool)
+            visible[:n, self.cached_len : self.cached_len + n] = ancestor_mask(tree.parents)
+            mask = torch.zeros((1, 1, rows, self.cached_len + rows), dtype=self.dtype, device=self.device)
             mask[0, 0][torch.as_tensor(~visible, device=self.device)] = torch.finfo(self.dtype).min
             kwargs["attention_mask"] = mask
         out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True, **kwargs)
-        return out.logits[0].float()
+        return out.logits[0, :n].float()
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: np.ndarray) -> None:
@@ -111,7 +197,7 @@ class TreeVerifier:
         self.cached_len = start + m
 
     def rollback(self) -> None:
-        """Drop whatever the last :meth:`logits` call appended (used when measuring cost)."""
+        """Drop every cache entry beyond ``cached_len`` (what the last :meth:`logits` call appended)."""
         for layer in self.cache.layers:
             layer.keys = layer.keys[:, :, : self.cached_len]
             layer.values = layer.values[:, :, : self.cached_len]

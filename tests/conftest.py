@@ -43,6 +43,14 @@ def plain_greedy(model, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
     return out[0, len(prompt):].numpy().astype(np.int32)
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (no sync overhead); the real model uses both cores."""
+    import torch
+
+    torch.set_num_threads(2 if request.node.get_closest_marker("real_model") else 1)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M (skips when its package is not installed)."""
@@ -51,7 +59,6 @@ def smollm2():
     from retrieval_spec.errors import ModelNotFoundError
     from retrieval_spec.models import load_model
 
-    torch.set_num_threads(2)
     try:
         return load_model("smollm2-135m")
     except ModelNotFoundError as e:
@@ -80,6 +87,7 @@ class OracleDrafter:
     from retrieval_spec.drafters.base import Source
 
     source = Source.PROMPT
+    top_k = 0
 
     def __init__(self, expected: np.ndarray, prompt_len: int, vocab: int, right: bool, seed: int = 0):
         self.expected, self.prompt_len, self.vocab, self.right = expected, prompt_len, vocab, right

@@ -113,3 +113,15 @@ def test_compacted_cache_equals_the_cache_of_plain_decoding():
     for ours, theirs in zip(verifier.cache.layers, reference.layers):
         torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_verification_changes_nothing(model):
+    # A curve on which 2..7 nodes are padded to 8 inert rows.
+    padded = CostCurve(sizes=np.array([1, 2, 8, 64]), ms=np.array([1.0, 3.0, 1.5, 1.6]))
+    assert padded.padded_size(3) == 8
+    for i, prompt in enumerate(prompts(13, 4)):
+        expected = plain_greedy(model, prompt, 30)
+        drafters = [PromptLookupDrafter(), OracleDrafter(expected, len(prompt), 96, right=True, seed=i)]
+        generator = SpeculativeGenerator(model, StubTokenizer(), drafters, cost_curve=padded)
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=30, tree_budget=5))
+        np.testing.assert_array_equal(result.tokens, expected)

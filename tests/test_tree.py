@@ -119,3 +119,11 @@ def test_best_size_follows_the_cost_curve():
     assert 1 <= k <= 7
     expected = (1 + np.cumsum(np.r_[0, likely])) / cpu.relative(np.arange(1, 9))
     assert k == int(np.argmax(expected))
+
+
+def test_padding_to_a_cheaper_larger_size():
+    # Measured on 2 CPU cores: 2 and 3 rows cost more than 4 (small-M matrix kernels).
+    curve = CostCurve(sizes=np.array([1, 2, 3, 4, 8, 16]), ms=np.array([45.0, 63, 70, 60, 95, 104]))
+    assert [curve.padded_size(n) for n in (1, 2, 3, 4, 5, 8, 16, 40)] == [1, 4, 4, 4, 5, 8, 16, 40]
+    np.testing.assert_allclose(curve.relative(np.array([1, 2, 3, 4])), np.array([45, 60, 60, 60]) / 45)
+    assert curve.relative(np.array([5]))[0] == pytest.approx((60 + (95 - 60) / 4) / 45)

@@ -196,7 +196,7 @@ class StepFeedback:
         new_tokens: (m,) int32 tokens appended to the context this step: the accepted drafted tokens followed
             by the bonus token sampled at the last accepted node. Already cut at EOS / max_new_tokens.
         top_tokens: (n, k) int32, the target's k most likely next tokens at every tree node, most likely first
-            (k may be 0 when no drafter asked for them).
+            (k is the largest ``Drafter.top_k`` of the decoder's drafters, possibly 0).
     """
 
     tree: DraftTree
@@ -206,9 +206,14 @@ class StepFeedback:
 
 
 class Drafter(Protocol):
-    """A source of draft continuations. Pure numpy: a drafter never imports torch."""
+    """A source of draft continuations. Pure numpy: a drafter never imports torch.
+
+    ``top_k`` says how many of the target's most likely tokens per verified node the drafter wants in
+    ``StepFeedback.top_tokens`` (0: none; the decoder computes the largest ``top_k`` asked for).
+    """
 
     source: Source
+    top_k: int
 
     def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         """Begin a request: ``prompt`` (int32 token ids) and optional reference documents to copy from."""

@@ -51,6 +51,7 @@ class PromptLookupDrafter:
     """Copies continuations of the context's suffix from the prompt, reference documents and output."""
 
     source = Source.PROMPT
+    top_k = 0
 
     def __init__(self, config: PromptLookupConfig = PromptLookupConfig()) -> None:
         self.config = config
