@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=ROOT / "results" / "plain_smollm2-135m.jsonl")
     parser.add_argument("--methods", default="pld")
     parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=49152, help="the recorded model's vocabulary size")
     parser.add_argument("--cost", type=Path, help="cost curve JSON ({sizes, ms}); default: ANCHORS.md SmolLM2")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
         curve = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
     report = {}
     for method in args.methods.split(","):
-        fuser = TreeFuser(make_drafters(method), curve)
+        fuser = TreeFuser(make_drafters(method, args.vocab_size), curve)
         per_category = defaultdict(lambda: {"steps": 0, "tokens": 0, "cost": 0.0, "draft_ms": 0.0})
         for record in records:
             result = replay(record, fuser, args.budget)

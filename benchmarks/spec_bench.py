@@ -65,7 +65,7 @@ def main() -> None:
     out = args.out or ROOT / "results" / f"spec_bench_{args.model}.json"
     model, tokenizer = load_model(args.model)
     ours = args.methods.split(",")
-    generators = {m: SpeculativeGenerator(model, tokenizer, make_drafters(m)) for m in ours}
+    generators = {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size)) for m in ours}
     baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
     methods = baselines + ours
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
@@ -97,7 +97,7 @@ def main() -> None:
                     bucket["steps"] += stats.steps
                     bucket["draft_ms"] += stats.draft_ms
                     bucket["verify_ms"] += stats.verify_ms
-        for method in ours + ["hf_pld"] * (not args.no_hf_pld):
+        for method in ours:
             if not np.array_equal(outputs[method], outputs["plain"]):
                 mismatches.append({"question_id": row["question_id"], "method": method})
     report = {"model": args.model, "threads": args.threads, "max_new_tokens": args.max_new_tokens,

@@ -75,8 +75,9 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
               help='JSONL of prompts ("prompt", "text" or "turns" per line); writes one JSON object per prompt.')
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Where --input results go (JSONL); stdout when omitted.")
-@click.option("--method", type=click.Choice(["ar", "pld"]), default="pld", show_default=True,
-              help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA).")
+@click.option("--method", type=click.Choice(["ar", "pld", "recycle", "auto"]), default="auto", show_default=True,
+              help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA); "
+                   "recycle: the model's own earlier top-k predictions; auto: all of them fused in one tree.")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Stop after this many new tokens.")
 @click.option("--tree-budget", default=64, show_default=True,
               help="Most draft nodes verified per step; the measured cost curve usually picks fewer.")
@@ -118,7 +119,7 @@ def generate(model_name, prompt, input_path, output_path, method, max_new_tokens
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     model, tokenizer = load_model(model_name)
-    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method))
+    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size))
     reference_texts = [p.read_text(encoding="utf-8") for p in references]
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:

@@ -8,8 +8,9 @@ import torch
 from transformers import DynamicCache
 
 from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
+from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.base import DraftTree
-from retrieval_spec.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
+from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.tree import CostCurve
 from retrieval_spec.verify import TreeVerifier, greedy_accept
@@ -33,14 +34,18 @@ def prompts(seed: int, count: int, vocab: int = 96):
     return out
 
 
+@pytest.mark.parametrize("method", ["pld", "recycle", "auto"])
 @pytest.mark.parametrize("budget", [1, 4, 16, 64])
-def test_prompt_lookup_equals_plain_greedy(model, budget):
+def test_methods_equal_plain_greedy(model, method, budget):
+    drafters = make_drafters(method, 96)
+    generator = SpeculativeGenerator(model, StubTokenizer(), drafters, cost_curve=FREE)  # one generator: learns
+    accepted = []
     for i, prompt in enumerate(prompts(budget, 6)):
         expected = plain_greedy(model, prompt, 40)
-        drafter = PromptLookupDrafter(PromptLookupConfig(max_ngram=3, depth=6))
-        generator = SpeculativeGenerator(model, StubTokenizer(), [drafter], cost_curve=FREE)
         result = generator.generate(prompt, GenerationConfig(max_new_tokens=40, tree_budget=budget))
-        np.testing.assert_array_equal(result.tokens, expected, err_msg=f"prompt {i}, budget {budget}")
+        np.testing.assert_array_equal(result.tokens, expected, err_msg=f"{method}, prompt {i}, budget {budget}")
+        accepted.append(result.stats.mean_accepted)
+    assert max(accepted) > 1.0  # drafts were accepted, so the tree paths were exercised
 
 
 @pytest.mark.parametrize("right", [True, False])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import plain_greedy, spec_bench_rows
-from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
+from retrieval_spec.api import make_drafters
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import chat_prompt
 from retrieval_spec.tree import CostCurve
@@ -18,13 +18,23 @@ CATEGORIES = ("summarization", "rag", "extraction", "translation", "qa", "coding
 FREE = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))
 
 
+@pytest.fixture(scope="module")
+def generators(smollm2):
+    """One generator per method, shared by the prompts so that learned state (recycling table) carries over.
+
+    A free cost curve makes the trees as large as the budget: the hardest case for exactness.
+    """
+    model, tokenizer = smollm2
+    return {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size), cost_curve=FREE)
+            for m in ("pld", "recycle", "auto")}
+
+
 @pytest.mark.parametrize("row", spec_bench_rows(1, CATEGORIES), ids=lambda r: f"{r['category']}-{r['question_id']}")
-def test_prompt_lookup_equals_plain_greedy_on_spec_bench(smollm2, row):
+def test_every_method_equals_plain_greedy_on_spec_bench(smollm2, generators, row):
     model, tokenizer = smollm2
     prompt = np.asarray(tokenizer(chat_prompt(tokenizer, row["turns"][0]), add_special_tokens=False)["input_ids"],
                         dtype=np.int32)
     expected = plain_greedy(model, prompt, 48)
-    # A free cost curve makes the trees as large as the budget: the hardest case for exactness.
-    generator = SpeculativeGenerator(model, tokenizer, [PromptLookupDrafter()], cost_curve=FREE)
-    result = generator.generate(prompt, GenerationConfig(max_new_tokens=48, tree_budget=32))
-    np.testing.assert_array_equal(result.tokens, expected)
+    for method, generator in generators.items():
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=48, tree_budget=32))
+        np.testing.assert_array_equal(result.tokens, expected, err_msg=method)

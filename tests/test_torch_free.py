@@ -11,6 +11,7 @@ PURE = [
     "retrieval_spec.builders",
     "retrieval_spec.drafters.base",
     "retrieval_spec.drafters.prompt_lookup",
+    "retrieval_spec.drafters.recycling",
     "retrieval_spec.tree",
     "retrieval_spec.calibration",
     "retrieval_spec.fusion",
