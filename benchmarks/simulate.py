@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, write_json
-from retrieval_spec.drafters.base import StepFeedback
+from retrieval_spec.drafters.base import DraftTree, StepFeedback
 from retrieval_spec.fusion import TreeFuser
 from retrieval_spec.tree import CostCurve, children_lists
 
@@ -53,10 +53,16 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
             path.append(node)
         accepted = np.array(path, dtype=np.int32)
         new_tokens = output[pos : pos + len(path)]
-        # The target's top-k is known only along the true path; other nodes repeat their deepest true ancestor.
-        depth_rows = np.minimum(pos + np.arange(len(tree)), len(output) - 1)
-        feedback = StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top[depth_rows])
-        fuser.observe(feedback)
+        fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
+        # The target's top-k was recorded only along the true path: drafters that learn from it (recycling)
+        # see that path, with the top-k of each of its nodes.
+        path_tree = DraftTree(tree.tokens[accepted], np.arange(-1, len(accepted) - 1, dtype=np.int32),
+                              tree.scores[accepted], tree.sources[accepted])
+        on_path = StepFeedback(tree=path_tree, accepted_nodes=np.arange(len(accepted), dtype=np.int32),
+                               new_tokens=new_tokens, top_tokens=top[pos : pos + len(accepted)])
+        for drafter in fuser.drafters:
+            if drafter.top_k:
+                drafter.observe(on_path)
         cost += float(fuser.cost_curve.relative(np.array([len(tree)]))[0])
         pos += len(new_tokens)
         steps += 1

@@ -11,37 +11,48 @@
 
 from __future__ import annotations
 
+from .datastore.reader import Datastore
 from .drafters.base import Drafter
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .drafters.recycling import RecyclingDrafter
+from .drafters.rest import RestDrafter
 from .errors import InputError
 
 METHODS = {
     "ar": "plain autoregressive decoding through the same loop (no drafting)",
     "pld": "prompt lookup / LLMA: copy continuations from the prompt, references and output so far",
+    "rest": "REST: continuations of the context's longest suffix found in a corpus datastore (needs an index)",
     "recycle": "token recycling: the model's own earlier top-k predictions after each token",
-    "auto": "every available source fused into one tree (pld + recycle)",
+    "auto": "every available source fused into one tree: pld + recycle, + rest when an index is given",
 }
 
 
-def make_drafters(method: str, vocab_size: int | None = None) -> list[Drafter]:
+def make_drafters(method: str, vocab_size: int | None = None, datastore: Datastore | None = None) -> list[Drafter]:
     """The drafters of a named method (see ``METHODS``).
 
     Args:
         method: a key of ``METHODS``.
-        vocab_size: the model's vocabulary size (``len(tokenizer)`` or ``model.config.vocab_size``); needed by
-            ``recycle`` and ``auto``.
+        vocab_size: the model's vocabulary size (``model.config.vocab_size``); needed by ``recycle`` and ``auto``.
+        datastore: an open corpus datastore (``Datastore.open(path, tokenizer_fingerprint(tokenizer))``);
+            needed by ``rest``, used by ``auto`` (REST, and a warm start of the recycling table).
 
     Raises:
-        InputError: unknown method, or no vocabulary size where one is needed.
+        InputError: unknown method, or a method without what it needs.
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if method in ("recycle", "auto") and not vocab_size:
         raise InputError(f"method {method!r} needs the model's vocabulary size")
+    if method == "rest" and datastore is None:
+        raise InputError("method 'rest' needs a datastore: build one with `retrieval-spec build-index`, pass --index")
     drafters: list[Drafter] = []
     if method in ("pld", "auto"):
         drafters.append(PromptLookupDrafter())
+    if datastore is not None and method in ("rest", "auto"):
+        drafters.append(RestDrafter(datastore))
     if method in ("recycle", "auto"):
-        drafters.append(RecyclingDrafter(vocab_size))
+        recycling = RecyclingDrafter(vocab_size)
+        if datastore is not None:
+            recycling.warm_start(datastore.top_next_tokens(recycling.config.k))
+        drafters.append(recycling)
     return drafters

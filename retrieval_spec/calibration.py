@@ -47,16 +47,13 @@ class AcceptanceModel:
             scores[i] = scores[tree.parents[i]] * rates[features[i]]
         return DraftTree(tokens=tree.tokens, parents=tree.parents, scores=scores, sources=tree.sources)
 
-    def update(self, features: np.ndarray, parents: np.ndarray, accepted_nodes: np.ndarray) -> None:
-        """Count, for every node whose parent was accepted, whether it was accepted too.
+    def update(self, features: np.ndarray, tested: np.ndarray, hits: np.ndarray) -> None:
+        """Count outcomes of nodes whose parent was accepted.
 
         Args:
-            features: (n,) from :meth:`features` for the verified tree's nodes.
-            parents: (n,) parents of the verified tree.
-            accepted_nodes: (m,) accepted path, root first.
+            features: (n,) from :meth:`features`.
+            tested: (n,) bool, nodes whose parent was accepted (their own fate is known).
+            hits: (n,) bool, nodes that were (or, unverified, would have been) accepted; a subset of ``tested``.
         """
-        on_path = np.zeros(len(parents), dtype=bool)
-        on_path[accepted_nodes] = True
-        tested = on_path[parents[1:]]
-        np.add.at(self.trials, features[1:][tested], 1.0)
-        np.add.at(self.hits, features[1:][tested & on_path[1:]], 1.0)
+        np.add.at(self.trials, features[tested], 1.0)
+        np.add.at(self.hits, features[hits & tested], 1.0)

@@ -75,9 +75,13 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
               help='JSONL of prompts ("prompt", "text" or "turns" per line); writes one JSON object per prompt.')
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Where --input results go (JSONL); stdout when omitted.")
-@click.option("--method", type=click.Choice(["ar", "pld", "recycle", "auto"]), default="auto", show_default=True,
+@click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "auto"]), default="auto",
+              show_default=True,
               help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA); "
-                   "recycle: the model's own earlier top-k predictions; auto: all of them fused in one tree.")
+                   "rest: copy from a corpus datastore (--index); recycle: the model's own earlier top-k "
+                   "predictions; auto: every available source fused in one tree.")
+@click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A datastore built by `retrieval-spec build-index` with this model's tokenizer.")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Stop after this many new tokens.")
 @click.option("--tree-budget", default=64, show_default=True,
               help="Most draft nodes verified per step; the measured cost curve usually picks fewer.")
@@ -93,7 +97,7 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--seed", type=int, help="Seed of the sampler: same seed, same output.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
-def generate(model_name, prompt, input_path, output_path, method, max_new_tokens, tree_budget, references,
+def generate(model_name, prompt, input_path, output_path, method, index_path, max_new_tokens, tree_budget, references,
              stop_strings, chat, temperature, top_k, top_p, seed, json_stats, threads):
     """Generate continuations exactly as plain decoding would, in fewer model steps.
 
@@ -104,6 +108,7 @@ def generate(model_name, prompt, input_path, output_path, method, max_new_tokens
     Examples:
       retrieval-spec generate --prompt "Summarize: $(cat article.txt)" --json-stats
       retrieval-spec generate --input prompts.jsonl --output out.jsonl --method pld
+      retrieval-spec generate --prompt "..." --method rest --index ./index
       retrieval-spec generate --prompt "Answer from the text." --reference passage.txt
     """
     if (prompt is None) == (input_path is None):
@@ -119,7 +124,13 @@ def generate(model_name, prompt, input_path, output_path, method, max_new_tokens
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     model, tokenizer = load_model(model_name)
-    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size))
+    datastore = None
+    if index_path is not None:
+        from .datastore.manifest import tokenizer_fingerprint
+        from .datastore.reader import Datastore
+
+        datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
+    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size, datastore))
     reference_texts = [p.read_text(encoding="utf-8") for p in references]
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
@@ -165,3 +176,57 @@ def demo(model_name, max_new_tokens, threads, as_json):
         click.echo(f"{name:>6}: {r['tokens_per_second']:6.1f} tok/s, {r['mean_accepted']:.2f} tokens/step, "
                    f"{r['new_tokens']} tokens")
     click.echo(f"speedup of pld over plain: {report['speedup']:.2f}x; identical output: {report['identical']}")
+
+
+@main.command("build-index")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index directory to create (replaced only with --force).")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="Whose tokenizer to use; the index is then refused for any other tokenizer.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field holding each document's text.")
+@click.option("--shard-tokens", default=1 << 27, show_default=True,
+              help="Tokens per shard; a shard is written (and freed) before the next is read.")
+@click.option("--force", is_flag=True, help="Replace an existing index at the output path.")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip malformed JSONL lines (and count them) instead of failing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
+def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_bad_lines, quiet, as_json):
+    """Build a corpus datastore (token stream, suffix arrays, n-gram table) from JSONL, text files or folders.
+
+    JSONL records give their text in --text-field, or chat turns in "messages" / "conversations" (ShareGPT),
+    rendered with the model's chat template. Text files and every text file under a folder are one document
+    each. The index appears atomically when complete: an interrupted build leaves any previous index intact.
+
+    \b
+    Examples:
+      retrieval-spec build-index corpus.jsonl -o ./index
+      retrieval-spec build-index docs/ notes.txt -o ./index --force
+      retrieval-spec build-index a.jsonl b.jsonl -o ./index --skip-bad-lines --json
+    """
+    from .builders.build import build_index as build
+    from .models import load_tokenizer
+
+    summary = build(list(inputs), out, load_tokenizer(model_name), text_field=text_field, shard_tokens=shard_tokens,
+                    force=force, skip_bad_lines=skip_bad_lines, progress=not quiet)
+    report = {"path": str(summary.path), "tokens": summary.tokens, "documents": summary.documents,
+              "shards": summary.shards, "seconds": round(summary.seconds, 3), "skipped_lines": summary.skipped_lines,
+              "skipped_files": summary.skipped_files}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        skipped = f", skipped {summary.skipped_lines} bad lines" if summary.skipped_lines else ""
+        click.echo(f"built {summary.path}: {summary.tokens:,} tokens, {summary.documents:,} documents, "
+                   f"{summary.shards} shard(s) in {summary.seconds:.1f} s{skipped}")
+
+
+@main.command("index-info")
+@click.argument("index", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--verify", "full", is_flag=True, help="Also check the full sha256 of every file (reads everything).")
+def index_info(index, full):
+    """Print an index's manifest summary as JSON: counts, sizes, tokenizer, shards, build time."""
+    from .datastore.reader import describe, verify
+
+    if full:
+        verify(index)
+    click.echo(json.dumps(describe(index), indent=2))

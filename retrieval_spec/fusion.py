@@ -28,6 +28,7 @@ class TreeFuser:
         self.drafters = list(drafters)
         self.cost_curve = cost_curve
         self.acceptance = acceptance or AcceptanceModel()
+        self._ranked = DraftTree.empty(0)  # last step's candidates, best first; the verified tree is its head
         self._features = np.array([-1])
 
     def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
@@ -40,16 +41,16 @@ class TreeFuser:
         ``max_depth`` drops nodes that could only be accepted beyond the token limit.
         """
         root = int(context[-1])
-        self._features = np.array([-1])
+        self._ranked, self._features = DraftTree.empty(root), np.array([-1])
         if budget <= 0 or max_depth == 0 or not self.drafters:
-            return DraftTree.empty(root)
+            return self._ranked
         raw = merge([drafter.propose(context, budget) for drafter in self.drafters])
         if len(raw) == 1:
-            return raw
+            return self._ranked
         features = self.acceptance.features(raw)
         ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
         size = 1 + best_size(ranked.scores[1:], self.cost_curve)
-        self._features = features[keep[:size]]
+        self._ranked, self._features = ranked, features[keep]
         return DraftTree(
             tokens=ranked.tokens[:size],
             parents=ranked.parents[:size],
@@ -58,8 +59,23 @@ class TreeFuser:
         )
 
     def observe(self, feedback: StepFeedback) -> None:
-        """Update acceptance statistics for the last proposed tree and pass the step on to every drafter."""
-        if len(feedback.tree) > 1:
-            self.acceptance.update(self._features, feedback.tree.parents, feedback.accepted_nodes)
+        """Learn acceptance rates from the step and pass it on to every drafter.
+
+        The verified tree is the head of the ranked candidates, so candidates left out by the cost cut are
+        scored too: a candidate whose parent was accepted would have been accepted iff it carries the token
+        emitted after that parent. Learning therefore never starves when the cut drafts nothing.
+        """
+        ranked = self._ranked
+        if len(ranked) > 1:
+            accepted = feedback.accepted_nodes[: len(feedback.new_tokens)]
+            on_path = np.zeros(len(ranked), dtype=bool)
+            on_path[accepted] = True
+            emitted = np.full(len(ranked), -1, dtype=np.int64)  # the token emitted after each accepted node
+            emitted[accepted] = feedback.new_tokens[: len(accepted)]
+            parents = np.maximum(ranked.parents, 0)
+            tested = on_path[parents]
+            tested[0] = False
+            hits = tested & (ranked.tokens == emitted[parents])
+            self.acceptance.update(self._features, tested, hits)
         for drafter in self.drafters:
             drafter.observe(feedback)

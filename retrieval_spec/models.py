@@ -16,8 +16,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .errors import ModelNotFoundError
+
+hf_logging.disable_progress_bar()  # loading a converted checkpoint takes 0.5 s: no bar on stderr
 
 
 @dataclass(frozen=True)
@@ -71,19 +74,34 @@ def load_model(
     Raises:
         ModelNotFoundError: neither a known name nor a directory with a ``config.json``.
     """
-    if name_or_path in EMBEDDED_MODELS:
-        path = _converted_path(EMBEDDED_MODELS[name_or_path])
-    else:
-        path = Path(name_or_path)
-        if not (path / "config.json").is_file():
-            known = ", ".join(sorted(EMBEDDED_MODELS))
-            raise ModelNotFoundError(
-                f"model {name_or_path!r} is neither an embedded model ({known}) nor a directory with config.json"
-            )
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    path = _model_path(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model named as in :func:`load_model`, without loading its weights.
+
+    An embedded model's tokenizer is named after the model (what index manifests record), not its cache path.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(str(_model_path(name_or_path)))
+    if name_or_path in EMBEDDED_MODELS:
+        tokenizer.name_or_path = name_or_path
+    return tokenizer
+
+
+def _model_path(name_or_path: str) -> Path:
+    if name_or_path in EMBEDDED_MODELS:
+        return _converted_path(EMBEDDED_MODELS[name_or_path])
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} is neither an embedded model ({known}) nor a directory with config.json"
+        )
+    return path
 
 
 def _gguf_parts(spec: EmbeddedModel) -> list[Path]:

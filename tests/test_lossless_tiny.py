@@ -9,6 +9,9 @@ from transformers import DynamicCache
 
 from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
 from retrieval_spec.api import make_drafters
+from retrieval_spec.builders.build import build_index_from_tokens
+from retrieval_spec.datastore.manifest import TokenizerFingerprint
+from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.base import DraftTree
 from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
@@ -34,10 +37,21 @@ def prompts(seed: int, count: int, vocab: int = 96):
     return out
 
 
-@pytest.mark.parametrize("method", ["pld", "recycle", "auto"])
+@pytest.fixture(scope="module")
+def datastore(model, tmp_path_factory):
+    """A corpus of the model's own greedy continuations of random prompts: REST finds real matches in it."""
+    rng = np.random.default_rng(99)
+    documents = [np.concatenate([p, plain_greedy(model, p, 40)]) for p in prompts(99, 12)]
+    documents += [rng.integers(0, 96, 200) for _ in range(3)]
+    path = tmp_path_factory.mktemp("index") / "tiny"
+    build_index_from_tokens(documents, path, TokenizerFingerprint("tiny", 96, "0" * 64), progress=False)
+    return Datastore.open(path)
+
+
+@pytest.mark.parametrize("method", ["pld", "rest", "recycle", "auto"])
 @pytest.mark.parametrize("budget", [1, 4, 16, 64])
-def test_methods_equal_plain_greedy(model, method, budget):
-    drafters = make_drafters(method, 96)
+def test_methods_equal_plain_greedy(model, datastore, method, budget):
+    drafters = make_drafters(method, 96, datastore)
     generator = SpeculativeGenerator(model, StubTokenizer(), drafters, cost_curve=FREE)  # one generator: learns
     accepted = []
     for i, prompt in enumerate(prompts(budget, 6)):

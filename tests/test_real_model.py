@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import numpy as np
 import pytest
 
 from conftest import plain_greedy, spec_bench_rows
 from retrieval_spec.api import make_drafters
+from retrieval_spec.builders.build import build_index
+from retrieval_spec.datastore.manifest import tokenizer_fingerprint
+from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import chat_prompt
 from retrieval_spec.tree import CostCurve
@@ -19,14 +25,28 @@ FREE = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))
 
 
 @pytest.fixture(scope="module")
-def generators(smollm2):
+def datastore(smollm2, tmp_path_factory):
+    """A real-text datastore: the Python tutorial chapter bundled with the package plus Spec-Bench prompts."""
+    _, tokenizer = smollm2
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    rows = spec_bench_rows(20, CATEGORIES)
+    article = resources.files("retrieval_spec").joinpath("data/article.txt").read_text()
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in [article] + [r["turns"][0] for r in rows]) + "\n")
+    path = corpus.parent / "index"
+    build_index([corpus], path, tokenizer, progress=False)
+    return Datastore.open(path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def generators(smollm2, datastore):
     """One generator per method, shared by the prompts so that learned state (recycling table) carries over.
 
     A free cost curve makes the trees as large as the budget: the hardest case for exactness.
     """
     model, tokenizer = smollm2
-    return {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size), cost_curve=FREE)
-            for m in ("pld", "recycle", "auto")}
+    vocab = model.config.vocab_size
+    return {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, vocab, datastore), cost_curve=FREE)
+            for m in ("pld", "rest", "recycle", "auto")}
 
 
 @pytest.mark.parametrize("row", spec_bench_rows(1, CATEGORIES), ids=lambda r: f"{r['category']}-{r['question_id']}")

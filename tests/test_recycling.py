@@ -48,13 +48,16 @@ def test_tree_follows_the_shape_breadth_first():
     assert len(drafter.propose(np.array([7], np.int32), 5)) == 6  # budget caps the nodes
 
 
-def test_warm_start_fills_only_unknown_rows_and_skips_repeats():
-    drafter = RecyclingDrafter(10, RecyclingConfig(k=3, shape=(3,)))
-    drafter.observe(feedback([1], [-1], [[2, 3, 4]]))
-    drafter.warm_start(np.array([[9, 8], [5, 6]], np.int32), np.array([1, 2], np.int32))
-    assert drafter.table[1].tolist() == [2, 3, 4]
-    assert drafter.table[2].tolist() == [5, 6, 6]
-    assert drafter.propose(np.array([2], np.int32), 8).tokens[1:].tolist() == [5, 6]
+def test_warm_start_fills_only_unknown_rows_and_skips_padding():
+    drafter = RecyclingDrafter(4, RecyclingConfig(k=3, shape=(3,)))
+    drafter.observe(feedback([1], [-1], [[2, 3, 0]]))
+    successors = np.array([[-1, -1], [3, 2], [0, -1], [1, 2]], np.int32)
+    drafter.warm_start(successors)
+    assert drafter.table[1].tolist() == [2, 3, 0]  # learned rows win
+    assert drafter.known.tolist() == [False, True, True, True]
+    assert drafter.table[2].tolist() == [0, 0, 0]
+    assert drafter.propose(np.array([2], np.int32), 8).tokens[1:].tolist() == [0]
+    assert drafter.propose(np.array([3], np.int32), 8).tokens[1:].tolist() == [1, 2]
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):

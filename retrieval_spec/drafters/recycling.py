@@ -99,20 +99,20 @@ class RecyclingDrafter:
         self.table[nodes] = top[:, : self.config.k]
         self.known[nodes] = True
 
-    def warm_start(self, successors: np.ndarray, tokens: np.ndarray) -> None:
-        """Fill rows not yet known from a corpus: ``successors[i]`` are the most frequent tokens after ``tokens[i]``.
+    def warm_start(self, successors: np.ndarray) -> None:
+        """Fill the rows not learned yet from a corpus's most frequent next tokens (``Datastore.top_next_tokens``).
 
         Args:
-            successors: (m, j) int32, most frequent first; rows shorter than k are padded with their last token
-                (duplicates in a row would repeat siblings, so only the first occurrence is drafted).
-            tokens: (m,) int32.
+            successors: (vocab, j) int32, most frequent first, -1 where a token has fewer successors. Rows with
+                none stay unknown; -1 entries become repeats of the first token, which drafting skips.
         """
-        fresh = ~self.known[tokens]
-        rows = successors[fresh]
+        rows = successors[:, : self.config.k]
         if rows.shape[1] < self.config.k:
-            rows = np.concatenate([rows, np.repeat(rows[:, -1:], self.config.k - rows.shape[1], axis=1)], axis=1)
-        self.table[tokens[fresh]] = rows[:, : self.config.k]
-        self.known[tokens[fresh]] = True
+            rows = np.concatenate([rows, np.full((len(rows), self.config.k - rows.shape[1]), -1, np.int32)], axis=1)
+        fresh = ~self.known & (rows[:, 0] >= 0)
+        filled = np.where(rows < 0, rows[:, :1], rows)
+        self.table[fresh] = filled[fresh]
+        self.known |= fresh
 
     def save(self, path: Path, tokenizer_fingerprint: str) -> None:
         """Write the table atomically: ``path`` (a directory) gets ``recycling.npz`` with its metadata."""

@@ -1,0 +1,185 @@
+"""The on-disk contract of a datastore: directory layout, manifest, tokenizer fingerprint and file checks.
+
+One directory per index::
+
+    index/
+      manifest.json                 # the commit point: replaced atomically, lists every shard and file
+      gen-<build id>/shard-00000/
+        tokens.bin                  # (stream_length,) big-endian uint16 or uint32 token ids, raw
+        suffix_array.bin            # (stream_length,) little-endian int32 (int64 from 2**31 tokens), raw
+        documents.parquet           # one row per document: start, length, source, meta
+        ngrams.parquet              # context n-gram -> top continuation tokens with counts
+
+A shard's token stream is ``SEP doc_0 SEP doc_1 SEP ... doc_k SEP`` where ``SEP`` is the largest value of the
+token dtype, never a token id: a query never contains it, so no match runs across documents. Big-endian tokens
+make byte order equal token order, so suffixes compare as plain ``bytes``.
+
+Opening checks sizes and a checksum of each file's first and last :data:`SAMPLE_BYTES` (cheap, catches
+truncation and most edits); :func:`~retrieval_spec.datastore.reader.verify` compares the full sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from retrieval_spec.errors import DatastoreFormatError
+
+FORMAT_NAME = "retrieval-spec-datastore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENS = "tokens.bin"
+SUFFIX_ARRAY = "suffix_array.bin"
+DOCUMENTS = "documents.parquet"
+NGRAMS = "ngrams.parquet"
+SHARD_FILES = (TOKENS, SUFFIX_ARRAY, DOCUMENTS, NGRAMS)
+GENERATION_PREFIX = "gen-"
+STAGING_PREFIX = ".tmp-"
+# Head and tail checked on open; 64 KiB keeps open well under 50 ms with tens of shards.
+SAMPLE_BYTES = 1 << 16
+SUFFIX_ARRAY_DTYPES = {"<i4": np.dtype("<i4"), "<i8": np.dtype("<i8")}
+
+
+class Tokenizer(Protocol):
+    """What a datastore needs from a tokenizer (a transformers tokenizer satisfies it)."""
+
+    name_or_path: str
+
+    def get_vocab(self) -> dict[str, int]: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class TokenizerFingerprint:
+    """Identity of a tokenizer: equal ``sha256`` means equal vocabularies; the name is for messages only.
+
+    Attributes:
+        name: ``tokenizer.name_or_path``.
+        vocab_size: one more than the largest token id.
+        sha256: hex digest of the vocabulary sorted by id.
+    """
+
+    name: str
+    vocab_size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> TokenizerFingerprint:
+    """Fingerprint a tokenizer from its vocabulary (token strings and ids, added tokens included)."""
+    vocab = tokenizer.get_vocab()
+    pairs = sorted((token_id, token) for token, token_id in vocab.items())
+    digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
+    vocab_size = max(len(tokenizer), pairs[-1][0] + 1 if pairs else 0)
+    return TokenizerFingerprint(name=str(tokenizer.name_or_path), vocab_size=vocab_size, sha256=digest)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Big-endian uint16 when every id and the separator fit in 16 bits, else big-endian uint32."""
+    return np.dtype(">u2") if vocab_size < 0xFFFF else np.dtype(">u4")
+
+
+def separator(dtype: np.dtype) -> int:
+    """The document separator of a token stream: the largest value of its dtype."""
+    return int(np.iinfo(dtype).max)
+
+
+def suffix_array_dtype(stream_length: int) -> np.dtype:
+    return np.dtype("<i4") if stream_length < 2**31 else np.dtype("<i8")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and checksums of one file of a shard, as recorded in the manifest."""
+
+    size: int
+    sample_sha256: str
+    sha256: str
+
+    @staticmethod
+    def of(path: Path) -> FileEntry:
+        """Measure a written file (reads it once in full)."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        size = path.stat().st_size
+        return FileEntry(size=size, sample_sha256=sample_sha256(path, size), sha256=digest.hexdigest())
+
+
+def sample_sha256(path: Path, size: int) -> str:
+    """sha256 of the size and the first and last :data:`SAMPLE_BYTES` of a file."""
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def check_file(path: Path, entry: FileEntry, *, full: bool = False) -> None:
+    """Raise :class:`DatastoreFormatError` unless ``path`` has the recorded size and checksum.
+
+    ``full=False`` checks the sample checksum (fast, used on open); ``full=True`` the sha256 of the whole file.
+    """
+    if not path.is_file():
+        raise DatastoreFormatError(f"{path}: missing (the manifest lists it)")
+    size = path.stat().st_size
+    if size != entry.size:
+        raise DatastoreFormatError(f"{path}: {size} bytes, the manifest records {entry.size} (truncated or altered)")
+    if sample_sha256(path, size) != entry.sample_sha256:
+        raise DatastoreFormatError(f"{path}: checksum of its first and last bytes differs from the manifest (altered)")
+    if full and FileEntry.of(path).sha256 != entry.sha256:
+        raise DatastoreFormatError(f"{path}: sha256 differs from the manifest (altered)")
+
+
+def read_manifest(index: Path) -> dict[str, Any]:
+    """Load ``index/manifest.json`` and check that it is a datastore manifest of this format version."""
+    path = index / MANIFEST
+    if not path.is_file():
+        raise DatastoreFormatError(f"{path}: missing; {index} is not a datastore (build one with build_index)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatastoreFormatError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise DatastoreFormatError(f"{path}: not a {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatastoreFormatError(
+            f"{path}: format version {version!r}, this retrieval-spec reads version {FORMAT_VERSION}; rebuild the index"
+        )
+    for key in ("tokenizer", "token_dtype", "shards", "num_tokens", "num_documents"):
+        if key not in manifest:
+            raise DatastoreFormatError(f"{path}: field {key!r} is missing")
+    return manifest
+
+
+def write_manifest(index: Path, manifest: dict[str, Any]) -> None:
+    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory."""
+    staging = index / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
+    with open(staging, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, index / MANIFEST)
+    fsync_directory(index)
+
+
+def fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,376 @@
+"""Open a datastore and query all its shards as one: exact matches, longest context suffixes, continuations.
+
+Positions are global: shard ``s`` occupies ``[offset_s, offset_s + stream_length_s)`` of one virtual stream,
+its shards' token streams laid end to end in manifest order.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval_spec.datastore import ngram_table
+from retrieval_spec.datastore.manifest import (
+    DOCUMENTS,
+    MANIFEST,
+    NGRAMS,
+    SHARD_FILES,
+    SUFFIX_ARRAY,
+    SUFFIX_ARRAY_DTYPES,
+    TOKENS,
+    FileEntry,
+    TokenizerFingerprint,
+    check_file,
+    read_manifest,
+    separator,
+)
+from retrieval_spec.datastore.suffix_array import SuffixArray
+from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
+
+TOKEN_DTYPES = (np.dtype(">u2"), np.dtype(">u4"))
+
+
+@dataclass(frozen=True)
+class Match:
+    """Where a token sequence occurs in a datastore.
+
+    Attributes:
+        length: tokens matched (for :meth:`Datastore.longest_match`, at the end of the context); 0 when none.
+        count: occurrences over all shards.
+        intervals: per shard, ``(lo, hi)``: its sorted suffixes ``lo .. hi - 1`` start with the match.
+    """
+
+    length: int
+    count: int
+    intervals: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard as mapped in memory.
+
+    Attributes:
+        path: the shard's directory.
+        offset: global position of the first token of its stream.
+        index: its token stream and suffix array.
+        first_document: global id of its first document.
+        num_documents: documents it holds.
+    """
+
+    path: Path
+    offset: int
+    index: SuffixArray
+    first_document: int
+    num_documents: int
+
+
+class Datastore:
+    """A read-only, memory-mapped datastore; build one with ``retrieval_spec.builders.build.build_index``.
+
+    Attributes:
+        path: the index directory.
+        manifest: the parsed ``manifest.json``.
+        fingerprint: the tokenizer the index was built with.
+        separator: the token value between documents (never a token id).
+        shards: the shards in manifest order.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[Shard]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.fingerprint = TokenizerFingerprint(**manifest["tokenizer"])
+        self.token_dtype = np.dtype(manifest["token_dtype"])
+        self.separator = separator(self.token_dtype)
+        self.shards = shards
+        self._offsets = np.array([shard.offset for shard in shards], dtype=np.int64)
+        self.stream_length = int(shards[-1].offset + len(shards[-1].index)) if shards else 0
+
+    @classmethod
+    def open(cls, path: str | Path, expected_fingerprint: TokenizerFingerprint | None = None) -> Datastore:
+        """Map an index after checking its format version, tokenizer, file sizes and sampled checksums.
+
+        Raises:
+            DatastoreFormatError: a missing, truncated or altered file, or another format version.
+            TokenizerMismatchError: ``expected_fingerprint`` differs from the index's tokenizer.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        try:
+            built_with = TokenizerFingerprint(**manifest["tokenizer"])
+            dtype = np.dtype(manifest["token_dtype"])
+        except (TypeError, ValueError) as error:
+            raise DatastoreFormatError(f"{path / MANIFEST}: malformed tokenizer or token_dtype ({error})") from None
+        if expected_fingerprint is not None and expected_fingerprint.sha256 != built_with.sha256:
+            raise TokenizerMismatchError(
+                f"{path} was built with tokenizer {built_with.name!r} (vocab {built_with.vocab_size}, "
+                f"sha256 {built_with.sha256[:12]}) but tokenizer {expected_fingerprint.name!r} (vocab "
+                f"{expected_fingerprint.vocab_size}, sha256 {expected_fingerprint.sha256[:12]}) was given; "
+                "rebuild the index with the model's tokenizer"
+            )
+        if dtype not in TOKEN_DTYPES:
+            raise DatastoreFormatError(f"{path / MANIFEST}: token_dtype {dtype.str!r}, expected '>u2' or '>u4'")
+        if sys.byteorder != "little":
+            raise DatastoreFormatError(f"{path}: suffix arrays are little-endian; this machine is big-endian")
+        shards, offset, first_document = [], 0, 0
+        for number, entry in enumerate(manifest["shards"]):
+            shard = _open_shard(path, number, entry, dtype, offset, first_document)
+            shards.append(shard)
+            offset += len(shard.index)
+            first_document += shard.num_documents
+        return cls(path, manifest, shards)
+
+    @property
+    def num_tokens(self) -> int:
+        """Document tokens, separators not counted."""
+        return int(self.manifest["num_tokens"])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.manifest["num_documents"])
+
+    def find(self, query: np.ndarray, max_occurrences: int) -> np.ndarray:
+        """Start positions of occurrences of ``query`` ((m,) token ids, m >= 1).
+
+        Returns:
+            (k,) int64 global positions, ``k = min(count, max_occurrences)``, spread evenly over the matches in
+            suffix order (so their continuations are a fair sample). Empty if ``query`` holds a non-token.
+        """
+        return self.positions(self.match(query), max_occurrences)
+
+    def match(self, query: np.ndarray) -> Match:
+        """Every occurrence of ``query`` ((m,) token ids, m >= 1) as a :class:`Match` of length m."""
+        query = np.asarray(query)
+        if query.ndim != 1 or len(query) == 0:
+            raise ValueError(f"a query is a non-empty 1-D array of token ids, got shape {query.shape}")
+        if np.any((query < 0) | (query >= self.separator)):
+            return Match(length=len(query), count=0, intervals=tuple((0, 0) for _ in self.shards))
+        pattern = query.astype(self.token_dtype).tobytes()
+        intervals = tuple(shard.index.interval(pattern) for shard in self.shards)
+        return Match(length=len(query), count=sum(hi - lo for lo, hi in intervals), intervals=intervals)
+
+    def longest_match(self, context: np.ndarray, max_len: int, min_len: int = 1) -> Match:
+        """The longest suffix of ``context`` ((c,) token ids) of ``min_len..max_len`` tokens that occurs.
+
+        ``max_len`` is tried first (callers that know a tight bound make the common case one search); then,
+        since a suffix of an occurring suffix occurs, the length is found by binary search: about
+        log2(max_len) lower-bound searches per shard, then one upper-bound search per shard that holds the
+        match. Returns a :class:`Match` of length 0 when no suffix of ``min_len`` tokens occurs (or
+        ``max_len < min_len``).
+        """
+        if min_len < 1:
+            raise ValueError(f"min_len must be at least 1, got {min_len}")
+        tail = np.asarray(context)[max(len(context) - max_len, 0) :]
+        if len(tail) and (tail.min() < 0 or tail.max() >= self.separator):  # ids no document holds end the match
+            tail = tail[np.flatnonzero((tail < 0) | (tail >= self.separator))[-1] + 1 :]
+        encoded, width = tail.astype(self.token_dtype).tobytes(), self.token_dtype.itemsize
+
+        def lower_bounds(length: int) -> list[int] | None:
+            """Per shard, the rank where the suffix of ``length`` tokens would start; None if it occurs nowhere."""
+            pattern = encoded[len(encoded) - length * width :]
+            ranks = [shard.index.lower_bound(pattern) for shard in self.shards]
+            hit = any(shard.index.starts_with(rank, pattern) for shard, rank in zip(self.shards, ranks))
+            return ranks if hit else None
+
+        longest = len(tail)
+        if longest < min_len:
+            return Match(length=0, count=0, intervals=())
+        ranks = lower_bounds(longest)
+        if ranks is None:
+            shortest, longest = min_len - 1, longest - 1  # invariant: shortest occurs (or is min_len - 1)
+            while shortest < longest:
+                middle = (shortest + longest + 1) // 2
+                found = lower_bounds(middle)
+                if found is None:
+                    longest = middle - 1
+                else:
+                    shortest, ranks = middle, found
+            if shortest < min_len:
+                return Match(length=0, count=0, intervals=())
+            # The loop ends with shortest == longest, and `ranks` are those of its last successful probe.
+        pattern = encoded[len(encoded) - longest * width :]
+        intervals = tuple(
+            (rank, shard.index.upper_bound(pattern, rank) if shard.index.starts_with(rank, pattern) else rank)
+            for shard, rank in zip(self.shards, ranks)
+        )
+        return Match(length=longest, count=sum(hi - lo for lo, hi in intervals), intervals=intervals)
+
+    def positions(self, match: Match, max_occurrences: int) -> np.ndarray:
+        """(k,) int64 global start positions of a match, ``k = min(match.count, max_occurrences)``.
+
+        When there are more, the k are taken at even strides over the match's sorted suffixes, so that
+        continuation counts estimate the continuation distribution rather than its smallest tokens.
+        """
+        if match.count == 0 or max_occurrences <= 0:
+            return np.zeros(0, dtype=np.int64)
+        sizes = np.array([hi - lo for lo, hi in match.intervals], dtype=np.int64)
+        if match.count <= max_occurrences:
+            picks = np.arange(match.count, dtype=np.int64)
+        else:
+            picks = np.arange(max_occurrences, dtype=np.int64) * match.count // max_occurrences
+        bounds = np.concatenate(([0], np.cumsum(sizes)))
+        found = []
+        for shard, (lo, hi), start, end in zip(self.shards, match.intervals, bounds[:-1], bounds[1:]):
+            chosen = picks[(picks >= start) & (picks < end)] - start if len(self.shards) > 1 else picks
+            found.append(shard.index.suffixes[lo:hi][chosen].astype(np.int64) + shard.offset)
+        return np.concatenate(found)
+
+    def continuations(self, positions: np.ndarray, length: int) -> np.ndarray:
+        """The ``length`` tokens starting at each position, cut at the end of its document.
+
+        Args:
+            positions: (k,) global positions, e.g. ``positions(match, n) + match.length``.
+
+        Returns:
+            (k, length) int32 token ids, -1 from the first document separator on.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.full((len(positions), length), -1, dtype=np.int32)
+        if len(positions) == 0 or length == 0:
+            return out
+        if positions.min() < 0 or positions.max() >= self.stream_length:
+            raise ValueError(f"positions must lie in [0, {self.stream_length})")
+        steps = np.arange(length, dtype=np.int64)
+        if len(self.shards) == 1:
+            groups = [(self.shards[0], slice(None))]
+        else:
+            shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+            groups = [(shard, shard_of == number) for number, shard in enumerate(self.shards)]
+        for shard, rows in groups:
+            # The stream ends with a separator, so clamping at its last position reads a separator.
+            where = np.minimum(positions[rows, None] - shard.offset + steps, len(shard.index) - 1)
+            window = shard.index.tokens[where].astype(np.int32)
+            window[np.logical_or.accumulate(window == self.separator, axis=1)] = -1
+            out[rows] = window
+        return out
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which document each global position falls in, and where.
+
+        Returns:
+            (k,) int64 document ids (rows of :meth:`documents`) and (k,) int64 offsets within the documents.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        documents = np.searchsorted(self._document_starts, positions, side="right") - 1
+        return documents, positions - self._document_starts[documents]
+
+    def documents(self) -> pa.Table:
+        """One row per document: ``doc_id``, ``shard``, global ``start``, ``length``, ``source``, ``meta`` (JSON)."""
+        tables = []
+        for number, shard in enumerate(self.shards):
+            table = pq.read_table(shard.path / DOCUMENTS)
+            ids = np.arange(shard.first_document, shard.first_document + table.num_rows, dtype=np.int64)
+            tables.append(
+                pa.table(
+                    {
+                        "doc_id": ids,
+                        "shard": np.full(table.num_rows, number, dtype=np.int32),
+                        "start": table["start"].to_numpy() + shard.offset,
+                        "length": table["length"],
+                        "source": table["source"],
+                        "meta": table["meta"],
+                    }
+                )
+            )
+        return pa.concat_tables(tables)
+
+    def ngram_table(self) -> pa.Table:
+        """The n-gram continuation tables of all shards, read and merged on each call.
+
+        See :mod:`retrieval_spec.datastore.ngram_table` for the columns.
+        """
+        tables = [pq.read_table(shard.path / NGRAMS) for shard in self.shards]
+        return ngram_table.merge_continuations(tables, int(self.manifest["ngram_top_k"]))
+
+    def top_next_tokens(self, k: int) -> np.ndarray:
+        """(vocab_size, k) int32 most frequent next tokens of every token, -1 padded (warm-starts recycling)."""
+        return ngram_table.top_next_tokens(self.ngram_table(), self.fingerprint.vocab_size, k)
+
+    @cached_property
+    def _document_starts(self) -> np.ndarray:
+        starts = [
+            pq.read_table(shard.path / DOCUMENTS, columns=["start"])["start"].to_numpy() + shard.offset
+            for shard in self.shards
+        ]
+        return np.concatenate(starts).astype(np.int64)
+
+
+def _open_shard(
+    index: Path, number: int, entry: dict[str, Any], dtype: np.dtype, offset: int, first_document: int
+) -> Shard:
+    try:
+        directory = index / entry["path"]
+        files = {name: FileEntry(**entry["files"][name]) for name in SHARD_FILES}
+        stream_length = int(entry["stream_length"])
+        suffix_dtype = SUFFIX_ARRAY_DTYPES[entry["suffix_array_dtype"]]
+        num_documents = int(entry["num_documents"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatastoreFormatError(f"{index / MANIFEST}: shard {number} entry is malformed ({error!r})") from None
+    for name, expected_size in ((TOKENS, dtype.itemsize), (SUFFIX_ARRAY, suffix_dtype.itemsize)):
+        if files[name].size != stream_length * expected_size:
+            raise DatastoreFormatError(
+                f"{index / MANIFEST}: shard {number} records {files[name].size} bytes for {name}, "
+                f"expected {stream_length} x {expected_size}"
+            )
+    for name, file in files.items():
+        check_file(directory / name, file)
+    suffix_array = SuffixArray(_map(directory / TOKENS), _map(directory / SUFFIX_ARRAY), dtype, suffix_dtype)
+    return Shard(directory, offset, suffix_array, first_document, num_documents)
+
+
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A JSON-serialisable summary of an index from its manifest (no file is read beyond it).
+
+    Keys: path, format_version, tokenizer {name, vocab_size, sha256}, token_dtype, num_tokens, num_documents,
+    num_shards, bytes_on_disk, bytes_per_token, build (seconds, created, inputs, ...), shards [{path,
+    num_tokens, num_documents, bytes}].
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    shards = [
+        {
+            "path": entry["path"],
+            "num_tokens": entry["num_tokens"],
+            "num_documents": entry["num_documents"],
+            "bytes": sum(file["size"] for file in entry["files"].values()),
+        }
+        for entry in manifest["shards"]
+    ]
+    total_bytes = sum(shard["bytes"] for shard in shards)
+    return {
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "tokenizer": manifest["tokenizer"],
+        "token_dtype": manifest["token_dtype"],
+        "num_tokens": manifest["num_tokens"],
+        "num_documents": manifest["num_documents"],
+        "num_shards": len(shards),
+        "bytes_on_disk": total_bytes,
+        "bytes_per_token": total_bytes / max(manifest["num_tokens"], 1),
+        "build": manifest.get("build", {}),
+        "shards": shards,
+    }
+
+
+def verify(path: str | Path) -> None:
+    """Open an index and compare the full sha256 of every file with its manifest (reads everything).
+
+    Raises:
+        DatastoreFormatError: naming the first file that differs.
+    """
+    datastore = Datastore.open(path)
+    for shard, entry in zip(datastore.shards, datastore.manifest["shards"]):
+        for name in SHARD_FILES:
+            check_file(shard.path / name, FileEntry(**entry["files"][name]), full=True)

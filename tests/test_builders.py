@@ -1,0 +1,263 @@
+"""Building datastores from corpora: inputs, errors that name the line, atomic and interrupted builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval_spec.builders import publish
+from retrieval_spec.builders.build import build_index, build_index_from_tokens, merge_indexes
+from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint, tokenizer_fingerprint
+from retrieval_spec.datastore.reader import Datastore
+from retrieval_spec.errors import InputError, TokenizerMismatchError
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,:\n<>/"
+
+
+class CharTokenizer:
+    """One token per character of :data:`ALPHABET`; chats render as ``<role>content</role>``."""
+
+    def __init__(self, name: str = "fake/char", alphabet: str = ALPHABET, chat: bool = True) -> None:
+        self.name_or_path = name
+        self.vocab = {character: number for number, character in enumerate(alphabet)}
+        self.chat = chat
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    def __call__(self, texts: list[str], add_special_tokens: bool) -> dict[str, list[list[int]]]:
+        assert add_special_tokens is False
+        return {"input_ids": [[self.vocab[c] for c in text] for text in texts]}
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool) -> str:
+        assert tokenize is False
+        if not self.chat:
+            raise ValueError("this tokenizer has no chat template")
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+
+    def decode(self, ids: list[int]) -> str:
+        inverse = {number: character for character, number in self.vocab.items()}
+        return "".join(inverse[i] for i in ids)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_fsync():
+    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", lambda descriptor: None)
+        yield
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def texts(index: Path, tokenizer: CharTokenizer = CharTokenizer()) -> list[str]:
+    datastore = Datastore.open(index)
+    table = datastore.documents()
+    return [
+        tokenizer.decode(datastore.continuations(np.array([start]), length)[0].tolist())
+        for start, length in zip(table["start"].to_pylist(), table["length"].to_pylist())
+    ]
+
+
+def test_jsonl_documents_keep_their_source_and_other_fields(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world", "id": 7, "url": "x"}, {"text": "bye"}])
+    summary = build_index([corpus], tmp_path / "index", CharTokenizer(), progress=False)
+    assert (summary.tokens, summary.documents, summary.shards, summary.skipped_lines) == (14, 2, 1, 0)
+    assert texts(tmp_path / "index") == ["hello world", "bye"]
+    table = Datastore.open(tmp_path / "index").documents()
+    assert table["source"].to_pylist() == [f"{corpus}:1", f"{corpus}:2"]
+    assert [json.loads(m) if m else {} for m in table["meta"].to_pylist()] == [{"id": 7, "url": "x"}, {}]
+
+
+def test_custom_text_field(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"body": "abc", "text": "ignored"}])
+    build_index([corpus], tmp_path / "index", CharTokenizer(), text_field="body", progress=False)
+    assert texts(tmp_path / "index") == ["abc"]
+
+
+def test_chats_are_rendered_with_the_chat_template(tmp_path: Path):
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        ],
+    )
+    build_index([corpus], tmp_path / "index", CharTokenizer(), progress=False)
+    assert texts(tmp_path / "index") == [
+        "<user>hi</user><assistant>yo</assistant>",
+        "<user>q</user><assistant>a</assistant>",
+    ]
+
+
+def test_text_files_and_directories(tmp_path: Path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "b.txt").write_text("second")
+    (tmp_path / "docs" / "a.md").write_text("first")
+    (tmp_path / "docs" / "sub" / "c.jsonl").write_text(json.dumps({"text": "third"}) + "\n")
+    (tmp_path / "docs" / ".hidden").write_text("never")
+    (tmp_path / "docs" / "blob.bin").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "one.txt").write_text("zero")
+    inputs = [tmp_path / "one.txt", tmp_path / "docs"]
+    summary = build_index(inputs, tmp_path / "index", CharTokenizer(), progress=False)
+    assert texts(tmp_path / "index") == ["zero", "first", "second", "third"]
+    assert summary.skipped_files == 1
+
+
+def test_a_named_file_that_is_not_text_is_refused(tmp_path: Path):
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InputError, match=r"blob\.bin: not UTF-8"):
+        build_index([tmp_path / "blob.bin"], tmp_path / "index", CharTokenizer(), progress=False)
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"title": "no text"}', "no 'text', 'messages' or 'conversations' field"),
+        ('{"text": 5}', "field 'text' is int, expected a string"),
+        ('{"conversations": [{"from": "robot", "value": "x"}]}', "unknown speaker 'robot'"),
+        ('{"messages": [{"role": "user"}]}', "each of 'messages' must be an object with string 'role'"),
+    ],
+)
+def test_a_malformed_line_is_named_by_file_and_line(tmp_path: Path, line: str, why: str):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}, "", line, {"text": "ok"}])
+    with pytest.raises(InputError, match=rf"c\.jsonl:3: {why}"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), progress=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_skip_bad_lines_counts_them(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}, "{oops", "[]", {"text": "fine"}])
+    summary = build_index([corpus], tmp_path / "index", CharTokenizer(), skip_bad_lines=True, progress=False)
+    assert (summary.documents, summary.skipped_lines) == (2, 2)
+    assert texts(tmp_path / "index") == ["ok", "fine"]
+
+
+def test_a_tokenizer_without_chat_template_makes_chat_lines_bad(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(InputError, match=r"c\.jsonl:1: the tokenizer's chat template cannot render it"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(chat=False), progress=False)
+
+
+@pytest.mark.parametrize("records", [[], [{"text": ""}], ["{bad"]])
+def test_an_empty_corpus_is_refused(tmp_path: Path, records: list):
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    with pytest.raises(InputError, match="empty corpus"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), skip_bad_lines=True, progress=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_missing_input_is_refused(tmp_path: Path):
+    with pytest.raises(InputError, match=r"nothing\.jsonl: no such file"):
+        build_index([tmp_path / "nothing.jsonl"], tmp_path / "index", CharTokenizer(), progress=False)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path: Path):
+    fingerprint = TokenizerFingerprint(name="t", vocab_size=10, sha256="0" * 64)
+    with pytest.raises(InputError, match=r"token id 10 outside the vocabulary \[0, 10\)"):
+        build_index_from_tokens([np.array([1, 10])], tmp_path / "index", fingerprint, progress=False)
+
+
+def test_documents_are_split_into_shards(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "abcde"}] * 7)
+    summary = build_index([corpus], tmp_path / "index", CharTokenizer(), shard_tokens=10, batch_size=3, progress=True)
+    assert (summary.shards, summary.documents, summary.tokens) == (4, 7, 35)
+    datastore = Datastore.open(tmp_path / "index")
+    assert [s.num_documents for s in datastore.shards] == [2, 2, 2, 1]
+    assert datastore.find(np.array(CharTokenizer()(["cde"], add_special_tokens=False)["input_ids"][0]), 100).size == 7
+
+
+def test_an_existing_index_is_replaced_only_with_force(tmp_path: Path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": "old"}])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": "new"}])
+    build_index([first], tmp_path / "index", CharTokenizer(), progress=False)
+    with pytest.raises(InputError, match="an index exists there; pass force=True"):
+        build_index([second], tmp_path / "index", CharTokenizer(), progress=False)
+    assert texts(tmp_path / "index") == ["old"]
+    build_index([second], tmp_path / "index", CharTokenizer(), force=True, progress=False)
+    assert texts(tmp_path / "index") == ["new"]
+    assert len(list((tmp_path / "index").iterdir())) == 2  # the manifest and one generation
+
+
+def test_a_non_empty_directory_that_is_not_an_index_is_refused(tmp_path: Path):
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "notes.txt").write_text("mine")
+    corpus = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    with pytest.raises(InputError, match="is not empty and holds no index"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), force=True, progress=False)
+    assert (tmp_path / "index" / "notes.txt").read_text() == "mine"
+
+
+def test_a_build_failing_before_commit_leaves_the_previous_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    old = write_jsonl(tmp_path / "a.jsonl", [{"text": "old"}])
+    build_index([old], tmp_path / "index", CharTokenizer(), progress=False)
+
+    def crash(index: Path, manifest: dict) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(publish, "write_manifest", crash)
+    with pytest.raises(OSError, match="disk full"):
+        build_index([write_jsonl(tmp_path / "b.jsonl", [{"text": "new"}])], tmp_path / "index", CharTokenizer(),
+                    force=True, progress=False)
+    assert texts(tmp_path / "index") == ["old"]
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import numpy as np
+from retrieval_spec.builders.build import build_index_from_tokens
+from retrieval_spec.datastore.manifest import TokenizerFingerprint
+
+def documents():
+    for number in range(100):
+        if number == 50:  # by now shards have been written to the staging directory
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield np.arange(10) % 3
+
+build_index_from_tokens(documents(), sys.argv[1], TokenizerFingerprint("fake/char", 3, "0" * 64),
+                        shard_tokens=100, force=True, progress=False)
+"""
+
+
+def test_a_killed_build_leaves_the_previous_index_usable(tmp_path: Path):
+    fingerprint = TokenizerFingerprint("fake/char", 3, "0" * 64)
+    build_index_from_tokens([np.array([2, 2, 1])], tmp_path / "index", fingerprint, progress=False)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_BUILD), str(tmp_path / "index")])
+    assert result.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in (tmp_path / "index").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers and any((tmp_path / "index" / name).iterdir() for name in leftovers)
+    datastore = Datastore.open(tmp_path / "index")
+    assert (datastore.num_tokens, datastore.find(np.array([2, 2, 1]), 5).size) == (3, 1)
+    build_index_from_tokens([np.array([0, 1])], tmp_path / "index", fingerprint, force=True, progress=False)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "index").iterdir()) == ["gen", MANIFEST]
+    assert Datastore.open(tmp_path / "index").num_tokens == 2
+
+
+def test_the_fingerprint_follows_the_vocabulary_not_the_name():
+    assert tokenizer_fingerprint(CharTokenizer("x")).sha256 == tokenizer_fingerprint(CharTokenizer("y")).sha256
+    assert tokenizer_fingerprint(CharTokenizer(alphabet="ab")) != tokenizer_fingerprint(CharTokenizer(alphabet="ba"))
+    assert tokenizer_fingerprint(CharTokenizer()).vocab_size == len(ALPHABET)
+
+
+def test_merging_indexes_of_different_tokenizers_is_refused(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "a.jsonl", [{"text": "ab"}])
+    build_index([corpus], tmp_path / "one", CharTokenizer(), progress=False)
+    build_index([corpus], tmp_path / "two", CharTokenizer("other", alphabet=ALPHABET[::-1]), progress=False)
+    with pytest.raises(TokenizerMismatchError, match=r"'fake/char'.*'other'"):
+        merge_indexes([tmp_path / "one", tmp_path / "two"], tmp_path / "merged")

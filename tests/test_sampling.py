@@ -1,0 +1,168 @@
+"""Speculative sampling reproduces the target distribution: chi-square tests that can fail.
+
+The joint distribution of the first three sampled tokens is computed exactly from a tiny random model
+(vocabulary 8, so 512 outcomes), then compared with 10^4 speculative samples and with 10^4 samples of
+transformers' own ``generate(do_sample=True)``. A deliberately broken acceptance rule (bonus drawn from the
+unreduced distribution, as REST's sampling mode does) must fail the same test.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import retrieval_spec.generate as generate_module
+from conftest import StubTokenizer
+from retrieval_spec.drafters.base import DraftTree, Source, trie_from_continuations
+from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.tree import CostCurve, children_lists
+from retrieval_spec.verify import Sampler
+
+VOCAB = 8
+PROMPT = np.array([1, 5, 2, 7, 3], dtype=np.int32)
+SAMPLES = 10_000
+FREE = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # scale the random logits: a first token of probability ~0.4, drafts often right, often wrong
+        m.lm_head.weight.mul_(8.0)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+class RandomTreeDrafter:
+    """Trees of a given shape: ``wide`` gives six siblings in a fixed order (each with a random child), otherwise
+    two random chains of four. A fixed sibling order is what exposes rules that favour early siblings."""
+
+    source = Source.PROMPT
+    top_k = 0
+
+    def __init__(self, wide: bool, seed: int):
+        self.wide, self.rng = wide, np.random.default_rng(seed)
+
+    def start(self, prompt, references=()):
+        pass
+
+    def observe(self, feedback):
+        pass
+
+    def propose(self, context, budget):
+        if self.wide:
+            paths = [np.array([t, self.rng.integers(VOCAB)]) for t in (0, 3, 7, 1, 4, 6)]
+        else:
+            paths = [self.rng.integers(0, VOCAB, 4) for _ in range(2)]
+        weights = np.linspace(2, 1, len(paths))  # distinct weights keep the sibling order
+        return trie_from_continuations(int(context[-1]), paths, weights, np.full(4, 0.9),
+                                       self.source, budget)
+
+
+def exact_joint(model, config: GenerationConfig) -> np.ndarray:
+    """(VOCAB ** 3,) probability of every 3-token continuation, from processed next-token distributions."""
+    sampler = Sampler(config)
+    joint = np.zeros((VOCAB,) * 3)
+    with torch.no_grad():
+        p1 = sampler.probs(model(torch.as_tensor(PROMPT[None])).logits[0, -1:])[0]
+        pairs = np.array(list(itertools.product(range(VOCAB), repeat=2)))
+        ids = torch.as_tensor(np.concatenate([np.tile(PROMPT, (len(pairs), 1)), pairs], axis=1))
+        logits = model(ids).logits
+        p2 = sampler.probs(logits[:: VOCAB, -2])  # after one token: rows for x1 = 0..7
+        p3 = sampler.probs(logits[:, -1]).reshape(VOCAB, VOCAB, VOCAB)
+    joint = p1[:, None, None] * p2[:, :, None] * p3
+    return joint.reshape(-1)
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Goodness-of-fit p-value; outcomes expected fewer than 5 times are pooled into one cell."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expect = np.append(expected[~small], expected[small].sum())
+    if expect[-1] < 5:  # pool too small to stand alone: merge it into the smallest regular cell
+        j = int(np.argmin(expect[:-1]))
+        observed[j] += observed[-1]
+        expect[j] += expect[-1]
+        observed, expect = observed[:-1], expect[:-1]
+    statistic = float(((observed - expect) ** 2 / expect).sum())
+    dof = len(expect) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def speculative_counts(model, config: GenerationConfig, wide: bool) -> np.ndarray:
+    generator = SpeculativeGenerator(model, StubTokenizer(), [RandomTreeDrafter(wide, seed=1)], cost_curve=FREE)
+    counts = np.zeros(VOCAB ** 3)
+    for i in range(SAMPLES):
+        result = generator.generate(PROMPT, GenerationConfig(max_new_tokens=3, tree_budget=16, seed=i,
+                                                             temperature=config.temperature, top_k=config.top_k,
+                                                             top_p=config.top_p))
+        a, b, c = result.tokens
+        counts[(a * VOCAB + b) * VOCAB + c] += 1
+    return counts
+
+
+SETTINGS = [
+    pytest.param(GenerationConfig(temperature=1.0), True, id="t1-wide"),
+    pytest.param(GenerationConfig(temperature=0.7, top_k=4), False, id="t0.7-topk4-deep"),
+    pytest.param(GenerationConfig(temperature=1.3, top_p=0.8), True, id="t1.3-topp0.8-wide"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,wide", SETTINGS)
+def test_speculative_sampling_matches_the_target_distribution(model, config, wide):
+    probs = exact_joint(model, config)
+    assert chi_square_p(speculative_counts(model, config, wide), probs) > 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,wide", SETTINGS[:1])
+def test_transformers_sampling_matches_the_same_exact_distribution(model, config, wide):
+    torch.manual_seed(0)
+    ids = torch.as_tensor(PROMPT[None])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=3,
+                         temperature=config.temperature, top_k=0, top_p=1.0, num_return_sequences=SAMPLES)
+    tokens = out[:, len(PROMPT):].numpy()
+    counts = np.bincount((tokens[:, 0] * VOCAB + tokens[:, 1]) * VOCAB + tokens[:, 2], minlength=VOCAB ** 3)
+    assert chi_square_p(counts, exact_joint(model, config)) > 0.01
+
+
+def broken_accept(tree: DraftTree, probs: np.ndarray, rng: np.random.Generator):
+    """REST-style sampling: rejected drafts are not removed before the bonus token is drawn."""
+    kids = children_lists(tree.parents)
+    node, path = 0, [0]
+    while True:
+        p = probs[node]
+        child = next((c for c in kids[node] if rng.random() < p[tree.tokens[c]]), None)
+        if child is None:
+            bonus = int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right"))
+            break
+        node = child
+        path.append(node)
+    accepted = np.array(path, dtype=np.int32)
+    return accepted, np.append(tree.tokens[accepted[1:]], bonus).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_a_broken_acceptance_rule_fails_the_same_test(model, monkeypatch):
+    config, wide = GenerationConfig(temperature=1.0), True
+    monkeypatch.setattr(generate_module, "sample_accept", broken_accept)
+    assert chi_square_p(speculative_counts(model, config, wide), exact_joint(model, config)) < 0.01
+
+
+def test_seeded_sampling_is_reproducible(model):
+    generator = SpeculativeGenerator(model, StubTokenizer(), [RandomTreeDrafter(True, seed=2)], cost_curve=FREE)
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=42)
+    first = generator.generate(PROMPT, config).tokens
+    generator.fuser.drafters[0].rng = np.random.default_rng(2)
+    np.testing.assert_array_equal(generator.generate(PROMPT, config).tokens, first)
