@@ -184,7 +184,8 @@ class SpeculativeGenerator:
             if sampler is None:
                 accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
             else:
-                accepted, new_tokens = sample_accept(tree, sampler.probs(logits), sampler.rng)
+                uniforms = sampler.uniforms[length - len(prompt_ids) :]
+                accepted, new_tokens = sample_accept(tree, sampler.probs(logits), uniforms)
             new_tokens, done = self._cut(new_tokens, context[len(prompt_ids) : length], remaining, config)
             if not done:
                 self.verifier.commit(accepted)

@@ -54,13 +54,14 @@ class Sampler:
     """The target's processed sampling distribution, with Hugging Face's own warpers in generate()'s order."""
 
     def __init__(self, config) -> None:
+        """``config``: a GenerationConfig; one uniform per output position is drawn up front from its seed."""
         warpers = [TemperatureLogitsWarper(config.temperature)]
         if config.top_k > 0:
             warpers.append(TopKLogitsWarper(config.top_k))
         if config.top_p < 1.0:
             warpers.append(TopPLogitsWarper(config.top_p))
         self.warpers = LogitsProcessorList(warpers)
-        self.rng = np.random.default_rng(config.seed)
+        self.uniforms = np.random.default_rng(config.seed).random(config.max_new_tokens)
 
     def probs(self, logits: torch.Tensor) -> np.ndarray:
         """(n, vocab) logits -> (n, vocab) float64 probabilities."""
@@ -68,20 +69,22 @@ class Sampler:
         return torch.softmax(scores, dim=-1).double().numpy()
 
 
-def sample_accept(tree: DraftTree, probs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_accept(tree: DraftTree, probs: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Lossless acceptance of a deterministic draft tree under sampling.
 
-    At the current node, the children are tried in order: child ``x`` is accepted with probability
-    ``q(x)``, where ``q`` starts as the target distribution at the node and, after each rejection, has the
-    rejected token zeroed and is renormalised. Accepting descends to the child and repeats; when every child
-    is rejected, the bonus token is drawn from the final ``q`` and the step ends. Drafts are point masses, so
-    this emits exactly the target distribution (ANCHORS.md, detail 3); it needs distinct sibling tokens,
-    which :class:`DraftTree` guarantees.
+    At the current node (depth d) the target's token is drawn by inverse CDF with ``uniforms[d]``; if a child
+    carries it, the walk descends and repeats, otherwise that token is the bonus and the step ends. Each
+    emitted token therefore has exactly the target's distribution given its prefix (ANCHORS.md, detail 3).
+    This is the same law as trying the children in turn, accepting child x with probability q(x) and
+    removing it from the renormalised residual q on rejection: the chance that child x is emitted is p(x)
+    either way, and a non-child x is emitted with probability p(x). Drawing by inverse CDF from one uniform
+    per output position makes the output a function of the seed alone, whatever the drafts: seeded runs
+    reproduce exactly, with any drafter or none.
 
     Args:
-        tree: the verified tree.
-        probs: (n, vocab) the target's processed next-token distribution at every node (rows sum to 1).
-        rng: the source of randomness (seed it for reproducible runs).
+        tree: the verified tree; siblings carry distinct tokens (DraftTree guarantees it).
+        probs: (n, vocab) the target's processed next-token distribution at every node.
+        uniforms: (at least max depth + 1,) uniforms in [0, 1) of the output positions this step can fill.
 
     Returns:
         accepted_nodes and new_tokens, as :func:`greedy_accept`.
@@ -89,23 +92,15 @@ def sample_accept(tree: DraftTree, probs: np.ndarray, rng: np.random.Generator) 
     kids = children_lists(tree.parents)
     node, path = 0, [0]
     while True:
-        residual = probs[node].astype(np.float64)
-        accepted_child = None
-        for child in kids[node]:
-            token = tree.tokens[child]
-            mass = residual.sum()
-            if rng.random() * mass < residual[token]:
-                accepted_child = child
-                break
-            residual[token] = 0.0
-        if accepted_child is None:
-            cdf = np.cumsum(residual)
-            bonus = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+        cdf = np.cumsum(probs[node], dtype=np.float64)
+        token = min(int(np.searchsorted(cdf, uniforms[len(path) - 1] * cdf[-1], side="right")), len(cdf) - 1)
+        child = next((c for c in kids[node] if tree.tokens[c] == token), None)
+        if child is None:
             break
-        node = accepted_child
+        node = child
         path.append(node)
     accepted = np.array(path, dtype=np.int32)
-    return accepted, np.append(tree.tokens[accepted[1:]], bonus).astype(np.int32)
+    return accepted, np.append(tree.tokens[accepted[1:]], token).astype(np.int32)
 
 
 class TreeVerifier:

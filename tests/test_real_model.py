@@ -54,7 +54,7 @@ def test_every_method_equals_plain_greedy_on_spec_bench(smollm2, generators, row
     model, tokenizer = smollm2
     prompt = np.asarray(tokenizer(chat_prompt(tokenizer, row["turns"][0]), add_special_tokens=False)["input_ids"],
                         dtype=np.int32)
-    expected = plain_greedy(model, prompt, 48)
+    expected = plain_greedy(model, prompt, 40)
     for method, generator in generators.items():
-        result = generator.generate(prompt, GenerationConfig(max_new_tokens=48, tree_budget=32))
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=40, tree_budget=24))
         np.testing.assert_array_equal(result.tokens, expected, err_msg=method)
