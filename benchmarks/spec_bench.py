@@ -29,10 +29,10 @@ from retrieval_spec.models import load_model
 
 def hf_generate(model, ids: np.ndarray, max_new_tokens: int, **kwargs) -> tuple[np.ndarray, float]:
     tensor = torch.as_tensor(ids[None], dtype=torch.long)
+    kwargs.setdefault("do_sample", False)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
-                             do_sample=False, **kwargs)
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens, **kwargs)
     return out[0, len(ids):].numpy(), time.perf_counter() - start
 
 
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="> 0: sample (top_k=0, top_p=1) in every method; outputs are then not compared")
     parser.add_argument("--no-hf-pld", action="store_true", help="skip transformers' prompt lookup baseline")
     parser.add_argument("--out", type=Path, help="JSON path (default results/spec_bench_<model>.json)")
     args = parser.parse_args()
@@ -69,7 +71,8 @@ def main() -> None:
     baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
     methods = baselines + ours
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0} if args.temperature else {}
     warm = prompt_ids(tokenizer, rows[0])
     hf_generate(model, warm, 8)
     for generator in generators.values():
@@ -81,10 +84,10 @@ def main() -> None:
         outputs = {}
         for method in methods[i % len(methods):] + methods[: i % len(methods)]:
             if method == "plain":
-                tokens, seconds = hf_generate(model, ids, args.max_new_tokens)
+                tokens, seconds = hf_generate(model, ids, args.max_new_tokens, **sampling)
                 stats = None
             elif method == "hf_pld":
-                tokens, seconds = hf_generate(model, ids, args.max_new_tokens, prompt_lookup_num_tokens=10)
+                tokens, seconds = hf_generate(model, ids, args.max_new_tokens, prompt_lookup_num_tokens=10, **sampling)
                 stats = None
             else:
                 result = generators[method].generate(ids, config)
@@ -97,10 +100,11 @@ def main() -> None:
                     bucket["steps"] += stats.steps
                     bucket["draft_ms"] += stats.draft_ms
                     bucket["verify_ms"] += stats.verify_ms
-        for method in ours:
+        for method in ours if not args.temperature else ():
             if not np.array_equal(outputs[method], outputs["plain"]):
                 mismatches.append({"question_id": row["question_id"], "method": method})
     report = {"model": args.model, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature,
               "limit_per_category": args.limit, "mismatches": mismatches, "categories": {}}
     for category in sorted(totals, key=lambda c: (c == "overall", c)):
         plain_rate = totals[category]["plain"]["tokens"] / totals[category]["plain"]["seconds"]

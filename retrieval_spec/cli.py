@@ -45,8 +45,8 @@ def _setup_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _read_prompts(path: Path) -> list[tuple[str, str]]:
-    """(id, prompt) pairs from JSONL: each line an object with "prompt", "text" or "turns" (first turn used)."""
+def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turns")) -> list[tuple[str, str]]:
+    """(id, text) pairs from JSONL: each line an object with the first of ``fields`` it has ("turns": first turn)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -58,9 +58,12 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
                 raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get("prompt") or record.get("text") or (record.get("turns") or [None])[0]
+            prompt = next((value for value in map(record.get, fields) if value), None)
+            if isinstance(prompt, list):
+                prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
-                raise InputError(f'{path}:{lineno}: needs a non-empty "prompt", "text" or "turns" field')
+                names = ", ".join(f'"{field}"' for field in fields)
+                raise InputError(f"{path}:{lineno}: needs a non-empty field among {names}")
             records.append((str(record.get("id", record.get("question_id", lineno))), prompt))
     if not records:
         raise InputError(f"{path}: no prompts found")
@@ -72,9 +75,17 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
               help="Embedded model name (smollm2-135m, qwen2.5-0.5b) or a Hugging Face checkpoint directory.")
 @click.option("--prompt", help="One prompt; the continuation is printed on stdout.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSONL of prompts ("prompt", "text" or "turns" per line); writes one JSON object per prompt.')
+              help='JSONL of prompts ("prompt", "text" or "turns" per line), of documents with --task summarize '
+                   '("text"), or of questions with --rag ("question", "prompt", ...); one JSON object per line out.')
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where --input results go (JSONL); stdout when omitted.")
+              help="Write results here as JSONL (one object per prompt) instead of text on stdout.")
+@click.option("--task", type=click.Choice(["complete", "rag", "summarize"]), default="complete", show_default=True,
+              help="complete: continue each prompt; rag: answer --question from passages retrieved from --index "
+                   "(built with --dense); summarize: summarise each --input document, copying from it.")
+@click.option("--rag", is_flag=True, help="Shorthand for --task rag.")
+@click.option("--question", help="With --rag: the question to answer from the index's passages.")
+@click.option("--passages", "num_passages", default=5, show_default=True,
+              help="With --rag: passages retrieved into the prompt (--top-k is the sampler's).")
 @click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "auto"]), default="auto",
               show_default=True,
               help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA); "
@@ -97,8 +108,9 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--seed", type=int, help="Seed of the sampler: same seed, same output.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
-def generate(model_name, prompt, input_path, output_path, method, index_path, max_new_tokens, tree_budget, references,
-             stop_strings, chat, temperature, top_k, top_p, seed, json_stats, threads):
+def generate(model_name, prompt, input_path, output_path, task, rag, question, num_passages, method, index_path,
+             max_new_tokens, tree_budget, references, stop_strings, chat, temperature, top_k, top_p, seed, json_stats,
+             threads):
     """Generate continuations exactly as plain decoding would, in fewer model steps.
 
     Greedy output is token-for-token that of plain greedy decoding; sampled output (--temperature > 0)
@@ -110,16 +122,20 @@ def generate(model_name, prompt, input_path, output_path, method, index_path, ma
       retrieval-spec generate --input prompts.jsonl --output out.jsonl --method pld
       retrieval-spec generate --prompt "..." --method rest --index ./index
       retrieval-spec generate --prompt "Answer from the text." --reference passage.txt
+      retrieval-spec generate --rag --index ./index --question "How do I define a class?" --json-stats
+      retrieval-spec generate --task summarize --input docs.jsonl --output summaries.jsonl
     """
-    if (prompt is None) == (input_path is None):
-        raise InputError("give exactly one of --prompt or --input")
-    records = [("prompt", prompt)] if prompt is not None else _read_prompts(input_path)
-    if any(not text for _, text in records):
-        raise InputError("the prompt is empty")
+    task = "rag" if rag else task
+    records = _records(task, prompt, question, input_path)
+    if task == "rag" and index_path is None:
+        raise InputError("--rag needs --index: a directory built with `retrieval-spec build-index --dense`")
     _setup_threads(threads)
+    from . import rag as grounded
     from .api import make_drafters
     from .generate import GenerationConfig, SpeculativeGenerator
     from .models import chat_prompt, load_model
+
+    dense = grounded.DenseIndex.open(index_path) if task == "rag" else None  # refused before the model loads
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -132,23 +148,60 @@ def generate(model_name, prompt, input_path, output_path, method, index_path, ma
         datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
     generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size, datastore))
     reference_texts = [p.read_text(encoding="utf-8") for p in references]
+    as_rows = input_path is not None or output_path is not None
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
         for record_id, text in records:
-            rendered = chat_prompt(tokenizer, text) if chat else text
-            result = generator.generate(rendered, config, references=reference_texts)
-            if prompt is not None:
-                click.echo(result.text)
-                if json_stats:
-                    click.echo(json.dumps(result.stats.to_dict()), err=True)
+            extra = {}
+            if task == "rag":
+                answer = grounded.answer(generator, dense, text, config, top_k=num_passages,
+                                         references=reference_texts)
+                result = answer.result
+                extra = {"question": text, "cited": answer.cited, "passages": [p.to_dict() for p in answer.passages]}
+            elif task == "summarize":
+                result = grounded.summarize(generator, text, config, references=reference_texts)
             else:
-                row = {"id": record_id, "method": method, "text": result.text, "tokens": result.tokens.tolist(),
-                       "stats": result.stats.to_dict()}
+                rendered = chat_prompt(tokenizer, text) if chat else text
+                result = generator.generate(rendered, config, references=reference_texts)
+            if as_rows:
+                row = {"id": record_id, "method": method, "task": task, "text": result.text, **extra,
+                       "tokens": result.tokens.tolist(), "stats": result.stats.to_dict()}
                 out.write(json.dumps(row) + "\n")
                 out.flush()
+                continue
+            click.echo(result.text)
+            if task == "rag" and not json_stats:
+                cited = {p.id: p for p in answer.passages}
+                for passage_id in answer.cited:
+                    click.echo(f"[{passage_id}] {cited[passage_id].source}")
+            if json_stats:
+                click.echo(json.dumps({**extra, "stats": result.stats.to_dict()} if extra else
+                                      result.stats.to_dict()), err=True)
     finally:
         if output_path:
             out.close()
+
+
+def _records(task: str, prompt: str | None, question: str | None, input_path: Path | None) -> list[tuple[str, str]]:
+    """(id, text) pairs to process: prompts, questions (--rag) or documents (--task summarize)."""
+    if task != "complete" and prompt is not None:
+        raise InputError(f"--prompt does not go with --task {task}; give "
+                         + ("--question" if task == "rag" else "the documents as --input JSONL"))
+    if task != "rag" and question is not None:
+        raise InputError("--question goes with --rag (--task rag)")
+    if task == "summarize":
+        if input_path is None:
+            raise InputError('--task summarize needs --input: JSONL with a "text" field per document')
+        return _read_prompts(input_path, ("text", "prompt", "turns"))
+    name, given = ("question", question) if task == "rag" else ("prompt", prompt)
+    if (given is None) == (input_path is None):
+        raise InputError(f"give exactly one of --{name} or --input")
+    if given is not None:
+        if not given:
+            raise InputError(f"the {name} is empty")
+        return [(name, given)]
+    return _read_prompts(input_path, ("question", "prompt", "text", "turns") if task == "rag" else
+                         ("prompt", "text", "turns"))
 
 
 @main.command()
@@ -189,9 +242,15 @@ def demo(model_name, max_new_tokens, threads, as_json):
               help="Tokens per shard; a shard is written (and freed) before the next is read.")
 @click.option("--force", is_flag=True, help="Replace an existing index at the output path.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip malformed JSONL lines (and count them) instead of failing.")
+@click.option("--dense", is_flag=True,
+              help="Also cut the documents into passages and index their embeddings (all-MiniLM-L6-v2, faiss) "
+                   "in OUTPUT/dense, for `generate --rag`.")
+@click.option("--dense-index", "dense_kind", type=click.Choice(["auto", "flat", "hnsw"]), default="auto",
+              show_default=True, help="With --dense: exact search (flat), approximate (hnsw), or by size (auto).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
-def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_bad_lines, quiet, as_json):
+def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_bad_lines, dense, dense_kind, quiet,
+                as_json):
     """Build a corpus datastore (token stream, suffix arrays, n-gram table) from JSONL, text files or folders.
 
     JSONL records give their text in --text-field, or chat turns in "messages" / "conversations" (ShareGPT),
@@ -203,21 +262,32 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
       retrieval-spec build-index corpus.jsonl -o ./index
       retrieval-spec build-index docs/ notes.txt -o ./index --force
       retrieval-spec build-index a.jsonl b.jsonl -o ./index --skip-bad-lines --json
+      retrieval-spec build-index docs/ -o ./index --dense      # then: generate --rag --index ./index
     """
     from .builders.build import build_index as build
     from .models import load_tokenizer
 
-    summary = build(list(inputs), out, load_tokenizer(model_name), text_field=text_field, shard_tokens=shard_tokens,
+    tokenizer = load_tokenizer(model_name)
+    summary = build(list(inputs), out, tokenizer, text_field=text_field, shard_tokens=shard_tokens,
                     force=force, skip_bad_lines=skip_bad_lines, progress=not quiet)
     report = {"path": str(summary.path), "tokens": summary.tokens, "documents": summary.documents,
               "shards": summary.shards, "seconds": round(summary.seconds, 3), "skipped_lines": summary.skipped_lines,
               "skipped_files": summary.skipped_files}
+    if dense:
+        from .rag import build_dense_index
+
+        index = build_dense_index(out, list(inputs), tokenizer, text_field=text_field, skip_bad_lines=skip_bad_lines,
+                                  kind=dense_kind, progress=not quiet)
+        report["dense"] = {key: index.manifest[key] for key in ("model", "dim", "count", "index_kind")}
     if as_json:
         click.echo(json.dumps(report))
-    else:
-        skipped = f", skipped {summary.skipped_lines} bad lines" if summary.skipped_lines else ""
-        click.echo(f"built {summary.path}: {summary.tokens:,} tokens, {summary.documents:,} documents, "
-                   f"{summary.shards} shard(s) in {summary.seconds:.1f} s{skipped}")
+        return
+    skipped = f", skipped {summary.skipped_lines} bad lines" if summary.skipped_lines else ""
+    click.echo(f"built {summary.path}: {summary.tokens:,} tokens, {summary.documents:,} documents, "
+               f"{summary.shards} shard(s) in {summary.seconds:.1f} s{skipped}")
+    if dense:
+        click.echo(f"dense: {report['dense']['count']:,} passages, {report['dense']['index_kind']} index of "
+                   f"{report['dense']['dim']}-d {report['dense']['model']} embeddings")
 
 
 @main.command("index-info")
