@@ -24,7 +24,8 @@ import numpy as np
 from common import ROOT, write_json
 from retrieval_spec.drafters.base import DraftTree, StepFeedback
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import CostCurve, children_lists
+from retrieval_spec.tree import CostCurve, depths
+from retrieval_spec.verify import greedy_accept
 
 # SmolLM2-135M fp32, 2 threads, 400-token context (ANCHORS.md); used when no measured curve is given.
 DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 32, 64]), ms=np.array([45, 63, 90, 94.5, 103.5, 121.5, 180.0]))
@@ -42,17 +43,9 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
         start = time.perf_counter()
         tree = fuser.propose(context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
         draft_s += time.perf_counter() - start
-        kids = children_lists(tree.parents)
-        node, path = 0, [0]
-        while pos + len(path) - 1 < len(output) - 1:
-            want = output[pos + len(path) - 1]
-            nxt = next((c for c in kids[node] if tree.tokens[c] == want), None)
-            if nxt is None:
-                break
-            node = nxt
-            path.append(node)
-        accepted = np.array(path, dtype=np.int32)
-        new_tokens = output[pos : pos + len(path)]
+        # The target's greedy choice after a node on the true path is the recorded output at that depth.
+        targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]
+        accepted, new_tokens = greedy_accept(tree, targets)
         fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
         # The target's top-k was recorded only along the true path: drafters that learn from it (recycling)
         # see that path, with the top-k of each of its nodes.

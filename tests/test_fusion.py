@@ -8,7 +8,8 @@ import numpy as np
 from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.base import StepFeedback
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import CostCurve, children_lists
+from retrieval_spec.tree import CostCurve, depths
+from retrieval_spec.verify import greedy_accept
 
 # Relative costs measured for SmolLM2-135M on 2 CPU cores (ANCHORS.md).
 CPU = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 32, 64]), ms=np.array([45.0, 63, 90, 94.5, 103.5, 121.5, 180]))
@@ -22,17 +23,10 @@ def replay(fuser: TreeFuser, prompt: np.ndarray, output: np.ndarray) -> tuple[fl
     pos, steps, cost, sizes = 0, 0, 0.0, []
     while pos < len(output):
         tree = fuser.propose(context[: len(prompt) + pos], 64, max_depth=len(output) - pos - 1)
-        kids = children_lists(tree.parents)
-        path, node = [0], 0
-        while pos + len(path) < len(output):
-            nxt = next((c for c in kids[node] if tree.tokens[c] == output[pos + len(path) - 1]), None)
-            if nxt is None:
-                break
-            node = nxt
-            path.append(nxt)
-        new_tokens = output[pos : pos + len(path)]
+        targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]  # greedy choice on the true path
+        path, new_tokens = greedy_accept(tree, targets)
         top = np.tile(output[np.minimum(pos + np.arange(len(tree)), len(output) - 1)][:, None], (1, 8))
-        fuser.observe(StepFeedback(tree=tree, accepted_nodes=np.array(path, np.int32), new_tokens=new_tokens,
+        fuser.observe(StepFeedback(tree=tree, accepted_nodes=path, new_tokens=new_tokens,
                                    top_tokens=top.astype(np.int32)))
         cost += float(CPU.relative(np.array([len(tree)]))[0])
         sizes.append(len(tree) - 1)
