@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench, write_json
 from retrieval_spec.api import make_drafters
+from retrieval_spec.datastore.manifest import tokenizer_fingerprint
+from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import load_model
 
@@ -61,13 +63,17 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="> 0: sample (top_k=0, top_p=1) in every method; outputs are then not compared")
     parser.add_argument("--no-hf-pld", action="store_true", help="skip transformers' prompt lookup baseline")
+    parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
     parser.add_argument("--out", type=Path, help="JSON path (default results/spec_bench_<model>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out or ROOT / "results" / f"spec_bench_{args.model}.json"
     model, tokenizer = load_model(args.model)
     ours = args.methods.split(",")
-    generators = {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size)) for m in ours}
+    datastore = Datastore.open(args.index, tokenizer_fingerprint(tokenizer)) if args.index else None
+    generators = {
+        m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size, datastore)) for m in ours
+    }
     baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
     methods = baselines + ours
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
@@ -100,10 +106,13 @@ def main() -> None:
                     bucket["steps"] += stats.steps
                     bucket["draft_ms"] += stats.draft_ms
                     bucket["verify_ms"] += stats.verify_ms
+                    bucket["observe_ms"] += stats.observe_ms
+                    for source, count in stats.accepted_by_source.items():
+                        bucket["accepted_" + source] += count
         for method in ours if not args.temperature else ():
             if not np.array_equal(outputs[method], outputs["plain"]):
                 mismatches.append({"question_id": row["question_id"], "method": method})
-    report = {"model": args.model, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+    report = {"model": args.model, "index": str(args.index) if args.index else None, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature,
               "limit_per_category": args.limit, "mismatches": mismatches, "categories": {}}
     for category in sorted(totals, key=lambda c: (c == "overall", c)):
@@ -116,7 +125,9 @@ def main() -> None:
             if t["steps"]:
                 entry |= {"mean_accepted": round(t["tokens"] / t["steps"], 3),
                           "draft_ms_per_step": round(t["draft_ms"] / t["steps"], 3),
-                          "verify_ms_per_step": round(t["verify_ms"] / t["steps"], 3)}
+                          "verify_ms_per_step": round(t["verify_ms"] / t["steps"], 3),
+                          "observe_ms_per_step": round(t["observe_ms"] / t["steps"], 4),
+                          "accepted_by_source": {k[9:]: int(v) for k, v in t.items() if k.startswith("accepted_")}}
             report["categories"][category][method] = entry
     write_json(out, report)
     markdown = table(report, methods)

@@ -65,6 +65,7 @@ class GenerationStats:
     drafted_nodes: int = 0
     draft_ms: float = 0.0
     verify_ms: float = 0.0
+    observe_ms: float = 0.0  # part of draft_ms: drafters learning from the step (recycling table update, top-k)
     prefill_ms: float = 0.0
     total_ms: float = 0.0
     tokens_per_step: dict[int, int] = field(default_factory=dict)  # histogram: tokens gained in a step -> steps
@@ -88,6 +89,7 @@ class GenerationStats:
             "drafted_nodes": self.drafted_nodes,
             "draft_ms_per_step": round(self.draft_ms / max(self.steps, 1), 4),
             "verify_ms_per_step": round(self.verify_ms / max(self.steps, 1), 4),
+            "observe_ms_per_step": round(self.observe_ms / max(self.steps, 1), 4),
             "prefill_ms": round(self.prefill_ms, 3),
             "total_ms": round(self.total_ms, 3),
             "tokens_per_step": {str(k): v for k, v in sorted(self.tokens_per_step.items())},
@@ -192,9 +194,12 @@ class SpeculativeGenerator:
             t2 = time.perf_counter()
             context[length : length + len(new_tokens)] = new_tokens
             length += len(new_tokens)
+            t3 = time.perf_counter()
             top = logits.topk(self.top_k, dim=-1).indices.numpy().astype(np.int32) if self.top_k else NO_TOP
             self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top))
-            self._count(stats, tree, accepted, new_tokens, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
+            t4 = time.perf_counter()
+            stats.observe_ms += (t4 - t3) * 1e3
+            self._count(stats, tree, accepted, new_tokens, (t1 - t0) + (t4 - t2), t2 - t1)
         stats.total_ms = (time.perf_counter() - started) * 1e3
         output = context[len(prompt_ids) : length].copy()
         text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
