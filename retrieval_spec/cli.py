@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -106,11 +107,17 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
 @click.option("--top-p", default=1.0, show_default=True, help="Sample from the smallest set with this probability.")
 @click.option("--seed", type=int, help="Seed of the sampler: same seed, same output.")
+@click.option("--num-samples", default=1, show_default=True,
+              help="Sample N continuations of each prompt together (needs --temperature > 0): one batched forward "
+                   "per step, each sample drafting from the others too; prints one JSON object per prompt with "
+                   "all N texts (self-consistency, best-of-N). Sample i uses seed --seed + i.")
+@click.option("--cross-path/--no-cross-path", default=True, show_default=True,
+              help="With --num-samples: let samples draft from each other's text.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
 def generate(model_name, prompt, input_path, output_path, task, rag, question, num_passages, method, index_path,
-             max_new_tokens, tree_budget, references, stop_strings, chat, temperature, top_k, top_p, seed, json_stats,
-             threads):
+             max_new_tokens, tree_budget, references, stop_strings, chat, temperature, top_k, top_p, seed, num_samples,
+             cross_path, json_stats, threads):
     """Generate continuations exactly as plain decoding would, in fewer model steps.
 
     Greedy output is token-for-token that of plain greedy decoding; sampled output (--temperature > 0)
@@ -124,9 +131,16 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
       retrieval-spec generate --prompt "Answer from the text." --reference passage.txt
       retrieval-spec generate --rag --index ./index --question "How do I define a class?" --json-stats
       retrieval-spec generate --task summarize --input docs.jsonl --output summaries.jsonl
+      retrieval-spec generate --prompt "What is 17*23?" --num-samples 8 --temperature 0.7 --seed 0
     """
     task = "rag" if rag else task
     records = _records(task, prompt, question, input_path)
+    if num_samples < 1:
+        raise InputError(f"--num-samples must be at least 1, got {num_samples}")
+    if num_samples > 1 and task != "complete":
+        raise InputError("--num-samples goes with plain prompts (--prompt or --input), not --task " + task)
+    if num_samples > 1 and temperature == 0:
+        raise InputError("--num-samples above 1 needs --temperature > 0: greedy samples would all be the same")
     if task == "rag" and index_path is None:
         raise InputError("--rag needs --index: a directory built with `retrieval-spec build-index --dense`")
     _setup_threads(threads)
@@ -146,8 +160,21 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         from .datastore.reader import Datastore
 
         datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
-    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size, datastore))
     reference_texts = [p.read_text(encoding="utf-8") for p in references]
+    if num_samples > 1:
+        from .multisample import MultiSampleGenerator
+
+        multi = MultiSampleGenerator(model, tokenizer, lambda: make_drafters(method, model.config.vocab_size, datastore),
+                                     cross_path=cross_path)
+        with open(output_path, "w", encoding="utf-8") if output_path else contextlib.nullcontext(sys.stdout) as out:
+            for record_id, text in records:
+                rendered = chat_prompt(tokenizer, text) if chat else text
+                batch = multi.generate([rendered] * num_samples, config, references=reference_texts)
+                out.write(json.dumps({"id": record_id, "method": method, "num_samples": num_samples,
+                                      **batch.to_dict()}) + "\n")
+                out.flush()
+        return
+    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size, datastore))
     as_rows = input_path is not None or output_path is not None
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:

@@ -19,16 +19,18 @@ from transformers import PreTrainedModel
 from .drafters.base import DraftTree
 from .models import cache_dir
 from .tree import CostCurve
-from .verify import TreeVerifier
+from .verify import BatchTreeVerifier, TreeVerifier
 
 
 @dataclass(frozen=True)
 class CostProbe:
-    """How the curve is measured: forwards of chains of ``sizes`` nodes over a ``context_len`` prefix."""
+    """How the curve is measured: forwards of chains of ``sizes`` nodes over a ``context_len`` prefix, in each
+    of ``batch`` rows (multi-sample decoding verifies one tree per row in one forward)."""
 
     sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
     context_len: int = 256  # typical prompt + output length on the Spec-Bench dev split
     repeats: int = 4
+    batch: int = 1
 
 
 def measure_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -> CostCurve:
@@ -36,10 +38,21 @@ def measure_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -
 
     The fastest of ``probe.repeats`` runs counts: other processes only ever add time.
     """
-    verifier = TreeVerifier(model)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
-    verifier.reset(rng.integers(0, vocab, probe.context_len + 1).astype(np.int32))
+    prompt = rng.integers(0, vocab, probe.context_len + 1).astype(np.int32)
+    if probe.batch == 1:
+        verifier = TreeVerifier(model)
+        verifier.reset(prompt)
+        run, rollback = verifier.logits, verifier.rollback
+    else:
+        batched = BatchTreeVerifier(model)
+        batched.reset([prompt] * probe.batch)
+        rollback = batched.rollback
+
+        def run(tree: DraftTree) -> None:
+            batched.logits([tree] * probe.batch)
+
     ms = []
     for size in probe.sizes:
         tree = DraftTree(
@@ -51,11 +64,11 @@ def measure_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -
         times = []
         for _ in range(probe.repeats + 1):  # the first run warms this shape up
             start = time.perf_counter()
-            verifier.logits(tree)
+            run(tree)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1e3)
-            verifier.rollback()
+            rollback()
         ms.append(min(times[1:]))
     return CostCurve(sizes=np.array(probe.sizes), ms=np.array(ms))
 
@@ -72,6 +85,7 @@ def cached_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) ->
             torch.__version__,
             probe.sizes,
             probe.context_len,
+            *([probe.batch] if probe.batch > 1 else []),
         ]
     )
     path = cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

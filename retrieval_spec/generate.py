@@ -130,14 +130,11 @@ class SpeculativeGenerator:
         self.fuser = TreeFuser(drafters, cost_curve)
         self.top_k = max((drafter.top_k for drafter in drafters), default=0)
         self.verifier = TreeVerifier(model)
-        eos = model.generation_config.eos_token_id
-        self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.eos_token_ids = eos_token_ids(model)
 
     def encode(self, prompt: str) -> np.ndarray:
         """Token ids of a prompt as given (no special tokens added: chat templates carry their own)."""
-        if not prompt:
-            raise InputError("the prompt is empty")
-        return np.asarray(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        return encode(self.tokenizer, prompt)
 
     def generate(
         self,
@@ -155,18 +152,9 @@ class SpeculativeGenerator:
         Raises:
             InputError: empty prompt, or prompt plus ``max_new_tokens`` beyond the model's context.
         """
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else np.asarray(prompt, dtype=np.int32)
-        if len(prompt_ids) == 0:
-            raise InputError("the prompt is empty")
-        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", None
-        )
-        if limit is not None and len(prompt_ids) + config.max_new_tokens > limit:
-            raise InputError(
-                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={config.max_new_tokens} exceeds the "
-                f"model's context of {limit} tokens"
-            )
-        reference_ids = [self.encode(r) if isinstance(r, str) else np.asarray(r, dtype=np.int32) for r in references]
+        prompt_ids = encode(self.tokenizer, prompt)
+        check_fits(self.model, len(prompt_ids), config.max_new_tokens)
+        reference_ids = [encode(self.tokenizer, r) for r in references if len(r)]
         sampler = Sampler(config) if config.temperature > 0 else None
         stats = GenerationStats()
         started = time.perf_counter()
@@ -188,7 +176,9 @@ class SpeculativeGenerator:
             else:
                 uniforms = sampler.uniforms[length - len(prompt_ids) :]
                 accepted, new_tokens = sample_accept(tree, sampler.probs(logits), uniforms)
-            new_tokens, done = self._cut(new_tokens, context[len(prompt_ids) : length], remaining, config)
+            new_tokens, done = cut_at_stop(
+                new_tokens, context[len(prompt_ids) : length], remaining, config, self.eos_token_ids, self.tokenizer
+            )
             if not done:
                 self.verifier.commit(accepted)
             t2 = time.perf_counter()
@@ -199,44 +189,87 @@ class SpeculativeGenerator:
             self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top))
             t4 = time.perf_counter()
             stats.observe_ms += (t4 - t3) * 1e3
-            self._count(stats, tree, accepted, new_tokens, (t1 - t0) + (t4 - t2), t2 - t1)
+            count_step(stats, tree, accepted, new_tokens, (t1 - t0) + (t4 - t2), t2 - t1)
         stats.total_ms = (time.perf_counter() - started) * 1e3
         output = context[len(prompt_ids) : length].copy()
         text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return GenerationResult(tokens=output, text=text, stats=stats)
 
-    def _cut(
-        self, new_tokens: np.ndarray, output: np.ndarray, remaining: int, config: GenerationConfig
-    ) -> tuple[np.ndarray, bool]:
-        """Trim a step's tokens at EOS, the token limit or a stop string; say whether decoding is done."""
-        for i, token in enumerate(new_tokens.tolist()):
-            if token in self.eos_token_ids or i + 1 == remaining or self._hits_stop(output, new_tokens[: i + 1], config):
-                return new_tokens[: i + 1], True
-        return new_tokens, False
 
-    def _hits_stop(self, output: np.ndarray, tail: np.ndarray, config: GenerationConfig) -> bool:
-        if not config.stop_strings:
-            return False
-        window = np.concatenate([output[-16:], tail])
-        text = self.tokenizer.decode(window, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return any(stop in text for stop in config.stop_strings)
 
-    @staticmethod
-    def _count(
-        stats: GenerationStats,
-        tree: DraftTree,
-        accepted: np.ndarray,
-        new_tokens: np.ndarray,
-        draft_seconds: float,
-        verify_seconds: float,
-    ) -> None:
-        stats.steps += 1
-        stats.new_tokens += len(new_tokens)
-        stats.drafted_nodes += len(tree) - 1
-        stats.draft_ms += draft_seconds * 1e3
-        stats.verify_ms += verify_seconds * 1e3
-        stats.tokens_per_step[len(new_tokens)] = stats.tokens_per_step.get(len(new_tokens), 0) + 1
-        for node in accepted[1 : len(new_tokens)]:
-            name = Source(int(tree.sources[node])).name.lower()
-            stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | np.ndarray) -> np.ndarray:
+    """(p,) int32 token ids of a text prompt as given (no special tokens added: chat templates carry their own),
+    or of ids passed through; InputError when empty."""
+    ids = (
+        np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        if isinstance(prompt, str)
+        else np.asarray(prompt, dtype=np.int32)
+    )
+    if len(ids) == 0:
+        raise InputError("the prompt is empty")
+    return ids
 
+
+def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
+    """The tokens that end a generation, from the model's generation config."""
+    eos = model.generation_config.eos_token_id
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+def check_fits(model: PreTrainedModel, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise InputError when the prompt plus ``max_new_tokens`` exceeds the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise InputError(
+            f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {limit} tokens"
+        )
+
+
+def cut_at_stop(
+    new_tokens: np.ndarray,
+    output: np.ndarray,
+    remaining: int,
+    config: GenerationConfig,
+    eos_token_ids: frozenset[int],
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[np.ndarray, bool]:
+    """Trim a step's tokens at EOS, the token limit or a stop string; say whether decoding is done.
+
+    Args:
+        new_tokens: the tokens the step gained.
+        output: the output before this step.
+        remaining: how many tokens the output may still gain.
+    """
+    for i, token in enumerate(new_tokens.tolist()):
+        if token in eos_token_ids or i + 1 == remaining or _hits_stop(output, new_tokens[: i + 1], config, tokenizer):
+            return new_tokens[: i + 1], True
+    return new_tokens, False
+
+
+def _hits_stop(output: np.ndarray, tail: np.ndarray, config: GenerationConfig, tokenizer) -> bool:
+    if not config.stop_strings:
+        return False
+    window = np.concatenate([output[-16:], tail])
+    text = tokenizer.decode(window, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return any(stop in text for stop in config.stop_strings)
+
+
+def count_step(
+    stats: GenerationStats,
+    tree: DraftTree,
+    accepted: np.ndarray,
+    new_tokens: np.ndarray,
+    draft_seconds: float,
+    verify_seconds: float,
+) -> None:
+    """Add one verification step to ``stats``."""
+    stats.steps += 1
+    stats.new_tokens += len(new_tokens)
+    stats.drafted_nodes += len(tree) - 1
+    stats.draft_ms += draft_seconds * 1e3
+    stats.verify_ms += verify_seconds * 1e3
+    stats.tokens_per_step[len(new_tokens)] = stats.tokens_per_step.get(len(new_tokens), 0) + 1
+    for node in accepted[1 : len(new_tokens)]:
+        name = Source(int(tree.sources[node])).name.lower()
+        stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1

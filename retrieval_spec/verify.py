@@ -196,3 +196,133 @@ class TreeVerifier:
         for layer in self.cache.layers:
             layer.keys = layer.keys[:, :, : self.cached_len]
             layer.values = layer.values[:, :, : self.cached_len]
+
+
+class BatchTreeVerifier:
+    """Holds the model and one KV cache for B sequences decoded together; one forward verifies a tree per row.
+
+    Rows keep their own lengths: the first ``lengths[b]`` cache slots of row ``b`` hold its context but the
+    newest token (its next tree's root); later slots of a shorter row are stale and masked out, so each row
+    computes exactly what it would alone. Call :meth:`reset` per batch, then alternate :meth:`logits` and
+    :meth:`commit`; :meth:`keep_rows` drops finished rows.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        self.cache = DynamicCache(config=model.config)
+        self.lengths = np.zeros(0, dtype=np.int64)
+        self.width = 0  # cache slots per row (the longest row's length)
+
+    @torch.inference_mode()
+    def reset(self, prompts: list[np.ndarray]) -> None:
+        """Start B sequences: cache every prompt token but the last. Identical prompts are prefilled once."""
+        prefixes = [np.asarray(p[:-1], dtype=np.int32) for p in prompts]
+        self.cache = DynamicCache(config=self.model.config)
+        self.lengths = np.array([len(p) for p in prefixes], dtype=np.int64)
+        self.width = int(self.lengths.max(initial=0))
+        if self.width == 0:
+            return
+        same = all(np.array_equal(p, prefixes[0]) for p in prefixes)
+        rows = prefixes[:1] if same else prefixes
+        tokens = np.zeros((len(rows), self.width), dtype=np.int64)
+        visible = np.zeros((len(rows), self.width, self.width), dtype=bool)
+        causal = np.tril(np.ones((self.width, self.width), dtype=bool))
+        for b, prefix in enumerate(rows):
+            tokens[b, : len(prefix)] = prefix
+            visible[b] = causal
+            visible[b, :, len(prefix) :] = False
+            visible[b, np.arange(len(prefix), self.width), np.arange(len(prefix), self.width)] = True  # inert rows
+        positions = np.tile(np.arange(self.width), (len(rows), 1))
+        self.model(
+            input_ids=torch.as_tensor(tokens, device=self.device),
+            position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device),
+            attention_mask=self._mask(visible),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if same and len(prefixes) > 1:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.repeat(len(prefixes), 1, 1, 1)
+                layer.values = layer.values.repeat(len(prefixes), 1, 1, 1)
+
+    @torch.inference_mode()
+    def logits(self, trees: list[DraftTree], pad_to: int = 0) -> list[torch.Tensor]:
+        """Run the model over every node of every row's tree in one forward pass.
+
+        Trees are padded with inert nodes to a common size ``T = max(pad_to, largest tree)``; the forward
+        appends ``T`` slots per row to the cache (call :meth:`commit` next).
+
+        Returns:
+            per row ``b``, (len(trees[b]), vocab) float32 logits; row ``i`` predicts the token after node ``i``.
+        """
+        width, batch = self.width, len(trees)
+        rows = max(pad_to, max(len(tree) for tree in trees))
+        tokens = np.zeros((batch, rows), dtype=np.int64)
+        positions = np.zeros((batch, rows), dtype=np.int64)
+        visible = np.zeros((batch, rows, width + rows), dtype=bool)
+        for b, tree in enumerate(trees):
+            n = len(tree)
+            tokens[b] = tree.tokens[0]
+            tokens[b, :n] = tree.tokens
+            positions[b] = self.lengths[b]
+            positions[b, :n] += depths(tree.parents)
+            visible[b, :, : self.lengths[b]] = True
+            visible[b, :, width:] = np.eye(rows, dtype=bool)
+            visible[b, :n, width : width + n] = ancestor_mask(tree.parents)
+        out = self.model(
+            input_ids=torch.as_tensor(tokens, device=self.device),
+            position_ids=torch.as_tensor(positions, device=self.device),
+            attention_mask=self._mask(visible),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return [out.logits[b, : len(tree)].float() for b, tree in enumerate(trees)]
+
+    @torch.inference_mode()
+    def commit(self, accepted_nodes: list[np.ndarray]) -> None:
+        """Per row, keep its cached context plus its accepted path's entries, in order, in every layer.
+
+        Args:
+            accepted_nodes: per row, (m_b,) increasing node indices, root first, of its last verified tree.
+        """
+        batch, most = len(accepted_nodes), max(len(a) for a in accepted_nodes)
+        source = np.zeros((batch, most), dtype=np.int64)
+        for b, nodes in enumerate(accepted_nodes):
+            source[b] = self.width + nodes[-1]
+            source[b, : len(nodes)] = self.width + nodes
+        target = self.lengths[:, None] + np.arange(most)  # slots past a row's new length take filler: stale
+        row = torch.arange(batch, device=self.device)[:, None]
+        source_t = torch.as_tensor(source, device=self.device)
+        target_t = torch.as_tensor(target, device=self.device)
+        self.lengths = self.lengths + np.array([len(a) for a in accepted_nodes])
+        self.width = int(self.lengths.max())
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                tensor[row, :, target_t] = tensor[row, :, source_t]
+                setattr(layer, name, tensor[:, :, : self.width])
+
+    def rollback(self) -> None:
+        """Drop every cache slot beyond ``width`` (what the last :meth:`logits` call appended)."""
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, : self.width]
+            layer.values = layer.values[:, :, : self.width]
+
+    @torch.inference_mode()
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Keep only the given rows (indices into the current batch), in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        self.lengths = self.lengths[rows]
+        self.width = int(self.lengths.max(initial=0))
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, : self.width]
+            layer.values = layer.values.index_select(0, index)[:, :, : self.width]
+
+    def _mask(self, visible: np.ndarray) -> torch.Tensor:
+        """(B, q, k) bool visibility -> (B, 1, q, k) additive float mask."""
+        mask = torch.zeros((visible.shape[0], 1, *visible.shape[1:]), dtype=self.dtype, device=self.device)
+        mask[:, 0][torch.as_tensor(~visible, device=self.device)] = torch.finfo(self.dtype).min
+        return mask

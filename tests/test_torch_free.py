@@ -13,6 +13,8 @@ PURE = [
     "retrieval_spec.drafters.prompt_lookup",
     "retrieval_spec.drafters.recycling",
     "retrieval_spec.drafters.rest",
+    "retrieval_spec.drafters.ngram_index",
+    "retrieval_spec.drafters.cross_path",
     "retrieval_spec.datastore.reader",
     "retrieval_spec.builders.build",
     "retrieval_spec.tree",

@@ -1,0 +1,71 @@
+"""An append-only token text with an index from every short n-gram to the positions that follow it.
+
+Shared by the drafters that copy from text seen at decode time (the prompt, reference documents, the output
+so far, sibling samples): a lookup costs a few dictionary probes however long the text is, and appending
+``t`` tokens costs ``O(t * max_ngram)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SEPARATOR = -1  # never a token id: ends a copied span at a document boundary
+
+
+class NgramIndex:
+    """Token text plus ``n-gram -> [end positions]`` for ``min_ngram <= n <= max_ngram``.
+
+    Positions are where the text continues after the n-gram, in the order they were appended (oldest first).
+    N-grams never span a :data:`SEPARATOR`.
+    """
+
+    def __init__(self, min_ngram: int, max_ngram: int, capacity: int = 1024) -> None:
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.text = np.zeros(max(capacity, 1), dtype=np.int32)
+        self.length = 0
+        self._index: dict[tuple[int, ...], list[int]] = {}
+
+    def append(self, tokens: np.ndarray) -> None:
+        """Extend the text and index every n-gram that now ends inside it."""
+        old, new = self.length, self.length + len(tokens)
+        if new > len(self.text):
+            grown = np.zeros(2 * new, dtype=np.int32)
+            grown[:old] = self.text[:old]
+            self.text = grown
+        self.text[old:new] = tokens
+        self.length = new
+        text = self.text
+        for end in range(old + 1, new + 1):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end - n < 0:
+                    break
+                gram = text[end - n : end]
+                if SEPARATOR in gram:
+                    break
+                self._index.setdefault(tuple(gram.tolist()), []).append(end)
+
+    def matches(self, context: np.ndarray, max_matches: int) -> tuple[list[int], list[int]]:
+        """Where the text continued after the context's suffixes, longest suffix first, most recent first.
+
+        Returns:
+            starts: distinct positions (each < ``length``) following an occurrence, at most ``max_matches``.
+            lengths: the matched suffix length for each start.
+        """
+        seen: set[int] = set()
+        starts: list[int] = []
+        lengths: list[int] = []
+        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+            for start in reversed(self._index.get(tuple(context[-n:].tolist()), ())):
+                if start < self.length and start not in seen:
+                    seen.add(start)
+                    starts.append(start)
+                    lengths.append(n)
+                    if len(starts) == max_matches:
+                        return starts, lengths
+        return starts, lengths
+
+    def span(self, start: int, depth: int) -> np.ndarray:
+        """Up to ``depth`` tokens from ``start``, cut before the next separator."""
+        span = self.text[start : min(start + depth, self.length)]
+        cut = np.flatnonzero(span == SEPARATOR)
+        return span[: cut[0]] if len(cut) else span
