@@ -25,6 +25,7 @@ from common import ROOT, prompt_ids, spec_bench, write_json
 from retrieval_spec.api import make_drafters
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
+from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import load_model
 
@@ -64,6 +65,9 @@ def main() -> None:
                         help="> 0: sample (top_k=0, top_p=1) in every method; outputs are then not compared")
     parser.add_argument("--no-hf-pld", action="store_true", help="skip transformers' prompt lookup baseline")
     parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
+    parser.add_argument("--branch-overhead", type=float,
+                        help="run Lookahead's window even when it makes a step this much dearer (default: the fuser's)")
+    parser.add_argument("--lookahead", help="W,N,G of the lookahead method (default: LookaheadConfig's)")
     parser.add_argument("--out", type=Path, help="JSON path (default results/spec_bench_<model>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,6 +78,13 @@ def main() -> None:
     generators = {
         m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size, datastore)) for m in ours
     }
+    if args.lookahead and "lookahead" in generators:
+        window, ngram, guesses = map(int, args.lookahead.split(","))
+        config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses)
+        generators["lookahead"] = SpeculativeGenerator(model, tokenizer, [LookaheadDrafter(config)])
+    if args.branch_overhead is not None:
+        for generator in generators.values():
+            generator.fuser.max_branch_overhead = args.branch_overhead
     baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
     methods = baselines + ours
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
@@ -112,7 +123,8 @@ def main() -> None:
         for method in ours if not args.temperature else ():
             if not np.array_equal(outputs[method], outputs["plain"]):
                 mismatches.append({"question_id": row["question_id"], "method": method})
-    report = {"model": args.model, "index": str(args.index) if args.index else None, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+    report = {"model": args.model, "index": str(args.index) if args.index else None, "lookahead": args.lookahead,
+              "branch_overhead": args.branch_overhead, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature,
               "limit_per_category": args.limit, "mismatches": mismatches, "categories": {}}
     for category in sorted(totals, key=lambda c: (c == "overall", c)):

@@ -58,7 +58,8 @@ def main() -> None:
     if args.only in (None, "sharegpt"):
         jobs.append(([str(sharegpt_jsonl(args.out / "sharegpt.jsonl"))], args.out / "sharegpt"))
     for inputs, index in jobs:
-        subprocess.run(["retrieval-spec", "build-index", *inputs, "-o", str(index), "--model", args.model,
+        cli = Path(sys.executable).parent / "retrieval-spec"  # this environment's, whatever PATH says
+        subprocess.run([str(cli), "build-index", *inputs, "-o", str(index), "--model", args.model,
                         "--force", "--skip-bad-lines"], check=True)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .datastore.reader import Datastore
 from .drafters.base import Drafter
+from .drafters.lookahead import LookaheadDrafter
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .drafters.recycling import RecyclingDrafter
 from .drafters.rest import RestDrafter
@@ -23,6 +24,8 @@ METHODS = {
     "pld": "prompt lookup / LLMA: copy continuations from the prompt, references and output so far",
     "rest": "REST: continuations of the context's longest suffix found in a corpus datastore (needs an index)",
     "recycle": "token recycling: the model's own earlier top-k predictions after each token",
+    "lookahead": "lookahead decoding: a Jacobi window run in the verification forward fills an n-gram pool; the "
+                 "window runs only where the measured cost curve makes its extra rows nearly free",
     "auto": "every available source fused into one tree: pld + recycle, + rest when an index is given",
 }
 
@@ -50,6 +53,8 @@ def make_drafters(method: str, vocab_size: int | None = None, datastore: Datasto
         drafters.append(PromptLookupDrafter())
     if datastore is not None and method in ("rest", "auto"):
         drafters.append(RestDrafter(datastore))
+    if method == "lookahead":
+        drafters.append(LookaheadDrafter())
     if method in ("recycle", "auto"):
         recycling = RecyclingDrafter(vocab_size)
         if datastore is not None:

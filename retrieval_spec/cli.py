@@ -87,11 +87,12 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
 @click.option("--question", help="With --rag: the question to answer from the index's passages.")
 @click.option("--passages", "num_passages", default=5, show_default=True,
               help="With --rag: passages retrieved into the prompt (--top-k is the sampler's).")
-@click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "auto"]), default="auto",
+@click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "lookahead", "auto"]), default="auto",
               show_default=True,
               help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA); "
                    "rest: copy from a corpus datastore (--index); recycle: the model's own earlier top-k "
-                   "predictions; auto: every available source fused in one tree.")
+                   "predictions; lookahead: n-grams from a Jacobi window run in the same forward; "
+                   "auto: every available source fused in one tree.")
 @click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A datastore built by `retrieval-spec build-index` with this model's tokenizer.")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Stop after this many new tokens.")

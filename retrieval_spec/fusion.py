@@ -14,8 +14,13 @@ from typing import Sequence
 import numpy as np
 
 from .calibration import AcceptanceModel
-from .drafters.base import Drafter, DraftTree, StepFeedback
+from .drafters.base import Branch, Drafter, DraftTree, StepFeedback
 from .tree import CostCurve, best_first, best_size, merge
+
+
+# Lookahead's window pays off only where extra rows in a forward are nearly free (a GPU). On the 2-core CPU it
+# costs 2.2x a step (12 nodes) for pool drafts accepted at ~1.1 tokens/step: see the closing note of issue 4.
+MAX_BRANCH_OVERHEAD = 0.25
 
 
 class TreeFuser:
@@ -24,12 +29,22 @@ class TreeFuser:
     Lifecycle per request: :meth:`start`, then per step :meth:`propose` and :meth:`observe`.
     """
 
-    def __init__(self, drafters: Sequence[Drafter], cost_curve: CostCurve, acceptance: AcceptanceModel | None = None):
+    def __init__(
+        self,
+        drafters: Sequence[Drafter],
+        cost_curve: CostCurve,
+        acceptance: AcceptanceModel | None = None,
+        max_branch_overhead: float = MAX_BRANCH_OVERHEAD,
+    ):
+        """``max_branch_overhead``: a drafter's look-ahead branch runs only when it makes a bare step at most
+        this much dearer on the measured cost curve (it pays later, through the pool, if at all)."""
         self.drafters = list(drafters)
+        self.max_branch_overhead = max_branch_overhead
         self.cost_curve = cost_curve
         self.acceptance = acceptance or AcceptanceModel()
         self._ranked = DraftTree.empty(0)  # last step's candidates, best first; the verified tree is its head
         self._features = np.array([-1])
+        self.branch: Branch | None = None  # the step's look-ahead nodes, run beside the tree (see Branch)
 
     def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         for drafter in self.drafters:
@@ -42,14 +57,20 @@ class TreeFuser:
         """
         root = int(context[-1])
         self._ranked, self._features = DraftTree.empty(root), np.array([-1])
-        if budget <= 0 or max_depth == 0 or not self.drafters:
+        self.branch = None
+        if budget <= 0 or not self.drafters:
+            return self._ranked
+        branches = [b for d in self.drafters if hasattr(d, "branch") and (b := d.branch(context)) is not None]
+        if branches and self.cost_curve.relative(1 + len(branches[0])) <= 1 + self.max_branch_overhead:
+            self.branch = branches[0]
+        if max_depth == 0:
             return self._ranked
         raw = merge([drafter.propose(context, budget) for drafter in self.drafters])
         if len(raw) == 1:
             return self._ranked
         features = self.acceptance.features(raw)
         ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
-        size = 1 + best_size(ranked.scores[1:], self.cost_curve)
+        size = 1 + best_size(ranked.scores[1:], self.cost_curve, fixed=1 + (0 if self.branch is None else len(self.branch)))
         self._ranked, self._features = ranked, features[keep]
         return DraftTree(
             tokens=ranked.tokens[:size],

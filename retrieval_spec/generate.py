@@ -170,7 +170,11 @@ class SpeculativeGenerator:
             remaining = len(context) - length
             tree = self.fuser.propose(context[:length], config.tree_budget, max_depth=remaining - 1)
             t1 = time.perf_counter()
-            logits = self.verifier.logits(tree, pad_to=self.fuser.cost_curve.padded_size(len(tree)))
+            branch = self.fuser.branch
+            size = len(tree) + (0 if branch is None else len(branch))
+            logits = self.verifier.logits(tree, pad_to=self.fuser.cost_curve.padded_size(size), branch=branch)
+            branch_tokens = logits[len(tree) :].argmax(dim=-1).numpy().astype(np.int32)
+            logits = logits[: len(tree)]
             if sampler is None:
                 accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
             else:
@@ -186,7 +190,8 @@ class SpeculativeGenerator:
             length += len(new_tokens)
             t3 = time.perf_counter()
             top = logits.topk(self.top_k, dim=-1).indices.numpy().astype(np.int32) if self.top_k else NO_TOP
-            self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top))
+            self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top,
+                                            branch_tokens=branch_tokens))
             t4 = time.perf_counter()
             stats.observe_ms += (t4 - t3) * 1e3
             count_step(stats, tree, accepted, new_tokens, (t1 - t0) + (t4 - t2), t2 - t1)

@@ -179,19 +179,20 @@ class CostCurve:
         return np.minimum(interpolated, padded) / self._envelope()[0]
 
 
-def best_size(scores: np.ndarray, curve: CostCurve) -> int:
+def best_size(scores: np.ndarray, curve: CostCurve, fixed: int = 1) -> int:
     """How many of the best-first candidate nodes to verify to maximise expected tokens per unit of time.
 
     Verifying the root plus the first ``k`` candidates yields ``1 + sum(scores[:k])`` tokens in expectation
     (each node is accepted with the probability of its whole path, plus one bonus token) and costs
-    ``curve.relative(k + 1)``. ``k = 0`` is plain decoding.
+    ``curve.relative(k + fixed)``. ``k = 0`` is plain decoding.
 
     Args:
         scores: (m,) non-increasing estimated path probabilities of the candidates, best first.
+        fixed: nodes verified whatever ``k`` is: the root, plus any look-ahead branch.
 
     Returns:
         k in ``[0, m]``.
     """
     expected = 1.0 + np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
-    rate = expected / curve.relative(np.arange(1, len(scores) + 2))
+    rate = expected / curve.relative(np.arange(fixed, fixed + len(scores) + 1))
     return int(np.argmax(rate))

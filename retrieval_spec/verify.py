@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .drafters.base import DraftTree
+from .drafters.base import Branch, DraftTree
 from .tree import ancestor_mask, children_lists, depths
 
 
@@ -140,37 +140,47 @@ class TreeVerifier:
             self.cached_len = len(prefix)
 
     @torch.inference_mode()
-    def logits(self, tree: DraftTree, pad_to: int = 0) -> torch.Tensor:
-        """Run the model over every node of ``tree`` in one forward pass.
+    def logits(self, tree: DraftTree, pad_to: int = 0, branch: Branch | None = None) -> torch.Tensor:
+        """Run the model over every node of ``tree`` (and of ``branch``) in one forward pass.
 
-        The tree's keys and values are appended to the cache (call :meth:`commit` next).
+        The nodes' keys and values are appended to the cache (call :meth:`commit` next, which keeps only
+        accepted tree nodes).
 
         Args:
             tree: n nodes, root first.
-            pad_to: run this many rows when larger than n: the extra rows are inert (no real node attends to
+            pad_to: run this many rows when larger than n + m: the extra rows are inert (no real node attends to
                 them) and exist only because some row counts are faster than smaller ones on this machine.
+            branch: m look-ahead nodes after the tree's, seeing the context and each other as ``branch.visible``
+                says; no tree node sees them.
 
         Returns:
-            (n, vocab) float32 logits; row ``i`` predicts the token after node ``i``.
+            (n + m, vocab) float32 logits; row ``i`` predicts the token after node ``i`` (tree nodes first).
         """
-        n = len(tree)
-        rows = max(n, pad_to)
+        n, m = len(tree), 0 if branch is None else len(branch)
+        rows = max(n + m, pad_to)
         tokens = np.full(rows, tree.tokens[0], dtype=np.int32)
         tokens[:n] = tree.tokens
         depth = np.zeros(rows, dtype=np.int32)
         depth[:n] = depths(tree.parents)
+        if m:
+            tokens[n : n + m] = branch.tokens
+            depth[n : n + m] = branch.offsets
         ids = torch.as_tensor(tokens[None], dtype=torch.long, device=self.device)
         positions = torch.as_tensor(self.cached_len + depth[None], dtype=torch.long, device=self.device)
         kwargs = {}
         if rows > 1:
-            visible = np.ones((rows, self.cached_len + rows), dtype=bool)
-            visible[:, self.cached_len :] = np.eye(rows, dtype=bool)
-            visible[:n, self.cached_len : self.cached_len + n] = ancestor_mask(tree.parents)
-            mask = torch.zeros((1, 1, rows, self.cached_len + rows), dtype=self.dtype, device=self.device)
+            start = self.cached_len
+            visible = np.ones((rows, start + rows), dtype=bool)
+            visible[:, start:] = np.eye(rows, dtype=bool)
+            visible[:n, start : start + n] = ancestor_mask(tree.parents)
+            if m:
+                visible[n : n + m, start] = True  # the root
+                visible[n : n + m, start + n : start + n + m] = branch.visible
+            mask = torch.zeros((1, 1, rows, start + rows), dtype=self.dtype, device=self.device)
             mask[0, 0][torch.as_tensor(~visible, device=self.device)] = torch.finfo(self.dtype).min
             kwargs["attention_mask"] = mask
         out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True, **kwargs)
-        return out.logits[0, :n].float()
+        return out.logits[0, : n + m].float()
 
     @torch.inference_mode()
     def commit(self, accepted_nodes: np.ndarray) -> None:

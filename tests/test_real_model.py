@@ -14,6 +14,7 @@ from retrieval_spec.builders.build import build_index
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.multisample import MultiSampleGenerator
 from retrieval_spec.models import chat_prompt
 from retrieval_spec.tree import CostCurve
 
@@ -46,7 +47,7 @@ def generators(smollm2, datastore):
     model, tokenizer = smollm2
     vocab = model.config.vocab_size
     return {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, vocab, datastore), cost_curve=FREE)
-            for m in ("pld", "rest", "recycle", "auto")}
+            for m in ("pld", "rest", "recycle", "lookahead", "auto")}
 
 
 @pytest.mark.parametrize("row", spec_bench_rows(1, CATEGORIES), ids=lambda r: f"{r['category']}-{r['question_id']}")
@@ -58,3 +59,17 @@ def test_every_method_equals_plain_greedy_on_spec_bench(smollm2, generators, row
     for method, generator in generators.items():
         result = generator.generate(prompt, GenerationConfig(max_new_tokens=40, tree_budget=24))
         np.testing.assert_array_equal(result.tokens, expected, err_msg=method)
+
+
+def test_batched_rows_equal_plain_greedy_on_spec_bench(smollm2, datastore):
+    """Four distinct real prompts decoded as one batch (prompt lookup + REST + cross-path drafting)."""
+    model, tokenizer = smollm2
+    rows = spec_bench_rows(1, ("summarization", "rag", "qa", "translation"))
+    batch = [np.asarray(tokenizer(chat_prompt(tokenizer, r["turns"][0]), add_special_tokens=False)["input_ids"],
+                        dtype=np.int32) for r in rows]
+    generator = MultiSampleGenerator(model, tokenizer, lambda: make_drafters("auto", model.config.vocab_size, datastore),
+                                     cost_curve=FREE)
+    result = generator.generate(batch, GenerationConfig(max_new_tokens=40, tree_budget=24))
+    for row, prompt, out in zip(rows, batch, result.rows):
+        np.testing.assert_array_equal(out.tokens, plain_greedy(model, prompt, 40), err_msg=row["category"])
+    assert result.mean_accepted > 1.0

@@ -15,6 +15,8 @@ PURE = [
     "retrieval_spec.drafters.rest",
     "retrieval_spec.drafters.ngram_index",
     "retrieval_spec.drafters.cross_path",
+    "retrieval_spec.drafters.lookahead",
+    "retrieval_spec.drafters.state",
     "retrieval_spec.datastore.reader",
     "retrieval_spec.builders.build",
     "retrieval_spec.tree",

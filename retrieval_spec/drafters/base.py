@@ -187,6 +187,36 @@ def depths_of(parents: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Branch:
+    """Extra nodes run in the verification forward beside the tree and never accepted: a drafter's own
+    look-ahead computation (Lookahead decoding's Jacobi window). The target's argmax at each comes back in
+    ``StepFeedback.branch_tokens``.
+
+    Every branch node attends to the whole context, the tree's root included, to the branch nodes
+    ``visible`` allows, and to no drafted tree node, so the branch never changes the tree's logits.
+
+    Attributes:
+        tokens: (m,) int32.
+        offsets: (m,) int32 >= 1, position of each node after the root's.
+        visible: (m, m) bool, ``visible[i, j]``: node i attends to node j; the diagonal is True.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    visible: np.ndarray
+
+    def __post_init__(self) -> None:
+        m = len(self.tokens)
+        if self.offsets.shape != (m,) or self.visible.shape != (m, m):
+            raise ValueError("Branch needs offsets of shape (m,) and visible of shape (m, m)")
+        if m and (self.offsets.min() < 1 or not self.visible.diagonal().all()):
+            raise ValueError("Branch offsets must be >= 1 and every node must see itself")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
 class StepFeedback:
     """What one verification step tells the drafters.
 
@@ -197,12 +227,15 @@ class StepFeedback:
             by the bonus token sampled at the last accepted node. Already cut at EOS / max_new_tokens.
         top_tokens: (n, k) int32, the target's k most likely next tokens at every tree node, most likely first
             (k is the largest ``Drafter.top_k`` of the decoder's drafters, possibly 0).
+        branch_tokens: (m,) int32, the target's argmax at every node of the step's :class:`Branch` (empty when
+            no drafter ran one).
     """
 
     tree: DraftTree
     accepted_nodes: np.ndarray
     new_tokens: np.ndarray
     top_tokens: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
+    branch_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
 
 class Drafter(Protocol):
@@ -210,6 +243,9 @@ class Drafter(Protocol):
 
     ``top_k`` says how many of the target's most likely tokens per verified node the drafter wants in
     ``StepFeedback.top_tokens`` (0: none; the decoder computes the largest ``top_k`` asked for).
+
+    A drafter may also define ``branch(context) -> Branch | None``: extra nodes to run in the same forward
+    (at most one drafter per decoder does; the Lookahead drafter).
     """
 
     source: Source

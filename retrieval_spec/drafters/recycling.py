@@ -8,16 +8,15 @@ table is (vocab, k) int32 — 1.5 MB for a 49k vocabulary at k = 8.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import DatastoreFormatError, TokenizerMismatchError
+from ..errors import DatastoreFormatError
 from .base import DraftTree, Source, StepFeedback
+from .state import read_state, write_state
 
 FORMAT_VERSION = 1
 
@@ -116,15 +115,8 @@ class RecyclingDrafter:
 
     def save(self, path: Path, tokenizer_fingerprint: str) -> None:
         """Write the table atomically: ``path`` (a directory) gets ``recycling.npz`` with its metadata."""
-        path.mkdir(parents=True, exist_ok=True)
-        target = path / "recycling.npz"
-        tmp = path / ".recycling.npz.tmp"
-        meta = json.dumps({"format_version": FORMAT_VERSION, "tokenizer": tokenizer_fingerprint, "k": self.config.k})
-        with open(tmp, "wb") as f:
-            np.savez(f, table=self.table, known=self.known, meta=np.array(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_state(path / "recycling.npz", {"table": self.table, "known": self.known}, FORMAT_VERSION,
+                    tokenizer_fingerprint, k=self.config.k)
 
     def load(self, path: Path, tokenizer_fingerprint: str) -> None:
         """Read a table saved by :meth:`save` for the same tokenizer.
@@ -134,18 +126,9 @@ class RecyclingDrafter:
             TokenizerMismatchError: saved for another tokenizer.
         """
         target = path / "recycling.npz"
-        try:
-            with np.load(target) as data:
-                meta = json.loads(str(data["meta"]))
-                table, known = data["table"], data["known"]
-        except (OSError, ValueError, KeyError) as e:
-            raise DatastoreFormatError(f"{target}: not a readable recycling table ({e})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DatastoreFormatError(f"{target}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        if meta.get("tokenizer") != tokenizer_fingerprint:
-            raise TokenizerMismatchError(
-                f"{target} was saved for tokenizer {meta.get('tokenizer')!r}, not {tokenizer_fingerprint!r}"
-            )
-        if table.shape != self.table.shape:
-            raise DatastoreFormatError(f"{target}: table shape {table.shape}, expected {self.table.shape}")
+        arrays, _ = read_state(target, FORMAT_VERSION, tokenizer_fingerprint)
+        table, known = arrays.get("table"), arrays.get("known")
+        if table is None or known is None or table.shape != self.table.shape:
+            shape = None if table is None else table.shape
+            raise DatastoreFormatError(f"{target}: table shape {shape}, expected {self.table.shape}")
         self.table, self.known = table.astype(np.int32), known.astype(bool)
