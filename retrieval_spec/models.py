@@ -111,8 +111,8 @@ def _gguf_parts(spec: EmbeddedModel) -> list[Path]:
         if found is None or not found.submodule_search_locations:
             raise ModelNotFoundError(f"embedded model {spec.name!r} is not installed; run: {spec.install}")
         folder = Path(list(found.submodule_search_locations)[0])
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith((".py", ".pyc")))
-        files = [p for p in files if p.stat().st_size > 1 << 20]
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
+        files = [p for p in files if p.stat().st_size > 1 << 20]  # the weights, wherever the package keeps them
         if len(files) != 1:
             raise ModelNotFoundError(f"package {package} should hold exactly one weights file, found {files}")
         parts.append(files[0])
