@@ -11,8 +11,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
+
 from .datastore.reader import Datastore
 from .drafters.base import Drafter
+from .drafters.history import OutputHistoryDrafter
 from .drafters.lookahead import LookaheadDrafter
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .drafters.recycling import RecyclingDrafter
@@ -26,7 +30,8 @@ METHODS = {
     "recycle": "token recycling: the model's own earlier top-k predictions after each token",
     "lookahead": "lookahead decoding: a Jacobi window run in the verification forward fills an n-gram pool; the "
                  "window runs only where the measured cost curve makes its extra rows nearly free",
-    "auto": "every available source fused into one tree: pld + recycle, + rest when an index is given",
+    "auto": "every available source fused into one tree: pld + earlier outputs + recycle + lookahead (where its "
+            "window is nearly free), + rest when an index is given",
 }
 
 
@@ -53,11 +58,42 @@ def make_drafters(method: str, vocab_size: int | None = None, datastore: Datasto
         drafters.append(PromptLookupDrafter())
     if datastore is not None and method in ("rest", "auto"):
         drafters.append(RestDrafter(datastore))
-    if method == "lookahead":
+    if method in ("lookahead", "auto"):
         drafters.append(LookaheadDrafter())
+    if method == "auto":
+        drafters.append(OutputHistoryDrafter())
     if method in ("recycle", "auto"):
         recycling = RecyclingDrafter(vocab_size)
         if datastore is not None:
             recycling.warm_start(datastore.top_next_tokens(recycling.config.k))
         drafters.append(recycling)
     return drafters
+
+
+def load_state(drafters: Sequence[Drafter], directory: Path, tokenizer_sha256: str) -> list[str]:
+    """Load every drafter's saved state (recycling table, lookahead pool, output history) found in ``directory``.
+
+    Returns:
+        the state files loaded.
+
+    Raises:
+        DatastoreFormatError, TokenizerMismatchError: a file there is unreadable or for another tokenizer.
+    """
+    loaded = []
+    for drafter in drafters:
+        name = getattr(drafter, "state_file", None)
+        if name is not None and (directory / name).is_file():
+            drafter.load(directory, tokenizer_sha256)
+            loaded.append(name)
+    return loaded
+
+
+def save_state(drafters: Sequence[Drafter], directory: Path, tokenizer_sha256: str) -> list[str]:
+    """Save every drafter's learned state into ``directory`` (atomically, file by file); return the files written."""
+    saved = []
+    for drafter in drafters:
+        name = getattr(drafter, "state_file", None)
+        if name is not None:
+            drafter.save(directory, tokenizer_sha256)
+            saved.append(name)
+    return saved

@@ -114,11 +114,14 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
                    "all N texts (self-consistency, best-of-N). Sample i uses seed --seed + i.")
 @click.option("--cross-path/--no-cross-path", default=True, show_default=True,
               help="With --num-samples: let samples draft from each other's text.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep what the drafters learn across runs here (recycling table, lookahead pool, earlier "
+                   "outputs): loaded at start when present, saved at the end. The index directory is a good place.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
 def generate(model_name, prompt, input_path, output_path, task, rag, question, num_passages, method, index_path,
              max_new_tokens, tree_budget, references, stop_strings, chat, temperature, top_k, top_p, seed, num_samples,
-             cross_path, json_stats, threads):
+             cross_path, state_dir, json_stats, threads):
     """Generate continuations exactly as plain decoding would, in fewer model steps.
 
     Greedy output is token-for-token that of plain greedy decoding; sampled output (--temperature > 0)
@@ -140,6 +143,8 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         raise InputError(f"--num-samples must be at least 1, got {num_samples}")
     if num_samples > 1 and task != "complete":
         raise InputError("--num-samples goes with plain prompts (--prompt or --input), not --task " + task)
+    if num_samples > 1 and state_dir is not None:
+        raise InputError("--state-dir does not go with --num-samples (samples keep no state across runs)")
     if num_samples > 1 and temperature == 0:
         raise InputError("--num-samples above 1 needs --temperature > 0: greedy samples would all be the same")
     if task == "rag" and index_path is None:
@@ -175,7 +180,14 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
                                       **batch.to_dict()}) + "\n")
                 out.flush()
         return
-    generator = SpeculativeGenerator(model, tokenizer, make_drafters(method, model.config.vocab_size, datastore))
+    drafters = make_drafters(method, model.config.vocab_size, datastore)
+    if state_dir is not None:
+        from .api import load_state
+        from .datastore.manifest import tokenizer_fingerprint
+
+        vocab_sha256 = tokenizer_fingerprint(tokenizer).sha256
+        load_state(drafters, state_dir, vocab_sha256)
+    generator = SpeculativeGenerator(model, tokenizer, drafters)
     as_rows = input_path is not None or output_path is not None
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
@@ -208,6 +220,10 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     finally:
         if output_path:
             out.close()
+    if state_dir is not None:
+        from .api import save_state
+
+        save_state(drafters, state_dir, vocab_sha256)
 
 
 def _records(task: str, prompt: str | None, question: str | None, input_path: Path | None) -> list[tuple[str, str]]:

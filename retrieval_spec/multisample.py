@@ -10,6 +10,7 @@ Distinct prompts may be batched too (greedy batch decoding).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -201,7 +202,8 @@ class MultiSampleGenerator:
             for row, sibling in zip(drafters, SiblingPaths(batch).drafters()):
                 row.append(sibling)
         curve = self._curve(batch) if any(drafters) else CostCurve(np.array([1]), np.array([1.0]))
-        return [TreeFuser(row, curve, self.acceptance) for row in drafters]
+        # The batched verifier runs no look-ahead branch: never plan for one.
+        return [TreeFuser(row, curve, self.acceptance, max_branch_overhead=-math.inf) for row in drafters]
 
     def _curve(self, batch: int) -> CostCurve:
         if self.cost_curve is not None:

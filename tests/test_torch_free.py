@@ -17,6 +17,7 @@ PURE = [
     "retrieval_spec.drafters.cross_path",
     "retrieval_spec.drafters.lookahead",
     "retrieval_spec.drafters.state",
+    "retrieval_spec.drafters.history",
     "retrieval_spec.datastore.reader",
     "retrieval_spec.builders.build",
     "retrieval_spec.tree",

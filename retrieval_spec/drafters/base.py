@@ -29,6 +29,7 @@ class Source(enum.IntEnum):
     POOL = 3  # Lookahead n-gram pool
     RECYCLE = 4  # the model's own earlier top-k predictions
     SIBLING = 5  # other samples of the same prompt
+    HISTORY = 6  # outputs of earlier requests
 
 
 @dataclass(frozen=True)

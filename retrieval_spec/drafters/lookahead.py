@@ -55,6 +55,7 @@ class LookaheadDrafter:
 
     source = Source.POOL
     top_k = 0
+    state_file = FILE
 
     def __init__(self, config: LookaheadConfig = LookaheadConfig(), seed: int = 0) -> None:
         self.config = config

@@ -45,6 +45,7 @@ class RecyclingDrafter:
     """Drafts by walking the target's recorded top-k successors of each token."""
 
     source = Source.RECYCLE
+    state_file = "recycling.npz"
 
     def __init__(self, vocab_size: int, config: RecyclingConfig = RecyclingConfig()) -> None:
         self.config = config
@@ -115,7 +116,7 @@ class RecyclingDrafter:
 
     def save(self, path: Path, tokenizer_fingerprint: str) -> None:
         """Write the table atomically: ``path`` (a directory) gets ``recycling.npz`` with its metadata."""
-        write_state(path / "recycling.npz", {"table": self.table, "known": self.known}, FORMAT_VERSION,
+        write_state(path / self.state_file, {"table": self.table, "known": self.known}, FORMAT_VERSION,
                     tokenizer_fingerprint, k=self.config.k)
 
     def load(self, path: Path, tokenizer_fingerprint: str) -> None:
@@ -125,7 +126,7 @@ class RecyclingDrafter:
             DatastoreFormatError: unreadable file, other format version, or other shape.
             TokenizerMismatchError: saved for another tokenizer.
         """
-        target = path / "recycling.npz"
+        target = path / self.state_file
         arrays, _ = read_state(target, FORMAT_VERSION, tokenizer_fingerprint)
         table, known = arrays.get("table"), arrays.get("known")
         if table is None or known is None or table.shape != self.table.shape:
