@@ -56,6 +56,15 @@ class TreeFuser:
 
         ``max_depth`` drops nodes that could only be accepted beyond the token limit.
         """
+        ranked = self.rank(context, budget, max_depth)
+        return ranked.head(1 + best_size(ranked.scores[1:], self.cost_curve, fixed=self.fixed_nodes))
+
+    def rank(self, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
+        """Every candidate after ``context`` (at most ``budget``), best first, rescored as acceptance probabilities.
+
+        The tree to verify is a head of it (:meth:`propose` cuts it for one sequence; a batch cuts every row's
+        at a common size). Also picks this step's look-ahead branch, if any.
+        """
         root = int(context[-1])
         self._ranked, self._features = DraftTree.empty(root), np.array([-1])
         self.branch = None
@@ -70,15 +79,14 @@ class TreeFuser:
         if len(raw) == 1:
             return self._ranked
         features = self.acceptance.features(raw)
-        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
-        size = 1 + best_size(ranked.scores[1:], self.cost_curve, fixed=1 + (0 if self.branch is None else len(self.branch)))
-        self._ranked, self._features = ranked, features[keep]
-        return DraftTree(
-            tokens=ranked.tokens[:size],
-            parents=ranked.parents[:size],
-            scores=ranked.scores[:size],
-            sources=ranked.sources[:size],
-        )
+        self._ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
+        self._features = features[keep]
+        return self._ranked
+
+    @property
+    def fixed_nodes(self) -> int:
+        """Nodes verified this step whatever the tree's size: the root and the look-ahead branch."""
+        return 1 + (0 if self.branch is None else len(self.branch))
 
     def observe(self, feedback: StepFeedback) -> None:
         """Learn acceptance rates from the step and pass it on to every drafter.

@@ -34,7 +34,7 @@ from .generate import (
     encode,
     eos_token_ids,
 )
-from .tree import CostCurve
+from .tree import CostCurve, best_batch_size
 from .verify import BatchTreeVerifier, Sampler, greedy_accept, sample_accept
 
 
@@ -142,14 +142,14 @@ class MultiSampleGenerator:
         forwards = 0
         while alive:
             t0 = time.perf_counter()
-            trees = [
-                fusers[b].propose(
-                    contexts[b][: lengths[b]], config.tree_budget, max_depth=len(contexts[b]) - lengths[b] - 1
-                )
+            ranked = [
+                fusers[b].rank(contexts[b][: lengths[b]], config.tree_budget, len(contexts[b]) - lengths[b] - 1)
                 for b in alive
             ]
+            curve = fusers[alive[0]].cost_curve  # every row pays for the largest tree: one size for all
+            size = 1 + best_batch_size([r.scores[1:] for r in ranked], curve)
+            trees = [r.head(size) for r in ranked]
             t1 = time.perf_counter()
-            curve = fusers[alive[0]].cost_curve
             logits = self.verifier.logits(trees, pad_to=curve.padded_size(max(len(t) for t in trees)))
             steps, finished = [], []
             for b, tree, row_logits in zip(alive, trees, logits):

@@ -193,6 +193,24 @@ def best_size(scores: np.ndarray, curve: CostCurve, fixed: int = 1) -> int:
     Returns:
         k in ``[0, m]``.
     """
-    expected = 1.0 + np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
-    rate = expected / curve.relative(np.arange(fixed, fixed + len(scores) + 1))
-    return int(np.argmax(rate))
+    return best_batch_size([scores], curve, fixed)
+
+
+def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int = 1) -> int:
+    """:func:`best_size` for a batch whose rows are all padded to one tree size: the k that maximises the
+    expected tokens of all rows (a row with fewer candidates verifies all of them) per unit of the cost of
+    ``k + fixed`` nodes per row (``curve`` measured at this batch size).
+
+    Args:
+        scores: per row, (m_b,) non-increasing estimated path probabilities of its candidates, best first.
+
+    Returns:
+        k in ``[0, max m_b]``.
+    """
+    most = max((len(s) for s in scores), default=0)
+    k = np.arange(most + 1)
+    expected = np.zeros(most + 1)
+    for row in scores:
+        gains = np.concatenate([[0.0], np.cumsum(row, dtype=np.float64)])
+        expected += 1.0 + gains[np.minimum(k, len(row))]
+    return int(np.argmax(expected / curve.relative(k + fixed)))

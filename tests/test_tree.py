@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retrieval_spec.drafters.base import DraftTree, Source, trie_from_continuations
-from retrieval_spec.tree import CostCurve, ancestor_mask, best_first, best_size, depths, merge
+from retrieval_spec.tree import CostCurve, ancestor_mask, best_batch_size, best_first, best_size, depths, merge
 
 
 @st.composite
@@ -119,6 +119,15 @@ def test_best_size_follows_the_cost_curve():
     assert 1 <= k <= 7
     expected = (1 + np.cumsum(np.r_[0, likely])) / cpu.relative(np.arange(1, 9))
     assert k == int(np.argmax(expected))
+
+
+def test_a_batch_sizes_its_common_tree_by_all_rows_gains_against_one_cost():
+    steep = CostCurve(sizes=np.array([1, 2, 4, 8]), ms=np.array([85.0, 120, 159, 207]))  # 16 rows, 2 CPU cores
+    sure = np.array([0.95, 0.9, 0.85], dtype=np.float32)
+    hopeless = np.array([0.1, 0.05], dtype=np.float32)
+    assert best_size(sure, steep) == 3  # one row alone would verify its three nodes ...
+    assert best_batch_size([sure] + [hopeless] * 15, steep) == 0  # ... but not if 15 rows pay for them too
+    assert best_batch_size([sure] * 16, steep) == 3
 
 
 def test_padding_to_a_cheaper_larger_size():

@@ -75,6 +75,12 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def head(self, n: int) -> DraftTree:
+        """The first ``n`` nodes (all when fewer): a tree, since parents always come before their children."""
+        return DraftTree(
+            tokens=self.tokens[:n], parents=self.parents[:n], scores=self.scores[:n], sources=self.sources[:n]
+        )
+
     @staticmethod
     def empty(root: int) -> DraftTree:
         """The tree with the root alone: nothing to propose."""
