@@ -12,7 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

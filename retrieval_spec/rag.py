@@ -20,7 +20,6 @@ passages. Retrieved passages are what the prompt cites and what the prompt-looku
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -46,6 +45,7 @@ from .datastore.manifest import (
     FileEntry,
     check_file,
     fsync_directory,
+    read_versioned_json,
     write_manifest,
 )
 from .errors import DatastoreFormatError, InputError, ModelNotFoundError
@@ -299,15 +299,7 @@ class DenseIndex:
         if not path.is_file():
             raise InputError(f"{index}: has no dense passage index; rebuild it with `retrieval-spec build-index "
                              "--dense` to use --rag")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DatastoreFormatError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != DENSE_FORMAT:
-            raise DatastoreFormatError(f"{path}: not a {DENSE_FORMAT} manifest")
-        if manifest.get("format_version") != DENSE_FORMAT_VERSION:
-            raise DatastoreFormatError(f"{path}: format version {manifest.get('format_version')!r}, this "
-                                       f"retrieval-spec reads version {DENSE_FORMAT_VERSION}; rebuild with --dense")
+        manifest = read_versioned_json(path, DENSE_FORMAT, DENSE_FORMAT_VERSION, "rebuild with --dense")
         if manifest.get("model") != EMBEDDING_MODEL:
             raise DatastoreFormatError(f"{path}: embedded with {manifest.get('model')!r}, this retrieval-spec "
                                        f"embeds questions with {EMBEDDING_MODEL!r}; rebuild with --dense")

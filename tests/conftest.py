@@ -54,8 +54,6 @@ def _threads(request):
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M (skips when its package is not installed)."""
-    import torch
-
     from retrieval_spec.errors import ModelNotFoundError
     from retrieval_spec.models import load_model
 

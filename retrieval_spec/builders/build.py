@@ -182,13 +182,7 @@ def merge_indexes(indexes: Sequence[str | Path], out: str | Path, *, force: bool
         top_k = max(int(d.manifest["ngram_top_k"]) for d in datastores)
         manifest = _manifest(first.fingerprint, first.token_dtype, entries, build, top_k)
         staging.commit(manifest)
-    return BuildSummary(
-        path=out,
-        tokens=manifest["num_tokens"],
-        documents=manifest["num_documents"],
-        shards=len(entries),
-        seconds=time.perf_counter() - started,
-    )
+    return _summary(out, manifest, started)
 
 
 def _build(
@@ -235,11 +229,15 @@ def _build(
         }
         manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K)
         staging.commit(manifest)
+    return _summary(out, manifest, started, corpus)
+
+
+def _summary(out: Path, manifest: dict[str, Any], started: float, corpus: Corpus | None = None) -> BuildSummary:
     return BuildSummary(
         path=out,
         tokens=manifest["num_tokens"],
         documents=manifest["num_documents"],
-        shards=len(entries),
+        shards=len(manifest["shards"]),
         seconds=time.perf_counter() - started,
         skipped_lines=corpus.skipped_lines if corpus else 0,
         skipped_files=corpus.skipped_files if corpus else 0,

@@ -149,20 +149,30 @@ def read_manifest(index: Path) -> dict[str, Any]:
     path = index / MANIFEST
     if not path.is_file():
         raise DatastoreFormatError(f"{path}: missing; {index} is not a datastore (build one with build_index)")
+    manifest = read_versioned_json(path, FORMAT_NAME, FORMAT_VERSION, "rebuild the index")
+    for key in ("tokenizer", "token_dtype", "shards", "num_tokens", "num_documents"):
+        if key not in manifest:
+            raise DatastoreFormatError(f"{path}: field {key!r} is missing")
+    return manifest
+
+
+def read_versioned_json(path: Path, format_name: str, format_version: int, rebuild_hint: str) -> dict[str, Any]:
+    """Parse a JSON manifest and check its ``format`` and ``format_version`` fields.
+
+    Raises:
+        DatastoreFormatError: not JSON, another format, or another version (the message ends with ``rebuild_hint``).
+    """
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatastoreFormatError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise DatastoreFormatError(f"{path}: not a {FORMAT_NAME} manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != format_name:
+        raise DatastoreFormatError(f"{path}: not a {format_name} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != format_version:
         raise DatastoreFormatError(
-            f"{path}: format version {version!r}, this retrieval-spec reads version {FORMAT_VERSION}; rebuild the index"
+            f"{path}: format version {version!r}, this retrieval-spec reads version {format_version}; {rebuild_hint}"
         )
-    for key in ("tokenizer", "token_dtype", "shards", "num_tokens", "num_documents"):
-        if key not in manifest:
-            raise DatastoreFormatError(f"{path}: field {key!r} is missing")
     return manifest
 
 
