@@ -3,8 +3,9 @@ RAG over the same documents, templated answers — says again what it said befor
 
 The output of every finished request is appended to one :class:`NgramIndex` that lives across requests (a
 separator between requests, so no copy runs from one into the next); drafting copies what followed the
-context's suffix in those earlier outputs (the running request's own output is prompt lookup's). The history is bounded: past ``max_tokens`` the oldest half is
-dropped. It can be saved next to a datastore and loaded in the next process.
+context's suffix in those earlier outputs (the running request's own output is prompt lookup's). The history
+is bounded: past ``max_tokens`` only the newest half is kept. It can be saved next to a datastore and loaded in
+the next process.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class HistoryConfig:
 
 
 class OutputHistoryDrafter:
-    """Copies continuations of the context's suffix from the outputs of earlier requests (and this one's)."""
+    """Copies continuations of the context's suffix from the outputs of earlier requests (not the running one's)."""
 
     source = Source.HISTORY
     top_k = 0
