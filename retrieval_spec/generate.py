@@ -19,7 +19,7 @@ from .drafters.base import Drafter, DraftTree, Source, StepFeedback
 from .errors import InputError
 from .fusion import TreeFuser
 from .tree import CostCurve
-from .verify import Sampler, TreeVerifier, greedy_accept, sample_accept
+from .verify import Sampler, TreeVerifier, accept
 
 
 NO_TOP = np.zeros((0, 0), dtype=np.int32)  # top_tokens when no drafter asks for the target's top-k
@@ -175,11 +175,7 @@ class SpeculativeGenerator:
             logits = self.verifier.logits(tree, pad_to=self.fuser.cost_curve.padded_size(size), branch=branch)
             branch_tokens = logits[len(tree) :].argmax(dim=-1).numpy().astype(np.int32)
             logits = logits[: len(tree)]
-            if sampler is None:
-                accepted, new_tokens = greedy_accept(tree, logits.argmax(dim=-1).numpy())
-            else:
-                uniforms = sampler.uniforms[length - len(prompt_ids) :]
-                accepted, new_tokens = sample_accept(tree, sampler.probs(logits), uniforms)
+            accepted, new_tokens = accept(tree, logits, sampler, length - len(prompt_ids))
             new_tokens, done = cut_at_stop(
                 new_tokens, context[len(prompt_ids) : length], remaining, config, self.eos_token_ids, self.tokenizer
             )

@@ -35,7 +35,7 @@ from .generate import (
     eos_token_ids,
 )
 from .tree import CostCurve, best_batch_size
-from .verify import BatchTreeVerifier, Sampler, greedy_accept, sample_accept
+from .verify import BatchTreeVerifier, Sampler, accept
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,7 @@ class MultiSampleGenerator:
             steps, finished = [], []
             for b, tree, row_logits in zip(alive, trees, logits):
                 output = contexts[b][len(ids[b]) : lengths[b]]
-                if samplers is None:
-                    accepted, new_tokens = greedy_accept(tree, row_logits.argmax(dim=-1).numpy())
-                else:
-                    uniforms = samplers[b].uniforms[len(output) :]
-                    accepted, new_tokens = sample_accept(tree, samplers[b].probs(row_logits), uniforms)
+                accepted, new_tokens = accept(tree, row_logits, None if samplers is None else samplers[b], len(output))
                 remaining = len(contexts[b]) - lengths[b]
                 new_tokens, done = cut_at_stop(
                     new_tokens, output, remaining, config, self.eos_token_ids, self.tokenizer

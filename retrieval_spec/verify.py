@@ -103,6 +103,22 @@ def sample_accept(tree: DraftTree, probs: np.ndarray, uniforms: np.ndarray) -> t
     return accepted, np.append(tree.tokens[accepted[1:]], token).astype(np.int32)
 
 
+def accept(
+    tree: DraftTree, logits: torch.Tensor, sampler: Sampler | None, position: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The step's acceptance: :func:`greedy_accept` without a sampler, else :func:`sample_accept`.
+
+    Args:
+        tree: the verified tree.
+        logits: (n, vocab) the target's logits at its nodes.
+        sampler: the request's sampler, or None for greedy decoding.
+        position: how many tokens the output already holds (the first uniform this step uses).
+    """
+    if sampler is None:
+        return greedy_accept(tree, logits.argmax(dim=-1).numpy())
+    return sample_accept(tree, sampler.probs(logits), sampler.uniforms[position:])
+
+
 class TreeVerifier:
     """Holds the model and its KV cache for one sequence and verifies draft trees against it.
 
@@ -176,9 +192,7 @@ class TreeVerifier:
             if m:
                 visible[n : n + m, start] = True  # the root
                 visible[n : n + m, start + n : start + n + m] = branch.visible
-            mask = torch.zeros((1, 1, rows, start + rows), dtype=self.dtype, device=self.device)
-            mask[0, 0][torch.as_tensor(~visible, device=self.device)] = torch.finfo(self.dtype).min
-            kwargs["attention_mask"] = mask
+            kwargs["attention_mask"] = additive_mask(visible[None], self.dtype, self.device)
         out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True, **kwargs)
         return out.logits[0, : n + m].float()
 
@@ -248,7 +262,7 @@ class BatchTreeVerifier:
         self.model(
             input_ids=torch.as_tensor(tokens, device=self.device),
             position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device),
-            attention_mask=self._mask(visible),
+            attention_mask=additive_mask(visible, self.dtype, self.device),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
@@ -285,7 +299,7 @@ class BatchTreeVerifier:
         out = self.model(
             input_ids=torch.as_tensor(tokens, device=self.device),
             position_ids=torch.as_tensor(positions, device=self.device),
-            attention_mask=self._mask(visible),
+            attention_mask=additive_mask(visible, self.dtype, self.device),
             past_key_values=self.cache,
             use_cache=True,
         )
@@ -331,8 +345,9 @@ class BatchTreeVerifier:
             layer.keys = layer.keys.index_select(0, index)[:, :, : self.width]
             layer.values = layer.values.index_select(0, index)[:, :, : self.width]
 
-    def _mask(self, visible: np.ndarray) -> torch.Tensor:
-        """(B, q, k) bool visibility -> (B, 1, q, k) additive float mask."""
-        mask = torch.zeros((visible.shape[0], 1, *visible.shape[1:]), dtype=self.dtype, device=self.device)
-        mask[:, 0][torch.as_tensor(~visible, device=self.device)] = torch.finfo(self.dtype).min
-        return mask
+
+def additive_mask(visible: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(B, q, k) bool visibility -> (B, 1, q, k) additive float mask: 0 where visible, the dtype's minimum elsewhere."""
+    mask = torch.zeros((visible.shape[0], 1, *visible.shape[1:]), dtype=dtype, device=device)
+    mask[:, 0][torch.as_tensor(~visible, device=device)] = torch.finfo(dtype).min
+    return mask

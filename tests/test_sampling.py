@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import retrieval_spec.generate as generate_module
+import retrieval_spec.verify as verify_module
 from conftest import StubTokenizer
 from retrieval_spec.drafters.base import DraftTree, Source, trie_from_continuations
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
@@ -159,7 +159,7 @@ def broken_accept(tree: DraftTree, probs: np.ndarray, uniforms: np.ndarray):
 @pytest.mark.slow
 def test_a_broken_acceptance_rule_fails_the_same_test(model, monkeypatch):
     config, wide = GenerationConfig(temperature=1.0), True
-    monkeypatch.setattr(generate_module, "sample_accept", broken_accept)
+    monkeypatch.setattr(verify_module, "sample_accept", broken_accept)
     assert chi_square_p(speculative_counts(model, config, wide), exact_joint(model, config)) < 0.01
 
 
