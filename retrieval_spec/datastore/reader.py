@@ -92,6 +92,7 @@ class Datastore:
         self.shards = shards
         self._offsets = np.array([shard.offset for shard in shards], dtype=np.int64)
         self.stream_length = int(shards[-1].offset + len(shards[-1].index)) if shards else 0
+        self._top_next: dict[int, np.ndarray] = {}  # k -> top_next_tokens(k): read once, the index is read-only
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: TokenizerFingerprint | None = None) -> Datastore:
@@ -290,8 +291,16 @@ class Datastore:
         return ngram_table.merge_continuations(tables, int(self.manifest["ngram_top_k"]))
 
     def top_next_tokens(self, k: int) -> np.ndarray:
-        """(vocab_size, k) int32 most frequent next tokens of every token, -1 padded (warm-starts recycling)."""
-        return ngram_table.top_next_tokens(self.ngram_table(), self.fingerprint.vocab_size, k)
+        """(vocab_size, k) int32 most frequent next tokens of every token, -1 padded (warm-starts recycling).
+
+        Computed from the n-gram tables once per ``k`` and shared (read-only): every recycling drafter built on
+        this datastore (one per row of a batch, one per generator) gets the same array without re-reading.
+        """
+        if k not in self._top_next:
+            table = ngram_table.top_next_tokens(self.ngram_table(), self.fingerprint.vocab_size, k)
+            table.setflags(write=False)
+            self._top_next[k] = table
+        return self._top_next[k]
 
     @cached_property
     def _document_starts(self) -> np.ndarray:
