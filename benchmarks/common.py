@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_BENCH = ROOT.parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
+SPEC_BENCH = ROOT / "data" / "spec_bench" / "dev.jsonl"
 
 
 def spec_bench(limit: int | None = None, categories: list[str] | None = None, path: Path = SPEC_BENCH) -> list[dict]:

@@ -22,7 +22,7 @@ from retrieval_spec.generate import GenerationConfig
 from retrieval_spec.models import chat_prompt, load_model
 from retrieval_spec.multisample import MultiSampleGenerator
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "dev.jsonl"
+DEV = Path(__file__).resolve().parents[1] / "data" / "spec_bench" / "dev.jsonl"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

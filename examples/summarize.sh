@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DOCS=${1:-}
 OUT=${2:-results/summaries.jsonl}
-SPEC_BENCH=${SPEC_BENCH:-../shared/data/spec_bench/dev.jsonl}
+SPEC_BENCH=${SPEC_BENCH:-data/spec_bench/dev.jsonl}
 mkdir -p "$(dirname "$OUT")"
 
 if [ -z "$DOCS" ]; then

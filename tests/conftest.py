@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SPEC_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_BENCH = ROOT / "data" / "spec_bench" / "dev.jsonl"
+
+
+class OutsideReads:
+    """Records every file this process opens beside the checkout (under its parent, outside it): a fresh clone
+    with nothing beside it must pass, so the suite fails when a test reads such a path (see the session hook).
+
+    Caches, the virtual environment, temporary files and the home directory's ``.cache`` are not "beside".
+    """
+
+    def __init__(self, root: Path) -> None:
+        import tempfile
+
+        self.root, self.parent = root, root.parent
+        allowed = [Path(tempfile.gettempdir()), Path(sys.prefix), Path(sys.base_prefix), Path.home() / ".cache"]
+        allowed += [Path(p) for p in os.environ.get("RETRIEVAL_SPEC_CACHE", "").split(os.pathsep) if p]
+        self.allowed = [a.resolve() for a in allowed]
+        self.seen: list[str] = []
+
+    def outside(self, path: str) -> bool:
+        resolved = Path(os.path.abspath(path))
+        return (resolved.is_relative_to(self.parent) and not resolved.is_relative_to(self.root)
+                and not any(resolved.is_relative_to(a) for a in self.allowed))
+
+    def __call__(self, event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and not isinstance(args[0], int):
+            path = os.fsdecode(args[0])
+            if self.outside(path):
+                self.seen.append(path)
+
+
+OUTSIDE_READS = OutsideReads(ROOT)
+sys.addaudithook(OUTSIDE_READS)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if OUTSIDE_READS.seen:
+        print(f"\nFAILED: tests read files beside the checkout (a fresh clone has none): {sorted(set(OUTSIDE_READS.seen))}")
+        session.exitstatus = 1
 
 
 def tiny_model(kind: str):
