@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench, write_json
 from retrieval_spec.api import make_drafters
-from retrieval_spec.generate import GenerationConfig
+from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import load_model
-from retrieval_spec.multisample import MultiSampleGenerator
 
 
 def plain_samples(model, ids: np.ndarray, n: int, config: GenerationConfig) -> tuple[int, float]:
@@ -61,8 +60,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     vocab = model.config.vocab_size
     ours = {
-        "ours": MultiSampleGenerator(model, tokenizer, lambda: make_drafters("pld", vocab), cross_path=True),
-        "ours_no_cross": MultiSampleGenerator(model, tokenizer, lambda: make_drafters("pld", vocab), cross_path=False),
+        "ours": SpeculativeGenerator(model, tokenizer, make_drafters("pld", vocab), cross_path=True),
+        "ours_no_cross": SpeculativeGenerator(model, tokenizer, make_drafters("pld", vocab), cross_path=False),
     }
     methods = ["plain", *ours]
     rows = spec_bench(args.limit, ["math_reasoning"])
@@ -70,7 +69,8 @@ def main() -> None:
     totals: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
     for n in sizes:  # measure each batch size's cost curve before timing anything
         for generator in ours.values():
-            generator.generate([prompt_ids(tokenizer, rows[0])] * n, GenerationConfig(max_new_tokens=4, temperature=1.0))
+            generator.generate_batch([prompt_ids(tokenizer, rows[0])] * n,
+                                     GenerationConfig(max_new_tokens=4, temperature=1.0))
     runs = [(row, n) for row in rows for n in sizes]
     for i, (row, n) in enumerate(tqdm(runs, desc="multisample")):
         ids = prompt_ids(tokenizer, row)
@@ -80,7 +80,7 @@ def main() -> None:
             if method == "plain":
                 tokens, seconds = plain_samples(model, ids, n, config)
             else:
-                result = ours[method].generate([ids] * n, config)
+                result = ours[method].generate_batch([ids] * n, config)
                 tokens, seconds = sum(len(r.tokens) for r in result.rows), result.total_ms / 1e3
                 bucket["row_steps"] += sum(r.stats.steps for r in result.rows)
                 bucket["forwards"] += result.forwards

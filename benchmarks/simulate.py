@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, write_json
-from retrieval_spec.drafters.base import DraftTree, StepFeedback
+from retrieval_spec.acceptance import accept
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import CostCurve, depths
-from retrieval_spec.verify import greedy_accept
+from retrieval_spec.sizing import CostCurve
+from retrieval_spec.tree import DraftTree, StepFeedback, depths
 
 # SmolLM2-135M fp32, 2 threads, 400-token context (ANCHORS.md); used when no measured curve is given.
 DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 32, 64]), ms=np.array([45, 63, 90, 94.5, 103.5, 121.5, 180.0]))
@@ -37,16 +37,17 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
     output = np.asarray(record["output"], dtype=np.int32)
     top = np.asarray(record["top"], dtype=np.int32)
     context = np.concatenate([prompt, output])
-    fuser.start(prompt)
+    request = record.get("question_id", 0)
+    fuser.start(request, prompt)
     pos, steps, cost, draft_s = 0, 0, 0.0, 0.0
     while pos < len(output):
         start = time.perf_counter()
-        tree = fuser.propose(context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
+        tree = fuser.propose(request, context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
         draft_s += time.perf_counter() - start
         # The target's greedy choice after a node on the true path is the recorded output at that depth.
         targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]
-        accepted, new_tokens = greedy_accept(tree, targets)
-        fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
+        accepted, new_tokens = accept(tree, targets)
+        fuser.observe(request, StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
         # The target's top-k was recorded only along the true path: drafters that learn from it (recycling)
         # see that path, with the top-k of each of its nodes.
         path_tree = DraftTree(tree.tokens[accepted], np.arange(-1, len(accepted) - 1, dtype=np.int32),
@@ -55,10 +56,11 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
                                new_tokens=new_tokens, top_tokens=top[pos : pos + len(accepted)])
         for drafter in fuser.drafters:
             if drafter.top_k:
-                drafter.observe(on_path)
+                drafter.observe(request, on_path)
         cost += float(fuser.cost_curve.relative(np.array([len(tree)]))[0])
         pos += len(new_tokens)
         steps += 1
+    fuser.finish(request)
     return {"steps": steps, "tokens": int(len(output)), "cost": cost, "draft_ms": draft_s * 1e3}
 
 
@@ -80,7 +82,7 @@ def main() -> None:
         curve = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
     report = {}
     for method in args.methods.split(","):
-        fuser = TreeFuser(make_drafters(method, args.vocab_size), curve)
+        fuser = TreeFuser(make_drafters(method, args.vocab_size), curve, args.vocab_size)
         per_category = defaultdict(lambda: {"steps": 0, "tokens": 0, "cost": 0.0, "draft_ms": 0.0})
         for record in records:
             result = replay(record, fuser, args.budget)

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from retrieval_spec.api import make_drafters
-from retrieval_spec.generate import GenerationConfig
+from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import chat_prompt, load_model
-from retrieval_spec.multisample import MultiSampleGenerator
 
 DEV = Path(__file__).resolve().parents[1] / "data" / "spec_bench" / "dev.jsonl"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -44,14 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    generator = MultiSampleGenerator(model, tokenizer, lambda: make_drafters("pld"))
+    generator = SpeculativeGenerator(model, tokenizer, make_drafters("pld"))  # samples draft from each other too
     rows = [json.loads(line) for line in args.dev.read_text().splitlines() if line.strip()]
     problems = [row for row in rows if row["category"] == "math_reasoning"][: args.limit]
     correct, tokens, seconds, steps = 0, 0, 0.0, 0
     for i, row in enumerate(problems):
         prompt = chat_prompt(tokenizer, row["turns"][0] + "\nSolve step by step and end with the final number.")
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=100 * i)
-        batch = generator.generate([prompt] * args.num_samples, config)
+        batch = generator.generate_batch([prompt] * args.num_samples, config)
         votes = Counter(answer for r in batch.rows if (answer := final_number(r.text)) is not None)
         majority = votes.most_common(1)[0][0] if votes else None
         reference = row["reference"][0].rsplit("####", 1)[-1].strip().replace(",", "")

@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BatchResult": "generate",
     "SpeculativeGenerator": "generate",
     "GenerationConfig": "generate",
     "GenerationResult": "generate",

@@ -1,7 +1,7 @@
-"""Library face: build drafters by method name and plug the generator into Hugging Face objects.
+"""Library face: build drafters by method name, and load or save what they learned.
 
     from transformers import pipeline
-    from retrieval_spec import SpeculativeGenerator, make_drafters
+    from retrieval_spec import GenerationConfig, SpeculativeGenerator, make_drafters
 
     pipe = pipeline("text-generation", model="./my-model")
     generator = SpeculativeGenerator(pipe.model, pipe.tokenizer, make_drafters("pld"))
@@ -33,6 +33,7 @@ METHODS = {
     "auto": "every available source fused into one tree: pld + earlier outputs + recycle + lookahead (where its "
             "window is nearly free), + rest when an index is given",
 }
+
 
 
 def make_drafters(method: str, vocab_size: int | None = None, datastore: Datastore | None = None) -> list[Drafter]:
@@ -81,10 +82,9 @@ def load_state(drafters: Sequence[Drafter], directory: Path, tokenizer_sha256: s
     """
     loaded = []
     for drafter in drafters:
-        name = getattr(drafter, "state_file", None)
-        if name is not None and (directory / name).is_file():
+        if drafter.state_file is not None and (directory / drafter.state_file).is_file():
             drafter.load(directory, tokenizer_sha256)
-            loaded.append(name)
+            loaded.append(drafter.state_file)
     return loaded
 
 
@@ -92,8 +92,7 @@ def save_state(drafters: Sequence[Drafter], directory: Path, tokenizer_sha256: s
     """Save every drafter's learned state into ``directory`` (atomically, file by file); return the files written."""
     saved = []
     for drafter in drafters:
-        name = getattr(drafter, "state_file", None)
-        if name is not None:
+        if drafter.state_file is not None:
             drafter.save(directory, tokenizer_sha256)
-            saved.append(name)
+            saved.append(drafter.state_file)
     return saved

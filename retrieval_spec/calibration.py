@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .drafters.base import DraftTree, Source
+from .tree import DraftTree, Source
 
 
 class AcceptanceModel:

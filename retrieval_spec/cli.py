@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -107,11 +107,14 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
               help="0 decodes greedily; above 0 samples, with exactly the model's own distribution.")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
 @click.option("--top-p", default=1.0, show_default=True, help="Sample from the smallest set with this probability.")
-@click.option("--seed", type=int, help="Seed of the sampler: same seed, same output.")
+@click.option("--seed", type=int,
+              help="Seed of the sampler: the same seed gives the same output (up to floating point). Prompt i of "
+                   "--input (from 0) samples with seed (S, i), sample j of it with (S, i, j); without --seed every "
+                   "run draws fresh entropy (the seed used is in the stats).")
 @click.option("--num-samples", default=1, show_default=True,
               help="Sample N continuations of each prompt together (needs --temperature > 0): one batched forward "
                    "per step, each sample drafting from the others too; prints one JSON object per prompt with "
-                   "all N texts (self-consistency, best-of-N). Sample i uses seed --seed + i.")
+                   "all N texts (self-consistency, best-of-N).")
 @click.option("--cross-path/--no-cross-path", default=True, show_default=True,
               help="With --num-samples: let samples draft from each other's text.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -119,9 +122,14 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
                    "outputs): loaded at start when present, saved at the end. The index directory is a good place.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="Where the model runs: auto takes a CUDA GPU, else Apple's MPS, else the CPU.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Weights dtype. float32: output identical to plain decoding token for token; half precision: "
+                   "faster on GPUs, and agrees with plain decoding in the same dtype almost always (README).")
 def generate(model_name, prompt, input_path, output_path, task, rag, question, num_passages, method, index_path,
              max_new_tokens, tree_budget, references, stop_strings, chat, temperature, top_k, top_p, seed, num_samples,
-             cross_path, state_dir, json_stats, threads):
+             cross_path, state_dir, json_stats, threads, device, dtype):
     """Generate continuations exactly as plain decoding would, in fewer model steps.
 
     Greedy output is token-for-token that of plain greedy decoding; sampled output (--temperature > 0)
@@ -143,8 +151,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         raise InputError(f"--num-samples must be at least 1, got {num_samples}")
     if num_samples > 1 and task != "complete":
         raise InputError("--num-samples goes with plain prompts (--prompt or --input), not --task " + task)
-    if num_samples > 1 and state_dir is not None:
-        raise InputError("--state-dir does not go with --num-samples (samples keep no state across runs)")
     if num_samples > 1 and temperature == 0:
         raise InputError("--num-samples above 1 needs --temperature > 0: greedy samples would all be the same")
     if task == "rag" and index_path is None:
@@ -158,8 +164,8 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     dense = grounded.DenseIndex.open(index_path) if task == "rag" else None  # refused before the model loads
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    model, tokenizer = load_model(model_name)
+                              temperature=temperature, top_k=top_k, top_p=top_p)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     datastore = None
     if index_path is not None:
         from .datastore.manifest import tokenizer_fingerprint
@@ -167,19 +173,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
 
         datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
     reference_texts = [p.read_text(encoding="utf-8") for p in references]
-    if num_samples > 1:
-        from .multisample import MultiSampleGenerator
-
-        multi = MultiSampleGenerator(model, tokenizer, lambda: make_drafters(method, model.config.vocab_size, datastore),
-                                     cross_path=cross_path)
-        with open(output_path, "w", encoding="utf-8") if output_path else contextlib.nullcontext(sys.stdout) as out:
-            for record_id, text in records:
-                rendered = chat_prompt(tokenizer, text) if chat else text
-                batch = multi.generate([rendered] * num_samples, config, references=reference_texts)
-                out.write(json.dumps({"id": record_id, "method": method, "num_samples": num_samples,
-                                      **batch.to_dict()}) + "\n")
-                out.flush()
-        return
     drafters = make_drafters(method, model.config.vocab_size, datastore)
     if state_dir is not None:
         from .api import load_state
@@ -187,22 +180,31 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
 
         vocab_sha256 = tokenizer_fingerprint(tokenizer).sha256
         load_state(drafters, state_dir, vocab_sha256)
-    generator = SpeculativeGenerator(model, tokenizer, drafters)
-    as_rows = input_path is not None or output_path is not None
+    generator = SpeculativeGenerator(model, tokenizer, drafters, cross_path=cross_path)
+    as_rows = input_path is not None or output_path is not None or num_samples > 1
     out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
-        for record_id, text in records:
+        for number, (record_id, text) in enumerate(records):
+            # Prompt number i of --input samples with seed (S, i): reruns reproduce, equal prompts stay independent.
+            row_config = replace(config, seed=None if seed is None else (seed, number) if input_path else seed)
             extra = {}
+            if num_samples > 1:
+                rendered = chat_prompt(tokenizer, text) if chat else text
+                batch = generator.generate_batch([rendered] * num_samples, row_config, references=reference_texts)
+                out.write(json.dumps({"id": record_id, "method": method, "num_samples": num_samples,
+                                      **batch.to_dict()}) + "\n")
+                out.flush()
+                continue
             if task == "rag":
-                answer = grounded.answer(generator, dense, text, config, top_k=num_passages,
+                answer = grounded.answer(generator, dense, text, row_config, top_k=num_passages,
                                          references=reference_texts)
                 result = answer.result
                 extra = {"question": text, "cited": answer.cited, "passages": [p.to_dict() for p in answer.passages]}
             elif task == "summarize":
-                result = grounded.summarize(generator, text, config, references=reference_texts)
+                result = grounded.summarize(generator, text, row_config, references=reference_texts)
             else:
                 rendered = chat_prompt(tokenizer, text) if chat else text
-                result = generator.generate(rendered, config, references=reference_texts)
+                result = generator.generate(rendered, row_config, references=reference_texts)
             if as_rows:
                 row = {"id": record_id, "method": method, "task": task, "text": result.text, **extra,
                        "tokens": result.tokens.tolist(), "stats": result.stats.to_dict()}

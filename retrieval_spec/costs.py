@@ -1,7 +1,8 @@
-"""The measured cost of verification on this machine, probed once per model and machine and cached.
+"""The measured cost of verification on this machine, probed once per model, device, dtype and batch size.
 
 On a CPU one forward over 8 tokens costs about twice one decoding step; on a GPU nearly the same as one.
-Tree sizes are chosen from this curve (``tree.best_size``), so it is measured, never assumed.
+Tree sizes are chosen from this curve (``sizing.best_size``), so it is measured, never assumed. CUDA timings
+are synchronised.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .drafters.base import DraftTree
 from .models import cache_dir
-from .tree import CostCurve
-from .verify import BatchTreeVerifier, TreeVerifier
+from .sizing import CostCurve
+from .tree import DraftTree
+from .verify import RowDraft, Sampler, Verifier
 
 
 @dataclass(frozen=True)
@@ -39,43 +40,36 @@ def measure_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -
     The fastest of ``probe.repeats`` runs counts: other processes only ever add time.
     """
     rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
+    vocab = int(model.config.get_text_config(decoder=True).vocab_size)
     prompt = rng.integers(0, vocab, probe.context_len + 1).astype(np.int32)
-    if probe.batch == 1:
-        verifier = TreeVerifier(model)
-        verifier.reset(prompt)
-        run, rollback = verifier.logits, verifier.rollback
-    else:
-        batched = BatchTreeVerifier(model)
-        batched.reset([prompt] * probe.batch)
-        rollback = batched.rollback
-
-        def run(tree: DraftTree) -> None:
-            batched.logits([tree] * probe.batch)
-
+    verifier = Verifier(model)
+    verifier.reset([prompt] * probe.batch)
+    greedy = Sampler()
     ms = []
     for size in probe.sizes:
-        tree = DraftTree(
-            tokens=rng.integers(0, vocab, size).astype(np.int32),
-            parents=np.arange(-1, size - 1, dtype=np.int32),
-            scores=np.ones(size, dtype=np.float32),
-            sources=np.zeros(size, dtype=np.uint8),
-        )
+        tree = DraftTree.chain(rng.integers(0, vocab, size).astype(np.int32))
+        rows = [RowDraft(tree, None, prompt)] * probe.batch
         times = []
         for _ in range(probe.repeats + 1):  # the first run warms this shape up
+            _synchronize(model.device)
             start = time.perf_counter()
-            run(tree)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
+            verifier.verify(rows, greedy)
+            _synchronize(model.device)
             times.append((time.perf_counter() - start) * 1e3)
-            rollback()
+            verifier.rollback()
         ms.append(min(times[1:]))
     return CostCurve(sizes=np.array(probe.sizes), ms=np.array(ms))
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cached_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -> CostCurve:
-    """The cost curve of ``model`` on this machine and thread count, measured on first use, then read back."""
+    """The cost curve of ``model`` on this machine, device, dtype and thread count: measured once, then read back."""
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    device = f"{model.device.type}:{device}"
     key = json.dumps(
         [
             model.config.to_json_string(use_diff=False),

@@ -23,3 +23,7 @@ class DatastoreFormatError(RetrievalSpecError):
 
 class TokenizerMismatchError(RetrievalSpecError):
     """An index built with one tokenizer opened for a model with another."""
+
+
+class UnsupportedModelError(RetrievalSpecError):
+    """A model whose attention cannot verify a token tree exactly (recurrent layers, flash kernels, ...)."""

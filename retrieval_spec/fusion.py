@@ -1,9 +1,10 @@
 """Fusing every drafter's proposal into the one tree that is verified this step.
 
-Each step: every drafter proposes a trie; the tries are merged; node scores are replaced by learned
-acceptance probabilities (:class:`~retrieval_spec.calibration.AcceptanceModel`); the best nodes are kept
-best-first; and the tree is cut to the size that maximises expected tokens per unit of measured verification
-cost (:func:`~retrieval_spec.tree.best_size`) — zero drafted nodes when nothing is likely to be accepted.
+Each step and request: every drafter proposes a trie; the tries are merged; nodes carrying a token the model
+does not have are dropped; node scores are replaced by learned acceptance probabilities
+(:class:`~retrieval_spec.calibration.AcceptanceModel`); the best nodes are kept best-first; and the tree is cut
+to the size that maximises expected tokens per unit of measured verification cost
+(:func:`~retrieval_spec.sizing.best_size`) — zero drafted nodes when nothing is likely to be accepted.
 Pure numpy, so the same code runs in the decoder and in the model-free replay of ``benchmarks/simulate.py``.
 """
 
@@ -14,9 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from .calibration import AcceptanceModel
-from .drafters.base import Branch, Drafter, DraftTree, StepFeedback
-from .tree import CostCurve, best_first, best_size, merge
-
+from .drafters.base import Drafter, RequestId
+from .sizing import CostCurve, best_size
+from .tree import Branch, DraftTree, StepFeedback, best_first, merge, within_vocabulary
 
 # Lookahead's window pays off only where extra rows in a forward are nearly free (a GPU). Measured on the 2-core
 # CPU (benchmarks/spec_bench.py --methods lookahead --branch-overhead 10): its 12 rows make a step 71 ms instead
@@ -25,78 +26,91 @@ MAX_BRANCH_OVERHEAD = 0.25
 
 
 class TreeFuser:
-    """Owns the drafters of one generator and the acceptance statistics they share.
+    """Owns the drafters of one generator and the acceptance statistics they share, for every request.
 
-    Lifecycle per request: :meth:`start`, then per step :meth:`propose` and :meth:`observe`.
+    Lifecycle per request: :meth:`start`; per step :meth:`rank` (or :meth:`propose`), :meth:`branch`,
+    :meth:`observe`; then :meth:`finish`.
     """
 
     def __init__(
         self,
         drafters: Sequence[Drafter],
         cost_curve: CostCurve,
+        vocab_size: int,
         acceptance: AcceptanceModel | None = None,
         max_branch_overhead: float = MAX_BRANCH_OVERHEAD,
     ):
-        """``max_branch_overhead``: a drafter's look-ahead branch runs only when it makes a bare step at most
-        this much dearer on the measured cost curve (it pays later, through the pool, if at all)."""
+        """
+        Args:
+            drafters: the sources fused; each serves every request.
+            cost_curve: the measured cost of verifying k nodes per row (at the batch size decoded).
+            vocab_size: the model's vocabulary: drafted tokens outside ``[0, vocab_size)`` are dropped.
+            max_branch_overhead: a drafter's look-ahead branch runs only when it makes a bare step at most this
+                much dearer on the measured cost curve (it pays later, through the pool, if at all).
+        """
         self.drafters = list(drafters)
-        self.max_branch_overhead = max_branch_overhead
         self.cost_curve = cost_curve
+        self.vocab_size = vocab_size
         self.acceptance = acceptance or AcceptanceModel()
-        self._ranked = DraftTree.empty(0)  # last step's candidates, best first; the verified tree is its head
-        self._features = np.array([-1])
-        self.branch: Branch | None = None  # the step's look-ahead nodes, run beside the tree (see Branch)
+        self.max_branch_overhead = max_branch_overhead
+        self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}  # last step's candidates and features
 
-    def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
+    def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         for drafter in self.drafters:
-            drafter.start(prompt, references)
+            drafter.start(request, prompt, references)
 
-    def propose(self, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
+    def finish(self, request: RequestId) -> None:
+        self._ranked.pop(request, None)
+        for drafter in self.drafters:
+            drafter.finish(request)
+
+    def propose(self, request: RequestId, context: np.ndarray, budget: int, max_depth: int | None = None,
+                fixed: int = 1) -> DraftTree:
         """The tree to verify after ``context``: at most ``budget`` drafted nodes, often fewer, maybe none.
 
-        ``max_depth`` drops nodes that could only be accepted beyond the token limit.
+        ``max_depth`` drops nodes that could only be accepted beyond the token limit; ``fixed`` counts the nodes
+        verified whatever the tree (the root, plus a look-ahead branch).
         """
-        ranked = self.rank(context, budget, max_depth)
-        return ranked.head(1 + best_size(ranked.scores[1:], self.cost_curve, fixed=self.fixed_nodes))
+        ranked = self.rank(request, context, budget, max_depth)
+        return ranked.head(1 + best_size(ranked.scores[1:], self.cost_curve, fixed=fixed))
 
-    def rank(self, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
+    def rank(self, request: RequestId, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
         """Every candidate after ``context`` (at most ``budget``), best first, rescored as acceptance probabilities.
 
         The tree to verify is a head of it (:meth:`propose` cuts it for one sequence; a batch cuts every row's
-        at a common size). Also picks this step's look-ahead branch, if any.
+        at a common size).
         """
         root = int(context[-1])
-        self._ranked, self._features = DraftTree.empty(root), np.array([-1])
-        self.branch = None
-        if budget <= 0 or not self.drafters:
-            return self._ranked
-        branches = [b for d in self.drafters if hasattr(d, "branch") and (b := d.branch(context)) is not None]
-        if branches and self.cost_curve.relative(1 + len(branches[0])) <= 1 + self.max_branch_overhead:
-            self.branch = branches[0]
-        if max_depth == 0:
-            return self._ranked
-        raw = merge([drafter.propose(context, budget) for drafter in self.drafters])
+        empty = DraftTree.empty(root)
+        self._ranked[request] = (empty, np.array([-1]))
+        if budget <= 0 or not self.drafters or max_depth == 0:
+            return empty
+        raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]), self.vocab_size)
         if len(raw) == 1:
-            return self._ranked
+            return empty
         features = self.acceptance.features(raw)
-        self._ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
-        self._features = features[keep]
-        return self._ranked
+        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
+        self._ranked[request] = (ranked, features[keep])
+        return ranked
 
-    @property
-    def fixed_nodes(self) -> int:
-        """Nodes verified this step whatever the tree's size: the root and the look-ahead branch."""
-        return 1 + (0 if self.branch is None else len(self.branch))
+    def branch(self, request: RequestId, context: np.ndarray) -> Branch | None:
+        """The request's look-ahead branch for this step, when a drafter has one and it is nearly free to run."""
+        for drafter in self.drafters:
+            branch = drafter.branch(request, context)
+            if branch is not None:
+                pays = self.cost_curve.relative(1 + len(branch)) <= 1 + self.max_branch_overhead
+                return branch if pays else None
+        return None
 
-    def observe(self, feedback: StepFeedback) -> None:
+    def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         """Learn acceptance rates from the step and pass it on to every drafter.
 
         The verified tree is the head of the ranked candidates, so candidates left out by the cost cut are
         scored too: a candidate whose parent was accepted would have been accepted iff it carries the token
         emitted after that parent. Learning therefore never starves when the cut drafts nothing.
         """
-        ranked = self._ranked
-        if len(ranked) > 1:
+        ranked, features = self._ranked.get(request, (None, None))
+        if ranked is not None and len(ranked) > 1:
             accepted = feedback.accepted_nodes[: len(feedback.new_tokens)]
             on_path = np.zeros(len(ranked), dtype=bool)
             on_path[accepted] = True
@@ -106,6 +120,6 @@ class TreeFuser:
             tested = on_path[parents]
             tested[0] = False
             hits = tested & (ranked.tokens == emitted[parents])
-            self.acceptance.update(self._features, tested, hits)
+            self.acceptance.update(features, tested, hits)
         for drafter in self.drafters:
-            drafter.observe(feedback)
+            drafter.observe(request, feedback)

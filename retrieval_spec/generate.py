@@ -1,28 +1,33 @@
-"""The decoding loop: draft → tree → verify → accept → compact → observe, until EOS or the token limit.
+"""The decoding loop, for any number of rows: draft → verify → accept → commit → observe, until every row ends.
 
-Greedy decoding (``temperature == 0``) accepts the longest path the target's argmax agrees with; sampling
-accepts with the lossless rule of :func:`retrieval_spec.verify.sample_accept`. Either way the output is
-distributed exactly as plain decoding of the same model.
+A single sequence is a batch of one. Each row has its own tree, positions, accepted length and cache length,
+so its output is exactly what it would be alone: greedy rows equal plain greedy decoding, and a sampled row is
+a function of its own seed, distributed as plain sampling (:mod:`retrieval_spec.acceptance`). Rows of one
+prompt (self-consistency, best-of-N) are prefilled once and draft from each other's text.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .costs import cached_cost_curve
-from .drafters.base import Drafter, DraftTree, Source, StepFeedback
+from .acceptance import accept
+from .costs import CostProbe, cached_cost_curve
+from .drafters.base import Drafter
+from .drafters.cross_path import CrossPathDrafter
 from .errors import InputError
 from .fusion import TreeFuser
-from .tree import CostCurve
-from .verify import Sampler, TreeVerifier, accept
+from .sizing import CostCurve, best_batch_size
+from .tree import Branch, DraftTree, Source, StepFeedback, depths
+from .verify import RowDraft, Sampler, Verifier
 
-
-NO_TOP = np.zeros((0, 0), dtype=np.int32)  # top_tokens when no drafter asks for the target's top-k
+Seed = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,17 @@ class GenerationConfig:
     Attributes:
         max_new_tokens: stop after this many new tokens.
         tree_budget: most drafted nodes verified in one step; the cost curve usually picks fewer.
-        stop_strings: stop once the decoded output contains one of these (the token completing it is kept).
+        stop_strings: stop once the output contains one of these (the token completing it is kept). A token is
+            checked against the text of the output's last ``len(stop) + 8`` tokens up to it, the same whether a
+            step gains one token or many.
         temperature: 0 decodes greedily; above 0 samples (losslessly) from the processed distribution.
         top_k: keep the k most likely tokens before sampling (0: all), as ``generate(top_k=...)``.
         top_p: keep the smallest set of tokens with this much probability (1.0: all), as ``generate(top_p=...)``.
-        seed: seed of the sampler; the same seed, prompt and drafters give the same output.
+        min_p: drop tokens less likely than ``min_p`` times the most likely one (0: none), as ``generate``.
+        repetition_penalty: transformers' repetition penalty (1.0: none); each tree node counts its own prefix.
+        seed: the sampler's seed (an int or a tuple of ints); None draws fresh entropy, reported in the stats.
+            The same seed, prompt and model give the same output, whatever the drafters (up to floating point).
+        eos_token_ids: tokens that end a row; None takes the model's ``generation_config.eos_token_id``.
     """
 
     max_new_tokens: int = 128
@@ -45,20 +56,33 @@ class GenerationConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Seed | None = None
+    eos_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise InputError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1:
+            raise InputError(f"need top_k >= 0, 0 < top_p <= 1 and 0 <= min_p < 1, got {self.top_k}, "
+                             f"{self.top_p}, {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.tree_budget < 0:
             raise InputError(f"tree_budget must be >= 0, got {self.tree_budget}")
+        if any(not stop for stop in self.stop_strings):
+            raise InputError("a stop string must not be empty")
+
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
 
 @dataclass
 class GenerationStats:
-    """Counters of one generation. Times are wall-clock milliseconds."""
+    """Counters of one row. Times are wall-clock milliseconds; a batch's rows share its forwards and wall time."""
 
     new_tokens: int = 0
     steps: int = 0
@@ -68,6 +92,7 @@ class GenerationStats:
     observe_ms: float = 0.0  # part of draft_ms: drafters learning from the step (recycling table update, top-k)
     prefill_ms: float = 0.0
     total_ms: float = 0.0
+    seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
     tokens_per_step: dict[int, int] = field(default_factory=dict)  # histogram: tokens gained in a step -> steps
     accepted_by_source: dict[str, int] = field(default_factory=dict)  # drafted tokens accepted, per source
 
@@ -79,6 +104,19 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return 1e3 * self.new_tokens / max(self.total_ms, 1e-9)
+
+    def count_step(self, tree: DraftTree, accepted: np.ndarray, new_tokens: np.ndarray, draft_ms: float,
+                   verify_ms: float) -> None:
+        """Add one verification step."""
+        self.steps += 1
+        self.new_tokens += len(new_tokens)
+        self.drafted_nodes += len(tree) - 1
+        self.draft_ms += draft_ms
+        self.verify_ms += verify_ms
+        self.tokens_per_step[len(new_tokens)] = self.tokens_per_step.get(len(new_tokens), 0) + 1
+        for node in accepted[1 : len(new_tokens)]:
+            name = Source(int(tree.sources[node])).name.lower()
+            self.accepted_by_source[name] = self.accepted_by_source.get(name, 0) + 1
 
     def to_dict(self) -> dict:
         return {
@@ -92,6 +130,8 @@ class GenerationStats:
             "observe_ms_per_step": round(self.observe_ms / max(self.steps, 1), 4),
             "prefill_ms": round(self.prefill_ms, 3),
             "total_ms": round(self.total_ms, 3),
+            **({"seed": list(self.seed) if isinstance(self.seed, tuple) else self.seed} if self.seed is not None
+               else {}),
             "tokens_per_step": {str(k): v for k, v in sorted(self.tokens_per_step.items())},
             "accepted_by_source": dict(sorted(self.accepted_by_source.items())),
         }
@@ -99,21 +139,57 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Output of one request: the new tokens (prompt excluded), their text, and counters."""
+    """Output of one row: the new tokens (prompt excluded), their text, and counters."""
 
     tokens: np.ndarray
     text: str
     stats: GenerationStats
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """The rows of one batch, in input order, and the batch's own counters."""
+
+    rows: list[GenerationResult]
+    forwards: int
+    total_ms: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens of all rows per second of wall time."""
+        return 1e3 * sum(len(r.tokens) for r in self.rows) / max(self.total_ms, 1e-9)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per row per verification step, over all rows (1.0 is plain decoding)."""
+        return sum(r.stats.new_tokens for r in self.rows) / max(sum(r.stats.steps for r in self.rows), 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "texts": [r.text for r in self.rows],
+            "tokens": [r.tokens.tolist() for r in self.rows],
+            "stats": {
+                "rows": len(self.rows),
+                "forwards": self.forwards,
+                "total_ms": round(self.total_ms, 3),
+                "tokens_per_second": round(self.tokens_per_second, 3),
+                "mean_accepted": round(self.mean_accepted, 4),
+                "per_row": [r.stats.to_dict() for r in self.rows],
+            },
+        }
+
+
 class SpeculativeGenerator:
-    """Lossless speculative decoding of one Hugging Face causal LM with any set of drafters.
+    """Lossless speculative decoding of one Hugging Face causal LM with any set of drafters, for any batch.
 
     Args:
-        model: a causal LM (any ``transformers`` model that accepts a 4-D float ``attention_mask``).
-        tokenizer: its tokenizer (for text prompts, stop strings and decoding the output).
-        drafters: sources of draft trees; none means plain decoding through the same loop.
-        cost_curve: cost of verifying k nodes on this machine; measured (and cached on disk) when omitted.
+        model: a causal LM of a supported family (``retrieval_spec.families``).
+        tokenizer: its tokenizer (text prompts, stop strings, decoding the output).
+        drafters: sources of draft trees, each serving every row; none means plain decoding through the same
+            loop. What they learn (acceptance rates, tables, pools) carries over from call to call.
+        cost_curve: cost of verifying k nodes per row on this machine; measured per batch size (and cached on
+            disk) when omitted.
+        cross_path: rows that share a prompt also draft from each other's output (``CrossPathDrafter``).
     """
 
     def __init__(
@@ -122,15 +198,18 @@ class SpeculativeGenerator:
         tokenizer: PreTrainedTokenizerBase,
         drafters: Sequence[Drafter] = (),
         cost_curve: CostCurve | None = None,
+        cross_path: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        if cost_curve is None:
-            cost_curve = cached_cost_curve(model) if drafters else CostCurve(np.array([1]), np.array([1.0]))
-        self.fuser = TreeFuser(drafters, cost_curve)
-        self.top_k = max((drafter.top_k for drafter in drafters), default=0)
-        self.verifier = TreeVerifier(model)
-        self.eos_token_ids = eos_token_ids(model)
+        self.verifier = Verifier(model)
+        vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
+        sources = list(drafters) + ([CrossPathDrafter()] if drafters and cross_path else [])
+        self.fuser = TreeFuser(sources, cost_curve or CostCurve.flat(1), vocab_size)
+        self.top_k = max((drafter.top_k for drafter in sources), default=0)
+        self._cost_curve = cost_curve
+        self._curves: dict[int, CostCurve] = {}
+        self._requests = itertools.count()
 
     def encode(self, prompt: str) -> np.ndarray:
         """Token ids of a prompt as given (no special tokens added: chat templates carry their own)."""
@@ -141,61 +220,196 @@ class SpeculativeGenerator:
         prompt: str | np.ndarray,
         config: GenerationConfig = GenerationConfig(),
         references: Sequence[str | np.ndarray] = (),
+        on_tokens: Callable[[int, np.ndarray], None] | None = None,
     ) -> GenerationResult:
-        """Decode a continuation of ``prompt``.
+        """Decode a continuation of one prompt (a batch of one; see :meth:`generate_batch`)."""
+        return self.generate_batch([prompt], config, references, on_tokens=on_tokens).rows[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | np.ndarray],
+        config: GenerationConfig = GenerationConfig(),
+        references: Sequence[str | np.ndarray] = (),
+        seeds: Sequence[Seed] | None = None,
+        on_tokens: Callable[[int, np.ndarray], None] | None = None,
+    ) -> BatchResult:
+        """Decode one continuation per prompt, together.
+
+        For N samples of one prompt pass it N times (with ``temperature > 0``: greedy rows would be equal).
 
         Args:
-            prompt: text (tokenized without added special tokens) or (p,) token ids.
-            config: limits.
-            references: documents the output may copy from (retrieved passages, the article to summarise).
+            prompts: texts (tokenized without added special tokens) or (p,) token ids.
+            config: limits and sampling.
+            references: documents every row may copy from (retrieved passages, the article to summarise).
+            seeds: one sampler seed per row. By default row ``b`` of several takes ``(config.seed, b)`` and a
+                single row ``config.seed``; without ``config.seed`` each row draws fresh entropy.
+            on_tokens: called after every step with (row index, the tokens it gained), for streaming.
 
         Raises:
-            InputError: empty prompt, or prompt plus ``max_new_tokens`` beyond the model's context.
+            InputError: an empty prompt, or one too long for the model's context.
         """
-        prompt_ids = encode(self.tokenizer, prompt)
-        check_fits(self.model, len(prompt_ids), config.max_new_tokens)
+        ids = [encode(self.tokenizer, p) for p in prompts]
+        if not ids:
+            return BatchResult(rows=[], forwards=0, total_ms=0.0)
+        for prompt_ids in ids:
+            check_fits(self.verifier, len(prompt_ids), config.max_new_tokens)
         reference_ids = [encode(self.tokenizer, r) for r in references if len(r)]
-        sampler = Sampler(config) if config.temperature > 0 else None
-        stats = GenerationStats()
+        if seeds is not None and len(seeds) != len(ids):
+            raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
+        self.fuser.cost_curve = self._curve(len(ids))  # measured before the clock starts
+        sampler = config.sampler()
+        eos = eos_token_ids(self.model, config)
+        stops = StopStrings(self.tokenizer, config.stop_strings) if config.stop_strings else None
+        rows = [_Row(b, next(self._requests), prompt, config, None if sampler.greedy else _row_seed(config, seeds, b,
+                len(ids))) for b, prompt in enumerate(ids)]
         started = time.perf_counter()
-        context = np.zeros(len(prompt_ids) + config.max_new_tokens, dtype=np.int32)
-        context[: len(prompt_ids)] = prompt_ids
-        length = len(prompt_ids)
-        self.verifier.reset(prompt_ids)
-        self.fuser.start(prompt_ids, reference_ids)
-        stats.prefill_ms = (time.perf_counter() - started) * 1e3
-        done = False
-        while not done:
-            t0 = time.perf_counter()
-            remaining = len(context) - length
-            tree = self.fuser.propose(context[:length], config.tree_budget, max_depth=remaining - 1)
-            t1 = time.perf_counter()
-            branch = self.fuser.branch
-            size = len(tree) + (0 if branch is None else len(branch))
-            logits = self.verifier.logits(tree, pad_to=self.fuser.cost_curve.padded_size(size), branch=branch)
-            branch_tokens = logits[len(tree) :].argmax(dim=-1).numpy().astype(np.int32)
-            logits = logits[: len(tree)]
-            accepted, new_tokens = accept(tree, logits, sampler, length - len(prompt_ids))
-            new_tokens, done = cut_at_stop(
-                new_tokens, context[len(prompt_ids) : length], remaining, config, self.eos_token_ids, self.tokenizer
-            )
-            if not done:
-                self.verifier.commit(accepted)
-            t2 = time.perf_counter()
-            context[length : length + len(new_tokens)] = new_tokens
-            length += len(new_tokens)
-            t3 = time.perf_counter()
-            top = logits.topk(self.top_k, dim=-1).indices.numpy().astype(np.int32) if self.top_k else NO_TOP
-            self.fuser.observe(StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens, top_tokens=top,
-                                            branch_tokens=branch_tokens))
-            t4 = time.perf_counter()
-            stats.observe_ms += (t4 - t3) * 1e3
-            count_step(stats, tree, accepted, new_tokens, (t1 - t0) + (t4 - t2), t2 - t1)
-        stats.total_ms = (time.perf_counter() - started) * 1e3
-        output = context[len(prompt_ids) : length].copy()
-        text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return GenerationResult(tokens=output, text=text, stats=stats)
+        self.verifier.reset(ids)
+        for row in rows:
+            self.fuser.start(row.request, row.prompt, reference_ids)
+        prefill_ms = (time.perf_counter() - started) * 1e3
+        alive, forwards = list(rows), 0
+        try:
+            while alive:
+                # 1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest).
+                t0 = time.perf_counter()
+                ranked = [self.fuser.rank(r.request, r.context, config.tree_budget, r.remaining - 1) for r in alive]
+                branches = [self._branch(i, r) for i, r in enumerate(alive)]
+                fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
+                size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
+                trees = [t.head(1 + size) for t in ranked]
+                drafts = [RowDraft(t, b, r.context, r.node_uniforms(t)) for t, b, r in zip(trees, branches, alive)]
+                # 2. Verify every row's tree in one forward.
+                t1 = time.perf_counter()
+                most = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
+                results = self.verifier.verify(drafts, sampler, self.top_k, self.fuser.cost_curve.padded_size(most))
+                # 3. Accept the longest agreeing path, cut at EOS, a stop string or the token limit.
+                steps = []
+                for row, draft, result in zip(alive, drafts, results):
+                    accepted, new_tokens = accept(draft.tree, result.node_tokens)
+                    new_tokens, done = row.cut(new_tokens, eos, stops)
+                    steps.append((accepted, new_tokens, done))
+                # 4. Commit the accepted entries of the rows that go on.
+                going = [i for i, (_, _, done) in enumerate(steps) if not done]
+                if going:
+                    self.verifier.commit([accepted for accepted, _, _ in steps])
+                    if len(going) < len(alive):
+                        self.verifier.keep_rows(np.array(going))
+                forwards += 1
+                t2 = time.perf_counter()
+                # 5. Observe: extend contexts, teach the drafters, count, stream.
+                draft_ms = (t1 - t0) * 1e3 / len(alive)
+                for row, draft, result, (accepted, new_tokens, done) in zip(alive, drafts, results, steps):
+                    t3 = time.perf_counter()
+                    row.append(new_tokens)
+                    self.fuser.observe(row.request, StepFeedback(
+                        tree=draft.tree, accepted_nodes=accepted, new_tokens=new_tokens,
+                        top_tokens=result.top_tokens, branch_tokens=result.branch_tokens))
+                    observe_ms = (time.perf_counter() - t3) * 1e3
+                    row.stats.observe_ms += observe_ms
+                    row.stats.count_step(draft.tree, accepted, new_tokens, draft_ms + observe_ms, (t2 - t1) * 1e3)
+                    if on_tokens is not None:
+                        on_tokens(row.index, new_tokens)
+                alive = [alive[i] for i in going]
+        finally:
+            for row in rows:
+                self.fuser.finish(row.request)
+        total_ms = (time.perf_counter() - started) * 1e3
+        results_out = []
+        for row in rows:
+            row.stats.total_ms, row.stats.prefill_ms = total_ms, prefill_ms
+            output = row.output
+            text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            results_out.append(GenerationResult(tokens=output.copy(), text=text, stats=row.stats))
+        return BatchResult(rows=results_out, forwards=forwards, total_ms=total_ms)
 
+    def _branch(self, index: int, row: _Row) -> Branch | None:
+        """The row's look-ahead branch this step, when one pays and every node has a position the model can embed."""
+        branch = self.fuser.branch(row.request, row.context)
+        if branch is None or not self.verifier.fits(index, int(branch.offsets.max(initial=0))):
+            return None
+        return branch
+
+    def _curve(self, batch: int) -> CostCurve:
+        if self._cost_curve is not None or not self.fuser.drafters:
+            return self._cost_curve or CostCurve.flat(1)
+        if batch not in self._curves:
+            self._curves[batch] = cached_cost_curve(self.model, CostProbe(batch=batch))
+        return self._curves[batch]
+
+
+class _Row:
+    """One row's state during a batch: its context buffer, sampler uniforms and counters."""
+
+    def __init__(self, index: int, request: int, prompt: np.ndarray, config: GenerationConfig,
+                 seed: Seed | None) -> None:
+        self.index, self.request, self.prompt = index, request, prompt
+        self.buffer = np.zeros(len(prompt) + config.max_new_tokens, dtype=np.int32)
+        self.buffer[: len(prompt)] = prompt
+        self.length = len(prompt)
+        self.uniforms = None if seed is None else np.random.default_rng(seed).random(config.max_new_tokens)
+        self.stats = GenerationStats(seed=seed)
+
+    @property
+    def context(self) -> np.ndarray:
+        return self.buffer[: self.length]
+
+    @property
+    def output(self) -> np.ndarray:
+        return self.buffer[len(self.prompt) : self.length]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens the row may still gain."""
+        return len(self.buffer) - self.length
+
+    def node_uniforms(self, tree: DraftTree) -> np.ndarray | None:
+        """(n,) the uniform of the output position each node's chosen token would fill (sampling only)."""
+        if self.uniforms is None:
+            return None
+        return self.uniforms[len(self.output) + depths(tree.parents)]
+
+    def cut(self, new_tokens: np.ndarray, eos: frozenset[int], stops: StopStrings | None) -> tuple[np.ndarray, bool]:
+        """Trim a step's tokens at EOS, the token limit or a stop string; say whether the row is done."""
+        for i, token in enumerate(new_tokens.tolist()):
+            if token in eos or i + 1 == self.remaining:
+                return new_tokens[: i + 1], True
+            if stops is not None and stops.hit(np.concatenate([self.output[-stops.window :], new_tokens[: i + 1]])):
+                return new_tokens[: i + 1], True
+        return new_tokens, False
+
+    def append(self, new_tokens: np.ndarray) -> None:
+        self.buffer[self.length : self.length + len(new_tokens)] = new_tokens
+        self.length += len(new_tokens)
+
+
+class StopStrings:
+    """Whether an output has just completed a stop string: a function of the output alone, so a step that gains
+    many tokens stops exactly where steps of one token would.
+
+    The text checked is the decoding of the output's last ``len(stop) + 8`` tokens (every token decodes to at
+    least one character, so the window holds any occurrence that ends in the newest token).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.window = max(len(s) for s in self.stop_strings) + 8
+
+    def hit(self, output: np.ndarray) -> bool:
+        """Whether the text of ``output``'s last :attr:`window` tokens holds a stop string."""
+        tail = output[-self.window :]
+        text = self.tokenizer.decode(tail, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return any(stop in text for stop in self.stop_strings)
+
+
+def _row_seed(config: GenerationConfig, seeds: Sequence[Seed] | None, index: int, batch: int) -> Seed:
+    if seeds is not None:
+        return seeds[index]
+    if config.seed is None:
+        return int(np.random.SeedSequence().entropy)
+    if batch == 1:
+        return config.seed
+    return (*(config.seed if isinstance(config.seed, tuple) else (config.seed,)), index)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | np.ndarray) -> np.ndarray:
@@ -211,66 +425,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | np.ndarray) -> np.n
     return ids
 
 
-def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
-    """The tokens that end a generation, from the model's generation config."""
-    eos = model.generation_config.eos_token_id
+def eos_token_ids(model: PreTrainedModel, config: GenerationConfig) -> frozenset[int]:
+    """The tokens that end a row: the config's, else the model's generation config's."""
+    eos = config.eos_token_ids if config.eos_token_ids is not None else model.generation_config.eos_token_id
     return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
-def check_fits(model: PreTrainedModel, prompt_len: int, max_new_tokens: int) -> None:
+def check_fits(verifier: Verifier, prompt_len: int, max_new_tokens: int) -> None:
     """Raise InputError when the prompt plus ``max_new_tokens`` exceeds the model's context."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = verifier.layout.context_limit
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise InputError(
             f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds the "
             f"model's context of {limit} tokens"
         )
-
-
-def cut_at_stop(
-    new_tokens: np.ndarray,
-    output: np.ndarray,
-    remaining: int,
-    config: GenerationConfig,
-    eos_token_ids: frozenset[int],
-    tokenizer: PreTrainedTokenizerBase,
-) -> tuple[np.ndarray, bool]:
-    """Trim a step's tokens at EOS, the token limit or a stop string; say whether decoding is done.
-
-    Args:
-        new_tokens: the tokens the step gained.
-        output: the output before this step.
-        remaining: how many tokens the output may still gain.
-    """
-    for i, token in enumerate(new_tokens.tolist()):
-        if token in eos_token_ids or i + 1 == remaining or _hits_stop(output, new_tokens[: i + 1], config, tokenizer):
-            return new_tokens[: i + 1], True
-    return new_tokens, False
-
-
-def _hits_stop(output: np.ndarray, tail: np.ndarray, config: GenerationConfig, tokenizer) -> bool:
-    if not config.stop_strings:
-        return False
-    window = np.concatenate([output[-16:], tail])
-    text = tokenizer.decode(window, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return any(stop in text for stop in config.stop_strings)
-
-
-def count_step(
-    stats: GenerationStats,
-    tree: DraftTree,
-    accepted: np.ndarray,
-    new_tokens: np.ndarray,
-    draft_seconds: float,
-    verify_seconds: float,
-) -> None:
-    """Add one verification step to ``stats``."""
-    stats.steps += 1
-    stats.new_tokens += len(new_tokens)
-    stats.drafted_nodes += len(tree) - 1
-    stats.draft_ms += draft_seconds * 1e3
-    stats.verify_ms += verify_seconds * 1e3
-    stats.tokens_per_step[len(new_tokens)] = stats.tokens_per_step.get(len(new_tokens), 0) + 1
-    for node in accepted[1 : len(new_tokens)]:
-        name = Source(int(tree.sources[node])).name.lower()
-        stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .errors import ModelNotFoundError
+from .errors import InputError, ModelNotFoundError
 
 hf_logging.disable_progress_bar()  # loading a converted checkpoint takes 0.5 s: no bar on stderr
 
@@ -61,22 +61,56 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU, else Apple's MPS, else the CPU; otherwise the device named.
+
+    Raises:
+        InputError: a device this machine does not have.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' requested but torch sees no Apple GPU here; use --device cpu (or auto)")
+    return resolved
+
+
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32
+    name_or_path: str, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
         name_or_path: an embedded model name (``smollm2-135m``, ``qwen2.5-0.5b``) or a directory holding a
             Hugging Face checkpoint.
-        dtype: weights dtype; fp32 is what the losslessness tests use.
+        dtype: weights dtype (a torch dtype or a key of :data:`DTYPES`); float32 is where greedy output is
+            identical to plain decoding's, token for token.
+        device: ``auto``, ``cpu``, ``cuda`` (``cuda:1``...), ``mps`` or a torch device.
 
     Raises:
         ModelNotFoundError: neither a known name nor a directory with a ``config.json``.
+        InputError: an unknown dtype, or a device this machine does not have.
     """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    device = resolve_device(device) if isinstance(device, str) else device
     path = _model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.to(device)
     model.eval()
     return model, tokenizer
 

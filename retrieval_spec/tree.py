@@ -1,6 +1,7 @@
-"""Token-tree algebra: merge drafts, pick the nodes worth verifying, and lay the tree out for attention.
+"""Token trees: the draft every source produces, and the algebra that merges, ranks and lays it out.
 
-Pure numpy. The verifier turns the arrays returned here into tensors; nothing here knows the model.
+Pure numpy, like every module of the core (``tree``, ``sizing``, ``acceptance``, ``calibration``, ``fusion``,
+``drafters``, ``datastore``): nothing here knows the model. The verifier turns these arrays into tensors.
 
 Layout contract (ANCHORS.md, detail 1): node 0 is the root, the newest token whose keys are not cached;
 a node at depth ``d`` sits at position ``cached_len + d`` and attends to the whole cached prefix, its
@@ -9,13 +10,200 @@ ancestors and itself only.
 
 from __future__ import annotations
 
+import enum
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from .drafters.base import DraftTree, depths_of
+
+class Source(enum.IntEnum):
+    """Which drafter proposed a node; stored per node in ``DraftTree.sources``."""
+
+    ROOT = 0
+    PROMPT = 1  # PLD / LLMA: prompt, reference documents, output so far
+    CORPUS = 2  # REST: suffix array over a datastore
+    POOL = 3  # Lookahead n-gram pool
+    RECYCLE = 4  # the model's own earlier top-k predictions
+    SIBLING = 5  # other samples of the same prompt
+    HISTORY = 6  # outputs of earlier requests
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A token trie in topological order, as parallel arrays.
+
+    Node 0 is the root: the newest context token, already known, not a guess. Every other node is a guessed
+    token that follows its parent. Siblings never repeat a token (lossless sampling depends on it).
+
+    Attributes:
+        tokens: (n,) int32 token ids.
+        parents: (n,) int32; ``parents[0] == -1`` and ``0 <= parents[i] < i`` for ``i > 0``.
+        scores: (n,) float32 in [0, 1]: estimated probability that the target accepts the whole path from
+            the root to the node; ``scores[0] == 1`` and a child never scores above its parent.
+        sources: (n,) uint8 :class:`Source` of each node (``Source.ROOT`` for node 0).
+
+    >>> t = DraftTree.from_paths(7, [np.array([1, 2]), np.array([3])], [np.array([.5, .4]), np.array([.3])],
+    ...                          Source.PROMPT)
+    >>> t.tokens.tolist(), t.parents.tolist(), depths(t.parents).tolist()
+    ([7, 1, 2, 3], [-1, 0, 1, 0], [0, 1, 2, 1])
+    """
+
+    tokens: np.ndarray
+    parents: np.ndarray
+    scores: np.ndarray
+    sources: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        if n == 0:
+            raise ValueError("a DraftTree has at least its root")
+        for name, dtype in (("tokens", np.int32), ("parents", np.int32), ("scores", np.float32), ("sources", np.uint8)):
+            array = getattr(self, name)
+            if array.shape != (n,) or array.dtype != dtype:
+                raise ValueError(f"DraftTree.{name} must be ({n},) {np.dtype(dtype)}, got {array.shape} {array.dtype}")
+        if self.parents[0] != -1 or self.scores[0] != 1.0:
+            raise ValueError("node 0 must be the root: parents[0] == -1 and scores[0] == 1")
+        if n > 1:
+            parents = self.parents[1:]
+            if np.any(parents < 0) or np.any(parents >= np.arange(1, n)):
+                raise ValueError("DraftTree.parents must satisfy 0 <= parents[i] < i")
+            if np.any(self.scores[1:] > self.scores[parents] + 1e-6) or np.any(self.scores < 0):
+                raise ValueError("DraftTree.scores must lie in [0, 1] and never rise from parent to child")
+            edges = parents.astype(np.int64) * (1 << 32) + self.tokens[1:].astype(np.int64)
+            if len(np.unique(edges)) != n - 1:
+                raise ValueError("DraftTree siblings must carry distinct tokens")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def head(self, n: int) -> DraftTree:
+        """The first ``n`` nodes (all when fewer): a tree, since parents always come before their children."""
+        return self.select(np.arange(min(n, len(self)), dtype=np.int64))
+
+    def select(self, keep: np.ndarray) -> DraftTree:
+        """The sub-tree of nodes ``keep`` ((k,) increasing indices, root first, closed under ancestors)."""
+        new_index = np.full(len(self), -1, dtype=np.int32)
+        new_index[keep] = np.arange(len(keep), dtype=np.int32)
+        parents = self.parents[keep].copy()
+        parents[1:] = new_index[parents[1:]]
+        return DraftTree(tokens=self.tokens[keep], parents=parents, scores=self.scores[keep],
+                         sources=self.sources[keep])
+
+    @staticmethod
+    def empty(root: int) -> DraftTree:
+        """The tree with the root alone: nothing to propose."""
+        return DraftTree(
+            tokens=np.array([root], dtype=np.int32),
+            parents=np.array([-1], dtype=np.int32),
+            scores=np.array([1.0], dtype=np.float32),
+            sources=np.array([Source.ROOT], dtype=np.uint8),
+        )
+
+    @staticmethod
+    def chain(tokens: np.ndarray, source: Source = Source.ROOT) -> DraftTree:
+        """A single path: ``tokens[0]`` is the root, each next token the child of the previous one."""
+        n = len(tokens)
+        return DraftTree(
+            tokens=np.asarray(tokens, dtype=np.int32),
+            parents=np.arange(-1, n - 1, dtype=np.int32),
+            scores=np.ones(n, dtype=np.float32),
+            sources=np.array([Source.ROOT] + [source] * (n - 1), dtype=np.uint8),
+        )
+
+    @staticmethod
+    def from_paths(root: int, paths: Sequence[np.ndarray], probs: Sequence[np.ndarray], source: Source) -> DraftTree:
+        """Merge token paths that continue ``root`` into one trie.
+
+        Args:
+            root: the newest context token.
+            paths: token sequences, each continuing ``root``.
+            probs: per path, (len(path),) estimated probability of reaching each of its tokens (non-increasing).
+                Where paths share a prefix node, the node keeps the highest estimate offered for it.
+
+        A child's score is capped by its parent's so the result always validates.
+        """
+        tokens, parents, scores = [root], [-1], [1.0]
+        children: dict[tuple[int, int], int] = {}
+        for path, prob in zip(paths, probs):
+            node = 0
+            for token, p in zip(path.tolist(), prob.tolist()):
+                key = (node, token)
+                child = children.get(key)
+                p = min(float(p), scores[node])
+                if child is None:
+                    child = len(tokens)
+                    children[key] = child
+                    tokens.append(token)
+                    parents.append(node)
+                    scores.append(p)
+                elif p > scores[child]:
+                    scores[child] = p
+                node = child
+        # Raising a node's score may leave a descendant above it; the cap keeps the invariant.
+        scores_array = np.array(scores, dtype=np.float32)
+        parents_array = np.array(parents, dtype=np.int32)
+        for i in range(1, len(scores_array)):
+            scores_array[i] = min(scores_array[i], scores_array[parents_array[i]])
+        return DraftTree(
+            tokens=np.array(tokens, dtype=np.int32),
+            parents=parents_array,
+            scores=scores_array,
+            sources=np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
+        )
+
+
+def trie_from_continuations(
+    root: int,
+    continuations: Sequence[np.ndarray],
+    weights: np.ndarray,
+    depth_probs: np.ndarray,
+    source: Source,
+    max_nodes: int,
+) -> DraftTree:
+    """Count weighted continuations into a trie and score each node as a probability of acceptance.
+
+    A node's score is the share of the total weight whose continuation passes through it, times
+    ``depth_probs[0] * ... * depth_probs[d - 1]`` for a node at depth ``d`` (how often copying goes on that
+    far). Continuations are inserted heaviest first and no new node is created past ``max_nodes``.
+
+    Args:
+        root: the newest context token.
+        continuations: token arrays, each continuing ``root``.
+        weights: (len(continuations),) positive weights (match counts, match lengths...).
+        depth_probs: (max_depth,) conditional probabilities in (0, 1]; continuations are cut to this length.
+        source: the proposing drafter.
+        max_nodes: node budget beyond the root.
+    """
+    if not continuations or max_nodes <= 0:
+        return DraftTree.empty(root)
+    total = float(np.sum(weights))
+    reach = np.cumprod(depth_probs)
+    tokens, parents, mass = [root], [-1], [total]
+    children: dict[tuple[int, int], int] = {}
+    for i in np.argsort(-np.asarray(weights), kind="stable"):
+        node = 0
+        for token in continuations[i][: len(depth_probs)].tolist():
+            child = children.get((node, token))
+            if child is None:
+                if len(tokens) > max_nodes:
+                    break
+                child = children[(node, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+                mass.append(0.0)
+            mass[child] += float(weights[i])
+            node = child
+    parents_array = np.array(parents, dtype=np.int32)
+    scores = np.array(mass, dtype=np.float64) / total
+    scores[1:] *= reach[depths(parents_array)[1:] - 1]
+    return DraftTree(
+        tokens=np.array(tokens, dtype=np.int32),
+        parents=parents_array,
+        scores=np.minimum(scores, 1.0).astype(np.float32),
+        sources=np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
+    )
 
 
 def depths(parents: np.ndarray) -> np.ndarray:
@@ -30,7 +218,10 @@ def depths(parents: np.ndarray) -> np.ndarray:
     >>> depths(np.array([-1, 0, 1], dtype=np.int32)).tolist()
     [0, 1, 2]
     """
-    return depths_of(parents)
+    out = np.zeros(len(parents), dtype=np.int32)
+    for i in range(1, len(parents)):
+        out[i] = out[parents[i]] + 1
+    return out
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:
@@ -99,6 +290,25 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     )
 
 
+def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
+    """``tree`` without the nodes whose token is not in ``[0, vocab_size)``, and without their descendants.
+
+    Drafts come from files (datastores, saved state) that a damaged or hostile file can fill with anything;
+    a token the model does not have must never reach it. One comparison per node.
+
+    >>> t = DraftTree.from_paths(1, [np.array([5, 2]), np.array([9, 3])], [np.ones(2), np.ones(2)], Source.CORPUS)
+    >>> within_vocabulary(t, 8).tokens.tolist()
+    [1, 5, 2]
+    """
+    bad = (tree.tokens < 0) | (tree.tokens >= vocab_size)
+    bad[0] = False
+    if not bad.any():
+        return tree
+    for i in range(1, len(tree)):
+        bad[i] |= bad[tree.parents[i]]
+    return tree.select(np.flatnonzero(~bad))
+
+
 def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) -> tuple[DraftTree, np.ndarray]:
     """Keep the root and the ``max_nodes`` highest-scoring other nodes, closed under ancestors.
 
@@ -136,81 +346,53 @@ def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) ->
 
 
 @dataclass(frozen=True)
-class CostCurve:
-    """Measured cost of one verification forward as a function of the number of tree nodes.
+class Branch:
+    """Extra nodes run in the verification forward beside the tree and never accepted: a drafter's own
+    look-ahead computation (Lookahead decoding's Jacobi window). The target's argmax at each comes back in
+    ``StepFeedback.branch_tokens``.
+
+    Every branch node attends to the whole context, the tree's root included, to the branch nodes
+    ``visible`` allows, and to no drafted tree node, so the branch never changes the tree's logits.
 
     Attributes:
-        sizes: (m,) int, increasing node counts that were measured, starting at 1.
-        ms: (m,) float, milliseconds per forward at each size.
+        tokens: (m,) int32.
+        offsets: (m,) int32 >= 1, position of each node after the root's.
+        visible: (m, m) bool, ``visible[i, j]``: node i attends to node j; the diagonal is True.
     """
 
-    sizes: np.ndarray
-    ms: np.ndarray
+    tokens: np.ndarray
+    offsets: np.ndarray
+    visible: np.ndarray
 
     def __post_init__(self) -> None:
-        if len(self.sizes) == 0 or self.sizes[0] != 1 or np.any(np.diff(self.sizes) <= 0):
-            raise ValueError("CostCurve.sizes must start at 1 and increase")
-        if self.ms.shape != self.sizes.shape or np.any(self.ms <= 0):
-            raise ValueError("CostCurve.ms must be positive, one per size")
+        m = len(self.tokens)
+        if self.offsets.shape != (m,) or self.visible.shape != (m, m):
+            raise ValueError("Branch needs offsets of shape (m,) and visible of shape (m, m)")
+        if m and (self.offsets.min() < 1 or not self.visible.diagonal().all()):
+            raise ValueError("Branch offsets must be >= 1 and every node must see itself")
 
-    def _envelope(self) -> np.ndarray:
-        """(m,) cost of each measured size if it may be padded up to any larger measured size."""
-        return np.minimum.accumulate(self.ms[::-1])[::-1]
-
-    def padded_size(self, num_nodes: int) -> int:
-        """The node count to actually run for ``num_nodes`` nodes: a larger measured size when that is cheaper.
-
-        Matrix kernels are not monotone in the row count on CPUs (3 rows can cost more than 4), so the
-        verifier pads a tree with inert nodes up to this size.
-        """
-        at_least = self.sizes >= num_nodes
-        if not np.any(at_least):
-            return int(num_nodes)
-        candidates = np.flatnonzero(at_least)
-        best = candidates[np.argmin(self.ms[candidates])]
-        interpolated = np.interp(num_nodes, self.sizes, self.ms)
-        return int(self.sizes[best]) if self.ms[best] < interpolated else int(num_nodes)
-
-    def relative(self, num_nodes: np.ndarray) -> np.ndarray:
-        """Cost of verifying ``num_nodes`` nodes (padded as :meth:`padded_size`) relative to one plain step."""
-        interpolated = np.interp(num_nodes, self.sizes, self.ms)
-        at_least = np.searchsorted(self.sizes, num_nodes, side="left")
-        padded = np.append(self._envelope(), np.inf)[np.minimum(at_least, len(self.sizes))]
-        return np.minimum(interpolated, padded) / self._envelope()[0]
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
-def best_size(scores: np.ndarray, curve: CostCurve, fixed: int = 1) -> int:
-    """How many of the best-first candidate nodes to verify to maximise expected tokens per unit of time.
+@dataclass(frozen=True)
+class StepFeedback:
+    """What one verification step tells the drafters.
 
-    Verifying the root plus the first ``k`` candidates yields ``1 + sum(scores[:k])`` tokens in expectation
-    (each node is accepted with the probability of its whole path, plus one bonus token) and costs
-    ``curve.relative(k + fixed)``. ``k = 0`` is plain decoding.
-
-    Args:
-        scores: (m,) non-increasing estimated path probabilities of the candidates, best first.
-        fixed: nodes verified whatever ``k`` is: the root, plus any look-ahead branch.
-
-    Returns:
-        k in ``[0, m]``.
+    Attributes:
+        tree: the tree that was verified.
+        accepted_nodes: (m,) int32 node indices of the accepted path, starting with the root (0).
+        new_tokens: (m',) int32 tokens appended to the context this step: the accepted drafted tokens followed
+            by the bonus token chosen at the last accepted node, cut at EOS, a stop string or the token limit
+            (so ``m' <= m``).
+        top_tokens: (n, k) int32, the target's k most likely next tokens at every tree node, most likely first
+            (k is the largest ``Drafter.top_k`` asked for, possibly 0).
+        branch_tokens: (b,) int32, the target's argmax at every node of the step's :class:`Branch` (empty when
+            no branch ran).
     """
-    return best_batch_size([scores], curve, fixed)
 
-
-def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int = 1) -> int:
-    """:func:`best_size` for a batch whose rows are all padded to one tree size: the k that maximises the
-    expected tokens of all rows (a row with fewer candidates verifies all of them) per unit of the cost of
-    ``k + fixed`` nodes per row (``curve`` measured at this batch size).
-
-    Args:
-        scores: per row, (m_b,) non-increasing estimated path probabilities of its candidates, best first.
-
-    Returns:
-        k in ``[0, max m_b]``.
-    """
-    most = max((len(s) for s in scores), default=0)
-    k = np.arange(most + 1)
-    expected = np.zeros(most + 1)
-    for row in scores:
-        gains = np.concatenate([[0.0], np.cumsum(row, dtype=np.float64)])
-        expected += 1.0 + gains[np.minimum(k, len(row))]
-    return int(np.argmax(expected / curve.relative(k + fixed)))
+    tree: DraftTree
+    accepted_nodes: np.ndarray
+    new_tokens: np.ndarray
+    top_tokens: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
+    branch_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))

@@ -1,353 +1,303 @@
-"""Verification: the only place that runs the target model.
+"""Verification: the only code that runs the target model.
 
-One forward pass scores a whole :class:`DraftTree` on top of the KV cache with tree attention (a 4-D float
-mask plus per-node position ids); acceptance picks the longest path the target agrees with; compaction keeps
-exactly that path's keys and values in the cache.
+One forward scores every row's :class:`~retrieval_spec.tree.DraftTree` (and look-ahead :class:`Branch`) on
+top of the rows' key/value cache with tree attention — a 4-D additive mask plus one position id per node — and
+:class:`Sampler` turns the logits into each node's target token (argmax, or an inverse-CDF draw after the
+processors). That is the one host boundary: a step's results cross to numpy in a single transfer. Acceptance
+itself (:mod:`retrieval_spec.acceptance`) and the cache's bookkeeping (:mod:`retrieval_spec.cache`) follow.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from .drafters.base import Branch, DraftTree
-from .tree import ancestor_mask, children_lists, depths
+from .cache import TreeCache
+from .errors import UnsupportedModelError
+from .families import AttentionLayout, attention_layout
+from .tree import Branch, DraftTree, ancestor_mask, depths
 
 
-def greedy_accept(tree: DraftTree, target_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Longest root path whose every token equals the target's choice at its parent, plus the bonus token.
+@dataclass(frozen=True)
+class RowDraft:
+    """One row's share of a verification step.
 
-    Args:
-        tree: the verified tree.
-        target_tokens: (n,) the target's next token at every node (argmax of its logits).
-
-    Returns:
-        accepted_nodes: (m,) int32 node indices of the accepted path, root first.
-        new_tokens: (m,) int32 the accepted drafted tokens followed by the bonus token.
-
-    >>> t = DraftTree.from_paths(7, [np.array([1, 2]), np.array([3])], [np.array([.5, .4]), np.array([.3])], 1)
-    >>> [a.tolist() for a in greedy_accept(t, np.array([1, 9, 5, 5]))]
-    [[0, 1], [1, 9]]
+    Attributes:
+        tree: the draft tree, n nodes, root first.
+        branch: m look-ahead nodes verified beside it (never accepted), or None.
+        context: (c,) int32 the row's prompt and output so far, root last: what a repetition penalty counts.
+        uniforms: (n,) float64 the uniform of each node's output position (sampling), or None (greedy).
     """
-    kids = children_lists(tree.parents)
-    node, path = 0, [0]
-    while True:
-        want = target_tokens[node]
-        nxt = next((c for c in kids[node] if tree.tokens[c] == want), None)
-        if nxt is None:
-            break
-        node = nxt
-        path.append(node)
-    accepted = np.array(path, dtype=np.int32)
-    new_tokens = np.append(tree.tokens[accepted[1:]], target_tokens[node]).astype(np.int32)
-    return accepted, new_tokens
+
+    tree: DraftTree
+    branch: Branch | None
+    context: np.ndarray
+    uniforms: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """What one row's verification yields, on the host.
+
+    Attributes:
+        node_tokens: (n,) int32 the target's token after every tree node (see ``acceptance``).
+        top_tokens: (n, k) int32 the target's k most likely next tokens at every tree node (raw logits).
+        branch_tokens: (m,) int32 the target's argmax at every branch node.
+    """
+
+    node_tokens: np.ndarray
+    top_tokens: np.ndarray
+    branch_tokens: np.ndarray
 
 
 class Sampler:
-    """The target's processed sampling distribution, with Hugging Face's own warpers in generate()'s order."""
+    """How the target chooses a token at a node: its processed logits' argmax, or a draw from them.
 
-    def __init__(self, config) -> None:
-        """``config``: a GenerationConfig; one uniform per output position is drawn up front from its seed."""
-        warpers = [TemperatureLogitsWarper(config.temperature)]
-        if config.top_k > 0:
-            warpers.append(TopKLogitsWarper(config.top_k))
-        if config.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(config.top_p))
+    The processors are transformers' own, in ``generate()``'s order: repetition penalty (each node counting
+    its own prefix: the row's context and the node's ancestors), then, when sampling, temperature, top-k,
+    top-p and min-p. A draw is by inverse CDF with the uniform the row gives the node's output position.
+    """
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0) -> None:
+        self.greedy = temperature == 0
+        self.repetition_penalty = repetition_penalty
+        warpers = []
+        if not self.greedy:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k > 0:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+            if min_p > 0:
+                warpers.append(MinPLogitsWarper(min_p))
         self.warpers = LogitsProcessorList(warpers)
-        self.uniforms = np.random.default_rng(config.seed).random(config.max_new_tokens)
 
-    def probs(self, logits: torch.Tensor) -> np.ndarray:
-        """(n, vocab) logits -> (n, vocab) float64 probabilities."""
-        scores = self.warpers(None, logits.float())
-        return torch.softmax(scores, dim=-1).double().numpy()
+    @property
+    def plain_argmax(self) -> bool:
+        """Whether the node tokens are the raw logits' argmax (no processor changes the choice)."""
+        return self.greedy and self.repetition_penalty == 1.0
 
+    def choose(self, logits: torch.Tensor, row: RowDraft) -> torch.Tensor:
+        """(n, vocab) logits of the row's tree nodes -> (n,) the target's token after each node."""
+        scores = logits.float()
+        if self.repetition_penalty != 1.0:
+            scores = self._penalize(scores, row)
+        if self.greedy:
+            return scores.argmax(dim=-1)
+        probs = torch.softmax(self.warpers(None, scores), dim=-1)
+        cdf = torch.cumsum(probs.double(), dim=-1)
+        uniforms = torch.as_tensor(row.uniforms, dtype=torch.float64, device=cdf.device)
+        drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+        return drawn.clamp_(max=cdf.shape[-1] - 1)
 
-def sample_accept(tree: DraftTree, probs: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lossless acceptance of a deterministic draft tree under sampling.
-
-    At the current node (depth d) the target's token is drawn by inverse CDF with ``uniforms[d]``; if a child
-    carries it, the walk descends and repeats, otherwise that token is the bonus and the step ends. Each
-    emitted token therefore has exactly the target's distribution given its prefix (ANCHORS.md, detail 3).
-    This is the same law as trying the children in turn, accepting child x with probability q(x) and
-    removing it from the renormalised residual q on rejection: the chance that child x is emitted is p(x)
-    either way, and a non-child x is emitted with probability p(x). Drawing by inverse CDF from one uniform
-    per output position makes the output a function of the seed alone, whatever the drafts: seeded runs
-    reproduce exactly, with any drafter or none.
-
-    Args:
-        tree: the verified tree; siblings carry distinct tokens (DraftTree guarantees it).
-        probs: (n, vocab) the target's processed next-token distribution at every node.
-        uniforms: (at least max depth + 1,) uniforms in [0, 1) of the output positions this step can fill.
-
-    Returns:
-        accepted_nodes and new_tokens, as :func:`greedy_accept`.
-    """
-    kids = children_lists(tree.parents)
-    node, path = 0, [0]
-    while True:
-        cdf = np.cumsum(probs[node], dtype=np.float64)
-        token = min(int(np.searchsorted(cdf, uniforms[len(path) - 1] * cdf[-1], side="right")), len(cdf) - 1)
-        child = next((c for c in kids[node] if tree.tokens[c] == token), None)
-        if child is None:
-            break
-        node = child
-        path.append(node)
-    accepted = np.array(path, dtype=np.int32)
-    return accepted, np.append(tree.tokens[accepted[1:]], token).astype(np.int32)
+    def _penalize(self, scores: torch.Tensor, row: RowDraft) -> torch.Tensor:
+        """transformers' repetition penalty with every node's own prefix: context plus ancestors."""
+        n, vocab = scores.shape
+        seen = torch.zeros(vocab, dtype=torch.bool, device=scores.device)
+        seen[torch.as_tensor(row.context, dtype=torch.long, device=scores.device)] = True
+        seen = seen.repeat(n, 1)
+        ancestors = ancestor_mask(row.tree.parents)  # (n, n): a node's path includes itself
+        node, along = np.nonzero(ancestors)
+        seen[torch.as_tensor(node, device=scores.device),
+             torch.as_tensor(row.tree.tokens[along].astype(np.int64), device=scores.device)] = True
+        penalized = torch.where(scores < 0, scores * self.repetition_penalty, scores / self.repetition_penalty)
+        return torch.where(seen, penalized, scores)
 
 
-def accept(
-    tree: DraftTree, logits: torch.Tensor, sampler: Sampler | None, position: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The step's acceptance: :func:`greedy_accept` without a sampler, else :func:`sample_accept`.
+class Verifier:
+    """Holds the model and the rows' cache; one forward verifies a tree (and a branch) per row.
+
+    Call :meth:`reset` per batch, then alternate :meth:`verify` and :meth:`commit`; :meth:`keep_rows` drops
+    finished rows.
 
     Args:
-        tree: the verified tree.
-        logits: (n, vocab) the target's logits at its nodes.
-        sampler: the request's sampler, or None for greedy decoding.
-        position: how many tokens the output already holds (the first uniform this step uses).
-    """
-    if sampler is None:
-        return greedy_accept(tree, logits.argmax(dim=-1).numpy())
-    return sample_accept(tree, sampler.probs(logits), sampler.uniforms[position:])
-
-
-class TreeVerifier:
-    """Holds the model and its KV cache for one sequence and verifies draft trees against it.
-
-    State: ``cached_len`` tokens of the context have keys/values in ``cache``; the newest context token (the
-    next tree's root) never has. Call :meth:`reset` per request, then alternate :meth:`logits` and
-    :meth:`commit`.
+        model: a causal LM of a supported family (:func:`~retrieval_spec.families.attention_layout`).
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
+        self.layout: AttentionLayout = attention_layout(model)
         self.device = model.device
         self.dtype = model.dtype
-        self.cache = DynamicCache(config=model.config)
-        self.cached_len = 0
-        self._prefilled = np.zeros(0, dtype=np.int32)  # the tokens the current cache was prefilled with
-
-    @torch.inference_mode()
-    def reset(self, prompt: np.ndarray) -> None:
-        """Start a sequence: cache every prompt token but the last, which becomes the first root.
-
-        When the prompt is the one prefilled last (samples of one prompt), the cache is cut back to that
-        prefill instead of recomputed: the same tensors, so the same results bit for bit.
-        """
-        prefix = np.asarray(prompt[:-1], dtype=np.int32)
-        if len(prefix) and np.array_equal(prefix, self._prefilled) and self.cached_len >= len(prefix):
-            self.cached_len = len(prefix)
-            self.rollback()
-            return
-        self.cache = DynamicCache(config=self.model.config)
-        self.cached_len = 0
-        self._prefilled = prefix.copy()
-        if len(prefix):
-            ids = torch.as_tensor(prefix[None], dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            self.cached_len = len(prefix)
-
-    @torch.inference_mode()
-    def logits(self, tree: DraftTree, pad_to: int = 0, branch: Branch | None = None) -> torch.Tensor:
-        """Run the model over every node of ``tree`` (and of ``branch``) in one forward pass.
-
-        The nodes' keys and values are appended to the cache (call :meth:`commit` next, which keeps only
-        accepted tree nodes).
-
-        Args:
-            tree: n nodes, root first.
-            pad_to: run this many rows when larger than n + m: the extra rows are inert (no real node attends to
-                them) and exist only because some row counts are faster than smaller ones on this machine.
-            branch: m look-ahead nodes after the tree's, seeing the context and each other as ``branch.visible``
-                says; no tree node sees them.
-
-        Returns:
-            (n + m, vocab) float32 logits; row ``i`` predicts the token after node ``i`` (tree nodes first).
-        """
-        n, m = len(tree), 0 if branch is None else len(branch)
-        rows = max(n + m, pad_to)
-        tokens = np.full(rows, tree.tokens[0], dtype=np.int32)
-        tokens[:n] = tree.tokens
-        depth = np.zeros(rows, dtype=np.int32)
-        depth[:n] = depths(tree.parents)
-        if m:
-            tokens[n : n + m] = branch.tokens
-            depth[n : n + m] = branch.offsets
-        ids = torch.as_tensor(tokens[None], dtype=torch.long, device=self.device)
-        positions = torch.as_tensor(self.cached_len + depth[None], dtype=torch.long, device=self.device)
-        kwargs = {}
-        if rows > 1:
-            start = self.cached_len
-            visible = np.ones((rows, start + rows), dtype=bool)
-            visible[:, start:] = np.eye(rows, dtype=bool)
-            visible[:n, start : start + n] = ancestor_mask(tree.parents)
-            if m:
-                visible[n : n + m, start] = True  # the root
-                visible[n : n + m, start + n : start + n + m] = branch.visible
-            kwargs["attention_mask"] = additive_mask(visible[None], self.dtype, self.device)
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True, **kwargs)
-        return out.logits[0, : n + m].float()
-
-    @torch.inference_mode()
-    def commit(self, accepted_nodes: np.ndarray) -> None:
-        """Keep the cached prefix plus the accepted path's entries, in order, in every layer.
-
-        Args:
-            accepted_nodes: (m,) increasing node indices, root first, of the tree last passed to :meth:`logits`.
-        """
-        m = len(accepted_nodes)
-        start = self.cached_len
-        contiguous = bool(np.all(accepted_nodes == np.arange(m)))
-        index = torch.as_tensor(start + accepted_nodes, dtype=torch.long, device=self.device)
-        for layer in self.cache.layers:
-            if not contiguous:
-                layer.keys[:, :, start : start + m] = layer.keys.index_select(2, index)
-                layer.values[:, :, start : start + m] = layer.values.index_select(2, index)
-            layer.keys = layer.keys[:, :, : start + m]
-            layer.values = layer.values[:, :, : start + m]
-        self.cached_len = start + m
-
-    def rollback(self) -> None:
-        """Drop every cache entry beyond ``cached_len`` (what the last :meth:`logits` call appended)."""
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, : self.cached_len]
-            layer.values = layer.values[:, :, : self.cached_len]
-
-
-class BatchTreeVerifier:
-    """Holds the model and one KV cache for B sequences decoded together; one forward verifies a tree per row.
-
-    Rows keep their own lengths: the first ``lengths[b]`` cache slots of row ``b`` hold its context but the
-    newest token (its next tree's root); later slots of a shorter row are stale and masked out, so each row
-    computes exactly what it would alone. Call :meth:`reset` per batch, then alternate :meth:`logits` and
-    :meth:`commit`; :meth:`keep_rows` drops finished rows.
-    """
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model
-        self.device = model.device
-        self.dtype = model.dtype
-        self.cache = DynamicCache(config=model.config)
-        self.lengths = np.zeros(0, dtype=np.int64)
-        self.width = 0  # cache slots per row (the longest row's length)
+        self.cache = TreeCache()
+        if not self.layout.verified:
+            self.self_check()
 
     @torch.inference_mode()
     def reset(self, prompts: list[np.ndarray]) -> None:
-        """Start B sequences: cache every prompt token but the last. Identical prompts are prefilled once."""
-        prefixes = [np.asarray(p[:-1], dtype=np.int32) for p in prompts]
-        self.cache = DynamicCache(config=self.model.config)
-        self.lengths = np.array([len(p) for p in prefixes], dtype=np.int64)
-        self.width = int(self.lengths.max(initial=0))
-        if self.width == 0:
-            return
-        same = all(np.array_equal(p, prefixes[0]) for p in prefixes)
-        rows = prefixes[:1] if same else prefixes
-        tokens = np.zeros((len(rows), self.width), dtype=np.int64)
-        visible = np.zeros((len(rows), self.width, self.width), dtype=bool)
-        causal = np.tril(np.ones((self.width, self.width), dtype=bool))
-        for b, prefix in enumerate(rows):
-            tokens[b, : len(prefix)] = prefix
-            visible[b] = causal
-            visible[b, :, len(prefix) :] = False
-            visible[b, np.arange(len(prefix), self.width), np.arange(len(prefix), self.width)] = True  # inert rows
-        positions = np.tile(np.arange(self.width), (len(rows), 1))
-        self.model(
-            input_ids=torch.as_tensor(tokens, device=self.device),
-            position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device),
-            attention_mask=additive_mask(visible, self.dtype, self.device),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        if same and len(prefixes) > 1:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys.repeat(len(prefixes), 1, 1, 1)
-                layer.values = layer.values.repeat(len(prefixes), 1, 1, 1)
+        """Start B rows: cache every prompt token but the last (each row's first root).
 
-    @torch.inference_mode()
-    def logits(self, trees: list[DraftTree], pad_to: int = 0) -> list[torch.Tensor]:
-        """Run the model over every node of every row's tree in one forward pass.
-
-        Trees are padded with inert nodes to a common size ``T = max(pad_to, largest tree)``; the forward
-        appends ``T`` slots per row to the cache (call :meth:`commit` next).
-
-        Returns:
-            per row ``b``, (len(trees[b]), vocab) float32 logits; row ``i`` predicts the token after node ``i``.
+        Each distinct prefix is prefilled once, alone (the model builds its own causal, sliding-window mask),
+        and rows that share a prompt share its entries.
         """
-        width, batch = self.width, len(trees)
-        rows = max(pad_to, max(len(tree) for tree in trees))
-        tokens = np.zeros((batch, rows), dtype=np.int64)
-        positions = np.zeros((batch, rows), dtype=np.int64)
-        visible = np.zeros((batch, rows, width + rows), dtype=bool)
-        for b, tree in enumerate(trees):
-            n = len(tree)
-            tokens[b] = tree.tokens[0]
-            tokens[b, :n] = tree.tokens
-            positions[b] = self.lengths[b]
-            positions[b, :n] += depths(tree.parents)
-            visible[b, :, : self.lengths[b]] = True
-            visible[b, :, width:] = np.eye(rows, dtype=bool)
-            visible[b, :n, width : width + n] = ancestor_mask(tree.parents)
-        out = self.model(
-            input_ids=torch.as_tensor(tokens, device=self.device),
-            position_ids=torch.as_tensor(positions, device=self.device),
-            attention_mask=additive_mask(visible, self.dtype, self.device),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        return [out.logits[b, : len(tree)].float() for b, tree in enumerate(trees)]
+        prefixes = [np.asarray(p[:-1], dtype=np.int32) for p in prompts]
+        distinct: dict[bytes, int] = {}
+        rows = [distinct.setdefault(p.tobytes(), len(distinct)) for p in prefixes]
+        unique = [prefixes[rows.index(i)] for i in range(len(distinct))]
+        caches = []
+        for prefix in unique:
+            if len(prefix) == 0:
+                caches.append(None)
+                continue
+            cache = DynamicCache()
+            ids = torch.as_tensor(prefix[None], dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            caches.append(cache)
+        self.cache.load_rows(caches, [len(p) for p in unique], rows)
 
     @torch.inference_mode()
-    def commit(self, accepted_nodes: list[np.ndarray]) -> None:
-        """Per row, keep its cached context plus its accepted path's entries, in order, in every layer.
+    def verify(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0, pad_to: int = 0) -> list[RowResult]:
+        """Run every row's tree and branch in one forward; the appended slots wait for :meth:`commit`.
 
         Args:
-            accepted_nodes: per row, (m_b,) increasing node indices, root first, of its last verified tree.
+            rows: one per cached row, in cache order.
+            sampler: how the target chooses tokens.
+            top_k: how many most likely tokens per tree node to return (``RowResult.top_tokens``).
+            pad_to: run at least this many nodes per row: extra nodes are inert (no real node sees them) and
+                exist because some sizes are faster than smaller ones on this machine.
         """
-        batch, most = len(accepted_nodes), max(len(a) for a in accepted_nodes)
-        source = np.zeros((batch, most), dtype=np.int64)
-        for b, nodes in enumerate(accepted_nodes):
-            source[b] = self.width + nodes[-1]
-            source[b, : len(nodes)] = self.width + nodes
-        target = self.lengths[:, None] + np.arange(most)  # slots past a row's new length take filler: stale
-        row = torch.arange(batch, device=self.device)[:, None]
-        source_t = torch.as_tensor(source, device=self.device)
-        target_t = torch.as_tensor(target, device=self.device)
-        self.lengths = self.lengths + np.array([len(a) for a in accepted_nodes])
-        self.width = int(self.lengths.max())
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                tensor[row, :, target_t] = tensor[row, :, source_t]
-                setattr(layer, name, tensor[:, :, : self.width])
+        logits = self._forward(rows, pad_to)  # (B, T, vocab)
+        best = logits.argmax(dim=-1)  # (B, T): branch tokens, and tree tokens when no processor changes them
+        chosen = best
+        if not sampler.plain_argmax:
+            chosen = best.clone()
+            for b, row in enumerate(rows):
+                chosen[b, : len(row.tree)] = sampler.choose(logits[b, : len(row.tree)], row)
+        parts = [chosen[..., None], best[..., None]]
+        if top_k:
+            parts.append(logits.topk(top_k, dim=-1).indices)
+        host = torch.cat(parts, dim=-1).cpu().numpy().astype(np.int32)  # (B, T, 2 + k): the one transfer
+        results = []
+        for b, row in enumerate(rows):
+            n, m = len(row.tree), 0 if row.branch is None else len(row.branch)
+            results.append(RowResult(node_tokens=host[b, :n, 0], top_tokens=host[b, :n, 2:],
+                                     branch_tokens=host[b, n : n + m, 1]))
+        return results
+
+    def commit(self, accepted: list[np.ndarray]) -> None:
+        """Keep each row's accepted nodes after its context (``TreeCache.commit``)."""
+        self.cache.commit(accepted)
 
     def rollback(self) -> None:
-        """Drop every cache slot beyond ``width`` (what the last :meth:`logits` call appended)."""
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, : self.width]
-            layer.values = layer.values[:, :, : self.width]
+        """Forget the last forward's nodes (a cost probe's)."""
+        self.cache.rollback()
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Keep only these rows of the batch, in this order."""
+        self.cache.keep_rows(rows)
+
+    def fits(self, row: int, depth: int) -> bool:
+        """Whether a node ``depth`` positions after row ``row``'s root has a position the model can embed."""
+        limit = self.layout.max_positions
+        return limit is None or int(self.cache.lengths[row]) + depth < limit
+
+    def _forward(self, rows: list[RowDraft], pad_to: int) -> torch.Tensor:
+        """(B, T, vocab) float logits of one forward over every row's nodes, padded to T per row."""
+        batch, width, lengths = len(rows), self.cache.width, self.cache.lengths
+        sizes = [len(r.tree) + (0 if r.branch is None else len(r.branch)) for r in rows]
+        num = max(pad_to, max(sizes))
+        tokens = np.zeros((batch, num), dtype=np.int64)
+        offsets = np.zeros((batch, num), dtype=np.int64)  # position after the root's
+        visible = np.zeros((batch, num, num), dtype=bool)  # among the step's nodes
+        visible[:] = np.eye(num, dtype=bool)  # inert padding nodes see the context and themselves
+        for b, row in enumerate(rows):
+            n = len(row.tree)
+            tokens[b] = row.tree.tokens[0]
+            tokens[b, :n] = row.tree.tokens
+            offsets[b, :n] = depths(row.tree.parents)
+            visible[b, :n, :n] = ancestor_mask(row.tree.parents)
+            if row.branch is not None:
+                m = len(row.branch)
+                tokens[b, n : n + m] = row.branch.tokens
+                offsets[b, n : n + m] = row.branch.offsets
+                visible[b, n : n + m, 0] = True  # the root
+                visible[b, n : n + m, n : n + m] = row.branch.visible
+        positions = lengths[:, None] + offsets
+        device = self.device
+        positions_t = torch.as_tensor(positions, device=device)
+        slot = torch.arange(width, device=device)
+        context = (slot[None, None, :] < torch.as_tensor(lengths, device=device)[:, None, None]).expand(-1, num, -1)
+        tree = torch.as_tensor(visible, device=device)
+        masks = {"full_attention": self._additive(torch.cat([context, tree], dim=-1))}
+        window = self.layout.sliding_window
+        if window is not None:
+            offsets_t = torch.as_tensor(offsets, device=device)
+            near_context = positions_t[:, :, None] - slot[None, None, :] < window
+            near_nodes = offsets_t[:, :, None] - offsets_t[:, None, :] < window
+            sliding = torch.cat([context & near_context, tree & near_nodes], dim=-1)
+            masks["sliding_attention"] = self._additive(sliding)
+        if self.layout.per_layer_type:
+            mask = masks
+        else:
+            mask = masks["sliding_attention" if window is not None else "full_attention"]
+        out = self.model(
+            input_ids=torch.as_tensor(tokens, device=device),
+            position_ids=positions_t,
+            attention_mask=mask,
+            past_key_values=self.cache.cache,
+            use_cache=True,
+        )
+        return out.logits
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, q, k) bool visibility -> (B, 1, q, k) additive mask: 0 where visible, the dtype's minimum elsewhere."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return mask[:, None]
 
     @torch.inference_mode()
-    def keep_rows(self, rows: np.ndarray) -> None:
-        """Keep only the given rows (indices into the current batch), in that order."""
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        self.lengths = self.lengths[rows]
-        self.width = int(self.lengths.max(initial=0))
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, : self.width]
-            layer.values = layer.values.index_select(0, index)[:, :, : self.width]
+    def self_check(self) -> None:
+        """Refuse a model whose tree forward differs from plain forwards (run once for unverified families).
 
+        A short random prompt, then a tree with two branches, one two deep: each node's logits must equal those
+        of a plain forward over its own sequence, up to the dtype's precision.
 
-def additive_mask(visible: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(B, q, k) bool visibility -> (B, 1, q, k) additive float mask: 0 where visible, the dtype's minimum elsewhere."""
-    mask = torch.zeros((visible.shape[0], 1, *visible.shape[1:]), dtype=dtype, device=device)
-    mask[:, 0][torch.as_tensor(~visible, device=device)] = torch.finfo(dtype).min
-    return mask
+        Raises:
+            UnsupportedModelError: naming the model and the largest difference seen.
+        """
+        name = f"{type(self.model).__name__} (model_type {self.layout.model_type!r})"
+        try:
+            worst = self._largest_tree_difference()
+        except Exception as error:  # noqa: BLE001 - any failure of an unverified family under a tree mask refuses it
+            raise UnsupportedModelError(f"{name} fails under a tree mask ({type(error).__name__}: {error}); "
+                                        "it is not supported") from None
+        finally:
+            self.cache = TreeCache()
+        tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
+        if not math.isfinite(worst) or worst > tolerance:
+            raise UnsupportedModelError(f"{name} computes different logits under a tree mask than plain decoding "
+                                        f"(relative difference {worst:.2g}); it is not supported")
+
+    def _largest_tree_difference(self) -> float:
+        """Largest difference, relative to the logits' scale, between a small tree's logits and plain forwards'."""
+        vocab = int(self.model.config.get_text_config(decoder=True).vocab_size)
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, vocab, 7).astype(np.int32)
+        tree = DraftTree(tokens=np.append(prompt[-1:], rng.integers(0, vocab, 3)).astype(np.int32),
+                         parents=np.array([-1, 0, 0, 2], dtype=np.int32),
+                         scores=np.ones(4, dtype=np.float32), sources=np.zeros(4, dtype=np.uint8))
+        self.reset([prompt])
+        logits = self._forward([RowDraft(tree, None, prompt)], 0)[0].float()
+        worst = 0.0
+        for node in range(len(tree)):
+            path = [node]
+            while tree.parents[path[-1]] > 0:
+                path.append(int(tree.parents[path[-1]]))
+            sequence = np.concatenate([prompt, tree.tokens[path[::-1]] if node else []]).astype(np.int64)
+            plain = self.model(input_ids=torch.as_tensor(sequence[None], device=self.device)).logits[0, -1].float()
+            scale = max(float(plain.abs().max()), 1.0)
+            worst = max(worst, float((logits[node] - plain).abs().max()) / scale)
+        return worst

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval_spec.drafters.base import Drafter
+from retrieval_spec.tree import DraftTree, Source, trie_from_continuations
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_BENCH = ROOT / "data" / "spec_bench" / "dev.jsonl"
 
@@ -52,24 +55,49 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-def tiny_model(kind: str):
-    """A 2-layer random-weight causal LM of the given family, fp32, eval mode, deterministic."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+def tiny_config(kind: str):
+    """A 2-4 layer config of a causal-LM family, vocabulary 96. Sliding windows (8 tokens) are shorter than the
+    prompts plus outputs the tests decode, and hybrid families mix sliding and full layers."""
+    import transformers as tf
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "gpt2": 2}[kind])
-    if kind == "llama":
-        config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    elif kind == "qwen2":
-        config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    else:
-        config = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=512)
-    config.eos_token_id = None
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    hybrid = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen2-sliding": lambda: tf.Qwen2Config(**{**common, "num_hidden_layers": 4}, use_sliding_window=True,
+                                                sliding_window=8, max_window_layers=2),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=8),
+        "gemma2": lambda: tf.Gemma2Config(**{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=8,
+                                          layer_types=hybrid),
+        "gemma3": lambda: tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=8,
+                                              layer_types=hybrid),
+        "phi3": lambda: tf.Phi3Config(**common, sliding_window=8),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512),
+        "opt": lambda: tf.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64),
+    }
+    config = configs[kind]()
+    config.bos_token_id = config.eos_token_id = None
     config.pad_token_id = 0
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return config
+
+
+def tiny_model(kind: str, attn_implementation: str | None = None):
+    """A random-weight causal LM of the given family (``tiny_config``), fp32, eval mode, deterministic; attention
+    as transformers picks it (sdpa where the family has it, else eager) unless ``attn_implementation`` says."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gpt2": 2}.get(kind, sum(map(ord, kind))))
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.float32,
+                                             attn_implementation=attn_implementation)
     model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
 
@@ -119,28 +147,17 @@ class StubTokenizer:
         return " ".join(str(int(i)) for i in ids)
 
 
-class OracleDrafter:
+class OracleDrafter(Drafter):
     """Test drafter that knows the plain output: proposes it (``right=True``) or guaranteed-wrong tokens,
     plus random distractor branches, always exercising multi-branch trees."""
 
-    from retrieval_spec.drafters.base import Source
-
     source = Source.PROMPT
-    top_k = 0
 
     def __init__(self, expected: np.ndarray, prompt_len: int, vocab: int, right: bool, seed: int = 0):
         self.expected, self.prompt_len, self.vocab, self.right = expected, prompt_len, vocab, right
         self.rng = np.random.default_rng(seed)
 
-    def start(self, prompt, references=()):
-        pass
-
-    def observe(self, feedback):
-        pass
-
-    def propose(self, context, budget):
-        from retrieval_spec.drafters.base import trie_from_continuations
-
+    def propose(self, request, context, budget):
         done = len(context) - self.prompt_len
         truth = self.expected[done: done + int(self.rng.integers(1, 8))]
         paths = [self.rng.integers(0, self.vocab, int(self.rng.integers(1, 6))) for _ in range(3)]
@@ -150,7 +167,6 @@ class OracleDrafter:
             paths = [p[p != truth[0]] if len(p) else p for p in paths]  # first token never right
         paths = [p.astype(np.int32) for p in paths if len(p)]
         if not paths:
-            from retrieval_spec.drafters.base import DraftTree
             return DraftTree.empty(int(context[-1]))
         weights = self.rng.random(len(paths)) + 0.1
         return trie_from_continuations(int(context[-1]), paths, weights, np.full(8, 0.9), self.source, budget)

@@ -13,7 +13,6 @@ from retrieval_spec.cli import main
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "hi", "--num-samples", "4"], "needs --temperature > 0"),
     (["--prompt", "hi", "--num-samples", "0"], "at least 1"),
-    (["--prompt", "hi", "--num-samples", "2", "--temperature", "1", "--state-dir", "s"], "does not go with"),
     (["--rag", "--question", "q", "--num-samples", "2", "--temperature", "1"], "goes with plain prompts"),
 ])
 def test_bad_combinations_are_refused_in_one_line(args, message):

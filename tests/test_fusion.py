@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from retrieval_spec.acceptance import accept
 from retrieval_spec.api import make_drafters
-from retrieval_spec.drafters.base import StepFeedback
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import CostCurve, depths
-from retrieval_spec.verify import greedy_accept
+from retrieval_spec.sizing import CostCurve
+from retrieval_spec.tree import StepFeedback, depths
 
 # Relative costs measured for SmolLM2-135M on 2 CPU cores (ANCHORS.md).
 CPU = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 32, 64]), ms=np.array([45.0, 63, 90, 94.5, 103.5, 121.5, 180]))
@@ -18,16 +18,16 @@ VOCAB = 500
 
 def replay(fuser: TreeFuser, prompt: np.ndarray, output: np.ndarray) -> tuple[float, float, list[int]]:
     """Decode ``output`` greedily with ``fuser``; return tokens/step, relative cost per token, nodes per step."""
-    fuser.start(prompt)
+    fuser.start(0, prompt)
     context = np.concatenate([prompt, output])
     pos, steps, cost, sizes = 0, 0, 0.0, []
     while pos < len(output):
-        tree = fuser.propose(context[: len(prompt) + pos], 64, max_depth=len(output) - pos - 1)
+        tree = fuser.propose(0, context[: len(prompt) + pos], 64, max_depth=len(output) - pos - 1)
         targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]  # greedy choice on the true path
-        path, new_tokens = greedy_accept(tree, targets)
+        path, new_tokens = accept(tree, targets)
         top = np.tile(output[np.minimum(pos + np.arange(len(tree)), len(output) - 1)][:, None], (1, 8))
-        fuser.observe(StepFeedback(tree=tree, accepted_nodes=path, new_tokens=new_tokens,
-                                   top_tokens=top.astype(np.int32)))
+        fuser.observe(0, StepFeedback(tree=tree, accepted_nodes=path, new_tokens=new_tokens,
+                                      top_tokens=top.astype(np.int32)))
         cost += float(CPU.relative(np.array([len(tree)]))[0])
         sizes.append(len(tree) - 1)
         pos += len(new_tokens)
@@ -37,7 +37,7 @@ def replay(fuser: TreeFuser, prompt: np.ndarray, output: np.ndarray) -> tuple[fl
 
 def test_random_text_drafts_nothing_after_a_few_steps():
     rng = np.random.default_rng(0)
-    fuser = TreeFuser(make_drafters("auto", VOCAB), CPU)
+    fuser = TreeFuser(make_drafters("auto", VOCAB), CPU, VOCAB)
     prompt = rng.integers(0, VOCAB, 300).astype(np.int32)
     _, cost_per_token, sizes = replay(fuser, prompt, rng.integers(0, VOCAB, 400).astype(np.int32))
     assert cost_per_token <= 1.05  # overhead against plain decoding (1.0 per token) stays within 5%
@@ -46,7 +46,7 @@ def test_random_text_drafts_nothing_after_a_few_steps():
 
 def test_copyable_text_is_drafted_and_pays():
     rng = np.random.default_rng(1)
-    fuser = TreeFuser(make_drafters("pld", VOCAB), CPU)
+    fuser = TreeFuser(make_drafters("pld", VOCAB), CPU, VOCAB)
     document = rng.integers(0, VOCAB, 300).astype(np.int32)
     output = np.concatenate([document[50:150], rng.integers(0, VOCAB, 20), document[200:280]]).astype(np.int32)
     tokens_per_step, cost_per_token, sizes = replay(fuser, document, output)

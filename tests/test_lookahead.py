@@ -9,11 +9,11 @@ import torch
 
 from conftest import StubTokenizer, plain_greedy, tiny_model
 from test_lossless_tiny import CPU_LIKE, FREE, prompts
-from retrieval_spec.drafters.base import DraftTree, StepFeedback
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.errors import TokenizerMismatchError
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
-from retrieval_spec.verify import TreeVerifier
+from retrieval_spec.tree import DraftTree, StepFeedback
+from retrieval_spec.verify import RowDraft, Verifier
 
 
 def feedback(branch_tokens):
@@ -24,8 +24,8 @@ def feedback(branch_tokens):
 @pytest.mark.parametrize("window,ngram", [(1, 2), (3, 2), (4, 4), (5, 3)])
 def test_every_window_node_sees_one_consecutive_guessed_sequence(window, ngram):
     drafter = LookaheadDrafter(LookaheadConfig(window=window, ngram=ngram))
-    drafter.start(np.arange(50, dtype=np.int32))
-    branch = drafter.branch(np.array([1], np.int32))
+    drafter.start(0, np.arange(50, dtype=np.int32))
+    branch = drafter.branch(0, np.array([1], np.int32))
     assert len(branch) == window * (ngram - 1)
     for node in range(len(branch)):
         seen = np.flatnonzero(branch.visible[node])
@@ -34,12 +34,16 @@ def test_every_window_node_sees_one_consecutive_guessed_sequence(window, ngram):
 
 def test_observe_pools_each_column_and_advances_the_window():
     drafter = LookaheadDrafter(LookaheadConfig(window=2, ngram=3, guesses=2))
-    drafter.levels = np.array([[10, 11], [20, 21]], np.int32)  # level 0, level 1
-    drafter.observe(feedback([0, 0, 30, 31]))  # argmax at level 1 (the top) is [30, 31]
+    drafter.windows["a"] = np.array([[10, 11], [20, 21]], np.int32)  # level 0, level 1
+    drafter.windows["b"] = np.array([[12, 13], [22, 23]], np.int32)
+    drafter.observe("a", feedback([0, 0, 30, 31]))  # argmax at level 1 (the top) is [30, 31]
     assert drafter.pool == {10: [(20, 30)], 11: [(21, 31)]}
-    np.testing.assert_array_equal(drafter.levels, [[20, 21], [30, 31]])
-    tree = drafter.propose(np.array([5, 10], np.int32), budget=8)
+    np.testing.assert_array_equal(drafter.windows["a"], [[20, 21], [30, 31]])
+    np.testing.assert_array_equal(drafter.windows["b"], [[12, 13], [22, 23]])  # each request has its own window
+    tree = drafter.propose("b", np.array([5, 10], np.int32), budget=8)  # the pool is shared
     assert tree.tokens.tolist() == [10, 20, 30]
+    drafter.finish("a")
+    assert list(drafter.windows) == ["b"]
 
 
 def test_pool_keeps_the_newest_guesses_and_a_bounded_number_of_keys():
@@ -73,16 +77,17 @@ def test_branch_logits_equal_plain_forwards_over_each_nodes_sequence(kind):
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, 96, 12).astype(np.int32)
     drafter = LookaheadDrafter(LookaheadConfig(window=3, ngram=3))
-    drafter.start(prompt)
-    branch = drafter.branch(prompt)
+    drafter.start(0, prompt)
+    branch = drafter.branch(0, prompt)
     tree = DraftTree.from_paths(int(prompt[-1]), [rng.integers(0, 96, 3)], [np.array([.9, .8, .7])], 1)
-    verifier = TreeVerifier(model)
-    verifier.reset(prompt)
-    logits = verifier.logits(tree, pad_to=16, branch=branch)
+    verifier = Verifier(model)
+    verifier.reset([prompt])
+    logits = verifier._forward([RowDraft(tree, branch, prompt)], pad_to=16)[0]
     with torch.no_grad():
-        tree_alone = TreeVerifier(model)
-        tree_alone.reset(prompt)
-        torch.testing.assert_close(logits[: len(tree)], tree_alone.logits(tree), atol=1e-4, rtol=1e-4)
+        tree_alone = Verifier(model)
+        tree_alone.reset([prompt])
+        alone = tree_alone._forward([RowDraft(tree, None, prompt)], pad_to=0)[0]
+        torch.testing.assert_close(logits[: len(tree)], alone, atol=1e-4, rtol=1e-4)
         for node in range(len(branch)):
             seen = np.flatnonzero(branch.visible[node])
             sequence = branch.tokens[seen[np.argsort(branch.offsets[seen])]]

@@ -24,7 +24,7 @@ from retrieval_spec.rag import (
     summarize,
     summarize_prompt,
 )
-from retrieval_spec.tree import CostCurve
+from retrieval_spec.sizing import CostCurve
 
 pytestmark = pytest.mark.real_model
 

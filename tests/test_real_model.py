@@ -14,15 +14,14 @@ from retrieval_spec.builders.build import build_index
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
-from retrieval_spec.multisample import MultiSampleGenerator
 from retrieval_spec.models import chat_prompt
-from retrieval_spec.tree import CostCurve
+from retrieval_spec.sizing import CostCurve
 
 pytestmark = pytest.mark.real_model
 
 CATEGORIES = ("summarization", "rag", "extraction", "translation", "qa", "coding", "math_reasoning", "writing",
               "reasoning", "humanities")
-FREE = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))
+FREE = CostCurve.flat(64)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +66,9 @@ def test_batched_rows_equal_plain_greedy_on_spec_bench(smollm2, datastore):
     rows = spec_bench_rows(1, ("summarization", "rag", "qa", "translation"))
     batch = [np.asarray(tokenizer(chat_prompt(tokenizer, r["turns"][0]), add_special_tokens=False)["input_ids"],
                         dtype=np.int32) for r in rows]
-    generator = MultiSampleGenerator(model, tokenizer, lambda: make_drafters("auto", model.config.vocab_size, datastore),
+    generator = SpeculativeGenerator(model, tokenizer, make_drafters("auto", model.config.vocab_size, datastore),
                                      cost_curve=FREE)
-    result = generator.generate(batch, GenerationConfig(max_new_tokens=40, tree_budget=24))
+    result = generator.generate_batch(batch, GenerationConfig(max_new_tokens=40, tree_budget=24))
     for row, prompt, out in zip(rows, batch, result.rows):
         np.testing.assert_array_equal(out.tokens, plain_greedy(model, prompt, 40), err_msg=row["category"])
     assert result.mean_accepted > 1.0

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval_spec.drafters.base import DraftTree, StepFeedback
 from retrieval_spec.drafters.recycling import RecyclingConfig, RecyclingDrafter
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
-from retrieval_spec.tree import depths
+from retrieval_spec.tree import DraftTree, StepFeedback, depths
 
 
 def feedback(tokens, parents, top):
@@ -20,17 +19,17 @@ def feedback(tokens, parents, top):
 
 def test_observe_overwrites_the_rows_of_every_verified_token():
     drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 1)))
-    drafter.observe(feedback([3, 4], [-1, 0], [[5, 6], [7, 8]]))
+    drafter.observe(0, feedback([3, 4], [-1, 0], [[5, 6], [7, 8]]))
     assert drafter.table[3].tolist() == [5, 6] and drafter.table[4].tolist() == [7, 8]
     assert drafter.known.tolist() == [i in (3, 4) for i in range(10)]
-    drafter.observe(feedback([3], [-1], [[1, 2]]))
+    drafter.observe(0, feedback([3], [-1], [[1, 2]]))
     assert drafter.table[3].tolist() == [1, 2]  # the newest prediction wins
     assert drafter.table.nbytes == 10 * 2 * 4
 
 
 def test_an_unknown_token_drafts_nothing():
     drafter = RecyclingDrafter(10)
-    assert len(drafter.propose(np.array([1, 2, 3], np.int32), 16)) == 1
+    assert len(drafter.propose(0, np.array([1, 2, 3], np.int32), 16)) == 1
 
 
 def test_tree_follows_the_shape_breadth_first():
@@ -39,30 +38,30 @@ def test_tree_follows_the_shape_breadth_first():
     for token in range(50):
         drafter.table[token] = rng.choice(50, 3, replace=False)
     drafter.known[:] = True
-    tree = drafter.propose(np.array([7], np.int32), 64)
+    tree = drafter.propose(0, np.array([7], np.int32), 64)
     d = depths(tree.parents)
     assert [int((d == i).sum()) for i in range(4)] == [1, 3, 6, 6]
     assert tree.tokens[1:4].tolist() == drafter.table[7].tolist()
     for i in range(1, len(tree)):  # every child is one of its parent's recorded successors
         assert tree.tokens[i] in drafter.table[tree.tokens[tree.parents[i]]]
-    assert len(drafter.propose(np.array([7], np.int32), 5)) == 6  # budget caps the nodes
+    assert len(drafter.propose(0, np.array([7], np.int32), 5)) == 6  # budget caps the nodes
 
 
 def test_warm_start_fills_only_unknown_rows_and_skips_padding():
     drafter = RecyclingDrafter(4, RecyclingConfig(k=3, shape=(3,)))
-    drafter.observe(feedback([1], [-1], [[2, 3, 0]]))
+    drafter.observe(0, feedback([1], [-1], [[2, 3, 0]]))
     successors = np.array([[-1, -1], [3, 2], [0, -1], [1, 2]], np.int32)
     drafter.warm_start(successors)
     assert drafter.table[1].tolist() == [2, 3, 0]  # learned rows win
     assert drafter.known.tolist() == [False, True, True, True]
     assert drafter.table[2].tolist() == [0, 0, 0]
-    assert drafter.propose(np.array([2], np.int32), 8).tokens[1:].tolist() == [0]
-    assert drafter.propose(np.array([3], np.int32), 8).tokens[1:].tolist() == [1, 2]
+    assert drafter.propose(0, np.array([2], np.int32), 8).tokens[1:].tolist() == [0]
+    assert drafter.propose(0, np.array([3], np.int32), 8).tokens[1:].tolist() == [1, 2]
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
     drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2,)))
-    drafter.observe(feedback([3], [-1], [[5, 6]]))
+    drafter.observe(0, feedback([3], [-1], [[5, 6]]))
     drafter.save(tmp_path, "tok-a")
     other = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2,)))
     other.load(tmp_path, "tok-a")

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore
-from retrieval_spec.drafters.base import DraftTree, Source
 from retrieval_spec.drafters.rest import RestDrafter, match_prior
+from retrieval_spec.tree import DraftTree, Source
 
 FINGERPRINT = TokenizerFingerprint(name="fake", vocab_size=6, sha256="f" * 64)
 
@@ -57,7 +57,7 @@ def test_every_drafted_path_continues_a_match_inside_one_document(documents, con
     with tempfile.TemporaryDirectory() as directory:
         datastore = open_datastore(documents, Path(directory) / "index", shard_tokens=25)
         drafter = RestDrafter(datastore, max_match=6, max_occurrences=1000, depth=4)
-        tree = drafter.propose(np.array(context, dtype=np.int32), budget)
+        tree = drafter.propose(0, np.array(context, dtype=np.int32), budget)
         assert tree.tokens[0] == context[-1] and len(tree) <= budget + 1
         assert set(tree.sources[1:].tolist()) <= {Source.CORPUS}
         match = datastore.longest_match(np.array(context), 6)
@@ -78,12 +78,13 @@ def test_remembering_the_last_match_changes_no_draft(documents, prompt, steps):
     with tempfile.TemporaryDirectory() as directory:
         datastore = open_datastore(documents, Path(directory) / "index")
         drafter = RestDrafter(datastore, max_match=5, min_match=2, depth=3)
-        drafter.start(np.array(prompt))
+        drafter.start(0, np.array(prompt))
         context = list(prompt)
         for new_tokens in steps:
             context += new_tokens
             fresh = RestDrafter(datastore, max_match=5, min_match=2, depth=3)
-            expected, tree = fresh.propose(np.array(context), 10), drafter.propose(np.array(context), 10)
+            fresh.start(0, np.array(prompt))
+            expected, tree = fresh.propose(0, np.array(context), 10), drafter.propose(0, np.array(context), 10)
             assert paths(tree) == paths(expected)
             assert np.array_equal(tree.scores, expected.scores)
 
@@ -91,10 +92,10 @@ def test_remembering_the_last_match_changes_no_draft(documents, prompt, steps):
 def test_the_most_frequent_continuation_comes_first(tmp_path: Path):
     documents = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 4], [5, 1, 4, 4]]
     drafter = RestDrafter(open_datastore(documents, tmp_path / "index"), depth=2)
-    tree = drafter.propose(np.array([3, 0, 1], dtype=np.int32), budget=1)
+    tree = drafter.propose(0, np.array([3, 0, 1], dtype=np.int32), budget=1)
     assert tree.tokens.tolist() == [1, 2]
     assert tree.scores[1] == pytest.approx(match_prior(2))  # all three occurrences of [0, 1] continue with 2
-    tree = drafter.propose(np.array([3, 0, 1], dtype=np.int32), budget=3)
+    tree = drafter.propose(0, np.array([3, 0, 1], dtype=np.int32), budget=3)
     assert paths(tree) == [[2], [2, 3], [2, 4]]
     assert tree.scores[2:].tolist() == pytest.approx([match_prior(2) * 2 / 3, match_prior(2) / 3])
 
@@ -102,21 +103,21 @@ def test_the_most_frequent_continuation_comes_first(tmp_path: Path):
 def test_nothing_is_drafted_when_nothing_matches(tmp_path: Path):
     drafter = RestDrafter(open_datastore([[0, 1, 2]], tmp_path / "index"), min_match=2)
     for context in ([5], [2, 5], [1, 0]):  # 5 never occurs; [1, 0] only as single tokens, below min_match
-        tree = drafter.propose(np.array(context, dtype=np.int32), budget=8)
+        tree = drafter.propose(0, np.array(context, dtype=np.int32), budget=8)
         assert tree.tokens.tolist() == [context[-1]]
 
 
 def test_continuations_stop_at_the_end_of_a_document(tmp_path: Path):
     drafter = RestDrafter(open_datastore([[3, 4], [1, 2, 0]], tmp_path / "index"))
-    assert len(drafter.propose(np.array([3, 4], dtype=np.int32), budget=8)) == 1  # [3, 4] ends its document
-    assert paths(drafter.propose(np.array([4, 1], dtype=np.int32), budget=8)) == [[2], [2, 0]]
+    assert len(drafter.propose(0, np.array([3, 4], dtype=np.int32), budget=8)) == 1  # [3, 4] ends its document
+    assert paths(drafter.propose(0, np.array([4, 1], dtype=np.int32), budget=8)) == [[2], [2, 0]]
 
 
 def test_a_corpus_holding_the_text_drafts_it_exactly(tmp_path: Path):
     rng = np.random.default_rng(0)
     text = rng.integers(0, 6, size=400).tolist()
     drafter = RestDrafter(open_datastore([text], tmp_path / "index"), max_match=16, depth=6)
-    drafter.start(np.array(text[:50]))
+    drafter.start(0, np.array(text[:50]))
     for end in range(50, 390, 7):
-        tree = drafter.propose(np.array(text[:end], dtype=np.int32), budget=6)
+        tree = drafter.propose(0, np.array(text[:end], dtype=np.int32), budget=6)
         assert paths(tree)[-1] == text[end : end + 6]

@@ -2,8 +2,9 @@
 
 The joint distribution of the first three sampled tokens is computed exactly from a tiny random model
 (vocabulary 8, so 512 outcomes), then compared with 10^4 speculative samples and with 10^4 samples of
-transformers' own ``generate(do_sample=True)``. A deliberately broken acceptance rule (bonus drawn from the
-unreduced distribution, as REST's sampling mode does) must fail the same test.
+transformers' own ``generate(do_sample=True)``. A deliberately broken acceptance rule (each drafted child
+accepted with its own probability in turn, the bonus drawn from the unreduced distribution, as REST's sampling
+mode does) must fail the same test.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import retrieval_spec.verify as verify_module
 from conftest import StubTokenizer
-from retrieval_spec.drafters.base import DraftTree, Source, trie_from_continuations
+from retrieval_spec.drafters.base import Drafter
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
-from retrieval_spec.tree import CostCurve, children_lists
+from retrieval_spec.sizing import CostCurve
+from retrieval_spec.tree import Source, children_lists, trie_from_continuations
 from retrieval_spec.verify import Sampler
 
 VOCAB = 8
 PROMPT = np.array([1, 5, 2, 7, 3], dtype=np.int32)
 SAMPLES = 10_000
 SEED_BASE = 100_000  # seeds SEED_BASE + i: fixed, so the test is deterministic (other bases were checked too)
-FREE = CostCurve(sizes=np.array([1, 64]), ms=np.array([1.0, 1.0]))
+FREE = CostCurve.flat(64)
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +43,16 @@ def model():
     return m
 
 
-class RandomTreeDrafter:
+class RandomTreeDrafter(Drafter):
     """Trees of a given shape: ``wide`` gives six siblings in a fixed order (each with a random child), otherwise
     two random chains of four. A fixed sibling order is what exposes rules that favour early siblings."""
 
     source = Source.PROMPT
-    top_k = 0
 
     def __init__(self, wide: bool, seed: int):
         self.wide, self.rng = wide, np.random.default_rng(seed)
 
-    def start(self, prompt, references=()):
-        pass
-
-    def observe(self, feedback):
-        pass
-
-    def propose(self, context, budget):
+    def propose(self, request, context, budget):
         if self.wide:
             paths = [np.array([t, self.rng.integers(VOCAB)]) for t in (0, 3, 7, 1, 4, 6)]
         else:
@@ -68,17 +62,21 @@ class RandomTreeDrafter:
                                        self.source, budget)
 
 
+def processed_probs(config: GenerationConfig, logits: torch.Tensor) -> np.ndarray:
+    """(n, vocab) logits -> (n, vocab) float64 probabilities after the config's temperature, top-k and top-p."""
+    return torch.softmax(config.sampler().warpers(None, logits.float()), dim=-1).double().numpy()
+
+
 def exact_joint(model, config: GenerationConfig) -> np.ndarray:
     """(VOCAB ** 3,) probability of every 3-token continuation, from processed next-token distributions."""
-    sampler = Sampler(config)
     joint = np.zeros((VOCAB,) * 3)
     with torch.no_grad():
-        p1 = sampler.probs(model(torch.as_tensor(PROMPT[None])).logits[0, -1:])[0]
+        p1 = processed_probs(config, model(torch.as_tensor(PROMPT[None])).logits[0, -1:])[0]
         pairs = np.array(list(itertools.product(range(VOCAB), repeat=2)))
         ids = torch.as_tensor(np.concatenate([np.tile(PROMPT, (len(pairs), 1)), pairs], axis=1))
         logits = model(ids).logits
-        p2 = sampler.probs(logits[:: VOCAB, -2])  # after one token: rows for x1 = 0..7
-        p3 = sampler.probs(logits[:, -1]).reshape(VOCAB, VOCAB, VOCAB)
+        p2 = processed_probs(config, logits[:: VOCAB, -2])  # after one token: rows for x1 = 0..7
+        p3 = processed_probs(config, logits[:, -1]).reshape(VOCAB, VOCAB, VOCAB)
     joint = p1[:, None, None] * p2[:, :, None] * p3
     return joint.reshape(-1)
 
@@ -138,28 +136,25 @@ def test_transformers_sampling_matches_the_same_exact_distribution(model, config
     assert chi_square_p(counts, exact_joint(model, config)) > 0.01
 
 
-def broken_accept(tree: DraftTree, probs: np.ndarray, uniforms: np.ndarray):
-    """REST-style sampling: each child accepted with its unrenormalised probability in turn, and the bonus
-    drawn from the full distribution, rejected children included."""
-    rng = np.random.default_rng(int(uniforms[0] * 2**32))
-    kids = children_lists(tree.parents)
-    node, path = 0, [0]
-    while True:
-        p = probs[node]
-        child = next((c for c in kids[node] if rng.random() < p[tree.tokens[c]]), None)
-        if child is None:
-            bonus = min(int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right")), len(p) - 1)
-            break
-        node = child
-        path.append(node)
-    accepted = np.array(path, dtype=np.int32)
-    return accepted, np.append(tree.tokens[accepted[1:]], bonus).astype(np.int32)
+def broken_choose(self, logits: torch.Tensor, row) -> torch.Tensor:
+    """REST-style sampling: at each node its drafted children are accepted in turn, each with its own (not
+    renormalised) probability, and without any the bonus is drawn from the full distribution, rejected children
+    included. Replaces ``Sampler.choose``: the token chosen at a node is what the walk compares with its children."""
+    rng = np.random.default_rng(int(row.uniforms[0] * 2**32))
+    probs = torch.softmax(self.warpers(None, logits.float()), dim=-1).double().numpy()
+    kids = children_lists(row.tree.parents)
+    chosen = np.zeros(len(row.tree), dtype=np.int64)
+    for node, p in enumerate(probs):
+        child = next((c for c in kids[node] if rng.random() < p[row.tree.tokens[c]]), None)
+        chosen[node] = row.tree.tokens[child] if child is not None else min(
+            int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right")), len(p) - 1)
+    return torch.as_tensor(chosen)
 
 
 @pytest.mark.slow
 def test_a_broken_acceptance_rule_fails_the_same_test(model, monkeypatch):
     config, wide = GenerationConfig(temperature=1.0), True
-    monkeypatch.setattr(verify_module, "sample_accept", broken_accept)
+    monkeypatch.setattr(Sampler, "choose", broken_choose)
     assert chi_square_p(speculative_counts(model, config, wide), exact_joint(model, config)) < 0.01
 
 

@@ -7,8 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrieval_spec.drafters.base import DraftTree, Source, trie_from_continuations
-from retrieval_spec.tree import CostCurve, ancestor_mask, best_batch_size, best_first, best_size, depths, merge
+from retrieval_spec.sizing import CostCurve, best_batch_size, best_size
+from retrieval_spec.tree import (
+    DraftTree,
+    Source,
+    ancestor_mask,
+    best_first,
+    depths,
+    merge,
+    trie_from_continuations,
+    within_vocabulary,
+)
 
 
 @st.composite
@@ -136,3 +145,18 @@ def test_padding_to_a_cheaper_larger_size():
     assert [curve.padded_size(n) for n in (1, 2, 3, 4, 5, 8, 16, 40)] == [1, 4, 4, 4, 5, 8, 16, 40]
     np.testing.assert_allclose(curve.relative(np.array([1, 2, 3, 4])), np.array([45, 60, 60, 60]) / 45)
     assert curve.relative(np.array([5]))[0] == pytest.approx((60 + (95 - 60) / 4) / 45)
+
+
+@given(trees(), st.integers(0, 45))
+def test_only_tokens_of_the_vocabulary_survive_with_whole_paths(tree, vocab_size):
+    kept = within_vocabulary(tree, vocab_size)
+    assert kept.tokens[0] == tree.tokens[0]
+    assert np.all((kept.tokens[1:] >= 0) & (kept.tokens[1:] < vocab_size))
+    # Every root path of the original that stays inside the vocabulary is still there, and nothing else.
+    def paths(t):
+        out = [()]
+        for i in range(1, len(t)):
+            out.append(out[t.parents[i]] + (int(t.tokens[i]),))
+        return set(out[1:])
+    inside = {p for p in paths(tree) if all(0 <= x < vocab_size for x in p)}
+    assert paths(kept) == inside

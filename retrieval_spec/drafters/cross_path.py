@@ -1,66 +1,72 @@
-"""Cross-path drafting for multi-sample inference (arXiv 2503.05330): N samples of one prompt draft from
-each other's text.
+"""Cross-path drafting for multi-sample inference (arXiv 2503.05330): samples of one prompt draft from each
+other's text.
 
 Samples of one prompt (self-consistency, best-of-N) say much the same things in different orders, so the
-context's suffix in one path is often followed, in another path, by what this path is about to say.
-:class:`SiblingPaths` holds one n-gram index per path, each extended by its own path's accepted tokens;
-path ``i``'s :class:`CrossPathDrafter` looks its suffix up in every other path and copies what followed.
+context's suffix in one path is often followed, in another path, by what this path is about to say. The
+drafter keeps each request's output as an :class:`NgramIndex`; requests that started from the same prompt are
+siblings, and a request looks its suffix up in its siblings' outputs and copies what followed. A finished
+request's output stays available to its siblings until the last of them finishes. Requests with a prompt of
+their own have no siblings and get nothing from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
 
-from .base import DraftTree, Source, StepFeedback
+from ..tree import DraftTree, Source, StepFeedback
+from .base import Drafter, RequestId
 from .ngram_index import NgramIndex
 from .prompt_lookup import PromptLookupConfig, copied_spans_trie
 
 
-class SiblingPaths:
-    """The outputs of ``num_paths`` paths decoded together, each as an :class:`NgramIndex`."""
-
-    def __init__(self, num_paths: int, config: PromptLookupConfig = PromptLookupConfig()) -> None:
-        if num_paths < 1:
-            raise ValueError("SiblingPaths needs at least one path")
-        self.config = config
-        self.paths = [NgramIndex(config.min_ngram, config.max_ngram) for _ in range(num_paths)]
-
-    def drafters(self) -> list[CrossPathDrafter]:
-        """One drafter per path, in path order."""
-        return [CrossPathDrafter(self, i) for i in range(len(self.paths))]
-
-
-class CrossPathDrafter:
-    """Drafts path ``path`` from the other paths' outputs; its :meth:`observe` extends its own path."""
+class CrossPathDrafter(Drafter):
+    """Drafts each request from the outputs of the running requests that share its prompt."""
 
     source = Source.SIBLING
-    top_k = 0
 
-    def __init__(self, siblings: SiblingPaths, path: int) -> None:
-        self.siblings = siblings
-        self.path = path
+    def __init__(self, config: PromptLookupConfig = PromptLookupConfig()) -> None:
+        self.config = config
+        self._paths: dict[RequestId, NgramIndex] = {}  # per request of a running group: its output so far
+        self._prompt_of: dict[RequestId, bytes] = {}
+        self._requests_of: dict[bytes, list[RequestId]] = {}  # prompt digest -> its requests, in start order
+        self._running: dict[bytes, set[RequestId]] = {}  # prompt digest -> its requests not finished yet
 
-    def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
-        """Empty this path's text: every path starts with the request (the prompt itself is PLD's)."""
-        cfg = self.siblings.config
-        self.siblings.paths[self.path] = NgramIndex(cfg.min_ngram, cfg.max_ngram)
+    def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
+        key = hashlib.sha1(np.asarray(prompt, dtype=np.int32).tobytes()).digest()
+        self._paths[request] = NgramIndex(self.config.min_ngram, self.config.max_ngram)
+        self._prompt_of[request] = key
+        self._requests_of.setdefault(key, []).append(request)
+        self._running.setdefault(key, set()).add(request)
 
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+    def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         root = int(context[-1])
-        cfg = self.siblings.config
+        cfg = self.config
         if budget <= 0:
             return DraftTree.empty(root)
-        found = []  # (match length, path, start)
-        for i, other in enumerate(self.siblings.paths):
-            if i != self.path and other.length:
+        found = []  # (match length, sibling rank, start)
+        for rank, sibling in enumerate(self._requests_of[self._prompt_of[request]]):
+            other = self._paths[sibling]
+            if sibling != request and other.length:
                 starts, lengths = other.matches(context, cfg.max_matches)
-                found.extend((n, i, start) for start, n in zip(starts, lengths))
-        found.sort(key=lambda m: -m[0])  # stable: per length, paths in order, most recent first within a path
+                found.extend((n, rank, start, sibling) for start, n in zip(starts, lengths))
+        found.sort(key=lambda m: -m[0])  # stable: per length, siblings in order, most recent first within one
         found = found[: cfg.max_matches]
-        continuations = [self.siblings.paths[i].span(start, cfg.depth) for _, i, start in found]
-        return copied_spans_trie(root, continuations, [n for n, _, _ in found], cfg.depth, self.source, budget)
+        continuations = [self._paths[sibling].span(start, cfg.depth) for _, _, start, sibling in found]
+        return copied_spans_trie(root, continuations, [m[0] for m in found], cfg.depth, self.source, budget)
 
-    def observe(self, feedback: StepFeedback) -> None:
-        self.siblings.paths[self.path].append(feedback.new_tokens)
+    def observe(self, request: RequestId, feedback: StepFeedback) -> None:
+        self._paths[request].append(feedback.new_tokens)
+
+    def finish(self, request: RequestId) -> None:
+        """The request's output stays for its siblings; the group is forgotten when its last request finishes."""
+        key = self._prompt_of.get(request)
+        if key is None:
+            return
+        self._running[key].discard(request)
+        if not self._running[key]:
+            del self._running[key]
+            for member in self._requests_of.pop(key):
+                del self._paths[member], self._prompt_of[member]

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import DraftTree, Source, StepFeedback, trie_from_continuations
+from ..tree import DraftTree, Source, StepFeedback, trie_from_continuations
+from .base import Drafter, RequestId
 from .ngram_index import SEPARATOR, NgramIndex
 
 
@@ -45,34 +46,38 @@ FIRST_TOKEN_PRIOR = {1: 0.15, 2: 0.35, 3: 0.5, 4: 0.6}
 NEXT_TOKEN_PRIOR = 0.8
 
 
-class PromptLookupDrafter:
-    """Copies continuations of the context's suffix from the prompt, reference documents and output."""
+class PromptLookupDrafter(Drafter):
+    """Copies continuations of the context's suffix from the request's prompt, reference documents and output."""
 
     source = Source.PROMPT
-    top_k = 0
 
     def __init__(self, config: PromptLookupConfig = PromptLookupConfig()) -> None:
         self.config = config
-        self._text = NgramIndex(config.min_ngram, config.max_ngram)
+        self._texts: dict[RequestId, NgramIndex] = {}  # per request: references, prompt and output so far
 
-    def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
+    def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         capacity = 2 * (len(prompt) + sum(len(r) + 1 for r in references))
-        self._text = NgramIndex(self.config.min_ngram, self.config.max_ngram, max(1024, capacity))
+        text = NgramIndex(self.config.min_ngram, self.config.max_ngram, max(1024, capacity))
         for reference in references:
-            self._text.append(np.asarray(reference, dtype=np.int32))
-            self._text.append(np.array([SEPARATOR], dtype=np.int32))
-        self._text.append(np.asarray(prompt, dtype=np.int32))
+            text.append(np.asarray(reference, dtype=np.int32))
+            text.append(np.array([SEPARATOR], dtype=np.int32))
+        text.append(np.asarray(prompt, dtype=np.int32))
+        self._texts[request] = text
 
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+    def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         root = int(context[-1])
+        text = self._texts[request]
         if budget <= 0:
             return DraftTree.empty(root)
-        starts, lengths = self._text.matches(context, self.config.max_matches)
-        continuations = [self._text.span(start, self.config.depth) for start in starts]
+        starts, lengths = text.matches(context, self.config.max_matches)
+        continuations = [text.span(start, self.config.depth) for start in starts]
         return copied_spans_trie(root, continuations, lengths, self.config.depth, self.source, budget)
 
-    def observe(self, feedback: StepFeedback) -> None:
-        self._text.append(feedback.new_tokens)
+    def observe(self, request: RequestId, feedback: StepFeedback) -> None:
+        self._texts[request].append(feedback.new_tokens)
+
+    def finish(self, request: RequestId) -> None:
+        self._texts.pop(request, None)
 
 
 def copied_spans_trie(

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
 from ..errors import DatastoreFormatError
-from .base import DraftTree, Source, StepFeedback
+from ..tree import DraftTree, Source, StepFeedback
+from .base import Drafter, RequestId
 from .state import read_state, write_state
 
 FORMAT_VERSION = 1
@@ -41,8 +40,8 @@ class RecyclingConfig:
             raise ValueError("RecyclingConfig needs k >= 1, a rank prob per rank, and shape widths <= k")
 
 
-class RecyclingDrafter:
-    """Drafts by walking the target's recorded top-k successors of each token."""
+class RecyclingDrafter(Drafter):
+    """Drafts by walking the target's recorded top-k successors of each token; one table for every request."""
 
     source = Source.RECYCLE
     state_file = "recycling.npz"
@@ -53,10 +52,7 @@ class RecyclingDrafter:
         self.table = np.zeros((vocab_size, config.k), dtype=np.int32)
         self.known = np.zeros(vocab_size, dtype=bool)  # rows that hold real predictions
 
-    def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
-        """The table lives across requests; nothing to reset."""
-
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+    def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         root = int(context[-1])
         if budget <= 0 or not self.known[root]:
             return DraftTree.empty(root)
@@ -90,7 +86,7 @@ class RecyclingDrafter:
             sources=np.array([Source.ROOT] + [self.source] * (len(tokens) - 1), dtype=np.uint8),
         )
 
-    def observe(self, feedback: StepFeedback) -> None:
+    def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         """Overwrite the rows of every verified node's token with the target's top-k there."""
         top = feedback.top_tokens
         if top.shape[1] < self.config.k:
@@ -114,20 +110,20 @@ class RecyclingDrafter:
         self.table[fresh] = filled[fresh]
         self.known |= fresh
 
-    def save(self, path: Path, tokenizer_fingerprint: str) -> None:
-        """Write the table atomically: ``path`` (a directory) gets ``recycling.npz`` with its metadata."""
-        write_state(path / self.state_file, {"table": self.table, "known": self.known}, FORMAT_VERSION,
-                    tokenizer_fingerprint, k=self.config.k)
+    def save(self, directory: Path, tokenizer_sha256: str) -> None:
+        """Write the table atomically: ``directory`` gets ``recycling.npz`` with its metadata."""
+        write_state(directory / self.state_file, {"table": self.table, "known": self.known}, FORMAT_VERSION,
+                    tokenizer_sha256, k=self.config.k)
 
-    def load(self, path: Path, tokenizer_fingerprint: str) -> None:
+    def load(self, directory: Path, tokenizer_sha256: str) -> None:
         """Read a table saved by :meth:`save` for the same tokenizer.
 
         Raises:
             DatastoreFormatError: unreadable file, other format version, or other shape.
             TokenizerMismatchError: saved for another tokenizer.
         """
-        target = path / self.state_file
-        arrays, _ = read_state(target, FORMAT_VERSION, tokenizer_fingerprint)
+        target = directory / self.state_file
+        arrays, _ = read_state(target, FORMAT_VERSION, tokenizer_sha256)
         table, known = arrays.get("table"), arrays.get("known")
         if table is None or known is None or table.shape != self.table.shape:
             shape = None if table is None else table.shape

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from retrieval_spec.datastore.reader import Datastore
-from retrieval_spec.drafters.base import DraftTree, Source, StepFeedback
+from ..datastore.reader import Datastore
+from ..tree import DraftTree, Source
+from .base import Drafter, RequestId
 
 
 def match_prior(length: int) -> float:
@@ -26,7 +27,7 @@ def match_prior(length: int) -> float:
     return min(0.8, 0.2 + 0.1 * length)
 
 
-class RestDrafter:
+class RestDrafter(Drafter):
     """Drafts from a :class:`~retrieval_spec.datastore.reader.Datastore`.
 
     Within a request it remembers the last match: the next match can be at most as much longer as the
@@ -34,7 +35,6 @@ class RestDrafter:
     """
 
     source = Source.CORPUS
-    top_k = 0  # the target's own predictions are of no use to a fixed corpus
 
     def __init__(
         self,
@@ -60,13 +60,15 @@ class RestDrafter:
         self.min_match = min_match
         self.max_occurrences = max_occurrences
         self.depth = depth
-        self._previous: tuple[int, int] | None = None  # (context length, bound on its longest match)
+        self._previous: dict[RequestId, tuple[int, int]] = {}  # per request: (context length, bound on its match)
 
-    def start(self, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
-        """Forget the previous request's match; the corpus itself does not depend on the request."""
-        self._previous = None
+    def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
+        self._previous.pop(request, None)
 
-    def propose(self, context: np.ndarray, budget: int) -> DraftTree:
+    def finish(self, request: RequestId) -> None:
+        self._previous.pop(request, None)
+
+    def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         """At most ``budget`` nodes continuing ``context`` ((c,) int32, c >= 1), most frequent branches first.
 
         A node's score is the share of the sampled occurrences whose continuation passes through it, times
@@ -76,19 +78,17 @@ class RestDrafter:
         if budget <= 0 or self.depth <= 0:
             return DraftTree.empty(root)
         max_len = self.max_match
-        if self._previous is not None and len(context) >= self._previous[0]:
-            max_len = min(max_len, self._previous[1] + len(context) - self._previous[0])
+        previous = self._previous.get(request)
+        if previous is not None and len(context) >= previous[0]:
+            max_len = min(max_len, previous[1] + len(context) - previous[0])
         match = self.datastore.longest_match(context, max_len, self.min_match)
         # With no match, the true longest may still be up to min_match - 1 tokens.
-        self._previous = (len(context), match.length or self.min_match - 1)
+        self._previous[request] = (len(context), match.length or self.min_match - 1)
         if match.length == 0:
             return DraftTree.empty(root)
         starts = self.datastore.positions(match, self.max_occurrences) + match.length
         continuations = self.datastore.continuations(starts, self.depth)
         return _most_frequent_trie(root, continuations, budget, match_prior(match.length))
-
-    def observe(self, feedback: StepFeedback) -> None:
-        """Nothing to learn: the corpus is fixed, and score calibration belongs to the decoder."""
 
 
 def _most_frequent_trie(root: int, continuations: np.ndarray, budget: int, prior: float) -> DraftTree:
