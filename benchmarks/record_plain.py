@@ -1,6 +1,6 @@
 """Record plain greedy outputs (and the target's top-k at every output position) for model-free replay.
 
-    python benchmarks/record_plain.py --model smollm2-135m --limit 8 --out results/plain_smollm2-135m.jsonl
+    python benchmarks/record_plain.py --model smollm2-135m --limit 8 --skip 3   # held out from spec_bench --limit 3
 
 Each line: question_id, category, prompt (token ids), output (token ids), top (k ids per output position,
 the target's most likely tokens after each prefix). ``benchmarks/simulate.py`` replays drafters over them.
@@ -23,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=8, help="prompts per category")
+    parser.add_argument("--skip", type=int, default=3,
+                        help="first prompts of each category left out (spec_bench.py measures them)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -36,7 +38,7 @@ def main() -> None:
         done = {json.loads(line)["question_id"] for line in out.read_text().splitlines()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
-        for row in tqdm(spec_bench(args.limit), desc="plain greedy"):
+        for row in tqdm(spec_bench(args.limit, skip=args.skip), desc="plain greedy"):
             if row["question_id"] in done:
                 continue
             ids = torch.as_tensor(prompt_ids(tokenizer, row)[None], dtype=torch.long)

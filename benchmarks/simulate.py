@@ -70,15 +70,18 @@ def main() -> None:
     parser.add_argument("--methods", default="pld")
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=49152, help="the recorded model's vocabulary size")
-    parser.add_argument("--cost", type=Path, help="cost curve JSON ({sizes, ms}); default: ANCHORS.md SmolLM2")
+    parser.add_argument("--cost", help="flat (a GPU-like curve: 64 nodes cost one step) or a cost curve JSON "
+                                       "({sizes, ms}); default: ANCHORS.md SmolLM2 on 2 CPU cores")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
     args = parser.parse_args()
     from retrieval_spec.api import make_drafters
 
     records = [json.loads(line) for line in args.records.read_text().splitlines()]
     curve = DEFAULT_CURVE
-    if args.cost:
-        data = json.loads(args.cost.read_text())
+    if args.cost == "flat":
+        curve = CostCurve.flat(64)
+    elif args.cost:
+        data = json.loads(Path(args.cost).read_text())
         curve = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
     report = {}
     for method in args.methods.split(","):

@@ -2,6 +2,10 @@
 
     python benchmarks/spec_bench.py --model smollm2-135m --limit 4 --methods pld
     python benchmarks/spec_bench.py --limit 8 --categories summarization,rag --out results/sb.json
+    python benchmarks/spec_bench.py --limit 3 --methods pld,auto --fresh-curve       # probe the cost curve anew
+    python benchmarks/spec_bench.py --limit 3 --methods pld,auto --poison-curve spike  # start from a wrong one
+    python benchmarks/spec_bench.py --limit 3 --methods pld,auto --load               # one core kept busy
+    python benchmarks/spec_bench.py --limit 3 --methods auto --cost flat --budget 64  # a GPU-like curve, forced
 
 Per prompt, every method runs once, in rotating order (interleaved, so drift in machine speed hits all
 alike). Baselines: ``plain`` is ``model.generate(do_sample=False)``; ``hf_pld`` is the same with
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -24,13 +29,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ROOT, prompt_ids, spec_bench, write_json
+from common import ROOT, prompt_ids, spec_bench, write_chart, write_json
 from retrieval_spec.api import make_drafters
+from retrieval_spec.costs import CostProbe, cached_cost_curve, store_cost_curve
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.models import load_model
+from retrieval_spec.sizing import CostCurve
 
 
 def hf_generate(model, ids: np.ndarray, max_new_tokens: int, **kwargs) -> tuple[np.ndarray, float]:
@@ -87,6 +94,16 @@ def main() -> None:
     parser.add_argument("--branch-overhead", type=float,
                         help="run Lookahead's window even when it makes a step this much dearer (default: the fuser's)")
     parser.add_argument("--lookahead", help="W,N,G of the lookahead method (default: LookaheadConfig's)")
+    parser.add_argument("--budget", type=int, default=64, help="most draft nodes per step (GenerationConfig.tree_budget)")
+    parser.add_argument("--cost", default="learned",
+                        help="learned: the cached or probed curve, then learned from real steps (the default engine); "
+                             "flat: verification as cheap at 64 nodes as at 1 (a GPU-like curve), fixed; "
+                             "a JSON file {sizes, ms}: that curve, fixed")
+    parser.add_argument("--fresh-curve", action="store_true", help="probe the cost curve anew before the run")
+    parser.add_argument("--poison-curve", help="start the learned curve from a wrong cached one: flat, spike "
+                                               "(one size 10x dearer), slow (everything 1.5x) or a JSON file")
+    parser.add_argument("--load", action="store_true",
+                        help="keep one core busy with another process for the whole run (baselines share the load)")
     parser.add_argument("--out", type=Path, help="JSON path (default results/spec_bench_<model>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,8 +112,10 @@ def main() -> None:
     exact = args.dtype == "float32" and not args.temperature
     ours = args.methods.split(",")
     datastore = Datastore.open(args.index, tokenizer_fingerprint(tokenizer)) if args.index else None
+    fixed_curve = prepare_cost_curve(model, args)
     generators = {
-        m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size, datastore)) for m in ours
+        m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size, datastore),
+                                cost_curve=fixed_curve) for m in ours
     }
     if args.lookahead and "lookahead" in generators:
         window, ngram, guesses = map(int, args.lookahead.split(","))
@@ -108,12 +127,74 @@ def main() -> None:
     baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
     methods = baselines + ours
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
+                              tree_budget=args.budget)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0} if args.temperature else {}
     warm = prompt_ids(tokenizer, rows[0])
     hf_generate(model, warm, 8)
     for generator in generators.values():
         generator.generate(warm, GenerationConfig(max_new_tokens=8))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.load else None
+    try:
+        totals, mismatches, agreement = run(args, model, tokenizer, rows, methods, ours, generators, config, sampling,
+                                            exact)
+    finally:
+        if busy is not None:
+            busy.kill()
+    report = {"model": args.model, "device": str(model.device), "dtype": args.dtype,
+              "index": str(args.index) if args.index else None, "lookahead": args.lookahead,
+              "branch_overhead": args.branch_overhead, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature, "limit_per_category": args.limit, "budget": args.budget,
+              "cost": args.cost, "fresh_curve": args.fresh_curve, "poison_curve": args.poison_curve, "load": args.load,
+              "mismatches": mismatches,
+              "agreement_with_plain": {m: {"identical_outputs": f"{c['identical']}/{c['prompts']}",
+                                           "agreeing_prefix_share": round(c["prefix"] / max(c["tokens"], 1), 4)}
+                                       for m, c in agreement.items()},
+              "tuning": {m: g.tuning_report() for m, g in generators.items()},
+              "categories": {}}
+    summarize(report, totals, methods)
+    write_json(out, report)
+    markdown = table(report, methods)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    write_chart(out.with_suffix(".png"), report, methods, f"Spec-Bench dev, {args.model}, {args.dtype}")
+    print(markdown)
+    if not exact and not args.temperature:
+        print(f"agreement with plain decoding in {args.dtype}: {json.dumps(report['agreement_with_plain'])}")
+    if mismatches:
+        print(f"MISMATCHES against plain greedy: {mismatches}", file=sys.stderr)
+        sys.exit(1)
+
+
+def prepare_cost_curve(model, args) -> CostCurve | None:
+    """The fixed curve of ``--cost``, or None (the engine's learned curve) after ``--fresh-curve``/``--poison-curve``
+    have set what it starts from."""
+    if args.cost == "flat":
+        return CostCurve.flat(64)
+    if args.cost != "learned":
+        data = json.loads(Path(args.cost).read_text())
+        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
+    probe = CostProbe()
+    if args.fresh_curve:
+        from retrieval_spec.costs import measure_cost_curve
+
+        store_cost_curve(model, probe, measure_cost_curve(model, probe))
+    if args.poison_curve:
+        true = cached_cost_curve(model, probe)
+        poisons = {
+            "flat": CostCurve(sizes=true.sizes, ms=np.full(len(true.sizes), true.ms[0])),
+            "spike": CostCurve(sizes=true.sizes, ms=np.where(true.sizes == 8, 10 * true.ms, true.ms)),
+            "slow": CostCurve(sizes=true.sizes, ms=1.5 * true.ms),
+        }
+        if args.poison_curve in poisons:
+            store_cost_curve(model, probe, poisons[args.poison_curve])
+        else:
+            data = json.loads(Path(args.poison_curve).read_text())
+            store_cost_curve(model, probe, CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"])))
+    return None
+
+
+def run(args, model, tokenizer, rows, methods, ours, generators, config, sampling, exact):
+    """Every prompt through every method, in rotating order; per-category totals, mismatches, agreement."""
     totals: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
     mismatches, agreement = [], defaultdict(lambda: {"identical": 0, "prompts": 0, "prefix": 0, "tokens": 0})
     for i, row in enumerate(tqdm(rows, desc="spec-bench")):
@@ -138,8 +219,11 @@ def main() -> None:
                     bucket["draft_ms"] += stats.draft_ms
                     bucket["verify_ms"] += stats.verify_ms
                     bucket["observe_ms"] += stats.observe_ms
+                    bucket["paused_steps"] += stats.paused_steps
                     for source, count in stats.accepted_by_source.items():
                         bucket["accepted_" + source] += count
+                    for source, count in stats.drafted_by_source.items():
+                        bucket["drafted_" + source] += count
         for method in ours if not args.temperature else ():
             same = np.array_equal(outputs[method], outputs["plain"])
             if not same and exact:
@@ -149,14 +233,11 @@ def main() -> None:
             counts["prompts"] += 1
             counts["prefix"] += agreeing_prefix(outputs[method], outputs["plain"])
             counts["tokens"] += len(outputs["plain"])
-    report = {"model": args.model, "device": str(model.device), "dtype": args.dtype,
-              "index": str(args.index) if args.index else None, "lookahead": args.lookahead,
-              "branch_overhead": args.branch_overhead, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "limit_per_category": args.limit, "mismatches": mismatches,
-              "agreement_with_plain": {m: {"identical_outputs": f"{c['identical']}/{c['prompts']}",
-                                           "agreeing_prefix_share": round(c["prefix"] / max(c["tokens"], 1), 4)}
-                                       for m, c in agreement.items()},
-              "categories": {}}
+    return totals, mismatches, agreement
+
+
+def summarize(report: dict, totals: dict, methods: list[str]) -> None:
+    """Per category and method: speedup over plain, tokens/s, tokens per step, ms per step, accepted by source."""
     for category in sorted(totals, key=lambda c: (c == "overall", c)):
         plain_rate = totals[category]["plain"]["tokens"] / totals[category]["plain"]["seconds"]
         report["categories"][category] = {}
@@ -169,17 +250,10 @@ def main() -> None:
                           "draft_ms_per_step": round(t["draft_ms"] / t["steps"], 3),
                           "verify_ms_per_step": round(t["verify_ms"] / t["steps"], 3),
                           "observe_ms_per_step": round(t["observe_ms"] / t["steps"], 4),
-                          "accepted_by_source": {k[9:]: int(v) for k, v in t.items() if k.startswith("accepted_")}}
+                          "accepted_by_source": {k[9:]: int(v) for k, v in t.items() if k.startswith("accepted_")},
+                          "drafted_by_source": {k[8:]: int(v) for k, v in t.items() if k.startswith("drafted_")},
+                          "paused_steps": int(t["paused_steps"])}
             report["categories"][category][method] = entry
-    write_json(out, report)
-    markdown = table(report, methods)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
-    if not exact and not args.temperature:
-        print(f"agreement with plain decoding in {args.dtype}: {json.dumps(report['agreement_with_plain'])}")
-    if mismatches:
-        print(f"MISMATCHES against plain greedy: {mismatches}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,59 +1,151 @@
-"""Online calibration of draft scores into acceptance probabilities.
+"""Online calibration of draft nodes into acceptance probabilities, knowing each node's context.
 
-Drafters score nodes with rough estimates (continuation counts times a prior). What matters for sizing the
-tree is the probability that the target accepts a node, and that depends on the source, the text and the
-model. :class:`AcceptanceModel` learns, per source and per bucket of the drafter's own conditional
-estimate, how often a node was accepted when its parent was, and rescores every node as the product of
-those learned rates along its path. Pure numpy.
+Drafters score nodes with rough estimates. What sizes the tree is the probability that the target accepts a
+node when its parent was accepted, and that depends on more than the source: inside a long verbatim copy nearly
+every next token is accepted, a chance bigram is a coin toss, deep nodes fare worse than shallow ones, and a row
+whose last step accepted its whole path is probably still copying. :class:`AcceptanceModel` learns these rates
+online from every verified step, per context cell
+
+    source × the drafter's own conditional estimate × matched length × depth × last step accepted whole path,
+
+with backoff: each cell's rate is smoothed towards the rate of the coarser cell that drops its last feature, so
+a cell seen rarely borrows from its parents and a cell seen often speaks for itself. Old evidence decays, so the
+rates follow the text being decoded. A node's score is the product of the learned rates along its path. Pure
+numpy; tuned on the replay of stored plain outputs (``benchmarks/simulate.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .tree import DraftTree, Source
+from .tree import DraftTree, Source, depths
+
+MATCH_EDGES = np.array([1, 2, 3, 4, 6, 9, 16, 32])  # matched length buckets: 0, 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+
+DEPTH_EDGES = np.array([2, 3, 4, 5, 7, 10, 17])  # depth buckets: 1, 2, 3, 4, 5-6, 7-9, 10-16, 17+
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How fast the acceptance model trusts and forgets evidence.
+
+    Attributes:
+        estimate_buckets: bins of the drafter's own conditional estimate in [0, 1].
+        prior_weight: pseudo-trials with which a cell starts at its parent cell's rate (the coarsest cell at
+            the drafter's own estimate).
+        decay: every count is multiplied by this at each update, so evidence older than about
+            ``1 / (1 - decay)`` updates fades.
+    """
+
+    estimate_buckets: int = 5
+    prior_weight: float = 4.0
+    decay: float = 0.999
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Cells per feature, coarsest first: source, estimate, matched length, depth, last step whole."""
+        return (max(Source) + 1, self.estimate_buckets, len(MATCH_EDGES) + 1, len(DEPTH_EDGES) + 1, 2)
 
 
 class AcceptanceModel:
-    """Beta-smoothed acceptance rates per (source, bucket of the drafter's conditional estimate).
+    """Decayed hit and trial counts per context cell at every level of the backoff, and the rates they give."""
 
-    A node's conditional estimate is ``scores[i] / scores[parents[i]]``; it falls in one of
-    ``num_buckets`` equal bins of [0, 1]. Until a bin has been tested, its rate is the bin's centre (the
-    drafter's own guess), weighted as ``prior_weight`` pseudo-trials.
-    """
+    def __init__(self, config: CalibrationConfig = CalibrationConfig()) -> None:
+        self.config = config
+        sizes = np.cumprod(config.shape)
+        self.hits = [np.zeros(size) for size in sizes]
+        self.trials = [np.zeros(size) for size in sizes]
 
-    def __init__(self, num_buckets: int = 10, prior_weight: float = 4.0) -> None:
-        self.num_buckets = num_buckets
-        self.prior_weight = prior_weight
-        num_features = (max(Source) + 1) * num_buckets
-        centres = (np.arange(num_buckets) + 0.5) / num_buckets
-        self.hits = np.tile(centres * prior_weight, max(Source) + 1)
-        self.trials = np.full(num_features, prior_weight)
+    def features(self, tree: DraftTree, whole_last_step: bool = False) -> np.ndarray:
+        """(n, 5) int64 cell of every node along each feature (the root's row is unused).
 
-    def features(self, tree: DraftTree) -> np.ndarray:
-        """(n,) int64 feature index of every node; -1 for the root."""
+        Args:
+            tree: drafts as proposed (scores are the drafters' own estimates).
+            whole_last_step: the request's previous step accepted every node of the path it took.
+        """
         parent_scores = tree.scores[np.maximum(tree.parents, 0)]
         conditional = np.divide(tree.scores, parent_scores, out=np.zeros(len(tree)), where=parent_scores > 0)
-        bucket = np.minimum((conditional * self.num_buckets).astype(np.int64), self.num_buckets - 1)
-        out = tree.sources.astype(np.int64) * self.num_buckets + bucket
-        out[0] = -1
-        return out
+        buckets = self.config.estimate_buckets
+        return np.stack([
+            tree.sources.astype(np.int64),
+            np.minimum((conditional * buckets).astype(np.int64), buckets - 1),
+            np.digitize(tree.matches, MATCH_EDGES),
+            np.digitize(depths(tree.parents), DEPTH_EDGES),
+            np.full(len(tree), int(whole_last_step)),
+        ], axis=1)
+
+    def rates(self, features: np.ndarray) -> np.ndarray:
+        """(n,) learned probability that each node is accepted when its parent is."""
+        weight = self.config.prior_weight
+        rate = (features[:, 1] + 0.5) / self.config.estimate_buckets  # the drafter's own estimate: the prior
+        for cells, hits, trials in zip(self._cells(features), self.hits, self.trials):
+            rate = (hits[cells] + weight * rate) / (trials[cells] + weight)
+        return rate
 
     def rescore(self, tree: DraftTree, features: np.ndarray) -> DraftTree:
         """The same tree with every score replaced by the learned probability of accepting its whole path."""
-        rates = self.hits / self.trials
+        rates = self.rates(features)
         scores = np.ones(len(tree), dtype=np.float32)
         for i in range(1, len(tree)):
-            scores[i] = scores[tree.parents[i]] * rates[features[i]]
-        return DraftTree(tokens=tree.tokens, parents=tree.parents, scores=scores, sources=tree.sources)
+            scores[i] = scores[tree.parents[i]] * rates[i]
+        return DraftTree(tokens=tree.tokens, parents=tree.parents, scores=scores, sources=tree.sources,
+                         matches=tree.matches)
 
     def update(self, features: np.ndarray, tested: np.ndarray, hits: np.ndarray) -> None:
         """Count outcomes of nodes whose parent was accepted.
 
         Args:
-            features: (n,) from :meth:`features`.
+            features: (n, 5) from :meth:`features`.
             tested: (n,) bool, nodes whose parent was accepted (their own fate is known).
             hits: (n,) bool, nodes that were (or, unverified, would have been) accepted; a subset of ``tested``.
         """
-        np.add.at(self.trials, features[tested], 1.0)
-        np.add.at(self.hits, features[hits & tested], 1.0)
+        for level_hits, level_trials in zip(self.hits, self.trials):
+            level_hits *= self.config.decay
+            level_trials *= self.config.decay
+        if not tested.any():
+            return
+        tried = features[tested]
+        won = (hits & tested)[tested].astype(np.float64)
+        for cells, level_hits, level_trials in zip(self._cells(tried), self.hits, self.trials):
+            np.add.at(level_trials, cells, 1.0)
+            np.add.at(level_hits, cells, won)
+
+    def summary(self) -> dict:
+        """Per source seen: decayed trials and acceptance rate, overall, by matched length and by depth (JSON)."""
+        shape = self.config.shape
+        by_match = (self.hits[2].reshape(shape[:3]).sum(1), self.trials[2].reshape(shape[:3]).sum(1))
+        by_depth = (self.hits[3].reshape(shape[:4]).sum((1, 2)), self.trials[3].reshape(shape[:4]).sum((1, 2)))
+        match_labels = _bucket_labels(MATCH_EDGES, zero="none")
+        depth_labels = _bucket_labels(DEPTH_EDGES, first=1)
+        out = {}
+        for source in np.flatnonzero(self.trials[0] >= 1):
+            out[Source(int(source)).name.lower()] = {
+                "trials": round(float(self.trials[0][source]), 1),
+                "rate": round(float(self.hits[0][source] / self.trials[0][source]), 3),
+                "by_matched_length": _rates(by_match[0][source], by_match[1][source], match_labels),
+                "by_depth": _rates(by_depth[0][source], by_depth[1][source], depth_labels),
+            }
+        return out
+
+    def _cells(self, features: np.ndarray) -> list[np.ndarray]:
+        """Per level, coarsest first, the flat cell index of every row of ``features``."""
+        cells, index = [], np.zeros(len(features), dtype=np.int64)
+        for column, size in enumerate(self.config.shape):
+            index = index * size + features[:, column]
+            cells.append(index)
+        return cells
+
+
+def _rates(hits: np.ndarray, trials: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """Acceptance rate per labelled bucket with at least one (decayed) trial."""
+    return {label: round(float(h / n), 3) for label, h, n in zip(labels, hits, trials) if n >= 1}
+
+
+def _bucket_labels(edges: np.ndarray, zero: str | None = None, first: int = 0) -> list[str]:
+    """Names of the buckets ``np.digitize(x, edges)`` makes: "0" or ``zero``, "1", "4-5", "32+"..."""
+    bounds = [first, *edges.tolist()]
+    labels = [zero] if zero is not None else []
+    for low, high in zip(bounds[int(zero is not None):], bounds[1 + int(zero is not None):]):
+        labels.append(str(low) if high == low + 1 else f"{low}-{high - 1}")
+    return labels + [f"{bounds[-1]}+"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,14 +70,40 @@ def _synchronize(device: torch.device) -> None:
 
 
 def cached_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) -> CostCurve:
-    """The cost curve of ``model`` on this machine, device, dtype and thread count: measured once, then read back."""
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
-    device = f"{model.device.type}:{device}"
+    """The cost curve of ``model`` on this machine, device, dtype and thread count: the last one stored (the
+    decoder stores what it learned from real steps, ``store_cost_curve``), else probed now and stored."""
+    path = _curve_path(model, probe)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is measured again
+    curve = measure_cost_curve(model, probe)
+    store_cost_curve(model, probe, curve)
+    return curve
+
+
+def store_cost_curve(model: PreTrainedModel, probe: CostProbe, curve: CostCurve) -> None:
+    """Cache ``curve`` as this model's, device's, dtype's and thread count's (atomically; the last writer wins)."""
+    path = _curve_path(model, probe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps({"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist(), "device": _device_name(model)}))
+    tmp.replace(path)
+
+
+def _device_name(model: PreTrainedModel) -> str:
+    name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    return f"{model.device.type}:{name}"
+
+
+def _curve_path(model: PreTrainedModel, probe: CostProbe) -> Path:
     key = json.dumps(
         [
             model.config.to_json_string(use_diff=False),
             str(model.dtype),
-            device,
+            _device_name(model),
             torch.get_num_threads(),
             torch.__version__,
             probe.sizes,
@@ -82,13 +111,4 @@ def cached_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) ->
             *([probe.batch] if probe.batch > 1 else []),
         ]
     )
-    path = cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
-    curve = measure_cost_curve(model, probe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist(), "device": device}))
-    tmp.replace(path)
-    return curve
+    return cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

@@ -54,6 +54,7 @@ class TreeFuser:
         self.acceptance = acceptance or AcceptanceModel()
         self.max_branch_overhead = max_branch_overhead
         self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}  # last step's candidates and features
+        self._whole: dict[RequestId, bool] = {}  # the request's last step accepted every node of its path
 
     def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         for drafter in self.drafters:
@@ -61,6 +62,7 @@ class TreeFuser:
 
     def finish(self, request: RequestId) -> None:
         self._ranked.pop(request, None)
+        self._whole.pop(request, None)
         for drafter in self.drafters:
             drafter.finish(request)
 
@@ -88,7 +90,7 @@ class TreeFuser:
         raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]), self.vocab_size)
         if len(raw) == 1:
             return empty
-        features = self.acceptance.features(raw)
+        features = self.acceptance.features(raw, self._whole.get(request, False))
         ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
         self._ranked[request] = (ranked, features[keep])
         return ranked
@@ -110,6 +112,10 @@ class TreeFuser:
         emitted after that parent. Learning therefore never starves when the cut drafts nothing.
         """
         ranked, features = self._ranked.get(request, (None, None))
+        verified = feedback.tree
+        if verified is not None and len(verified) > 1:
+            last = feedback.accepted_nodes[-1]
+            self._whole[request] = bool(last > 0 and not np.any(verified.parents == last))
         if ranked is not None and len(ranked) > 1:
             accepted = feedback.accepted_nodes[: len(feedback.new_tokens)]
             on_path = np.zeros(len(ranked), dtype=bool)

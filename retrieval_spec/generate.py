@@ -18,12 +18,12 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .acceptance import accept
-from .costs import CostProbe, cached_cost_curve
+from .costs import CostProbe, cached_cost_curve, store_cost_curve
 from .drafters.base import Drafter
 from .drafters.cross_path import CrossPathDrafter
 from .errors import InputError
 from .fusion import TreeFuser
-from .sizing import CostCurve, best_batch_size
+from .sizing import CostCurve, CostModel, SpeedGuard, best_batch_size
 from .tree import Branch, DraftTree, Source, StepFeedback, depths
 from .verify import RowDraft, Sampler, Verifier
 
@@ -93,8 +93,10 @@ class GenerationStats:
     prefill_ms: float = 0.0
     total_ms: float = 0.0
     seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
+    paused_steps: int = 0  # steps decoded plainly because drafting had stopped paying (SpeedGuard)
     tokens_per_step: dict[int, int] = field(default_factory=dict)  # histogram: tokens gained in a step -> steps
     accepted_by_source: dict[str, int] = field(default_factory=dict)  # drafted tokens accepted, per source
+    drafted_by_source: dict[str, int] = field(default_factory=dict)  # drafted nodes verified, per source
 
     @property
     def mean_accepted(self) -> float:
@@ -117,6 +119,9 @@ class GenerationStats:
         for node in accepted[1 : len(new_tokens)]:
             name = Source(int(tree.sources[node])).name.lower()
             self.accepted_by_source[name] = self.accepted_by_source.get(name, 0) + 1
+        for source, count in zip(*np.unique(tree.sources[1:], return_counts=True)):
+            name = Source(int(source)).name.lower()
+            self.drafted_by_source[name] = self.drafted_by_source.get(name, 0) + int(count)
 
     def to_dict(self) -> dict:
         return {
@@ -132,8 +137,10 @@ class GenerationStats:
             "total_ms": round(self.total_ms, 3),
             **({"seed": list(self.seed) if isinstance(self.seed, tuple) else self.seed} if self.seed is not None
                else {}),
+            "paused_steps": self.paused_steps,
             "tokens_per_step": {str(k): v for k, v in sorted(self.tokens_per_step.items())},
             "accepted_by_source": dict(sorted(self.accepted_by_source.items())),
+            "drafted_by_source": dict(sorted(self.drafted_by_source.items())),
         }
 
 
@@ -187,8 +194,10 @@ class SpeculativeGenerator:
         tokenizer: its tokenizer (text prompts, stop strings, decoding the output).
         drafters: sources of draft trees, each serving every row; none means plain decoding through the same
             loop. What they learn (acceptance rates, tables, pools) carries over from call to call.
-        cost_curve: cost of verifying k nodes per row on this machine; measured per batch size (and cached on
-            disk) when omitted.
+        cost_curve: a fixed cost of verifying k nodes per row (tests, forced benchmarks). When omitted the cost is
+            probed once per batch size (and cached on disk), then learned from every real step (``CostModel``;
+            the corrected curve is cached for the next run), and each row drafts only while drafting pays
+            (``SpeedGuard``).
         cross_path: rows that share a prompt also draft from each other's output (``CrossPathDrafter``).
     """
 
@@ -208,7 +217,7 @@ class SpeculativeGenerator:
         self.fuser = TreeFuser(sources, cost_curve or CostCurve.flat(1), vocab_size)
         self.top_k = max((drafter.top_k for drafter in sources), default=0)
         self._cost_curve = cost_curve
-        self._curves: dict[int, CostCurve] = {}
+        self._costs: dict[int, CostModel] = {}  # per batch size, when self-tuning
         self._requests = itertools.count()
 
     def encode(self, prompt: str) -> np.ndarray:
@@ -256,10 +265,11 @@ class SpeculativeGenerator:
         reference_ids = [encode(self.tokenizer, r) for r in references if len(r)]
         if seeds is not None and len(seeds) != len(ids):
             raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
-        self.fuser.cost_curve = self._curve(len(ids))  # measured before the clock starts
+        costs = self._cost_model(len(ids))  # probed before the clock starts; None: a fixed curve
+        self.fuser.cost_curve = self._cost_curve or (costs.curve() if costs else CostCurve.flat(1))
         sampler = config.sampler()
-        eos = eos_token_ids(self.model, config)
-        stops = StopStrings(self.tokenizer, config.stop_strings) if config.stop_strings else None
+        ends = _Ends(eos_token_ids(self.model, config),
+                     StopStrings(self.tokenizer, config.stop_strings) if config.stop_strings else None)
         rows = [_Row(b, next(self._requests), prompt, config, None if sampler.greedy else _row_seed(config, seeds, b,
                 len(ids))) for b, prompt in enumerate(ids)]
         started = time.perf_counter()
@@ -270,57 +280,86 @@ class SpeculativeGenerator:
         alive, forwards = list(rows), 0
         try:
             while alive:
-                # 1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest).
-                t0 = time.perf_counter()
-                ranked = [self.fuser.rank(r.request, r.context, config.tree_budget, r.remaining - 1) for r in alive]
-                branches = [self._branch(i, r) for i, r in enumerate(alive)]
-                fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
-                size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
-                trees = [t.head(1 + size) for t in ranked]
-                drafts = [RowDraft(t, b, r.context, r.node_uniforms(t)) for t, b, r in zip(trees, branches, alive)]
-                # 2. Verify every row's tree in one forward.
-                t1 = time.perf_counter()
-                most = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
-                results = self.verifier.verify(drafts, sampler, self.top_k, self.fuser.cost_curve.padded_size(most))
-                # 3. Accept the longest agreeing path, cut at EOS, a stop string or the token limit.
-                steps = []
-                for row, draft, result in zip(alive, drafts, results):
-                    accepted, new_tokens = accept(draft.tree, result.node_tokens)
-                    new_tokens, done = row.cut(new_tokens, eos, stops)
-                    steps.append((accepted, new_tokens, done))
-                # 4. Commit the accepted entries of the rows that go on.
-                going = [i for i, (_, _, done) in enumerate(steps) if not done]
-                if going:
-                    self.verifier.commit([accepted for accepted, _, _ in steps])
-                    if len(going) < len(alive):
-                        self.verifier.keep_rows(np.array(going))
+                step = self._step(alive, config.tree_budget, sampler, costs, ends)
                 forwards += 1
-                t2 = time.perf_counter()
-                # 5. Observe: extend contexts, teach the drafters, count, stream.
-                draft_ms = (t1 - t0) * 1e3 / len(alive)
-                for row, draft, result, (accepted, new_tokens, done) in zip(alive, drafts, results, steps):
-                    t3 = time.perf_counter()
-                    row.append(new_tokens)
-                    self.fuser.observe(row.request, StepFeedback(
-                        tree=draft.tree, accepted_nodes=accepted, new_tokens=new_tokens,
-                        top_tokens=result.top_tokens, branch_tokens=result.branch_tokens))
-                    observe_ms = (time.perf_counter() - t3) * 1e3
+                for row, outcome in zip(alive, step.rows):  # 5. observe: extend, teach the drafters, count, stream
+                    observe_started = time.perf_counter()
+                    row.append(outcome.new_tokens)
+                    self.fuser.observe(row.request, outcome.feedback)
+                    observe_ms = (time.perf_counter() - observe_started) * 1e3
                     row.stats.observe_ms += observe_ms
-                    row.stats.count_step(draft.tree, accepted, new_tokens, draft_ms + observe_ms, (t2 - t1) * 1e3)
+                    row.stats.count_step(outcome.feedback.tree, outcome.feedback.accepted_nodes, outcome.new_tokens,
+                                         step.draft_ms / len(alive) + observe_ms, step.verify_ms)
                     if on_tokens is not None:
-                        on_tokens(row.index, new_tokens)
-                alive = [alive[i] for i in going]
+                        on_tokens(row.index, outcome.new_tokens)
+                if costs is not None:  # 6. tune: the step's cost, and whether drafting paid for each row
+                    self._tune(costs, step, alive, whole_batch=len(alive) == len(rows))
+                alive = [row for row, outcome in zip(alive, step.rows) if not outcome.done]
         finally:
             for row in rows:
                 self.fuser.finish(row.request)
+        if costs is not None and costs.observed.any():
+            store_cost_curve(self.model, CostProbe(batch=len(ids)), costs.curve())
         total_ms = (time.perf_counter() - started) * 1e3
-        results_out = []
+        results = []
         for row in rows:
             row.stats.total_ms, row.stats.prefill_ms = total_ms, prefill_ms
-            output = row.output
-            text = self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            results_out.append(GenerationResult(tokens=output.copy(), text=text, stats=row.stats))
-        return BatchResult(rows=results_out, forwards=forwards, total_ms=total_ms)
+            text = self.tokenizer.decode(row.output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            results.append(GenerationResult(tokens=row.output.copy(), text=text, stats=row.stats))
+        return BatchResult(rows=results, forwards=forwards, total_ms=total_ms)
+
+    def _step(self, alive: list[_Row], budget: int, sampler: Sampler, costs: CostModel | None, ends: _Ends) -> _Step:
+        """Draft, verify, accept and commit one step of every alive row."""
+        started = time.perf_counter()
+        # 1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest).
+        for row in alive:
+            row.stats.paused_steps += not row.guard.drafting
+        ranked = [self.fuser.rank(r.request, r.context, budget if r.guard.drafting else 0, r.remaining - 1)
+                  for r in alive]
+        branches = [self._branch(i, r) for i, r in enumerate(alive)]
+        fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
+        size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
+        drafts = [RowDraft(t.head(1 + size), b, r.context, r.node_uniforms(t.head(1 + size)))
+                  for t, b, r in zip(ranked, branches, alive)]
+        run = self.fuser.cost_curve.padded_size(max(len(d.tree) + (0 if d.branch is None else len(d.branch))
+                                                    for d in drafts))
+        if costs is not None and (explored := costs.explore(run)) != run:
+            if explored == 1:  # measure a plain step
+                drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
+                          for d in drafts]
+            run = explored
+        drafted = time.perf_counter()
+        # 2. Verify every row's tree in one forward.
+        results = self.verifier.verify(drafts, sampler, self.top_k, run)
+        forward_ms = (time.perf_counter() - drafted) * 1e3
+        # 3. Accept the longest agreeing path, cut at EOS, a stop string or the token limit.
+        outcomes = []
+        for row, draft, result in zip(alive, drafts, results):
+            accepted, new_tokens = accept(draft.tree, result.node_tokens)
+            new_tokens, done = row.cut(new_tokens, ends)
+            feedback = StepFeedback(tree=draft.tree, accepted_nodes=accepted, new_tokens=new_tokens,
+                                    top_tokens=result.top_tokens, branch_tokens=result.branch_tokens)
+            outcomes.append(_Outcome(new_tokens, done, feedback))
+        # 4. Commit the accepted entries of the rows that go on.
+        going = [i for i, outcome in enumerate(outcomes) if not outcome.done]
+        if going:
+            self.verifier.commit([outcome.feedback.accepted_nodes for outcome in outcomes])
+            if len(going) < len(alive):
+                self.verifier.keep_rows(np.array(going))
+        finished = time.perf_counter()
+        return _Step(outcomes, run, draft_ms=(drafted - started) * 1e3, forward_ms=forward_ms,
+                     verify_ms=(finished - drafted) * 1e3, started=started)
+
+    def _tune(self, costs: CostModel, step: _Step, alive: list[_Row], whole_batch: bool) -> None:
+        """Learn the step's forward cost (the curve is the whole batch's), and let each row's guard judge whether
+        its drafting paid: its tokens in the step's wall time, against a plain step's time."""
+        if whole_batch:
+            costs.observe(step.run, step.forward_ms)
+            self.fuser.cost_curve = costs.curve()
+        wall_ms = (time.perf_counter() - step.started) * 1e3
+        plain_step_ms = self.fuser.cost_curve.ms[0] + wall_ms - step.draft_ms - step.forward_ms
+        for row, outcome in zip(alive, step.rows):
+            row.guard.record(len(outcome.new_tokens), wall_ms, plain_step_ms)
 
     def _branch(self, index: int, row: _Row) -> Branch | None:
         """The row's look-ahead branch this step, when one pays and every node has a position the model can embed."""
@@ -329,12 +368,55 @@ class SpeculativeGenerator:
             return None
         return branch
 
-    def _curve(self, batch: int) -> CostCurve:
+    def tuning_report(self) -> dict:
+        """What the generator learned, as JSON: per batch size the cost curve now used (ms per node count, and how
+        many steps measured each size), and per source its acceptance rates by matched length and by depth."""
+        return {
+            "cost_curves": {str(batch): {"sizes": model.prior.sizes.tolist(),
+                                         "ms": [round(float(ms), 3) for ms in model.curve().ms],
+                                         "probed_ms": [round(float(ms), 3) for ms in model.prior.ms],
+                                         "observed_steps": model.observed.tolist()}
+                            for batch, model in self._costs.items()},
+            "acceptance": self.fuser.acceptance.summary(),
+        }
+
+    def _cost_model(self, batch: int) -> CostModel | None:
+        """The learned cost of this batch size (probed the first time), or None when the curve is fixed."""
         if self._cost_curve is not None or not self.fuser.drafters:
-            return self._cost_curve or CostCurve.flat(1)
-        if batch not in self._curves:
-            self._curves[batch] = cached_cost_curve(self.model, CostProbe(batch=batch))
-        return self._curves[batch]
+            return None
+        if batch not in self._costs:
+            self._costs[batch] = CostModel(cached_cost_curve(self.model, CostProbe(batch=batch)))
+        return self._costs[batch]
+
+
+@dataclass(frozen=True)
+class _Ends:
+    """What ends a row: an EOS token, or a stop string (the token limit is the row's own)."""
+
+    eos: frozenset[int]
+    stop_strings: StopStrings | None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One row's step: the tokens it gained (cut), whether it is done, and what the drafters learn from it."""
+
+    new_tokens: np.ndarray
+    done: bool
+    feedback: StepFeedback
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One step of the batch: per row outcomes (alive rows' order), the nodes per row the forward ran, and times:
+    drafting, the forward alone, and verification (forward, acceptance and commit), in ms since ``started``."""
+
+    rows: list[_Outcome]
+    run: int
+    draft_ms: float
+    forward_ms: float
+    verify_ms: float
+    started: float
 
 
 class _Row:
@@ -348,6 +430,7 @@ class _Row:
         self.length = len(prompt)
         self.uniforms = None if seed is None else np.random.default_rng(seed).random(config.max_new_tokens)
         self.stats = GenerationStats(seed=seed)
+        self.guard = SpeedGuard()
 
     @property
     def context(self) -> np.ndarray:
@@ -368,10 +451,11 @@ class _Row:
             return None
         return self.uniforms[len(self.output) + depths(tree.parents)]
 
-    def cut(self, new_tokens: np.ndarray, eos: frozenset[int], stops: StopStrings | None) -> tuple[np.ndarray, bool]:
+    def cut(self, new_tokens: np.ndarray, ends: _Ends) -> tuple[np.ndarray, bool]:
         """Trim a step's tokens at EOS, the token limit or a stop string; say whether the row is done."""
+        stops = ends.stop_strings
         for i, token in enumerate(new_tokens.tolist()):
-            if token in eos or i + 1 == self.remaining:
+            if token in ends.eos or i + 1 == self.remaining:
                 return new_tokens[: i + 1], True
             if stops is not None and stops.hit(np.concatenate([self.output[-stops.window :], new_tokens[: i + 1]])):
                 return new_tokens[: i + 1], True

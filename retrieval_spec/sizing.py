@@ -101,3 +101,117 @@ def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int =
         gains = np.concatenate([[0.0], np.cumsum(row, dtype=np.float64)])
         expected += 1.0 + gains[np.minimum(k, len(row))]
     return int(np.argmax(expected / curve.relative(k + fixed)))
+
+
+class CostModel:
+    """The cost of verifying k nodes per row on this machine, learned from every real step; a probe is the prior.
+
+    Each measured size keeps its last ``window`` observed times and is estimated by their ``quantile`` (another
+    process only ever adds time, so the quick steps say what a step costs; a machine that stays slower moves the
+    estimate within ``window`` steps). A step run between two measured sizes counts for the nearer one, scaled
+    by the curve's shape. Sizes not observed yet follow the prior, shifted (in log space) like the observed sizes
+    around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
+    steps. :meth:`explore` now and then asks for a step that measures what the decoder would otherwise never
+    run: a plain step (the unit every other size is judged against) and the next size up.
+
+    Args:
+        prior: the probed curve.
+        quantile: of the recent times at a size, the one taken as its cost.
+        window: recent times kept per size.
+        explore_every: steps between explorations.
+    """
+
+    def __init__(self, prior: CostCurve, quantile: float = 0.25, window: int = 16, explore_every: int = 16) -> None:
+        self.prior = prior
+        self.quantile = quantile
+        self.explore_every = explore_every
+        self.recent = np.zeros((len(prior.sizes), window))  # ring buffers of observed ms per size
+        self.observed = np.zeros(len(prior.sizes), dtype=np.int64)
+        self.measured = np.zeros(len(prior.sizes))  # the quantile of each size's recent times (observed sizes)
+        self.steps = 0
+        self._curve = prior
+
+    def observe(self, num_nodes: int, ms: float) -> None:
+        """One forward over ``num_nodes`` nodes per row took ``ms`` milliseconds."""
+        self.steps += 1
+        if not (ms > 0 and np.isfinite(ms)):
+            return
+        sizes, shape = self.prior.sizes, self._curve.ms
+        index = int(np.argmin(np.abs(np.log(sizes) - np.log(num_nodes))))
+        at_size = ms * shape[index] / np.interp(num_nodes, sizes, shape)
+        window = self.recent.shape[1]
+        self.recent[index, self.observed[index] % window] = at_size
+        self.observed[index] += 1
+        values = self.recent[index, : min(self.observed[index], window)]
+        rank = int(self.quantile * (len(values) - 1))
+        self.measured[index] = np.partition(values, rank)[rank]
+        seen = np.flatnonzero(self.observed > 0)
+        shift = np.log(self.measured[seen]) - np.log(self.prior.ms[seen])
+        ms_now = self.prior.ms * np.exp(np.interp(np.arange(len(sizes)), seen, shift))
+        ms_now[seen] = self.measured[seen]
+        self._curve = CostCurve(sizes=sizes, ms=ms_now)
+
+    def curve(self) -> CostCurve:
+        """The current estimate of the whole curve."""
+        return self._curve
+
+    def explore(self, num_nodes: int) -> int:
+        """The node count to run this step instead of ``num_nodes``: itself, 1 (draft nothing: measures a plain
+        step) or the next measured size up (pad: measures it), every ``explore_every`` steps while unmeasured."""
+        if self.steps % self.explore_every or num_nodes == 1:
+            return num_nodes
+        if self.observed[0] < 2:
+            return 1
+        larger = np.flatnonzero(self.prior.sizes > num_nodes)
+        if len(larger) and self.observed[larger[0]] == 0:
+            return int(self.prior.sizes[larger[0]])
+        return num_nodes
+
+
+class SpeedGuard:
+    """Drafting for one row only while it pays: realised tokens per millisecond against plain decoding's.
+
+    While drafting, the row's gained tokens and its steps' wall time (drafting included, which no cost curve
+    sees) are averaged exponentially over about ``window`` steps. From the ``judge_after``-th drafting step of a
+    stretch on, a step whose average speed is below one token per plain step stops drafting: the row decodes
+    plainly (no drafter is even asked) for ``pause`` steps, then drafts again to re-measure; each failed retry
+    doubles the pause, up to ``max_pause``, and a retry that pays resets it.
+
+    Args:
+        window: horizon of the averages, in drafting steps.
+        judge_after: drafting steps of a stretch before it can be stopped (the cost of a retry).
+        pause: first plain stretch after drafting did not pay.
+        max_pause: longest plain stretch.
+    """
+
+    def __init__(self, window: int = 8, judge_after: int = 3, pause: int = 8, max_pause: int = 256) -> None:
+        self.window, self.judge_after = window, judge_after
+        self.first_pause, self.max_pause = pause, max_pause
+        self.pause = pause
+        self.tokens = self.ms = 0.0  # decayed sums over drafting steps
+        self.drafting_steps = 0  # in the current drafting stretch
+        self.plain_left = 0  # plain steps still to run
+
+    @property
+    def drafting(self) -> bool:
+        """Whether this step drafts."""
+        return self.plain_left == 0
+
+    def record(self, tokens: int, step_ms: float, plain_step_ms: float) -> None:
+        """Count one step: ``tokens`` gained in ``step_ms``; a plain step would take ``plain_step_ms``."""
+        if not self.drafting:
+            self.plain_left -= 1
+            return
+        keep = 1.0 - 1.0 / self.window
+        self.tokens = keep * self.tokens + tokens
+        self.ms = keep * self.ms + step_ms
+        self.drafting_steps += 1
+        if self.drafting_steps < self.judge_after:
+            return
+        if self.tokens / self.ms < 1.0 / plain_step_ms:
+            self.plain_left = self.pause
+            self.pause = min(2 * self.pause, self.max_pause)
+            self.tokens = self.ms = 0.0
+            self.drafting_steps = 0
+        elif self.drafting_steps == self.window:
+            self.pause = self.first_pause

@@ -43,6 +43,8 @@ class DraftTree:
         scores: (n,) float32 in [0, 1]: estimated probability that the target accepts the whole path from
             the root to the node; ``scores[0] == 1`` and a child never scores above its parent.
         sources: (n,) uint8 :class:`Source` of each node (``Source.ROOT`` for node 0).
+        matches: (n,) int32 how many context tokens the copy a node continues matched (the longest among the
+            copies through it; 0 for the root and for nodes that are no copy). Defaults to zeros.
 
     >>> t = DraftTree.from_paths(7, [np.array([1, 2]), np.array([3])], [np.array([.5, .4]), np.array([.3])],
     ...                          Source.PROMPT)
@@ -54,12 +56,16 @@ class DraftTree:
     parents: np.ndarray
     scores: np.ndarray
     sources: np.ndarray
+    matches: np.ndarray = None  # type: ignore[assignment]  (zeros when not given)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
         if n == 0:
             raise ValueError("a DraftTree has at least its root")
-        for name, dtype in (("tokens", np.int32), ("parents", np.int32), ("scores", np.float32), ("sources", np.uint8)):
+        if self.matches is None:
+            object.__setattr__(self, "matches", np.zeros(n, dtype=np.int32))
+        for name, dtype in (("tokens", np.int32), ("parents", np.int32), ("scores", np.float32), ("sources", np.uint8),
+                            ("matches", np.int32)):
             array = getattr(self, name)
             if array.shape != (n,) or array.dtype != dtype:
                 raise ValueError(f"DraftTree.{name} must be ({n},) {np.dtype(dtype)}, got {array.shape} {array.dtype}")
@@ -89,7 +95,7 @@ class DraftTree:
         parents = self.parents[keep].copy()
         parents[1:] = new_index[parents[1:]]
         return DraftTree(tokens=self.tokens[keep], parents=parents, scores=self.scores[keep],
-                         sources=self.sources[keep])
+                         sources=self.sources[keep], matches=self.matches[keep])
 
     @staticmethod
     def empty(root: int) -> DraftTree:
@@ -161,6 +167,7 @@ def trie_from_continuations(
     depth_probs: np.ndarray,
     source: Source,
     max_nodes: int,
+    matches: Sequence[int] | None = None,
 ) -> DraftTree:
     """Count weighted continuations into a trie and score each node as a probability of acceptance.
 
@@ -175,12 +182,14 @@ def trie_from_continuations(
         depth_probs: (max_depth,) conditional probabilities in (0, 1]; continuations are cut to this length.
         source: the proposing drafter.
         max_nodes: node budget beyond the root.
+        matches: (len(continuations),) the matched context length behind each continuation (``DraftTree.matches``).
     """
     if not continuations or max_nodes <= 0:
         return DraftTree.empty(root)
     total = float(np.sum(weights))
     reach = np.cumprod(depth_probs)
-    tokens, parents, mass = [root], [-1], [total]
+    matched = [0] * len(continuations) if matches is None else list(matches)
+    tokens, parents, mass, longest = [root], [-1], [total], [0]
     children: dict[tuple[int, int], int] = {}
     for i in np.argsort(-np.asarray(weights), kind="stable"):
         node = 0
@@ -193,7 +202,9 @@ def trie_from_continuations(
                 tokens.append(token)
                 parents.append(node)
                 mass.append(0.0)
+                longest.append(0)
             mass[child] += float(weights[i])
+            longest[child] = max(longest[child], int(matched[i]))
             node = child
     parents_array = np.array(parents, dtype=np.int32)
     scores = np.array(mass, dtype=np.float64) / total
@@ -203,6 +214,7 @@ def trie_from_continuations(
         parents=parents_array,
         scores=np.minimum(scores, 1.0).astype(np.float32),
         sources=np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
+        matches=np.array(longest, dtype=np.int32),
     )
 
 
@@ -263,7 +275,7 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root token")
-    tokens, parents, scores, sources = [root], [-1], [1.0], [int(trees[0].sources[0])]
+    tokens, parents, scores, sources, matches = [root], [-1], [1.0], [int(trees[0].sources[0])], [0]
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
         mapped = np.zeros(len(tree), dtype=np.int64)
@@ -278,15 +290,18 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
                 parents.append(key[0])
                 scores.append(min(score, scores[key[0]]))
                 sources.append(int(tree.sources[i]))
+                matches.append(int(tree.matches[i]))
             elif score > scores[node]:
                 scores[node] = min(score, scores[key[0]])
                 sources[node] = int(tree.sources[i])
+                matches[node] = int(tree.matches[i])
             mapped[i] = node
     return DraftTree(
         tokens=np.array(tokens, dtype=np.int32),
         parents=np.array(parents, dtype=np.int32),
         scores=np.array(scores, dtype=np.float32),
         sources=np.array(sources, dtype=np.uint8),
+        matches=np.array(matches, dtype=np.int32),
     )
 
 
@@ -341,7 +356,8 @@ def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) ->
     new_index[keep] = np.arange(len(keep), dtype=np.int32)
     parents = tree.parents[keep].copy()
     parents[1:] = new_index[parents[1:]]
-    kept = DraftTree(tokens=tree.tokens[keep], parents=parents, scores=tree.scores[keep], sources=tree.sources[keep])
+    kept = DraftTree(tokens=tree.tokens[keep], parents=parents, scores=tree.scores[keep], sources=tree.sources[keep],
+                     matches=tree.matches[keep])
     return kept, keep
 
 

@@ -52,3 +52,35 @@ def test_copyable_text_is_drafted_and_pays():
     tokens_per_step, cost_per_token, sizes = replay(fuser, document, output)
     assert tokens_per_step > 3
     assert cost_per_token < 0.6  # predicted speedup above 1.6x
+
+
+def test_a_long_verbatim_run_is_drafted_deeper_than_a_chance_match():
+    """A 200-token verbatim copy of the prompt: once the run is long, whole copied spans are verified at once."""
+    rng = np.random.default_rng(2)
+    document = rng.integers(0, VOCAB, 400).astype(np.int32)
+    fuser = TreeFuser(make_drafters("pld", VOCAB), CostCurve.flat(64), VOCAB)
+    tokens_per_step, _, sizes = replay(fuser, document, document[100:300].copy())
+    assert tokens_per_step > 12  # the old 8-deep copies capped a step at 9 tokens
+    assert max(sizes) > 16
+
+
+def test_acceptance_is_learned_per_matched_length_and_depth():
+    from retrieval_spec.calibration import AcceptanceModel
+    from retrieval_spec.tree import DraftTree, Source
+
+    model = AcceptanceModel()
+    # Two copies side by side: one after a 20-token match (always right), one after a 1-token match (never).
+    tree = DraftTree(tokens=np.arange(7, dtype=np.int32), parents=np.array([-1, 0, 1, 2, 0, 4, 5], np.int32),
+                     scores=np.array([1, .5, .4, .3, .5, .4, .3], np.float32),
+                     sources=np.array([0, 1, 1, 1, 1, 1, 1], np.uint8),
+                     matches=np.array([0, 20, 20, 20, 1, 1, 1], np.int32))
+    features = model.features(tree)
+    tested = np.array([False, True, True, True, True, False, False])
+    for _ in range(50):
+        model.update(features, tested, hits=np.array([False, True, True, True, False, False, False]))
+    rates = model.rates(features)
+    assert rates[1] > 0.9 and rates[2] > 0.9 and rates[4] < 0.1
+    rescored = model.rescore(tree, features)
+    assert rescored.scores[3] > 0.8 > 0.1 > rescored.scores[4]
+    summary = model.summary()["prompt"]
+    assert summary["by_matched_length"]["16-31"] > 0.9 and summary["by_matched_length"]["1"] < 0.1

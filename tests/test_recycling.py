@@ -32,7 +32,7 @@ def test_an_unknown_token_drafts_nothing():
     assert len(drafter.propose(0, np.array([1, 2, 3], np.int32), 16)) == 1
 
 
-def test_tree_follows_the_shape_breadth_first():
+def test_tree_follows_the_shape_most_likely_node_first():
     drafter = RecyclingDrafter(50, RecyclingConfig(k=3, shape=(3, 2, 1)))
     rng = np.random.default_rng(0)
     for token in range(50):
@@ -40,11 +40,14 @@ def test_tree_follows_the_shape_breadth_first():
     drafter.known[:] = True
     tree = drafter.propose(0, np.array([7], np.int32), 64)
     d = depths(tree.parents)
-    assert [int((d == i).sum()) for i in range(4)] == [1, 3, 6, 6]
-    assert tree.tokens[1:4].tolist() == drafter.table[7].tolist()
+    assert [int((d == i).sum()) for i in range(4)] == [1, 3, 6, 6]  # the whole shape fits the budget
+    assert tree.tokens[d == 1].tolist() == drafter.table[7].tolist()  # rank order
+    assert np.all(np.diff(tree.scores[1:]) <= 0)  # most likely first
     for i in range(1, len(tree)):  # every child is one of its parent's recorded successors
         assert tree.tokens[i] in drafter.table[tree.tokens[tree.parents[i]]]
-    assert len(drafter.propose(0, np.array([7], np.int32), 5)) == 6  # budget caps the nodes
+    small = drafter.propose(0, np.array([7], np.int32), 5)
+    assert len(small) == 6  # budget caps the nodes ...
+    np.testing.assert_array_equal(small.scores, tree.scores[:6])  # ... keeping the most likely ones
 
 
 def test_warm_start_fills_only_unknown_rows_and_skips_padding():

@@ -50,7 +50,7 @@ class CrossPathDrafter(Drafter):
         for rank, sibling in enumerate(self._requests_of[self._prompt_of[request]]):
             other = self._paths[sibling]
             if sibling != request and other.length:
-                starts, lengths = other.matches(context, cfg.max_matches)
+                starts, lengths = other.matches(context, cfg.max_matches, cfg.longest)
                 found.extend((n, rank, start, sibling) for start, n in zip(starts, lengths))
         found.sort(key=lambda m: -m[0])  # stable: per length, siblings in order, most recent first within one
         found = found[: cfg.max_matches]

@@ -56,7 +56,7 @@ class OutputHistoryDrafter(Drafter):
         cfg = self.config.matching
         if budget <= 0 or not self.history.length:
             return DraftTree.empty(root)
-        starts, lengths = self.history.matches(context, cfg.max_matches)
+        starts, lengths = self.history.matches(context, cfg.max_matches, cfg.longest)
         continuations = [self.history.span(start, cfg.depth) for start in starts]
         return copied_spans_trie(root, continuations, lengths, cfg.depth, self.source, budget)
 

@@ -44,12 +44,16 @@ class NgramIndex:
                     break
                 self._index.setdefault(tuple(gram.tolist()), []).append(end)
 
-    def matches(self, context: np.ndarray, max_matches: int) -> tuple[list[int], list[int]]:
-        """Where the text continued after the context's suffixes, longest suffix first, most recent first.
+    def matches(self, context: np.ndarray, max_matches: int, longest: int = 0) -> tuple[list[int], list[int]]:
+        """Where the text continued after the context's suffixes, longest match first, most recent first.
+
+        Candidates are found through the index (suffixes of ``min_ngram`` to ``max_ngram`` tokens); with
+        ``longest`` > ``max_ngram`` each match is then measured backwards up to ``longest`` tokens, so a copy that
+        has run for 40 tokens says so instead of stopping at ``max_ngram``.
 
         Returns:
             starts: distinct positions (each < ``length``) following an occurrence, at most ``max_matches``.
-            lengths: the matched suffix length for each start.
+            lengths: the matched suffix length for each start, non-increasing.
         """
         seen: set[int] = set()
         starts: list[int] = []
@@ -61,8 +65,23 @@ class NgramIndex:
                     starts.append(start)
                     lengths.append(n)
                     if len(starts) == max_matches:
-                        return starts, lengths
+                        break
+            if len(starts) == max_matches:
+                break
+        if longest > self.max_ngram and starts:
+            lengths = [self._match_length(start, n, context, longest) for start, n in zip(starts, lengths)]
+            order = sorted(range(len(starts)), key=lambda i: -lengths[i])  # stable: recency within a length
+            starts, lengths = [starts[i] for i in order], [lengths[i] for i in order]
         return starts, lengths
+
+    def _match_length(self, start: int, known: int, context: np.ndarray, longest: int) -> int:
+        """How many tokens before ``start`` equal the context's last ones (``known`` of them do), up to ``longest``."""
+        window = min(longest, start, len(context))
+        if window <= known:
+            return known
+        before = self.text[start - window : start][::-1]
+        equal = before == context[len(context) - window :][::-1]  # a separator never equals a token
+        return window if equal.all() else int(np.argmin(equal))
 
     def span(self, start: int, depth: int) -> np.ndarray:
         """Up to ``depth`` tokens from ``start``, cut before the next separator."""

@@ -22,16 +22,20 @@ class PromptLookupConfig:
     """Matching and drafting limits.
 
     Attributes:
-        max_ngram: longest context suffix looked up.
+        max_ngram: longest context suffix looked up in the n-gram index.
         min_ngram: shortest context suffix looked up.
-        max_matches: most occurrences whose continuations enter the trie (the most recent first).
-        depth: longest continuation copied from one occurrence.
+        max_matches: most occurrences whose continuations enter the trie (the longest matches, most recent first).
+        depth: longest continuation copied from one occurrence; how much of it is verified is decided by the
+            learned acceptance of copies that long and that deep, and the cost curve.
+        longest: matches are measured back up to this many tokens (``DraftTree.matches``): a long verbatim run
+            is told apart from a chance n-gram.
     """
 
     max_ngram: int = 4
     min_ngram: int = 1
     max_matches: int = 8
-    depth: int = 8
+    depth: int = 32
+    longest: int = 64
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -69,7 +73,7 @@ class PromptLookupDrafter(Drafter):
         text = self._texts[request]
         if budget <= 0:
             return DraftTree.empty(root)
-        starts, lengths = text.matches(context, self.config.max_matches)
+        starts, lengths = text.matches(context, self.config.max_matches, self.config.longest)
         continuations = [text.span(start, self.config.depth) for start in starts]
         return copied_spans_trie(root, continuations, lengths, self.config.depth, self.source, budget)
 
@@ -87,13 +91,14 @@ def copied_spans_trie(
 
     Args:
         continuations: the copied spans, longest match first (``lengths`` non-increasing).
-        lengths: the matched suffix length behind each span.
+        lengths: the matched suffix length behind each span (recorded as the nodes' ``matches``).
         depth: the longest span.
     """
     keep = [i for i, c in enumerate(continuations) if len(c)]
     if not keep:
         return DraftTree.empty(root)
-    weights = np.array([2.0 ** lengths[i] for i in keep])
+    weights = np.array([2.0 ** min(lengths[i], 64) for i in keep])
     depth_probs = np.full(depth, NEXT_TOKEN_PRIOR)
     depth_probs[0] = FIRST_TOKEN_PRIOR.get(lengths[0], FIRST_TOKEN_PRIOR[max(FIRST_TOKEN_PRIOR)])
-    return trie_from_continuations(root, [continuations[i] for i in keep], weights, depth_probs, source, budget)
+    return trie_from_continuations(root, [continuations[i] for i in keep], weights, depth_probs, source, budget,
+                                   matches=[lengths[i] for i in keep])

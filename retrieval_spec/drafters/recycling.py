@@ -8,6 +8,8 @@ table is (vocab, k) int32 — 1.5 MB for a 49k vocabulary at k = 8.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -26,7 +28,8 @@ class RecyclingConfig:
 
     Attributes:
         k: tokens remembered per token.
-        shape: children expanded per node at each depth (``shape[0]`` under the root). The decoder keeps only
+        shape: most children a node at each depth may have (``shape[0]`` under the root); within it the tree
+            grows most likely node first (products of ``rank_probs``) up to the budget. The decoder keeps only
             the nodes worth their cost, so the shape is an upper bound, not the verified tree.
         rank_probs: rough chance that the target picks the token of each rank; recalibrated online.
     """
@@ -56,29 +59,29 @@ class RecyclingDrafter(Drafter):
         root = int(context[-1])
         if budget <= 0 or not self.known[root]:
             return DraftTree.empty(root)
-        probs = np.asarray(self.config.rank_probs, dtype=np.float64)
-        tokens, parents, scores = [root], [-1], [1.0]
-        frontier = [0]
-        for width in self.config.shape:
-            next_frontier = []
-            for node in frontier:
-                token = tokens[node]
-                if not self.known[token]:
-                    continue
-                seen = set()
-                for rank, child_token in enumerate(self.table[token, :width].tolist()):
-                    if len(tokens) > budget:
-                        break
-                    if child_token in seen:  # warm-started rows may repeat their last token
-                        continue
-                    seen.add(child_token)
-                    tokens.append(child_token)
-                    parents.append(node)
-                    scores.append(scores[node] * probs[rank])
-                    next_frontier.append(len(tokens) - 1)
-            frontier = next_frontier
-            if not frontier or len(tokens) > budget:
-                break
+        probs = self.config.rank_probs
+        tokens, parents, scores, node_depth = [root], [-1], [1.0], [0]
+        frontier: list[tuple[float, int, int, int]] = []  # (-score, order, parent, token): most likely first
+        order = itertools.count()
+
+        def expand(node: int) -> None:
+            depth, token = node_depth[node], tokens[node]
+            if depth >= len(self.config.shape) or not self.known[token]:
+                return
+            seen = set()
+            for rank, child in enumerate(self.table[token, : self.config.shape[depth]].tolist()):
+                if child not in seen:  # warm-started rows may repeat their last token
+                    seen.add(child)
+                    heapq.heappush(frontier, (-scores[node] * probs[rank], next(order), node, child))
+
+        expand(0)
+        while frontier and len(tokens) <= budget:
+            negative, _, parent, token = heapq.heappop(frontier)
+            tokens.append(token)
+            parents.append(parent)
+            scores.append(-negative)
+            node_depth.append(node_depth[parent] + 1)
+            expand(len(tokens) - 1)
         return DraftTree(
             tokens=np.array(tokens, dtype=np.int32),
             parents=np.array(parents, dtype=np.int32),

@@ -88,11 +88,12 @@ class RestDrafter(Drafter):
             return DraftTree.empty(root)
         starts = self.datastore.positions(match, self.max_occurrences) + match.length
         continuations = self.datastore.continuations(starts, self.depth)
-        return _most_frequent_trie(root, continuations, budget, match_prior(match.length))
+        return _most_frequent_trie(root, continuations, budget, match.length)
 
 
-def _most_frequent_trie(root: int, continuations: np.ndarray, budget: int, prior: float) -> DraftTree:
-    """The ``budget`` most frequent nodes of the trie of ``continuations`` ((k, depth) int32, -1 padded).
+def _most_frequent_trie(root: int, continuations: np.ndarray, budget: int, matched: int) -> DraftTree:
+    """The ``budget`` most frequent nodes of the trie of ``continuations`` ((k, depth) int32, -1 padded), after a
+    match of ``matched`` tokens.
 
     Sorting the rows makes every trie node a run of consecutive rows at its depth, so nodes are counted
     without a Python loop. A parent is at least as frequent as its child and shallower, so ranking nodes by
@@ -121,6 +122,7 @@ def _most_frequent_trie(root: int, continuations: np.ndarray, budget: int, prior
     return DraftTree(
         tokens=np.concatenate(([root], tokens[chosen])).astype(np.int32),
         parents=np.concatenate(([-1], tree_index[parents[chosen]])).astype(np.int32),
-        scores=np.concatenate(([1.0], counts[chosen] * (prior / num_rows))).astype(np.float32),
+        scores=np.concatenate(([1.0], counts[chosen] * (match_prior(matched) / num_rows))).astype(np.float32),
         sources=np.array([Source.ROOT] + [Source.CORPUS] * len(chosen), dtype=np.uint8),
+        matches=np.concatenate(([0], np.full(len(chosen), matched))).astype(np.int32),
     )

@@ -1,0 +1,175 @@
+"""Self-tuning without a model and with a fake clock: the cost curve learned from real steps corrects a wrong
+cached one (flat as on a GPU, or with a bogus spike), and the speed guard stops drafting where it does not pay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval_spec.sizing import CostCurve, CostModel, SpeedGuard, best_size
+
+SIZES = np.array([1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64])
+# The "machine": SmolLM2 on 2 CPU cores (ANCHORS.md), interpolated on the probe's sizes.
+TRUE = CostCurve(sizes=SIZES, ms=np.interp(SIZES, [1, 2, 4, 8, 16, 32, 64], [45, 63, 90, 94.5, 103.5, 121.5, 180.0]))
+FLAT = CostCurve(sizes=SIZES, ms=np.full(len(SIZES), 45.0))  # probed on a GPU-like machine, or by a broken probe
+SPIKE = CostCurve(sizes=SIZES, ms=np.where(SIZES == 8, 400.0, TRUE.ms))  # one size measured during a load burst
+# Candidate path probabilities of a copy that is usually right: the optimum is a mid-sized tree.
+SCORES = 0.9 ** np.arange(1, 41)
+
+
+def clock(size: int, rng: np.random.Generator) -> float:
+    """A step's time: the true cost, plus what other processes add now and then (never less)."""
+    return float(TRUE.ms[np.searchsorted(SIZES, size)] * (1 + rng.exponential(0.05)))
+
+
+def efficiency(nodes: int, run: int) -> float:
+    """Expected tokens per true millisecond of a step verifying ``nodes`` candidates in ``run`` rows."""
+    return (1 + SCORES[:nodes].sum()) / float(np.interp(run, SIZES, TRUE.ms))
+
+
+def decode(model: CostModel, steps: int, rng: np.random.Generator) -> list[float]:
+    """The efficiency of each of ``steps`` steps of the decoder's sizing and exploration on the fake clock."""
+    achieved = []
+    for _ in range(steps):
+        curve = model.curve()
+        nodes = best_size(SCORES, curve)
+        run = model.explore(curve.padded_size(1 + nodes))
+        model.observe(run, clock(run, rng))
+        achieved.append(efficiency(nodes if run > 1 else 0, run))
+    return achieved
+
+
+@pytest.mark.parametrize("prior", [FLAT, SPIKE, TRUE], ids=["flat", "spike", "true"])
+def test_a_wrong_cached_curve_is_corrected_within_tens_of_steps(prior):
+    rng = np.random.default_rng(0)
+    model = CostModel(prior)
+    best = best_size(SCORES, TRUE)
+    optimum = efficiency(best, TRUE.padded_size(1 + best))
+    achieved = decode(model, 80, rng)
+    settled = [e for step, e in enumerate(achieved[40:], 40) if (step + 1) % model.explore_every]
+    assert min(settled) >= 0.97 * optimum, (optimum, achieved)
+    if prior is FLAT:
+        assert np.mean(achieved[:5]) < 0.9 * optimum  # the wrong curve did cost something at first
+
+
+def test_a_probe_taken_on_a_loaded_machine_comes_down_to_the_quick_steps():
+    rng = np.random.default_rng(1)
+    model = CostModel(CostCurve(sizes=SIZES, ms=TRUE.ms * 1.5))
+    for _ in range(60):
+        model.observe(8, clock(8, rng))
+    assert model.curve().ms[np.searchsorted(SIZES, 8)] == pytest.approx(94.5, rel=0.06)
+    assert model.curve().ms[0] == pytest.approx(45.0, rel=0.1)  # unobserved sizes shift with the observed ones
+
+
+def guard_run(tokens_per_step: float, step_cost: float, steps: int = 600) -> tuple[float, float]:
+    """Plain steps cost 1; drafting steps ``step_cost`` and gain ``tokens_per_step``. Returns (tokens, time)."""
+    guard, tokens, time = SpeedGuard(), 0.0, 0.0
+    for _ in range(steps):
+        gained, cost = (tokens_per_step, step_cost) if guard.drafting else (1.0, 1.0)
+        guard.record(gained, cost, plain_step_ms=1.0)
+        tokens, time = tokens + gained, time + cost
+    return tokens, time
+
+
+def test_the_guard_stops_drafting_that_does_not_pay_and_keeps_drafting_that_does():
+    tokens, time = guard_run(tokens_per_step=1.05, step_cost=1.3)  # a busy machine: drafting slows decoding
+    assert tokens / time >= 0.95  # plain decoding is 1.0; always drafting would be 0.81
+    tokens, time = guard_run(tokens_per_step=2.0, step_cost=1.3)
+    assert tokens / time == pytest.approx(2.0 / 1.3)  # never paused
+
+
+def test_the_guard_retries_and_recovers_when_drafting_pays_again():
+    guard = SpeedGuard()
+    for _ in range(40):
+        guard.record(1 if guard.drafting else 1, 2.0 if guard.drafting else 1.0, plain_step_ms=1.0)
+    assert guard.pause > guard.first_pause  # failed retries doubled the pause
+    drafting = []
+    for _ in range(300):
+        drafting.append(guard.drafting)
+        guard.record(3 if guard.drafting else 1, 1.2 if guard.drafting else 1.0, plain_step_ms=1.0)
+    assert all(drafting[-100:])
+
+
+class FakeClock:
+    """Stands in for ``time`` in the decoding loop: it moves only when the model verifies, by ``cost(rows)``."""
+
+    def __init__(self, cost):
+        self.cost, self.now = cost, 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def wrap(self, verify):
+        def timed(drafts, sampler, top_k=0, pad_to=0):
+            rows = max(pad_to, max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts))
+            self.now += self.cost(rows) / 1e3
+            return verify(drafts, sampler, top_k, pad_to)
+        return timed
+
+
+def fake_machine(monkeypatch, generator_module, verifier, prior: CostCurve, cost):
+    """Run the loop on a fake clock whose forwards cost ``cost(rows)`` ms, starting from the cached ``prior``."""
+    clock = FakeClock(cost)
+    monkeypatch.setattr(generator_module, "time", clock)
+    monkeypatch.setattr(generator_module, "cached_cost_curve", lambda model, probe: prior)
+    monkeypatch.setattr(generator_module, "store_cost_curve", lambda model, probe, curve: None)
+    monkeypatch.setattr(verifier, "verify", clock.wrap(verifier.verify))
+    return clock
+
+
+def test_the_loop_learns_the_machine_from_a_poisoned_curve_and_stays_exact(monkeypatch):
+    import retrieval_spec.generate as generate_module
+    from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
+    from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+
+    model = tiny_model("llama")
+    prompt = np.arange(10, 40, dtype=np.int32)
+    expected = plain_greedy(model, prompt, 120)
+    generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(expected, len(prompt), 96, right=True)])
+    true_cost = lambda rows: float(np.interp(rows, TRUE.sizes, TRUE.ms))  # noqa: E731
+    fake_machine(monkeypatch, generate_module, generator.verifier, FLAT, true_cost)
+    result = generator.generate(prompt, GenerationConfig(max_new_tokens=120, tree_budget=32))
+    np.testing.assert_array_equal(result.tokens, expected)
+    learned = generator._costs[1]
+    seen = learned.observed > 0
+    np.testing.assert_allclose(learned.curve().ms[seen], TRUE.ms[seen], rtol=0.02)
+    assert seen[0] and seen.sum() >= 3  # plain steps were measured, and the sizes drafted
+    assert result.stats.paused_steps == 0  # an always-right drafter pays
+
+
+def test_the_loop_stops_drafting_whose_cost_the_curve_cannot_see(monkeypatch):
+    """Right drafts, but drafting itself (a slow datastore, a busy core) costs more than the tokens it gains."""
+    import retrieval_spec.generate as generate_module
+    from conftest import StubTokenizer, plain_greedy, tiny_model
+    from retrieval_spec.drafters.base import Drafter
+    from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+    from retrieval_spec.tree import DraftTree, Source
+
+    model = tiny_model("llama")
+    prompt = np.arange(10, 40, dtype=np.int32)
+    expected = plain_greedy(model, prompt, 200)
+
+    class NextToken(Drafter):
+        """Always right, one token ahead: two tokens a step."""
+
+        source = Source.PROMPT
+
+        def propose(self, request, context, budget):
+            done = len(context) - len(prompt)
+            if done >= len(expected):
+                return DraftTree.empty(int(context[-1]))
+            return DraftTree.from_paths(int(context[-1]), [expected[done : done + 1]], [np.array([0.9])], self.source)
+
+    generator = SpeculativeGenerator(model, StubTokenizer(), [NextToken()], cross_path=False)
+    clock = fake_machine(monkeypatch, generate_module, generator.verifier, TRUE, lambda rows: 40.0)
+    rank = generator.fuser.rank
+
+    def slow_rank(request, context, budget, max_depth=None):
+        clock.now += 0.06 * (budget > 0)  # 60 ms whenever the drafters are asked: 100 ms for 2 tokens
+        return rank(request, context, budget, max_depth)
+
+    monkeypatch.setattr(generator.fuser, "rank", slow_rank)
+    result = generator.generate(prompt, GenerationConfig(max_new_tokens=200, tree_budget=16))
+    np.testing.assert_array_equal(result.tokens, expected)
+    assert result.stats.paused_steps > 0.6 * result.stats.steps
+    assert clock.now * 1e3 <= 1.06 * 40.0 * len(expected)  # drafting always: 1.25x plain decoding's time
