@@ -259,9 +259,12 @@ def read_versioned_json(path: Path, format_name: str, format_version: int, rebui
     return manifest
 
 
-def write_manifest(index: Path, manifest: dict[str, Any]) -> None:
-    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory."""
-    staging = index / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
+def write_manifest(index: Path, manifest: dict[str, Any], temporary_directory: Path | None = None) -> None:
+    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory.
+
+    The temporary file is written in ``temporary_directory`` (on the same file system; default ``index``).
+    """
+    staging = (temporary_directory or index) / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
     with open(staging, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
