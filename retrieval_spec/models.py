@@ -72,11 +72,15 @@ def load_model(
         dtype: weights dtype; fp32 is what the losslessness tests use.
 
     Raises:
-        ModelNotFoundError: neither a known name nor a directory with a ``config.json``.
+        ModelNotFoundError: neither a known name nor a directory with a ``config.json``, or a directory whose
+            configuration, tokenizer or weights cannot be loaded.
     """
     path = _model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as error:  # what transformers raises for a bad config.json or weights
+        raise ModelNotFoundError(f"{path}: cannot load the model ({error})") from None
     model.eval()
     return model, tokenizer
 
@@ -86,7 +90,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     An embedded model's tokenizer is named after the model (what index manifests record), not its cache path.
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(_model_path(name_or_path)))
+    path = _model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:  # what transformers raises for a bad config.json or tokenizer file
+        raise ModelNotFoundError(f"{path}: cannot load the tokenizer ({error})") from None
     if name_or_path in EMBEDDED_MODELS:
         tokenizer.name_or_path = name_or_path
     return tokenizer
