@@ -113,6 +113,8 @@ def commit_delay() -> None:
 class JsonlWriter:
     """Writes one JSON object per line as each is produced, so that a failure keeps every finished line.
 
+    Opening creates the file's directory when missing (:func:`check_output_file` checked it can be).
+
     Lines go straight to the file (no buffer); when a write fails (a full disk), the file is cut back to its
     last complete line and :class:`OutputError` says how many lines it keeps.
 
@@ -130,6 +132,7 @@ class JsonlWriter:
     def __enter__(self) -> JsonlWriter:
         if self.path is not None:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "wb", buffering=0)
             except OSError as error:
                 raise OutputError(f"{self.what} {self.path}: {error.strerror}") from None
