@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from retrieval_spec.cli import main
 from retrieval_spec.datastore.manifest import MANIFEST, NGRAMS, SUFFIX_ARRAY, TOKENS, FileEntry, TokenizerFingerprint
 from retrieval_spec.datastore.suffix_array import build_suffix_array
 from retrieval_spec.errors import OutputError
+from retrieval_spec.files import check_output_file
 
 
 def run(*args: str) -> Result:
@@ -134,6 +137,30 @@ def test_output_paths_are_checked_before_any_work(tmp_path: Path, monkeypatch: p
                  ["build-index", str(tmp_path / "file"), "-o", str(locked / "index")]):
         refused(run(*args), f"directory {locked} is not writable")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "locked"] and not any(locked.iterdir())
+
+
+CONSOLE = "from retrieval_spec.cli import main; main(prog_name='retrieval-spec')"
+
+
+def test_the_console_script_prints_one_line_and_exits_2_without_reading_a_fifo(tmp_path: Path):
+    """As a real process: nothing waits on the FIFO, and stderr holds exactly the error line."""
+    os.mkfifo(tmp_path / "pipe")
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for args, fragment in ((["generate", "--threads", "-1"], "Invalid value for '--threads'"),
+                           (["generate", "--input", str(tmp_path / "pipe")], "a FIFO (named pipe)")):
+        result = subprocess.run([sys.executable, "-c", CONSOLE, *args], env=environment, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and fragment in result.stderr
+
+
+def test_an_output_in_a_missing_directory_is_created_when_written(tmp_path: Path):
+    target = tmp_path / "new" / "dir" / "out.jsonl"
+    check_output_file(target, "--output")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    with files_module.JsonlWriter(target) as writer:
+        writer.write({"id": 1})
+    assert json.loads(target.read_text()) == {"id": 1}
 
 
 def test_the_jsonl_writer_keeps_complete_lines_only(tmp_path: Path):

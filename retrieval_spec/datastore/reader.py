@@ -235,9 +235,9 @@ class Datastore:
             chosen = picks[(picks >= start) & (picks < end)] - start if len(self.shards) > 1 else picks
             starts = shard.index.suffixes[lo:hi][chosen].astype(np.int64)
             # An occurrence ends before the stream's closing separator; anything else is a damaged file.
-            outside = (starts < 0) | (starts + match.length >= len(shard.index))
-            if outside.any():
-                raise _damaged(shard.path / SUFFIX_ARRAY, f"entry {int(starts[outside][0])} is no occurrence of a "
+            if len(starts) and (starts.min() < 0 or starts.max() + match.length >= len(shard.index)):
+                bad = starts[(starts < 0) | (starts + match.length >= len(shard.index))][0]
+                raise _damaged(shard.path / SUFFIX_ARRAY, f"entry {int(bad)} is no occurrence of a "
                                f"{match.length}-token match in a {len(shard.index)}-token stream")
             found.append(starts + shard.offset)
         return np.concatenate(found)
@@ -266,10 +266,9 @@ class Datastore:
         for shard, rows in groups:
             # The stream ends with a separator, so clamping at its last position reads a separator.
             where = np.minimum(positions[rows, None] - shard.offset + steps, len(shard.index) - 1)
-            read = shard.index.tokens[where]
-            if np.any((read >= self.vocab_size) & (read != self.separator)):
-                raise _out_of_vocabulary(shard.path / TOKENS, read, self.vocab_size, self.separator)
-            window = read.astype(np.int32)
+            window = shard.index.tokens[where].astype(np.int64)  # native, and wide enough for a '>u4' separator
+            if np.any((window >= self.vocab_size) & (window != self.separator)):
+                raise _out_of_vocabulary(shard.path / TOKENS, window, self.vocab_size, self.separator)
             window[np.logical_or.accumulate(window == self.separator, axis=1)] = -1
             out[rows] = window
         return out
