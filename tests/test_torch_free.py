@@ -7,6 +7,8 @@ import pytest
 
 PURE = [
     "retrieval_spec.errors",
+    "retrieval_spec.files",
+    "retrieval_spec.cli",  # so that options and paths are refused in a fraction of a second
     "retrieval_spec.datastore",
     "retrieval_spec.builders",
     "retrieval_spec.drafters.base",
@@ -20,6 +22,7 @@ PURE = [
     "retrieval_spec.drafters.history",
     "retrieval_spec.datastore.reader",
     "retrieval_spec.builders.build",
+    "retrieval_spec.builders.publish",
     "retrieval_spec.tree",
     "retrieval_spec.calibration",
     "retrieval_spec.fusion",
