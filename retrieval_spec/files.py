@@ -1,7 +1,9 @@
-"""Files a user names: inputs must be regular files of UTF-8 text, outputs writable places that are no input.
+"""Files a user names, and writing results to them.
 
-Every check here runs before any work starts and creates nothing, so that a run that cannot write its result
-fails in its first second rather than after its last prompt.
+Inputs must be readable regular files of UTF-8 text; outputs writable (or creatable) places that are not an
+input. The checks run before any work starts and create nothing, so that a run that cannot write its result
+fails in its first second rather than after its last prompt; :class:`JsonlWriter` then writes results line by
+line as they finish.
 """
 
 from __future__ import annotations
