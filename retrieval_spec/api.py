@@ -71,19 +71,20 @@ def make_drafters(method: str, vocab_size: int | None = None, datastore: Datasto
     return drafters
 
 
-def load_state(drafters: Sequence[Drafter], directory: Path, tokenizer_sha256: str) -> list[str]:
+def load_state(drafters: Sequence[Drafter], directory: Path, tokenizer_sha256: str, vocab_size: int) -> list[str]:
     """Load every drafter's saved state (recycling table, lookahead pool, output history) found in ``directory``.
 
     Returns:
         the state files loaded.
 
     Raises:
-        DatastoreFormatError, TokenizerMismatchError: a file there is unreadable or for another tokenizer.
+        DatastoreFormatError, TokenizerMismatchError: a file there is unreadable, damaged (shapes, ids outside
+            ``[0, vocab_size)``) or for another tokenizer.
     """
     loaded = []
     for drafter in drafters:
         if drafter.state_file is not None and (directory / drafter.state_file).is_file():
-            drafter.load(directory, tokenizer_sha256)
+            drafter.load(directory, tokenizer_sha256, vocab_size)
             loaded.append(drafter.state_file)
     return loaded
 

@@ -1,26 +1,133 @@
-"""Command line: parses options, calls the library, prints. No decoding logic lives here."""
+"""Command line: parses and validates options, calls the library, prints. No decoding logic lives here.
+
+Every option is checked by click when it is parsed (ranges a machine can hold, finite numbers, UTF-8 text),
+every path before any work starts (:mod:`retrieval_spec.files`). One place, :class:`_Group`, turns what a user
+can get wrong into one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
-from dataclasses import replace
+import math
+import os
+import re
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import click
 
-from .errors import InputError, RetrievalSpecError
+from .errors import InputError, OutputError, RetrievalSpecError
+from .files import JsonlWriter, check_input_file, check_output_directory, check_output_file, read_text
+
+# Bounds of options, each one a machine can hold.
+MAX_THREADS = os.cpu_count() or 1  # more threads than cores only slows torch down (1000 did not finish in 300 s)
+MAX_NUM_SAMPLES = 256  # samples are rows of one batch: 10,000 took 6 GiB
+MAX_TREE_BUDGET = 1024  # the verified tree is cut to what pays off, far below this
+MAX_NEW_TOKENS = 1 << 20  # the model's context bounds it further, checked once the model is loaded
+# Below 1e-3 sampling is greedy decoding in all but name, and near 1e-37 logits / temperature overflow float32.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_SHARD_TOKENS = 1 << 30  # a shard's suffix sort peaks near 20 bytes a token: 20 GiB
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit code 2; bugs keep their traceback."""
+    """Turns user errors into one line on stderr and exit code 2; bugs keep their traceback.
+
+    User errors: :class:`RetrievalSpecError`, OS errors (a full disk, a permission) and options click refuses
+    (a subcommand parses its options inside :meth:`invoke`). Notes added to an error (``__notes__``: how many
+    results were written before it) follow its message on the same line.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            _fail(ctx, f"{error.format_message()} (see {command} --help)")
         except RetrievalSpecError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
+            _fail(ctx, str(error), error)
+        except OSError as error:
+            _fail(ctx, _os_error(error), error)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception:  # noqa: BLE001 -- anything else is a bug: keep its traceback, and say so
+            traceback.print_exc()
+            click.echo("error: the traceback above is a bug in retrieval-spec, not a problem with the input; "
+                       "please report it", err=True)
+            ctx.exit(1)
+
+
+def _fail(ctx: click.Context, message: str, error: BaseException | None = None) -> None:
+    notes = getattr(error, "__notes__", [])
+    line = re.sub(r"\s*\n\s*", " ", "; ".join([message, *notes])).strip()
+    click.echo(f"error: {line}", err=True)
+    ctx.exit(2)
+
+
+def _note(error: BaseException, note: str) -> None:
+    """Add a note to an error on its way to :class:`_Group` (``add_note`` exists from Python 3.11 only)."""
+    error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
+def _os_error(error: OSError) -> str:
+    names = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    reason = error.strerror or str(error)
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+class _Finite(click.FloatRange):
+    """A float range that refuses nan and infinities too (a plain FloatRange lets nan through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Refuse text that is not UTF-8 (the shell hands such bytes over as lone surrogates)."""
+    for text in value if isinstance(value, tuple) else (value,):
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            byte = ord(text[error.start]) - 0xDC00
+            where = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else f"character {text[error.start]!r}"
+            raise click.BadParameter(f"not valid UTF-8 text ({where} at position {error.start})") from None
+    return value
+
+
+def _non_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    for text in value if isinstance(value, tuple) else (value,):
+        if text is not None and not text:
+            raise click.BadParameter("must not be empty" + (
+                " (an empty stop string would stop after the first token)" if param.name == "stop_strings" else ""))
+    return _utf8(ctx, param, value)
+
+
+def _temperature(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise click.BadParameter(f"0 decodes greedily; a sampling temperature is at least {MIN_TEMPERATURE}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One prompt, question or document to process.
+
+    Attributes:
+        id: its ``id`` (or ``question_id``) field, else its line number, else the option's name.
+        text: the prompt, question or document.
+        where: ``file:line``, or the option it was given with; named in messages about it.
+    """
+
+    id: str
+    text: str
+    where: str
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -46,35 +153,60 @@ def _setup_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turns")) -> list[tuple[str, str]]:
-    """(id, text) pairs from JSONL: each line an object with the first of ``fields`` it has ("turns": first turn)."""
+def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turns")) -> list[_Record]:
+    """Records from JSONL: each line an object with the first of ``fields`` it has ("turns": first turn)."""
+    check_input_file(path, "--input")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise InputError(f"{where}: not usable JSON (nested too deeply)") from None
+            except ValueError as e:  # e.g. an integer of more digits than Python converts
+                raise InputError(f"{where}: not usable JSON ({e})") from None
             if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
             prompt = next((value for value in map(record.get, fields) if value), None)
             if isinstance(prompt, list):
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 names = ", ".join(f'"{field}"' for field in fields)
-                raise InputError(f"{path}:{lineno}: needs a non-empty field among {names}")
-            records.append((str(record.get("id", record.get("question_id", lineno))), prompt))
+                raise InputError(f"{where}: needs a non-empty field among {names}")
+            records.append(_Record(str(record.get("id", record.get("question_id", lineno))), prompt, where))
     if not records:
         raise InputError(f"{path}: no prompts found")
     return records
 
 
+def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tokenizer, model,
+                       max_new_tokens: int) -> None:
+    """Refuse, naming its ``file:line``, a prompt too long for the model's context before any prompt runs (and a
+    model family the engine cannot verify exactly, before anything)."""
+    from .families import attention_layout
+    from .generate import check_fits, encode
+
+    limit = attention_layout(model).context_limit
+    for record in records:
+        try:
+            check_fits(limit, len(encode(tokenizer, render(record.text))), max_new_tokens)
+        except InputError as error:
+            raise InputError(f"{record.where}: {error}") from None
+
+
 @main.command()
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True,
               help="Embedded model name (smollm2-135m, qwen2.5-0.5b) or a Hugging Face checkpoint directory.")
-@click.option("--prompt", help="One prompt; the continuation is printed on stdout.")
+@click.option("--prompt", callback=_utf8, help="One prompt; the continuation is printed on stdout.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='JSONL of prompts ("prompt", "text" or "turns" per line), of documents with --task summarize '
                    '("text"), or of questions with --rag ("question", "prompt", ...); one JSON object per line out.')
@@ -84,8 +216,8 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
               help="complete: continue each prompt; rag: answer --question from passages retrieved from --index "
                    "(built with --dense); summarize: summarise each --input document, copying from it.")
 @click.option("--rag", is_flag=True, help="Shorthand for --task rag.")
-@click.option("--question", help="With --rag: the question to answer from the index's passages.")
-@click.option("--passages", "num_passages", default=5, show_default=True,
+@click.option("--question", callback=_utf8, help="With --rag: the question to answer from the index's passages.")
+@click.option("--passages", "num_passages", default=5, show_default=True, type=click.IntRange(1, 100),
               help="With --rag: passages retrieved into the prompt (--top-k is the sampler's).")
 @click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "lookahead", "auto"]), default="auto",
               show_default=True,
@@ -95,23 +227,27 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
                    "auto: every available source fused in one tree.")
 @click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A datastore built by `retrieval-spec build-index` with this model's tokenizer.")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Stop after this many new tokens.")
-@click.option("--tree-budget", default=64, show_default=True,
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, MAX_NEW_TOKENS),
+              help="Stop after this many new tokens.")
+@click.option("--tree-budget", default=64, show_default=True, type=click.IntRange(0, MAX_TREE_BUDGET),
               help="Most draft nodes verified per step; the measured cost curve usually picks fewer.")
 @click.option("--reference", "references", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A document the output may copy from (repeatable), e.g. the retrieved passages.")
-@click.option("--stop", "stop_strings", multiple=True, help="Stop once the output contains this string (repeatable).")
+@click.option("--stop", "stop_strings", multiple=True, callback=_non_empty,
+              help="Stop once the output contains this string (repeatable).")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Wrap each prompt in the model's chat template as a user message.")
-@click.option("--temperature", default=0.0, show_default=True,
+@click.option("--temperature", default=0.0, show_default=True, type=_Finite(0, MAX_TEMPERATURE), callback=_temperature,
               help="0 decodes greedily; above 0 samples, with exactly the model's own distribution.")
-@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, help="Sample from the smallest set with this probability.")
-@click.option("--seed", type=int,
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
+              help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=_Finite(0, 1, min_open=True),
+              help="Sample from the smallest set with this probability.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1),
               help="Seed of the sampler: the same seed gives the same output (up to floating point). Prompt i of "
                    "--input (from 0) samples with seed (S, i), sample j of it with (S, i, j); without --seed every "
                    "run draws fresh entropy (the seed used is in the stats).")
-@click.option("--num-samples", default=1, show_default=True,
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(1, MAX_NUM_SAMPLES),
               help="Sample N continuations of each prompt together (needs --temperature > 0): one batched forward "
                    "per step, each sample drafting from the others too; prints one JSON object per prompt with "
                    "all N texts (self-consistency, best-of-N).")
@@ -121,7 +257,8 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
               help="Keep what the drafters learn across runs here (recycling table, lookahead pool, earlier "
                    "outputs): loaded at start when present, saved at the end. The index directory is a good place.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
-@click.option("--threads", type=int, help="torch threads (default: torch's choice, usually all cores).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
+              help="torch threads (default: torch's choice, usually all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="Where the model runs: auto takes a CUDA GPU, else Apple's MPS, else the CPU.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
@@ -147,14 +284,17 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     """
     task = "rag" if rag else task
     records = _records(task, prompt, question, input_path)
-    if num_samples < 1:
-        raise InputError(f"--num-samples must be at least 1, got {num_samples}")
     if num_samples > 1 and task != "complete":
         raise InputError("--num-samples goes with plain prompts (--prompt or --input), not --task " + task)
     if num_samples > 1 and temperature == 0:
         raise InputError("--num-samples above 1 needs --temperature > 0: greedy samples would all be the same")
     if task == "rag" and index_path is None:
         raise InputError("--rag needs --index: a directory built with `retrieval-spec build-index --dense`")
+    if output_path is not None:
+        check_output_file(output_path, "--output", inputs=[input_path, *references])
+    if state_dir is not None:
+        check_output_directory(state_dir, "--state-dir")
+    reference_texts = [read_text(path, "--reference") for path in references]
     _setup_threads(threads)
     from . import rag as grounded
     from .api import make_drafters
@@ -166,70 +306,86 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
                               temperature=temperature, top_k=top_k, top_p=top_p)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    render = (lambda text: grounded.summarize_prompt(tokenizer, text)) if task == "summarize" else (
+        lambda text: chat_prompt(tokenizer, text) if chat else text)
+    if task != "rag":  # a RAG prompt holds passages retrieved later; its length is checked when it is built
+        _check_prompts_fit(records, render, tokenizer, model, max_new_tokens)
     datastore = None
     if index_path is not None:
         from .datastore.manifest import tokenizer_fingerprint
         from .datastore.reader import Datastore
 
         datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
-    reference_texts = [p.read_text(encoding="utf-8") for p in references]
     drafters = make_drafters(method, model.config.vocab_size, datastore)
     if state_dir is not None:
         from .api import load_state
         from .datastore.manifest import tokenizer_fingerprint
 
         vocab_sha256 = tokenizer_fingerprint(tokenizer).sha256
-        load_state(drafters, state_dir, vocab_sha256)
+        load_state(drafters, state_dir, vocab_sha256, model.config.vocab_size)
     generator = SpeculativeGenerator(model, tokenizer, drafters, cross_path=cross_path)
     as_rows = input_path is not None or output_path is not None or num_samples > 1
-    out = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
-    try:
-        for number, (record_id, text) in enumerate(records):
+    with JsonlWriter(output_path if as_rows else None) as out:
+        for number, record in enumerate(records):
             # Prompt number i of --input samples with seed (S, i): reruns reproduce, equal prompts stay independent.
             row_config = replace(config, seed=None if seed is None else (seed, number) if input_path else seed)
-            extra = {}
-            if num_samples > 1:
-                rendered = chat_prompt(tokenizer, text) if chat else text
-                batch = generator.generate_batch([rendered] * num_samples, row_config, references=reference_texts)
-                out.write(json.dumps({"id": record_id, "method": method, "num_samples": num_samples,
-                                      **batch.to_dict()}) + "\n")
-                out.flush()
-                continue
-            if task == "rag":
-                answer = grounded.answer(generator, dense, text, row_config, top_k=num_passages,
-                                         references=reference_texts)
-                result = answer.result
-                extra = {"question": text, "cited": answer.cited, "passages": [p.to_dict() for p in answer.passages]}
-            elif task == "summarize":
-                result = grounded.summarize(generator, text, row_config, references=reference_texts)
-            else:
-                rendered = chat_prompt(tokenizer, text) if chat else text
-                result = generator.generate(rendered, row_config, references=reference_texts)
-            if as_rows:
-                row = {"id": record_id, "method": method, "task": task, "text": result.text, **extra,
-                       "tokens": result.tokens.tolist(), "stats": result.stats.to_dict()}
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                continue
-            click.echo(result.text)
-            if task == "rag" and not json_stats:
-                cited = {p.id: p for p in answer.passages}
-                for passage_id in answer.cited:
-                    click.echo(f"[{passage_id}] {cited[passage_id].source}")
-            if json_stats:
-                click.echo(json.dumps({**extra, "stats": result.stats.to_dict()} if extra else
-                                      result.stats.to_dict()), err=True)
-    finally:
-        if output_path:
-            out.close()
+            with _progress(record, out, len(records)):
+                extra = {}
+                if num_samples > 1:
+                    batch = generator.generate_batch([render(record.text)] * num_samples, row_config,
+                                                     references=reference_texts)
+                    out.write({"id": record.id, "method": method, "num_samples": num_samples, **batch.to_dict()})
+                    continue
+                if task == "rag":
+                    answer = grounded.answer(generator, dense, record.text, row_config, top_k=num_passages,
+                                             references=reference_texts)
+                    result = answer.result
+                    extra = {"question": record.text, "cited": answer.cited,
+                             "passages": [p.to_dict() for p in answer.passages]}
+                elif task == "summarize":
+                    result = grounded.summarize(generator, record.text, row_config, references=reference_texts)
+                else:
+                    result = generator.generate(render(record.text), row_config, references=reference_texts)
+                if as_rows:
+                    out.write({"id": record.id, "method": method, "task": task, "text": result.text, **extra,
+                               "tokens": result.tokens.tolist(), "stats": result.stats.to_dict()})
+                    continue
+                click.echo(result.text)
+                if task == "rag" and not json_stats:
+                    cited = {p.id: p for p in answer.passages}
+                    for passage_id in answer.cited:
+                        click.echo(f"[{passage_id}] {cited[passage_id].source}")
+                if json_stats:
+                    click.echo(json.dumps({**extra, "stats": result.stats.to_dict()} if extra else
+                                          result.stats.to_dict()), err=True)
     if state_dir is not None:
         from .api import save_state
 
-        save_state(drafters, state_dir, vocab_sha256)
+        try:
+            save_state(drafters, state_dir, vocab_sha256)
+        except OSError as error:
+            _note(error, f"every result was written; what the drafters learned was not saved to {state_dir}")
+            raise
 
 
-def _records(task: str, prompt: str | None, question: str | None, input_path: Path | None) -> list[tuple[str, str]]:
-    """(id, text) pairs to process: prompts, questions (--rag) or documents (--task summarize)."""
+@contextlib.contextmanager
+def _progress(record: _Record, out: JsonlWriter, total: int) -> Iterator[None]:
+    """Name the record, and say how many results are kept, on an error while one record is processed."""
+    try:
+        yield
+    except OutputError:
+        raise  # the writer's own message says how many lines are kept
+    except (RetrievalSpecError, OSError) as error:
+        if not str(error).startswith(record.where):
+            _note(error, f"while processing {record.where}")
+        if out.path is not None or out.written:
+            where = f"written to {out.path}" if out.path is not None else "printed"
+            _note(error, f"{out.written} of {total} results were {where} before it")
+        raise
+
+
+def _records(task: str, prompt: str | None, question: str | None, input_path: Path | None) -> list[_Record]:
+    """The prompts, questions (--rag) or documents (--task summarize) to process."""
     if task != "complete" and prompt is not None:
         raise InputError(f"--prompt does not go with --task {task}; give "
                          + ("--question" if task == "rag" else "the documents as --input JSONL"))
@@ -245,15 +401,15 @@ def _records(task: str, prompt: str | None, question: str | None, input_path: Pa
     if given is not None:
         if not given:
             raise InputError(f"the {name} is empty")
-        return [(name, given)]
+        return [_Record(name, given, f"--{name}")]
     return _read_prompts(input_path, ("question", "prompt", "text", "turns") if task == "rag" else
                          ("prompt", "text", "turns"))
 
 
 @main.command()
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to run.")
-@click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--threads", type=int, help="torch threads (default: all cores).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, MAX_NEW_TOKENS))
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a report.")
 def demo(model_name, max_new_tokens, threads, as_json):
     """Summarise a bundled article with plain decoding and with prompt lookup, and compare.
@@ -283,8 +439,9 @@ def demo(model_name, max_new_tokens, threads, as_json):
               help="Index directory to create (replaced only with --force).")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True,
               help="Whose tokenizer to use; the index is then refused for any other tokenizer.")
-@click.option("--text-field", default="text", show_default=True, help="JSONL field holding each document's text.")
-@click.option("--shard-tokens", default=1 << 27, show_default=True,
+@click.option("--text-field", default="text", show_default=True, callback=_non_empty,
+              help="JSONL field holding each document's text.")
+@click.option("--shard-tokens", default=1 << 27, show_default=True, type=click.IntRange(1, MAX_SHARD_TOKENS),
               help="Tokens per shard; a shard is written (and freed) before the next is read.")
 @click.option("--force", is_flag=True, help="Replace an existing index at the output path.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip malformed JSONL lines (and count them) instead of failing.")
@@ -313,6 +470,7 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
     from .builders.build import build_index as build
     from .models import load_tokenizer
 
+    check_output_directory(out, "-o/--output")
     tokenizer = load_tokenizer(model_name)
     summary = build(list(inputs), out, tokenizer, text_field=text_field, shard_tokens=shard_tokens,
                     force=force, skip_bad_lines=skip_bad_lines, progress=not quiet)
@@ -329,6 +487,9 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
         click.echo(json.dumps(report))
         return
     skipped = f", skipped {summary.skipped_lines} bad lines" if summary.skipped_lines else ""
+    if summary.skipped_files:
+        skipped += (f", skipped {summary.skipped_files} entries of input folders that are not readable UTF-8 "
+                    "text files")
     click.echo(f"built {summary.path}: {summary.tokens:,} tokens, {summary.documents:,} documents, "
                f"{summary.shards} shard(s) in {summary.seconds:.1f} s{skipped}")
     if dense:

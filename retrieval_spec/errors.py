@@ -13,6 +13,10 @@ class InputError(RetrievalSpecError):
     """A prompt, JSONL record, option or argument that cannot be used as given."""
 
 
+class OutputError(RetrievalSpecError):
+    """An output path that cannot be written: a missing or read-only location, a full disk, or an input file."""
+
+
 class ModelNotFoundError(RetrievalSpecError):
     """A model name that is neither a known embedded model nor a loadable directory."""
 

@@ -261,7 +261,7 @@ class SpeculativeGenerator:
         if not ids:
             return BatchResult(rows=[], forwards=0, total_ms=0.0)
         for prompt_ids in ids:
-            check_fits(self.verifier, len(prompt_ids), config.max_new_tokens)
+            check_fits(self.verifier.layout.context_limit, len(prompt_ids), config.max_new_tokens)
         reference_ids = [encode(self.tokenizer, r) for r in references if len(r)]
         if seeds is not None and len(seeds) != len(ids):
             raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
@@ -515,9 +515,9 @@ def eos_token_ids(model: PreTrainedModel, config: GenerationConfig) -> frozenset
     return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
-def check_fits(verifier: Verifier, prompt_len: int, max_new_tokens: int) -> None:
-    """Raise InputError when the prompt plus ``max_new_tokens`` exceeds the model's context."""
-    limit = verifier.layout.context_limit
+def check_fits(context_limit: int | None, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise InputError when the prompt plus ``max_new_tokens`` exceeds the model's context (``AttentionLayout``)."""
+    limit = context_limit
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise InputError(
             f"prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds the "

@@ -99,7 +99,8 @@ def load_model(
         device: ``auto``, ``cpu``, ``cuda`` (``cuda:1``...), ``mps`` or a torch device.
 
     Raises:
-        ModelNotFoundError: neither a known name nor a directory with a ``config.json``.
+        ModelNotFoundError: neither a known name nor a directory with a ``config.json``, or a directory whose
+            configuration, tokenizer or weights cannot be loaded.
         InputError: an unknown dtype, or a device this machine does not have.
     """
     if isinstance(dtype, str):
@@ -109,7 +110,10 @@ def load_model(
     device = resolve_device(device) if isinstance(device, str) else device
     path = _model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as error:  # what transformers raises for a bad config.json or weights
+        raise ModelNotFoundError(f"{path}: cannot load the model ({error})") from None
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -120,7 +124,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     An embedded model's tokenizer is named after the model (what index manifests record), not its cache path.
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(_model_path(name_or_path)))
+    path = _model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:  # what transformers raises for a bad config.json or tokenizer file
+        raise ModelNotFoundError(f"{path}: cannot load the tokenizer ({error})") from None
     if name_or_path in EMBEDDED_MODELS:
         tokenizer.name_or_path = name_or_path
     return tokenizer

@@ -366,7 +366,7 @@ def build_dense_index(
     Arguments as :func:`retrieval_spec.builders.build.build_index` (the same ``tokenizer`` renders chat records).
     """
     corpus = Corpus(inputs, lambda messages: tokenizer.apply_chat_template(messages, tokenize=False),
-                    text_field=text_field, skip_bad_lines=skip_bad_lines)
+                    text_field=text_field, skip_bad_lines=skip_bad_lines, exclude=[index])
     return DenseIndex.build(index, corpus, kind=kind, progress=progress)
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from retrieval_spec.builders import build as build_module
+from retrieval_spec.builders import corpus as corpus_module
 from retrieval_spec.builders import publish
 from retrieval_spec.builders.build import build_index, build_index_from_tokens, merge_indexes
-from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint, tokenizer_fingerprint
+from retrieval_spec.builders.corpus import split_document
+from retrieval_spec.datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.errors import InputError, TokenizerMismatchError
 
@@ -208,7 +209,7 @@ def test_a_build_failing_before_commit_leaves_the_previous_index(tmp_path: Path,
     old = write_jsonl(tmp_path / "a.jsonl", [{"text": "old"}])
     build_index([old], tmp_path / "index", CharTokenizer(), progress=False)
 
-    def crash(index: Path, manifest: dict) -> None:
+    def crash(index: Path, manifest: dict, **_) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(publish, "write_manifest", crash)
@@ -216,37 +217,6 @@ def test_a_build_failing_before_commit_leaves_the_previous_index(tmp_path: Path,
         build_index([write_jsonl(tmp_path / "b.jsonl", [{"text": "new"}])], tmp_path / "index", CharTokenizer(),
                     force=True, progress=False)
     assert texts(tmp_path / "index") == ["old"]
-
-
-KILLED_BUILD = """
-import os, signal, sys
-import numpy as np
-from retrieval_spec.builders.build import build_index_from_tokens
-from retrieval_spec.datastore.manifest import TokenizerFingerprint
-
-def documents():
-    for number in range(100):
-        if number == 50:  # by now shards have been written to the staging directory
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield np.arange(10) % 3
-
-build_index_from_tokens(documents(), sys.argv[1], TokenizerFingerprint("fake/char", 3, "0" * 64),
-                        shard_tokens=100, force=True, progress=False)
-"""
-
-
-def test_a_killed_build_leaves_the_previous_index_usable(tmp_path: Path):
-    fingerprint = TokenizerFingerprint("fake/char", 3, "0" * 64)
-    build_index_from_tokens([np.array([2, 2, 1])], tmp_path / "index", fingerprint, progress=False)
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_BUILD), str(tmp_path / "index")])
-    assert result.returncode == -signal.SIGKILL
-    leftovers = [p.name for p in (tmp_path / "index").iterdir() if p.name.startswith(".tmp-")]
-    assert leftovers and any((tmp_path / "index" / name).iterdir() for name in leftovers)
-    datastore = Datastore.open(tmp_path / "index")
-    assert (datastore.num_tokens, datastore.find(np.array([2, 2, 1]), 5).size) == (3, 1)
-    build_index_from_tokens([np.array([0, 1])], tmp_path / "index", fingerprint, force=True, progress=False)
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "index").iterdir()) == ["gen", MANIFEST]
-    assert Datastore.open(tmp_path / "index").num_tokens == 2
 
 
 def test_the_fingerprint_follows_the_vocabulary_not_the_name():
@@ -261,3 +231,100 @@ def test_merging_indexes_of_different_tokenizers_is_refused(tmp_path: Path):
     build_index([corpus], tmp_path / "two", CharTokenizer("other", alphabet=ALPHABET[::-1]), progress=False)
     with pytest.raises(TokenizerMismatchError, match=r"'fake/char'.*'other'"):
         merge_indexes([tmp_path / "one", tmp_path / "two"], tmp_path / "merged")
+
+
+@pytest.mark.parametrize("name", ["c.JSONL", "c.ndjson", "c.NDJSON"])
+def test_jsonl_is_recognised_by_its_suffix_in_any_case(tmp_path: Path, name: str):
+    corpus = write_jsonl(tmp_path / name, [{"text": "one"}, {"text": "two"}])
+    assert build_index([corpus], tmp_path / "index", CharTokenizer(), progress=False).documents == 2
+    assert texts(tmp_path / "index") == ["one", "two"]
+
+
+def test_unreadable_entries_of_an_input_folder_are_skipped_and_counted(tmp_path: Path, monkeypatch):
+    """Root reads everything, so unreadable is what the file system calls say; a FIFO is a real one."""
+    docs = tmp_path / "docs"
+    (docs / "locked").mkdir(parents=True)
+    (docs / "locked" / "secret.txt").write_text("never")
+    (docs / "a.txt").write_text("kept")
+    (docs / "b.txt").write_text("unreadable")
+    os.mkfifo(docs / "pipe")
+    real_scandir, real_read_text = os.scandir, Path.read_text
+
+    def scandir(path):
+        if Path(path) == docs / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def read_text(self, *args, **kwargs):
+        if self == docs / "b.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    summary = build_index([docs], tmp_path / "index", CharTokenizer(), progress=False)
+    assert (summary.documents, summary.skipped_files) == (1, 3)  # the folder, the file and the FIFO
+    assert texts(tmp_path / "index") == ["kept"]
+
+
+def test_a_named_input_that_is_a_fifo_or_unreadable_is_refused(tmp_path: Path, monkeypatch):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(InputError, match=r"input .*pipe\.jsonl: a FIFO \(named pipe\), expected a regular file"):
+        build_index([tmp_path / "pipe.jsonl"], tmp_path / "index", CharTokenizer(), progress=False)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == corpus else real_access(path, mode))
+    with pytest.raises(InputError, match=r"input .*c\.jsonl: not readable \(permission denied\)"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), progress=False)
+
+
+@pytest.mark.parametrize("line, why", [
+    ("[" * 100_000 + "]" * 100_000, r"not usable JSON \(nested too deeply\)"),
+    ('{"text": ' + "1" * 5000 + "}", "not usable JSON"),
+])
+def test_json_python_cannot_hold_is_a_bad_line(tmp_path: Path, line: str, why: str):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}, line])
+    with pytest.raises(InputError, match=rf"c\.jsonl:2: {why}"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), progress=False)
+    summary = build_index([corpus], tmp_path / "index", CharTokenizer(), skip_bad_lines=True, progress=False)
+    assert (summary.documents, summary.skipped_lines) == (1, 1)
+
+
+@given(st.text(alphabet="ab \n", max_size=60), st.integers(1, 12))
+def test_split_document_cuts_after_a_newline_or_before_a_space_and_loses_nothing(text: str, limit: int):
+    pieces = split_document(text, limit)
+    assert "".join(pieces) == text and all(len(piece) <= limit for piece in pieces)
+    assert all(pieces[:-1])
+    for piece in pieces[:-1]:
+        second_half = piece[limit // 2 + 1 :] if len(piece) == limit else ""
+        if "\n" in second_half:
+            assert piece.endswith("\n")
+
+
+def test_a_document_longer_than_the_limit_becomes_several_and_batches_stay_bounded(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "MAX_DOCUMENT_CHARS", 12)
+    monkeypatch.setattr(build_module, "BATCH_CHARS", 20)
+    calls: list[int] = []
+
+    class CountingTokenizer(CharTokenizer):
+        def __call__(self, texts: list[str], add_special_tokens: bool):
+            calls.append(sum(map(len, texts)))
+            return super().__call__(texts, add_special_tokens)
+
+    line = "the quick brown fox jumps over the lazy dog"
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": line, "id": 1}, {"text": "short"}])
+    summary = build_index([corpus], tmp_path / "index", CountingTokenizer(), progress=False)
+    assert texts(tmp_path / "index") == ["the quick", " brown fox", " jumps over", " the lazy", " dog", "short"]
+    assert summary.documents == 6 and max(calls) < 20 + 12
+    table = Datastore.open(tmp_path / "index").documents()
+    assert table["source"].to_pylist()[:5] == [f"{corpus}:1"] * 5
+
+
+def test_an_index_built_inside_its_own_input_folder_does_not_index_itself(tmp_path: Path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("abc")
+    for _ in range(2):
+        summary = build_index([docs], docs / "index", CharTokenizer(), force=True, progress=False)
+        assert (summary.documents, summary.skipped_files) == (1, 0)
+        assert texts(docs / "index") == ["abc"]

@@ -272,6 +272,12 @@ def test_large_vocabularies_use_wide_tokens(tmp_path: Path):
     assert datastore.longest_match(np.array([1, 149_999, 5, 70_000]), 8).length == 3
 
 
+def test_continuations_stop_at_document_ends_in_wide_streams(tmp_path: Path):
+    fingerprint = TokenizerFingerprint(name="big", vocab_size=150_000, sha256="c" * 64)
+    datastore = build([[149_999, 5], [70_000, 6]], tmp_path / "index", fingerprint=fingerprint)
+    assert datastore.continuations(np.array([1, 4]), 4).tolist() == [[149_999, 5, -1, -1], [70_000, 6, -1, -1]]
+
+
 def test_modules_do_not_import_torch():
     code = (
         "import retrieval_spec.datastore.manifest, retrieval_spec.datastore.reader, "

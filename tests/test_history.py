@@ -46,7 +46,7 @@ def test_history_saves_and_loads_pinned_to_the_tokenizer(tmp_path):
     run(drafter, [5, 6, 7, 8])
     drafter.save(tmp_path, "tok-a")
     again = OutputHistoryDrafter()
-    again.load(tmp_path, "tok-a")
+    again.load(tmp_path, "tok-a", 10_000)
     assert again.propose("next", np.array([5, 6], np.int32), budget=4).tokens.tolist() == [6, 7, 8]
     with pytest.raises(TokenizerMismatchError, match="tok-a"):
-        again.load(tmp_path, "tok-b")
+        again.load(tmp_path, "tok-b", 10_000)

@@ -65,10 +65,10 @@ def test_pool_saves_and_loads_pinned_to_the_tokenizer(tmp_path):
     drafter.add(9, (1, 2))
     drafter.save(tmp_path, "tok-a")
     again = LookaheadDrafter(LookaheadConfig(window=2, ngram=3, guesses=3))
-    again.load(tmp_path, "tok-a")
+    again.load(tmp_path, "tok-a", 10_000)
     assert again.pool == drafter.pool
     with pytest.raises(TokenizerMismatchError, match="tok-a"):
-        again.load(tmp_path, "tok-b")
+        again.load(tmp_path, "tok-b", 10_000)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -67,10 +67,10 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     drafter.observe(0, feedback([3], [-1], [[5, 6]]))
     drafter.save(tmp_path, "tok-a")
     other = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2,)))
-    other.load(tmp_path, "tok-a")
+    other.load(tmp_path, "tok-a", 10)
     np.testing.assert_array_equal(other.table, drafter.table)
     with pytest.raises(TokenizerMismatchError, match="tok-a"):
-        other.load(tmp_path, "tok-b")
+        other.load(tmp_path, "tok-b", 10)
     (tmp_path / "recycling.npz").write_bytes(b"garbage")
     with pytest.raises(DatastoreFormatError, match="recycling.npz"):
-        other.load(tmp_path, "tok-a")
+        other.load(tmp_path, "tok-a", 10)

@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
     "retrieval_spec.errors",
+    "retrieval_spec.files",
+    "retrieval_spec.cli",  # so that options and paths are refused in a fraction of a second
     "retrieval_spec.datastore",
     "retrieval_spec.builders",
     "retrieval_spec.drafters.base",
@@ -26,6 +28,7 @@ PURE = [
     "retrieval_spec.drafters.history",
     "retrieval_spec.datastore.reader",
     "retrieval_spec.builders.build",
+    "retrieval_spec.builders.publish",
     "retrieval_spec.tree",
     "retrieval_spec.sizing",
     "retrieval_spec.acceptance",

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from retrieval_spec.builders.corpus import Corpus
+from retrieval_spec.builders.corpus import Corpus, Record
 from retrieval_spec.builders.publish import Staging
 from retrieval_spec.builders.shard import ShardBuffer
 from retrieval_spec.datastore.manifest import (
@@ -39,6 +39,8 @@ from retrieval_spec.errors import InputError, TokenizerMismatchError
 DEFAULT_SHARD_TOKENS = 1 << 27
 NGRAM_TOP_K = 8
 NGRAM_MIN_COUNT = 2
+# A fast tokenizer holds about 140 bytes per character of a batch: 1 Mi characters keep a call near 150 MB.
+BATCH_CHARS = 1 << 20
 
 
 class CorpusTokenizer(Tokenizer, Protocol):
@@ -114,6 +116,7 @@ def build_index(
         lambda messages: tokenizer.apply_chat_template(messages, tokenize=False),
         text_field=text_field,
         skip_bad_lines=skip_bad_lines,
+        exclude=[out],
     )
     return _build(
         _tokenize(corpus, tokenizer, batch_size),
@@ -252,12 +255,23 @@ def _write(buffer: ShardBuffer, staging: Staging, number: int) -> dict[str, Any]
 
 def _tokenize(corpus: Corpus, tokenizer: CorpusTokenizer, batch_size: int) -> Iterator[_Document]:
     records = iter(corpus)
-    while batch := list(itertools.islice(records, batch_size)):
+    while batch := _next_batch(records, batch_size):
         ids = tokenizer([record.text for record in batch], add_special_tokens=False)["input_ids"]
         lengths = [len(row) for row in ids]
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lengths))
         for record, tokens in zip(batch, np.split(flat, np.cumsum(lengths)[:-1])):
             yield _Document(tokens, record.source, record.meta)
+
+
+def _next_batch(records: Iterator[Record], batch_size: int) -> list[Record]:
+    """Up to ``batch_size`` records, fewer once they hold :data:`BATCH_CHARS` characters (tokenizer memory)."""
+    batch, chars = [], 0
+    for record in records:
+        batch.append(record)
+        chars += len(record.text)
+        if len(batch) == batch_size or chars >= BATCH_CHARS:
+            break
+    return batch
 
 
 def _manifest(

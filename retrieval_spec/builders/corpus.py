@@ -1,20 +1,31 @@
 """Read documents from JSONL files, plain text files and directories of them, streaming, in a stable order.
 
-JSONL: one document per non-blank line, a JSON object with a text field (``text`` unless configured), or a
-chat as ``messages`` (``[{"role", "content"}]``) or ShareGPT ``conversations`` (``[{"from", "value"}]``),
-rendered with the tokenizer's chat template. Every other field is kept, as JSON, in the document table.
-Any other file is one document of UTF-8 text. Directories are walked recursively in name order, hidden
-entries skipped.
+JSONL (``.jsonl`` or ``.ndjson``, in any case): one document per non-blank line, a JSON object with a text
+field (``text`` unless configured), or a chat as ``messages`` (``[{"role", "content"}]``) or ShareGPT
+``conversations`` (``[{"from", "value"}]``), rendered with the tokenizer's chat template. Every other field is
+kept, as JSON, in the document table. Any other file is one document of UTF-8 text. Directories are walked
+recursively in name order, hidden entries and symbolic links to directories skipped; files there that are
+not UTF-8 text or cannot be read (and folders that cannot be listed) are skipped and counted.
+
+A document longer than :data:`MAX_DOCUMENT_CHARS` characters is cut into consecutive documents of at most
+that size, after a newline or before a space where there is one, so that tokenizing a document (about 140
+bytes a character in a fast tokenizer) stays bounded whatever one line holds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from retrieval_spec.errors import InputError
+from retrieval_spec.files import check_input_file
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+MAX_DOCUMENT_CHARS = 1 << 20
 
 CHAT_FIELDS = ("messages", "conversations")
 SHAREGPT_ROLES = {
@@ -53,7 +64,8 @@ class Corpus:
 
     Attributes:
         skipped_lines: JSONL lines skipped so far (only with ``skip_bad_lines``).
-        skipped_files: files in input directories skipped so far because they are not UTF-8 text.
+        skipped_files: entries of input directories skipped so far: files that are not UTF-8 text, cannot be
+            read or are not regular files (FIFOs, devices), and folders that cannot be listed.
     """
 
     def __init__(
@@ -63,38 +75,68 @@ class Corpus:
         *,
         text_field: str = "text",
         skip_bad_lines: bool = False,
+        exclude: Sequence[str | Path] = (),
     ) -> None:
         """
         Args:
-            inputs: JSONL files (``.jsonl``), text files and directories.
+            inputs: JSONL files (``.jsonl``, ``.ndjson``), text files and directories.
             render_chat: turns ``[{"role", "content"}]`` into text (``tokenizer.apply_chat_template`` untokenized).
             text_field: the JSONL field holding a document's text.
             skip_bad_lines: skip malformed JSONL lines and count them instead of raising :class:`InputError`.
+            exclude: directories never read when walking an input directory (the index being built inside
+                it), compared as files, not names.
 
         Raises:
-            InputError: an input path that does not exist.
+            InputError: an input path that does not exist, or a named file that is not a readable regular file.
         """
         self.inputs = [Path(path) for path in inputs]
         for path in self.inputs:
             if not path.exists():
                 raise InputError(f"{path}: no such file or directory")
+            if not path.is_dir():
+                check_input_file(path, "input")
         self.render_chat = render_chat
         self.text_field = text_field
         self.skip_bad_lines = skip_bad_lines
+        self.exclude = [Path(path) for path in exclude]
         self.skipped_lines = 0
         self.skipped_files = 0
 
     def __iter__(self) -> Iterator[Record]:
+        excluded = {_identity(path.stat()) for path in self.exclude if path.is_dir()}
         for path in self.inputs:
             if path.is_dir():
-                for file in _files_under(path):
+                for file in self._files_under(path, excluded):
                     yield from self._read(file, in_directory=True)
             else:
                 yield from self._read(path, in_directory=False)
 
+    def _files_under(self, directory: Path, excluded: set[tuple[int, int]]) -> Iterator[Path]:
+        """Regular files under ``directory`` in name order; see the module docstring for what is skipped."""
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError:
+            self.skipped_files += 1
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if _identity(entry.stat(follow_symlinks=False)) not in excluded:
+                        yield from self._files_under(Path(entry.path), excluded)
+                elif entry.is_symlink() and entry.is_dir():
+                    continue
+                elif stat.S_ISREG(entry.stat().st_mode):
+                    yield Path(entry.path)
+                else:
+                    self.skipped_files += 1
+            except OSError:  # a dangling link, or an entry gone or unreadable since the listing
+                self.skipped_files += 1
+
     def _read(self, path: Path, *, in_directory: bool) -> Iterator[Record]:
-        if path.suffix == ".jsonl":
-            yield from self._jsonl(path)
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            yield from self._jsonl(path, in_directory=in_directory)
             return
         try:
             text = path.read_text(encoding="utf-8")
@@ -103,20 +145,36 @@ class Corpus:
                 self.skipped_files += 1
                 return
             raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-        yield Record(text=text, source=str(path), meta="")
+        except OSError as error:
+            if in_directory:
+                self.skipped_files += 1
+                return
+            raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+        for piece in split_document(text):
+            yield Record(text=piece, source=str(path), meta="")
 
-    def _jsonl(self, path: Path) -> Iterator[Record]:
-        with open(path, "rb") as lines:
+    def _jsonl(self, path: Path, *, in_directory: bool) -> Iterator[Record]:
+        try:
+            lines = open(path, "rb")
+        except OSError as error:
+            if in_directory:
+                self.skipped_files += 1
+                return
+            raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+        with lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
                 try:
-                    yield self._record(line, where)
+                    record = self._record(line, where)
                 except _BadLine as error:
                     if not self.skip_bad_lines:
                         raise InputError(f"{where}: {error} (skip_bad_lines / --skip-bad-lines skips such lines)")
                     self.skipped_lines += 1
+                    continue
+                for piece in split_document(record.text):
+                    yield Record(text=piece, source=record.source, meta=record.meta)
 
     def _record(self, line: bytes, where: str) -> Record:
         try:
@@ -125,6 +183,10 @@ class Corpus:
             raise _BadLine(f"not UTF-8 ({error.reason})") from None
         except json.JSONDecodeError as error:
             raise _BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise _BadLine("not usable JSON (nested too deeply)") from None
+        except ValueError as error:  # e.g. an integer of more digits than Python converts
+            raise _BadLine(f"not usable JSON ({error})") from None
         if not isinstance(record, dict):
             raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
         if self.text_field in record:
@@ -173,7 +235,27 @@ def _sharegpt(conversations: Any) -> list[dict[str, str]]:
     return messages
 
 
-def _files_under(directory: Path) -> Iterator[Path]:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts):
-            yield path
+def split_document(text: str, limit: int | None = None) -> list[str]:
+    """``text`` cut into consecutive pieces of at most ``limit`` characters (:data:`MAX_DOCUMENT_CHARS`).
+
+    Each cut falls after the last newline, else before the last space, of the piece's second half (so a
+    byte-level BPE tokenizes the pieces as it does the whole), else at the limit.
+
+    >>> split_document("one two three four", limit=8)
+    ['one two', ' three', ' four']
+    """
+    limit = limit or MAX_DOCUMENT_CHARS
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end, half = start + limit, start + limit // 2
+        newline = text.rfind("\n", half, end)
+        space = text.rfind(" ", half + 1, end + 1)
+        cut = newline + 1 if newline >= 0 else space if space >= 0 else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino

@@ -1,21 +1,33 @@
-"""Atomic publication of an index: readers see the old index or the new one, never a mix or a half.
+"""Atomic, exclusive publication of an index: readers see the old index or the new one, never a mix or a half;
+one build writes into a directory at a time, and a build deletes only what builds wrote.
 
-A build writes its shards into ``index/.tmp-gen-<id>/``, renames that to ``index/gen-<id>/`` and then
-replaces ``index/manifest.json``, which names the shards, by an atomic rename: that rename is the commit. A
-build killed at any point before it leaves the previous manifest and the files it names untouched; after it,
-the previous generation is deleted. One build per index path at a time.
+A build takes the directory's lock (:class:`BuildLock`), writes its shards into ``index/.tmp-gen-<id>/`` next
+to a marker file saying a build wrote them, renames that to ``index/gen-<id>/`` and then replaces
+``index/manifest.json``, which names the shards, by an atomic rename: that rename is the commit. A build
+killed at any point before it leaves the previous manifest and the files it names untouched; after it, the
+previous generation is deleted.
+
+What a build may delete: the generations the directory's own manifest names, and generations or staging
+directories that hold the marker (leftovers of killed builds). Everything else in the directory is kept, and
+a directory holding anything else is refused unless it holds an index of ours: an unrelated
+``manifest.json``, or a folder that happens to be called ``gen-2024``, is never touched.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
+import socket
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
 
 from retrieval_spec.datastore.manifest import (
+    FORMAT_NAME,
     GENERATION_PREFIX,
     MANIFEST,
     STAGING_PREFIX,
@@ -23,6 +35,51 @@ from retrieval_spec.datastore.manifest import (
     write_manifest,
 )
 from retrieval_spec.errors import InputError
+from retrieval_spec.files import check_output_directory, commit_delay
+
+LOCK = ".build.lock"
+MARKER = ".retrieval-spec-build"  # inside every staging directory, and so in every generation, a build writes
+
+
+class BuildLock:
+    """The exclusive right to build into an index directory, held until :meth:`release` or the holder's exit.
+
+    It is an ``flock`` on ``index/.build.lock``, a file that also records the holder's pid, host and start
+    time for the message a second build gets. The kernel drops an ``flock`` when its holder exits, however it
+    exits (``kill -9`` included), so the lock of a dead build is stale by construction and the next build
+    takes it over: no pid to probe, no pid reuse, no race between two builds breaking the same stale lock.
+
+    Attributes:
+        path: the lock file.
+    """
+
+    def __init__(self, index: Path) -> None:
+        """
+        Raises:
+            InputError: another live build holds the lock (its pid, host and start time in the message).
+        """
+        self.path = index / LOCK
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(descriptor)
+                os.close(descriptor)
+                raise InputError(f"another build ({holder}) is writing {index}; wait for it to finish (its lock "
+                                 f"{self.path} is released when it exits)") from None
+            if _is_linked_at(descriptor, self.path):
+                break
+            os.close(descriptor)  # its holder released and unlinked it between our open and our flock: again
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, json.dumps(holder).encode())
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        """Unlink the lock file, then unlock it (in that order: a waiting build then locks a fresh file)."""
+        self.path.unlink(missing_ok=True)
+        os.close(self._descriptor)
 
 
 class Staging:
@@ -33,38 +90,50 @@ class Staging:
     """
 
     def __init__(self, index: Path, *, force: bool) -> None:
-        """
+        """Check ``index``, create it if needed, take its lock and create the staging directory.
+
         Raises:
-            InputError: ``index`` holds an index and ``force`` is false, or it is a file or a non-empty
-                directory that holds no index.
+            InputError: ``index`` holds an index and ``force`` is false; it holds a ``manifest.json`` that is not
+                one of ours, or entries no build wrote without an index of ours; another build holds its lock.
+            OutputError: ``index`` cannot be created or written.
         """
+        check_output_directory(index, "index directory")
         self.index = index
-        if index.exists():
-            if not index.is_dir():
-                raise InputError(f"{index}: exists and is not a directory")
-            if (index / MANIFEST).exists():
-                if not force:
-                    raise InputError(f"{index}: an index exists there; pass force=True (--force) to replace it")
-            elif any(not _is_build_entry(entry.name) for entry in index.iterdir()):
-                raise InputError(f"{index}: exists, is not empty and holds no index; choose a new or empty directory")
         self._created = not index.exists()
         index.mkdir(parents=True, exist_ok=True)
-        self.generation = f"{GENERATION_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.directory = index / f"{STAGING_PREFIX}{self.generation}"
-        self.directory.mkdir()
         self._committed = False
+        self._lock: BuildLock | None = None
+        try:
+            self._lock = BuildLock(index)
+            _check_ownership(index, force)
+            self.generation = f"{GENERATION_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            self.directory = index / f"{STAGING_PREFIX}{self.generation}"
+            self.directory.mkdir()
+            marker = {"writer": "retrieval-spec build", "pid": os.getpid(), "host": socket.gethostname()}
+            (self.directory / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        except BaseException:
+            self._close()
+            raise
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Publish the shards written under :attr:`directory`; ``manifest["shards"][i]["path"]`` are their names."""
+        """Publish the shards written under :attr:`directory`; ``manifest["shards"][i]["path"]`` are their names.
+
+        Then delete the previous generation and leftovers of killed builds (see the module docstring).
+        """
         fsync_directory(self.directory)
+        commit_delay()
+        previous = _generations_named(self.index)
         self.directory.rename(self.index / self.generation)
+        self.directory = self.index / self.generation  # still discarded on exit until the manifest names it
         fsync_directory(self.index)
         for shard in manifest["shards"]:
             shard["path"] = f"{self.generation}/{shard['path']}"
-        write_manifest(self.index, manifest)
+        # The temporary manifest lives in the new generation: a build killed before the rename leaves nothing
+        # outside a directory that is already ours to delete.
+        write_manifest(self.index, manifest, temporary_directory=self.index / self.generation)
         self._committed = True
         for entry in self.index.iterdir():
-            if entry.name != self.generation and _is_build_entry(entry.name):
+            if entry.name != self.generation and (entry.name in previous or _is_marked(entry)):
                 _remove(entry)
 
     def __enter__(self) -> Staging:
@@ -73,20 +142,92 @@ class Staging:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if self._committed:
-            return
-        _remove(self.directory)
-        if self._created and not any(self.index.iterdir()):
-            self.index.rmdir()
+        if not self._committed:
+            _remove(self.directory)
+        self._close()
+
+    def _close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._created:
+            try:
+                self.index.rmdir()  # only if empty: nothing of a failed first build, or of anyone else, is left
+            except OSError:
+                pass
 
 
-def _is_build_entry(name: str) -> bool:
-    """Generations and leftovers of builds; anything else in an index directory is not ours."""
-    return name.startswith((GENERATION_PREFIX, STAGING_PREFIX))
+def _check_ownership(index: Path, force: bool) -> None:
+    """Refuse a directory that holds something a build of ours did not write, unless it holds our index."""
+    manifest = index / MANIFEST
+    if manifest.exists():
+        if not _is_our_manifest(manifest):
+            raise InputError(f"{manifest}: not a retrieval-spec index manifest; build-index writes only into a new "
+                             "or empty directory or over an index it built: choose another output directory")
+        if not force:
+            raise InputError(f"{index}: an index exists there; pass force=True (--force) to replace it")
+        return
+    foreign = sorted(entry.name for entry in index.iterdir() if entry.name != LOCK and not _is_marked(entry))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InputError(f"{index}: exists, is not empty and holds no index (it holds {foreign[0]!r}{more}); "
+                         "build-index writes only into a new or empty directory or over an index it built")
+
+
+def _is_our_manifest(path: Path) -> bool:
+    """Whether ``path`` is a JSON object of our format name (of any version: an older index may be replaced)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+
+
+def _generations_named(index: Path) -> set[str]:
+    """Names of the generation directories the index's current manifest points into (none if unreadable)."""
+    try:
+        manifest = json.loads((index / MANIFEST).read_text(encoding="utf-8"))
+        paths = [shard["path"] for shard in manifest["shards"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    names = set()
+    for path in paths:
+        parts = PurePosixPath(path).parts if isinstance(path, str) else ()
+        if len(parts) == 2 and parts[0].startswith(GENERATION_PREFIX):
+            names.add(parts[0])
+    return names
+
+
+def _is_marked(entry: Path) -> bool:
+    """A generation or staging directory holding the marker that every build writes into its staging."""
+    return (
+        entry.name.startswith((GENERATION_PREFIX, STAGING_PREFIX))
+        and not entry.is_symlink()
+        and (entry / MARKER).is_file()
+    )
+
+
+def _holder(descriptor: int) -> str:
+    """"pid N on HOST, started T" from a lock file, as far as it can be read."""
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0))
+        return f"pid {int(holder['pid'])} on {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown: it has just started"
+
+
+def _is_linked_at(descriptor: int, path: Path) -> bool:
+    """Whether the open file is still the one at ``path`` (a releasing build unlinks its lock file)."""
+    try:
+        at_path = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (opened.st_dev, opened.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)

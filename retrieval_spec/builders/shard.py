@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval_spec.datastore.manifest import (
+    DOCUMENT_SCHEMA,
     DOCUMENTS,
     NGRAMS,
     SHARD_FILES,
@@ -24,10 +25,6 @@ from retrieval_spec.datastore.manifest import (
 from retrieval_spec.datastore.ngram_table import count_continuations
 from retrieval_spec.datastore.suffix_array import build_suffix_array
 from retrieval_spec.errors import InputError
-
-DOCUMENT_SCHEMA = pa.schema(
-    [("start", pa.int64()), ("length", pa.int64()), ("source", pa.string()), ("meta", pa.string())]
-)
 
 
 class ShardBuffer:
@@ -104,6 +101,6 @@ def _write_array(path: Path, array: np.ndarray) -> None:
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path, compression="zstd", write_page_checksum=True)  # verified when read
     with open(path, "rb") as f:
         os.fsync(f.fileno())

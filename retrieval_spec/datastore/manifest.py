@@ -14,8 +14,10 @@ A shard's token stream is ``SEP doc_0 SEP doc_1 SEP ... doc_k SEP`` where ``SEP`
 token dtype, never a token id: a query never contains it, so no match runs across documents. Big-endian tokens
 make byte order equal token order, so suffixes compare as plain ``bytes``.
 
-Opening checks sizes and a checksum of each file's first and last :data:`SAMPLE_BYTES` (cheap, catches
-truncation and most edits); :func:`~retrieval_spec.datastore.reader.verify` compares the full sha256.
+Opening checks every manifest field (:func:`read_manifest`), each file's size and a checksum of its first and
+last :data:`SAMPLE_BYTES` (cheap: catches truncation, damaged Parquet footers and most edits); readers check
+what they read (``Datastore.open`` says what, when); :func:`~retrieval_spec.datastore.reader.verify` compares
+the full sha256 and checks every file's contents.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import json
 import os
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
+import pyarrow as pa
 
+from retrieval_spec.datastore.ngram_table import MAX_VOCAB_SIZE
 from retrieval_spec.errors import DatastoreFormatError
 
 FORMAT_NAME = "retrieval-spec-datastore"
@@ -45,6 +49,10 @@ STAGING_PREFIX = ".tmp-"
 # Head and tail checked on open; 64 KiB keeps open well under 50 ms with tens of shards.
 SAMPLE_BYTES = 1 << 16
 SUFFIX_ARRAY_DTYPES = {"<i4": np.dtype("<i4"), "<i8": np.dtype("<i8")}
+DOCUMENT_SCHEMA = pa.schema(
+    [("start", pa.int64()), ("length", pa.int64()), ("source", pa.string()), ("meta", pa.string())]
+)
+MAX_NGRAM_TOP_K = 1024  # continuations kept per n-gram context; builds keep 8
 
 
 class Tokenizer(Protocol):
@@ -145,15 +153,90 @@ def check_file(path: Path, entry: FileEntry, *, full: bool = False) -> None:
 
 
 def read_manifest(index: Path) -> dict[str, Any]:
-    """Load ``index/manifest.json`` and check that it is a datastore manifest of this format version."""
+    """Load ``index/manifest.json``: a datastore manifest of this format version whose every field is usable.
+
+    Checked: the tokenizer (a vocabulary of 1 to ``MAX_VOCAB_SIZE`` ids), the token dtype it implies, the
+    counts (non-negative integers, the shards' summing to the totals), ``ngram_top_k``, and every shard
+    entry: a path inside the index, a stream length of ``num_tokens + num_documents + 1``, the suffix array
+    dtype it implies, and each file's size (the token stream's and suffix array's equal to the stream length
+    times their item size) and checksums.
+
+    Raises:
+        DatastoreFormatError: missing, not JSON, another format or version, or a field missing or malformed
+            (named in the message).
+    """
     path = index / MANIFEST
     if not path.is_file():
         raise DatastoreFormatError(f"{path}: missing; {index} is not a datastore (build one with build_index)")
     manifest = read_versioned_json(path, FORMAT_NAME, FORMAT_VERSION, "rebuild the index")
-    for key in ("tokenizer", "token_dtype", "shards", "num_tokens", "num_documents"):
-        if key not in manifest:
-            raise DatastoreFormatError(f"{path}: field {key!r} is missing")
+    _check_manifest(path, manifest)
     return manifest
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    def fail(what: str) -> NoReturn:
+        raise DatastoreFormatError(f"{path}: {what} (the manifest is damaged or was edited; rebuild the index)")
+
+    def count(value: Any, where: str, low: int = 0, high: int | None = None) -> int:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            bound = f"{low} to {high}" if high is not None else f"at least {low}"
+            fail(f"{where} is {value!r}, expected an integer {bound}")
+        return value
+
+    for key in ("tokenizer", "token_dtype", "shards", "num_tokens", "num_documents", "ngram_top_k"):
+        if key not in manifest:
+            fail(f"field {key!r} is missing")
+    tokenizer = manifest["tokenizer"]
+    if not isinstance(tokenizer, dict) or set(tokenizer) != {"name", "vocab_size", "sha256"}:
+        fail("field 'tokenizer' must be an object with 'name', 'vocab_size' and 'sha256'")
+    if not isinstance(tokenizer["name"], str) or not isinstance(tokenizer["sha256"], str):
+        fail("the tokenizer's 'name' and 'sha256' must be strings")
+    vocab_size = count(tokenizer["vocab_size"], "tokenizer.vocab_size", 1, MAX_VOCAB_SIZE)
+    if manifest["token_dtype"] != token_dtype(vocab_size).str:
+        fail(f"token_dtype is {manifest['token_dtype']!r}, a vocabulary of {vocab_size} is stored as "
+             f"{token_dtype(vocab_size).str!r}")
+    count(manifest["ngram_top_k"], "ngram_top_k", 1, MAX_NGRAM_TOP_K)
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        fail("field 'shards' must be a non-empty list")
+    for number, entry in enumerate(shards):
+        where = f"shard {number}"
+        if not isinstance(entry, dict):
+            fail(f"{where} is not an object")
+        for key in ("path", "num_tokens", "num_documents", "stream_length", "suffix_array_dtype", "files"):
+            if key not in entry:
+                fail(f"{where}: field {key!r} is missing")
+        relative = entry["path"]
+        parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
+        if not parts or PurePosixPath(relative).is_absolute() or any(part in (".", "..") for part in parts):
+            fail(f"{where}: path {relative!r} is not a relative path inside the index")
+        num_tokens = count(entry["num_tokens"], f"{where}.num_tokens", 1)
+        num_documents = count(entry["num_documents"], f"{where}.num_documents", 1)
+        stream_length = count(entry["stream_length"], f"{where}.stream_length", 1)
+        if stream_length != num_tokens + num_documents + 1:
+            fail(f"{where}: stream_length {stream_length} is not num_tokens + num_documents + 1 "
+                 f"({num_tokens} + {num_documents} + 1)")
+        if entry["suffix_array_dtype"] != suffix_array_dtype(stream_length).str:
+            fail(f"{where}: suffix_array_dtype is {entry['suffix_array_dtype']!r}, expected "
+                 f"{suffix_array_dtype(stream_length).str!r} for {stream_length} tokens")
+        files = entry["files"]
+        if not isinstance(files, dict):
+            fail(f"{where}: field 'files' is not an object")
+        for name in SHARD_FILES:
+            file = files.get(name)
+            if not isinstance(file, dict) or set(file) != {"size", "sample_sha256", "sha256"}:
+                fail(f"{where}: files.{name} must be an object with 'size', 'sample_sha256' and 'sha256'")
+            count(file["size"], f"{where}: files.{name}.size")
+            if not isinstance(file["sample_sha256"], str) or not isinstance(file["sha256"], str):
+                fail(f"{where}: the checksums of files.{name} must be strings")
+        item_sizes = (token_dtype(vocab_size).itemsize, suffix_array_dtype(stream_length).itemsize)
+        for name, item_size in zip((TOKENS, SUFFIX_ARRAY), item_sizes):
+            if files[name]["size"] != stream_length * item_size:
+                fail(f"{where} records {files[name]['size']} bytes for {name}, expected {stream_length} x {item_size}")
+    for total in ("num_tokens", "num_documents"):
+        expected = sum(entry[total] for entry in shards)
+        if count(manifest[total], total) != expected:
+            fail(f"{total} is {manifest[total]}, its shards hold {expected}")
 
 
 def read_versioned_json(path: Path, format_name: str, format_version: int, rebuild_hint: str) -> dict[str, Any]:
@@ -176,9 +259,12 @@ def read_versioned_json(path: Path, format_name: str, format_version: int, rebui
     return manifest
 
 
-def write_manifest(index: Path, manifest: dict[str, Any]) -> None:
-    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory."""
-    staging = index / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
+def write_manifest(index: Path, manifest: dict[str, Any], temporary_directory: Path | None = None) -> None:
+    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory.
+
+    The temporary file is written in ``temporary_directory`` (on the same file system; default ``index``).
+    """
+    staging = (temporary_directory or index) / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
     with open(staging, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()

@@ -81,6 +81,36 @@ def merge_continuations(tables: Sequence[pa.Table], top_k: int) -> pa.Table:
     return pa.concat_tables(merged)
 
 
+def check(table: pa.Table, vocab_size: int) -> None:
+    """Raise ``ValueError`` saying what is wrong unless ``table`` could have been written by this module.
+
+    Checked: the schema, no nulls, orders among :data:`ORDERS`, each context as long as its order, token ids
+    in ``[0, vocab_size)`` and positive counts. Vectorised: a few passes over the columns.
+    """
+    if not table.schema.equals(SCHEMA):
+        raise ValueError(f"columns {table.schema.names} of types {table.schema.types}, expected {SCHEMA.names} "
+                         f"of types {SCHEMA.types}")
+    contexts = pc.list_flatten(table["context"])
+    for name, column in (("order", table["order"]), ("context", table["context"]), ("context ids", contexts),
+                         ("next", table["next"]), ("count", table["count"])):
+        if column.null_count:
+            raise ValueError(f"{column.null_count} null values in {name}")
+    if table.num_rows == 0:
+        return
+    orders = table["order"].to_numpy()
+    if not np.isin(orders, ORDERS).all():
+        raise ValueError(f"order {int(orders[~np.isin(orders, ORDERS)][0])}, expected one of {ORDERS}")
+    if not np.array_equal(pc.list_value_length(table["context"]).to_numpy(), orders):
+        raise ValueError("a context whose length differs from its order")
+    for name, ids in (("context", contexts), ("next", table["next"])):
+        low, high = pc.min_max(ids).values()
+        if low.as_py() < 0 or high.as_py() >= vocab_size:
+            bad = low.as_py() if low.as_py() < 0 else high.as_py()
+            raise ValueError(f"{name} token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if pc.min(table["count"]).as_py() < 1:
+        raise ValueError("a count below 1")
+
+
 def decode(table: pa.Table, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The rows of one order as arrays: contexts (m, order) int32, next (m,) int32, count (m,) int64."""
     rows = table.filter(pc.equal(table["order"], order))

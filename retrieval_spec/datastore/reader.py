@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from retrieval_spec.datastore import ngram_table
 from retrieval_spec.datastore.manifest import (
+    DOCUMENT_SCHEMA,
     DOCUMENTS,
-    MANIFEST,
     NGRAMS,
     SHARD_FILES,
     SUFFIX_ARRAY,
@@ -34,8 +34,6 @@ from retrieval_spec.datastore.manifest import (
 )
 from retrieval_spec.datastore.suffix_array import SuffixArray
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
-
-TOKEN_DTYPES = (np.dtype(">u2"), np.dtype(">u4"))
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,7 @@ class Datastore:
         path: the index directory.
         manifest: the parsed ``manifest.json``.
         fingerprint: the tokenizer the index was built with.
+        vocab_size: token ids lie in ``[0, vocab_size)``; a stream holding another id is refused when read.
         separator: the token value between documents (never a token id).
         shards: the shards in manifest order.
     """
@@ -87,6 +86,7 @@ class Datastore:
         self.path = path
         self.manifest = manifest
         self.fingerprint = TokenizerFingerprint(**manifest["tokenizer"])
+        self.vocab_size = self.fingerprint.vocab_size
         self.token_dtype = np.dtype(manifest["token_dtype"])
         self.separator = separator(self.token_dtype)
         self.shards = shards
@@ -96,28 +96,41 @@ class Datastore:
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: TokenizerFingerprint | None = None) -> Datastore:
-        """Map an index after checking its format version, tokenizer, file sizes and sampled checksums.
+        """Map an index after checking its manifest, tokenizer, file sizes and sampled checksums.
+
+        What is checked when (the cost of a check on open grows with the shards, never with their size):
+
+        - on open: every manifest field (:func:`~retrieval_spec.datastore.manifest.read_manifest`), the
+          tokenizer, each file's size and the checksum of its first and last 64 KiB (truncation, a damaged
+          Parquet footer, most edits);
+        - on first read: the Parquet tables (page checksums, column types, token ids within the vocabulary,
+          document bounds within the stream);
+        - on every read: each token id read from a stream is within the vocabulary, each suffix array entry
+          used is within its stream.
+
+        So a damaged file is refused (:class:`DatastoreFormatError` naming it) before any id outside the
+        vocabulary leaves the datastore; damage that stays within the vocabulary can only make drafts worse,
+        never the output different. :func:`verify` checks every byte.
 
         Raises:
-            DatastoreFormatError: a missing, truncated or altered file, or another format version.
+            DatastoreFormatError: a missing, truncated or altered file, a malformed manifest, or another
+                format version.
             TokenizerMismatchError: ``expected_fingerprint`` differs from the index's tokenizer.
         """
         path = Path(path)
         manifest = read_manifest(path)
-        try:
-            built_with = TokenizerFingerprint(**manifest["tokenizer"])
-            dtype = np.dtype(manifest["token_dtype"])
-        except (TypeError, ValueError) as error:
-            raise DatastoreFormatError(f"{path / MANIFEST}: malformed tokenizer or token_dtype ({error})") from None
-        if expected_fingerprint is not None and expected_fingerprint.sha256 != built_with.sha256:
+        built_with = TokenizerFingerprint(**manifest["tokenizer"])
+        dtype = np.dtype(manifest["token_dtype"])
+        if expected_fingerprint is not None and (expected_fingerprint.sha256, expected_fingerprint.vocab_size) != (
+            built_with.sha256,
+            built_with.vocab_size,
+        ):
             raise TokenizerMismatchError(
                 f"{path} was built with tokenizer {built_with.name!r} (vocab {built_with.vocab_size}, "
                 f"sha256 {built_with.sha256[:12]}) but tokenizer {expected_fingerprint.name!r} (vocab "
                 f"{expected_fingerprint.vocab_size}, sha256 {expected_fingerprint.sha256[:12]}) was given; "
                 "rebuild the index with the model's tokenizer"
             )
-        if dtype not in TOKEN_DTYPES:
-            raise DatastoreFormatError(f"{path / MANIFEST}: token_dtype {dtype.str!r}, expected '>u2' or '>u4'")
         if sys.byteorder != "little":
             raise DatastoreFormatError(f"{path}: suffix arrays are little-endian; this machine is big-endian")
         shards, offset, first_document = [], 0, 0
@@ -220,7 +233,13 @@ class Datastore:
         found = []
         for shard, (lo, hi), start, end in zip(self.shards, match.intervals, bounds[:-1], bounds[1:]):
             chosen = picks[(picks >= start) & (picks < end)] - start if len(self.shards) > 1 else picks
-            found.append(shard.index.suffixes[lo:hi][chosen].astype(np.int64) + shard.offset)
+            starts = shard.index.suffixes[lo:hi][chosen].astype(np.int64)
+            # An occurrence ends before the stream's closing separator; anything else is a damaged file.
+            if len(starts) and (starts.min() < 0 or starts.max() + match.length >= len(shard.index)):
+                bad = starts[(starts < 0) | (starts + match.length >= len(shard.index))][0]
+                raise _damaged(shard.path / SUFFIX_ARRAY, f"entry {int(bad)} is no occurrence of a "
+                               f"{match.length}-token match in a {len(shard.index)}-token stream")
+            found.append(starts + shard.offset)
         return np.concatenate(found)
 
     def continuations(self, positions: np.ndarray, length: int) -> np.ndarray:
@@ -247,7 +266,9 @@ class Datastore:
         for shard, rows in groups:
             # The stream ends with a separator, so clamping at its last position reads a separator.
             where = np.minimum(positions[rows, None] - shard.offset + steps, len(shard.index) - 1)
-            window = shard.index.tokens[where].astype(np.int32)
+            window = shard.index.tokens[where].astype(np.int64)  # native, and wide enough for a '>u4' separator
+            if np.any((window >= self.vocab_size) & (window != self.separator)):
+                raise _out_of_vocabulary(shard.path / TOKENS, window, self.vocab_size, self.separator)
             window[np.logical_or.accumulate(window == self.separator, axis=1)] = -1
             out[rows] = window
         return out
@@ -266,7 +287,7 @@ class Datastore:
         """One row per document: ``doc_id``, ``shard``, global ``start``, ``length``, ``source``, ``meta`` (JSON)."""
         tables = []
         for number, shard in enumerate(self.shards):
-            table = pq.read_table(shard.path / DOCUMENTS)
+            table = _read_documents(shard.path / DOCUMENTS, shard.num_documents, len(shard.index))
             ids = np.arange(shard.first_document, shard.first_document + table.num_rows, dtype=np.int64)
             tables.append(
                 pa.table(
@@ -287,8 +308,8 @@ class Datastore:
 
         See :mod:`retrieval_spec.datastore.ngram_table` for the columns.
         """
-        tables = [pq.read_table(shard.path / NGRAMS) for shard in self.shards]
-        return ngram_table.merge_continuations(tables, int(self.manifest["ngram_top_k"]))
+        tables = [_read_ngrams(shard.path / NGRAMS, self.vocab_size) for shard in self.shards]
+        return ngram_table.merge_continuations(tables, self.manifest["ngram_top_k"])
 
     def top_next_tokens(self, k: int) -> np.ndarray:
         """(vocab_size, k) int32 most frequent next tokens of every token, -1 padded (warm-starts recycling).
@@ -297,7 +318,7 @@ class Datastore:
         this datastore (one per row of a batch, one per generator) gets the same array without re-reading.
         """
         if k not in self._top_next:
-            table = ngram_table.top_next_tokens(self.ngram_table(), self.fingerprint.vocab_size, k)
+            table = ngram_table.top_next_tokens(self.ngram_table(), self.vocab_size, k)
             table.setflags(write=False)
             self._top_next[k] = table
         return self._top_next[k]
@@ -305,7 +326,8 @@ class Datastore:
     @cached_property
     def _document_starts(self) -> np.ndarray:
         starts = [
-            pq.read_table(shard.path / DOCUMENTS, columns=["start"])["start"].to_numpy() + shard.offset
+            _read_documents(shard.path / DOCUMENTS, shard.num_documents, len(shard.index))["start"].to_numpy()
+            + shard.offset
             for shard in self.shards
         ]
         return np.concatenate(starts).astype(np.int64)
@@ -314,29 +336,59 @@ class Datastore:
 def _open_shard(
     index: Path, number: int, entry: dict[str, Any], dtype: np.dtype, offset: int, first_document: int
 ) -> Shard:
-    try:
-        directory = index / entry["path"]
-        files = {name: FileEntry(**entry["files"][name]) for name in SHARD_FILES}
-        stream_length = int(entry["stream_length"])
-        suffix_dtype = SUFFIX_ARRAY_DTYPES[entry["suffix_array_dtype"]]
-        num_documents = int(entry["num_documents"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise DatastoreFormatError(f"{index / MANIFEST}: shard {number} entry is malformed ({error!r})") from None
-    for name, expected_size in ((TOKENS, dtype.itemsize), (SUFFIX_ARRAY, suffix_dtype.itemsize)):
-        if files[name].size != stream_length * expected_size:
-            raise DatastoreFormatError(
-                f"{index / MANIFEST}: shard {number} records {files[name].size} bytes for {name}, "
-                f"expected {stream_length} x {expected_size}"
-            )
-    for name, file in files.items():
-        check_file(directory / name, file)
+    """Map one shard of a checked manifest (:func:`read_manifest`) after checking its files' sizes and samples."""
+    directory = index / entry["path"]
+    for name in SHARD_FILES:
+        check_file(directory / name, FileEntry(**entry["files"][name]))
+    suffix_dtype = SUFFIX_ARRAY_DTYPES[entry["suffix_array_dtype"]]
     suffix_array = SuffixArray(_map(directory / TOKENS), _map(directory / SUFFIX_ARRAY), dtype, suffix_dtype)
-    return Shard(directory, offset, suffix_array, first_document, num_documents)
+    return Shard(directory, offset, suffix_array, first_document, entry["num_documents"])
 
 
 def _map(path: Path) -> mmap.mmap:
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _damaged(path: Path, what: str) -> DatastoreFormatError:
+    return DatastoreFormatError(f"{path}: {what}; the file is damaged, rebuild the index "
+                                "(`retrieval-spec index-info --verify` checks every file)")
+
+
+def _out_of_vocabulary(path: Path, tokens: np.ndarray, vocab_size: int, separator: int) -> DatastoreFormatError:
+    bad = tokens[(tokens >= vocab_size) & (tokens != separator)]
+    return _damaged(path, f"holds token id {int(bad.flat[0])}, outside the vocabulary [0, {vocab_size})")
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    """A whole Parquet file, its page checksums verified where it has them (every build since they exist)."""
+    try:
+        return pq.read_table(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as error:
+        raise _damaged(path, f"not readable as Parquet ({' '.join(str(error).split())})") from None
+
+
+def _read_ngrams(path: Path, vocab_size: int) -> pa.Table:
+    table = _read_parquet(path)
+    try:
+        ngram_table.check(table, vocab_size)
+    except ValueError as error:
+        raise _damaged(path, str(error)) from None
+    return table
+
+
+def _read_documents(path: Path, num_documents: int, stream_length: int) -> pa.Table:
+    """A shard's document table: ``num_documents`` rows, each document inside the stream."""
+    table = _read_parquet(path)
+    if not table.schema.equals(DOCUMENT_SCHEMA):
+        raise _damaged(path, f"columns {table.schema.names} of types {table.schema.types}, expected "
+                             f"{DOCUMENT_SCHEMA.names} of types {DOCUMENT_SCHEMA.types}")
+    if table.num_rows != num_documents:
+        raise _damaged(path, f"{table.num_rows} documents, the manifest records {num_documents}")
+    starts, lengths = table["start"].to_numpy(), table["length"].to_numpy()
+    if starts.min() < 1 or lengths.min() < 1 or (starts + lengths).max() >= stream_length:
+        raise _damaged(path, f"a document lies outside the {stream_length}-token stream")
+    return table
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -374,12 +426,49 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def verify(path: str | Path) -> None:
-    """Open an index and compare the full sha256 of every file with its manifest (reads everything).
+    """Check every byte of an index: each file's sha256 against the manifest, then its contents (token ids
+    within the vocabulary, suffix array entries within the stream, the Parquet tables as on first read).
 
     Raises:
-        DatastoreFormatError: naming the first file that differs.
+        DatastoreFormatError: naming every damaged file, on one line.
     """
-    datastore = Datastore.open(path)
-    for shard, entry in zip(datastore.shards, datastore.manifest["shards"]):
+    path = Path(path)
+    manifest = read_manifest(path)
+    vocab_size, dtype = manifest["tokenizer"]["vocab_size"], np.dtype(manifest["token_dtype"])
+    problems = []
+    for number, entry in enumerate(manifest["shards"]):
+        directory = path / entry["path"]
         for name in SHARD_FILES:
-            check_file(shard.path / name, FileEntry(**entry["files"][name]), full=True)
+            try:
+                check_file(directory / name, FileEntry(**entry["files"][name]), full=True)
+                if name == TOKENS:
+                    _check_stream(directory / name, dtype, vocab_size)
+                elif name == SUFFIX_ARRAY:
+                    _check_suffixes(directory / name, SUFFIX_ARRAY_DTYPES[entry["suffix_array_dtype"]])
+                elif name == NGRAMS:
+                    _read_ngrams(directory / name, vocab_size)
+                else:
+                    _read_documents(directory / name, entry["num_documents"], entry["stream_length"])
+            except DatastoreFormatError as error:
+                problems.append(str(error))
+    if problems:
+        raise DatastoreFormatError(f"{path}: {len(problems)} damaged file(s): " + " | ".join(problems))
+
+
+def _check_stream(path: Path, dtype: np.dtype, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Every token of a stream is an id of the vocabulary or the separator (read in chunks)."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    sep = separator(dtype)
+    for start in range(0, len(tokens), chunk):
+        part = tokens[start : start + chunk]
+        if np.any((part >= vocab_size) & (part != sep)):
+            raise _out_of_vocabulary(path, part, vocab_size, sep)
+
+
+def _check_suffixes(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> None:
+    """Every suffix array entry is a position of its stream (one entry per stream token)."""
+    suffixes = np.memmap(path, dtype=dtype, mode="r")
+    for start in range(0, len(suffixes), chunk):
+        part = suffixes[start : start + chunk]
+        if part.min() < 0 or part.max() >= len(suffixes):
+            raise _damaged(path, f"holds entries outside [0, {len(suffixes)})")

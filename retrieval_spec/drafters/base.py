@@ -69,11 +69,12 @@ class Drafter:
         """Write what the drafter learned to ``directory / state_file`` (only when ``state_file`` is set)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no state")
 
-    def load(self, directory: Path, tokenizer_sha256: str) -> None:
+    def load(self, directory: Path, tokenizer_sha256: str, vocab_size: int) -> None:
         """Replace what the drafter learned by ``directory / state_file``, saved for the same tokenizer.
 
         Raises:
-            DatastoreFormatError: an unreadable or damaged file.
+            DatastoreFormatError: an unreadable or damaged file, or one holding a token id outside
+                ``[0, vocab_size)``.
             TokenizerMismatchError: saved for another tokenizer.
         """
         raise NotImplementedError(f"{type(self).__name__} keeps no state")

@@ -79,10 +79,11 @@ class OutputHistoryDrafter(Drafter):
         text = self.history.text[: self.history.length]
         write_state(directory / FILE, {"text": text}, FORMAT_VERSION, tokenizer_sha256)
 
-    def load(self, directory: Path, tokenizer_sha256: str) -> None:
+    def load(self, directory: Path, tokenizer_sha256: str, vocab_size: int) -> None:
         """Replace the history by one saved with :meth:`save` for the same tokenizer (see ``read_state``)."""
-        arrays, _ = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256)
-        self.history = self._index(arrays.get("text", np.zeros(0, dtype=np.int32)).astype(np.int32))
+        arrays, _ = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256, shapes={"text": (None,)},
+                               vocab_size=vocab_size)
+        self.history = self._index(arrays["text"].astype(np.int32))
 
     def _index(self, text: np.ndarray) -> NgramIndex:
         cfg = self.config.matching

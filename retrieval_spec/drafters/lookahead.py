@@ -129,14 +129,15 @@ class LookaheadDrafter(Drafter):
         write_state(directory / FILE, {"keys": keys, "grams": grams}, FORMAT_VERSION, tokenizer_sha256,
                     ngram=self.config.ngram)
 
-    def load(self, directory: Path, tokenizer_sha256: str) -> None:
+    def load(self, directory: Path, tokenizer_sha256: str, vocab_size: int) -> None:
         """Replace the pool by one saved with :meth:`save` for the same tokenizer and n-gram size.
 
         Raises:
             DatastoreFormatError: unreadable file, other format version or n-gram size.
             TokenizerMismatchError: saved for another tokenizer.
         """
-        arrays, meta = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256)
+        arrays, meta = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256, vocab_size=vocab_size,
+                                  shapes={"keys": ("n",), "grams": ("n", None, self.config.ngram - 1)})
         if meta.get("ngram") != self.config.ngram or "keys" not in arrays or "grams" not in arrays:
             raise DatastoreFormatError(
                 f"{directory / FILE}: n-gram size {meta.get('ngram')}, expected {self.config.ngram}")

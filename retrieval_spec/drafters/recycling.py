@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from ..errors import DatastoreFormatError
 from ..tree import DraftTree, Source, StepFeedback
 from .base import Drafter, RequestId
 from .state import read_state, write_state
@@ -118,17 +117,14 @@ class RecyclingDrafter(Drafter):
         write_state(directory / self.state_file, {"table": self.table, "known": self.known}, FORMAT_VERSION,
                     tokenizer_sha256, k=self.config.k)
 
-    def load(self, directory: Path, tokenizer_sha256: str) -> None:
+    def load(self, directory: Path, tokenizer_sha256: str, vocab_size: int) -> None:
         """Read a table saved by :meth:`save` for the same tokenizer.
 
         Raises:
-            DatastoreFormatError: unreadable file, other format version, or other shape.
+            DatastoreFormatError: unreadable file, other format version or shape, ids outside the vocabulary.
             TokenizerMismatchError: saved for another tokenizer.
         """
-        target = directory / self.state_file
-        arrays, _ = read_state(target, FORMAT_VERSION, tokenizer_sha256)
-        table, known = arrays.get("table"), arrays.get("known")
-        if table is None or known is None or table.shape != self.table.shape:
-            shape = None if table is None else table.shape
-            raise DatastoreFormatError(f"{target}: table shape {shape}, expected {self.table.shape}")
-        self.table, self.known = table.astype(np.int32), known.astype(bool)
+        rows = len(self.table)
+        arrays, _ = read_state(directory / self.state_file, FORMAT_VERSION, tokenizer_sha256,
+                               shapes={"table": (rows, self.config.k), "known": (rows,)}, vocab_size=vocab_size)
+        self.table, self.known = arrays["table"].astype(np.int32), arrays["known"].astype(bool)

@@ -1,0 +1,169 @@
+"""Files a user names, and writing results to them.
+
+Inputs must be readable regular files of UTF-8 text; outputs writable (or creatable) places that are not an
+input. The checks run before any work starts and create nothing, so that a run that cannot write its result
+fails in its first second rather than after its last prompt; :class:`JsonlWriter` then writes results line by
+line as they finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable
+
+from retrieval_spec.errors import InputError, OutputError
+
+
+def check_input_file(path: Path, what: str) -> None:
+    """Raise :class:`InputError` unless ``path`` is a readable regular file.
+
+    A FIFO or a device would block or never end, so they are refused rather than read.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise InputError(f"{what} {path}: {error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what} {path}: {_kind(mode)}, expected a regular file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {path}: not readable (permission denied)")
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a regular file; :class:`InputError` naming the file and the first bad byte otherwise."""
+    check_input_file(path, what)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{what} {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def check_output_file(path: Path, what: str, inputs: Iterable[Path | None] = ()) -> None:
+    """Raise :class:`OutputError` unless ``path`` can be created or overwritten and is none of ``inputs``.
+
+    An input is recognised however it is reached (same path, symbolic or hard link), so that no input is
+    truncated while it is still to be read.
+    """
+    for source in inputs:
+        if source is not None and _same_file(path, source):
+            raise OutputError(f"{what} {path} is the input file {source}: the input would be overwritten before "
+                              "it is read; write the results to another file")
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory, expected a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{what} {path}: not writable (permission denied)")
+        return
+    _check_creatable(path.parent, what, path)
+
+
+def check_output_directory(path: Path, what: str) -> None:
+    """Raise :class:`OutputError` unless ``path`` is a writable directory or one can be created there."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path}: exists and is not a directory")
+    _check_creatable(path, what, path)
+
+
+def _check_creatable(directory: Path, what: str, target: Path) -> None:
+    """``directory`` exists and is writable, or its nearest existing ancestor is a writable directory."""
+    base = Path(os.path.abspath(directory))
+    while not base.exists() and not base.is_symlink():
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"{what} {target}: cannot be created, {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {target}: cannot be written, directory {base} is not writable")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # either does not exist (yet): not the same file
+        return False
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def commit_delay() -> None:
+    """Sleep ``$RETRIEVAL_SPEC_COMMIT_DELAY`` seconds (unset: not at all) just before an atomic replace.
+
+    A test hook, read by index builds and drafter-state writes: concurrency tests set it so that concurrent
+    writers overlap at their commit every time instead of once in many runs.
+    """
+    delay = os.environ.get("RETRIEVAL_SPEC_COMMIT_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
+class JsonlWriter:
+    """Writes one JSON object per line as each is produced, so that a failure keeps every finished line.
+
+    Opening creates the file's directory when missing (:func:`check_output_file` checked it can be).
+
+    Lines go straight to the file (no buffer); when a write fails (a full disk), the file is cut back to its
+    last complete line and :class:`OutputError` says how many lines it keeps.
+
+    Attributes:
+        path: the file; None writes to standard output.
+        written: complete lines written so far.
+    """
+
+    def __init__(self, path: Path | None, what: str = "--output") -> None:
+        self.path = path
+        self.what = what
+        self.written = 0
+        self._end = 0  # offset just past the last complete line
+
+    def __enter__(self) -> JsonlWriter:
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "wb", buffering=0)
+            except OSError as error:
+                raise OutputError(f"{self.what} {self.path}: {error.strerror}") from None
+        return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row) + "\n"
+        if self.path is None:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self.written += 1
+            return
+        encoded = line.encode("utf-8")
+        data = memoryview(encoded)
+        try:
+            while data:
+                data = data[self._file.write(data) :]
+        except OSError as error:
+            try:
+                os.ftruncate(self._file.fileno(), self._end)
+            except OSError:
+                pass  # not a regular file (a device, a pipe): nothing to cut back
+            raise OutputError(f"{self.what} {self.path}: {error.strerror} after {self.written} complete line(s), "
+                              "which are kept") from None
+        self._end += len(encoded)
+        self.written += 1
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self.path is not None:
+            self._file.close()
