@@ -38,7 +38,7 @@ import atexit
 import inspect
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Protocol, Sequence
 
@@ -228,9 +228,6 @@ class ProposerStats:
     finished: int = 0
     saves: int = 0
     seconds: float = 0.0  # inside propose()
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 class RetrievalProposer:
