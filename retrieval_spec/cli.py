@@ -12,12 +12,14 @@ import json
 import math
 import os
 import re
+import sys
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
+from tqdm import tqdm
 
 from .errors import InputError, OutputError, RetrievalSpecError
 from .files import JsonlWriter, check_input_file, check_output_directory, check_output_file, read_text
@@ -257,6 +259,7 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
               help="Keep what the drafters learn across runs here (recycling table, lookahead pool, earlier "
                    "outputs): loaded at start when present, saved at the end. The index directory is a good place.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
+@click.option("--quiet", is_flag=True, help="No progress bar on stderr for --input.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="torch threads (default: torch's choice, usually all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
@@ -266,7 +269,7 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
                    "faster on GPUs, and agrees with plain decoding in the same dtype almost always (README).")
 def generate(model_name, prompt, input_path, output_path, task, rag, question, num_passages, method, index_path,
              max_new_tokens, tree_budget, references, stop_strings, chat, temperature, top_k, top_p, seed, num_samples,
-             cross_path, state_dir, json_stats, threads, device, dtype):
+             cross_path, state_dir, json_stats, quiet, threads, device, dtype):
     """Generate continuations exactly as plain decoding would, in fewer model steps.
 
     Greedy output is token-for-token that of plain greedy decoding; sampled output (--temperature > 0)
@@ -296,6 +299,8 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         check_output_directory(state_dir, "--state-dir")
     reference_texts = [read_text(path, "--reference") for path in references]
     _setup_threads(threads)
+    from transformers import TextStreamer
+
     from . import rag as grounded
     from .api import make_drafters
     from .generate import GenerationConfig, SpeculativeGenerator
@@ -325,7 +330,13 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         load_state(drafters, state_dir, vocab_sha256, model.config.vocab_size)
     generator = SpeculativeGenerator(model, tokenizer, drafters, cross_path=cross_path)
     as_rows = input_path is not None or output_path is not None or num_samples > 1
-    with JsonlWriter(output_path if as_rows else None) as out:
+    # One answer on a terminal appears as it is decoded; many show a progress bar with tokens/s on stderr.
+    stream = None if as_rows else TextStreamer(tokenizer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    on_tokens = None if stream is None else lambda row, tokens: stream.put(tokens)
+    bar = tqdm(total=len(records), unit="prompt", disable=quiet or input_path is None, file=sys.stderr,
+               dynamic_ncols=True)
+    tokens = seconds = 0.0
+    with JsonlWriter(output_path if as_rows else None) as out, bar:
         for number, record in enumerate(records):
             # Prompt number i of --input samples with seed (S, i): reruns reproduce, equal prompts stay independent.
             row_config = replace(config, seed=None if seed is None else (seed, number) if input_path else seed)
@@ -335,22 +346,29 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
                     batch = generator.generate_batch([render(record.text)] * num_samples, row_config,
                                                      references=reference_texts)
                     out.write({"id": record.id, "method": method, "num_samples": num_samples, **batch.to_dict()})
+                    tokens, seconds = tokens + sum(len(r.tokens) for r in batch.rows), seconds + batch.total_ms / 1e3
+                    bar.set_postfix_str(f"{tokens / seconds:.1f} tok/s", refresh=False)
+                    bar.update()
                     continue
                 if task == "rag":
                     answer = grounded.answer(generator, dense, record.text, row_config, top_k=num_passages,
-                                             references=reference_texts)
+                                             references=reference_texts, on_tokens=on_tokens)
                     result = answer.result
                     extra = {"question": record.text, "cited": answer.cited,
                              "passages": [p.to_dict() for p in answer.passages]}
                 elif task == "summarize":
                     result = grounded.summarize(generator, record.text, row_config, references=reference_texts)
                 else:
-                    result = generator.generate(render(record.text), row_config, references=reference_texts)
+                    result = generator.generate(render(record.text), row_config, references=reference_texts,
+                                                on_tokens=on_tokens)
                 if as_rows:
                     out.write({"id": record.id, "method": method, "task": task, "text": result.text, **extra,
                                "tokens": result.tokens.tolist(), "stats": result.stats.to_dict()})
+                    tokens, seconds = tokens + len(result.tokens), seconds + result.stats.total_ms / 1e3
+                    bar.set_postfix_str(f"{tokens / seconds:.1f} tok/s", refresh=False)
+                    bar.update()
                     continue
-                click.echo(result.text)
+                stream.end()
                 if task == "rag" and not json_stats:
                     cited = {p.id: p for p in answer.passages}
                     for passage_id in answer.cited:

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -417,11 +417,15 @@ def answer(
     *,
     top_k: int = 5,
     references: Sequence[str] = (),
+    on_tokens: Callable[[int, np.ndarray], None] | None = None,
 ) -> RagAnswer:
-    """Retrieve, prompt, and decode with the retrieved passages (and ``references``) as copy sources."""
+    """Retrieve, prompt, and decode with the retrieved passages (and ``references``) as copy sources.
+
+    ``on_tokens`` streams the answer as :meth:`SpeculativeGenerator.generate` does."""
     passages = index.search(question, top_k)
     prompt = rag_prompt(generator.tokenizer, question, passages)
-    result = generator.generate(prompt, config, references=[p.text for p in passages] + list(references))
+    result = generator.generate(prompt, config, references=[p.text for p in passages] + list(references),
+                                on_tokens=on_tokens)
     return RagAnswer(result, passages, cited_ids(result.text, passages))
 
 

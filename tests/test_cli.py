@@ -428,3 +428,35 @@ def test_a_tampered_index_is_refused_or_decodes_exactly_the_plain_output(
     else:
         assert result.exit_code == 0, result.output
         assert result.stdout == plain
+
+
+@pytest.mark.real_model
+def test_a_prompt_streams_its_text_as_steps_are_accepted(model, monkeypatch: pytest.MonkeyPatch):
+    """The text printed is the whole output, and it reached stdout in more than one piece, before the run ended."""
+    from transformers import TextStreamer
+
+    pieces: list[str] = []
+    original = TextStreamer.on_finalized_text
+
+    def record(self, text: str, stream_end: bool = False) -> None:
+        pieces.append(text)
+        original(self, text, stream_end)
+
+    monkeypatch.setattr(TextStreamer, "on_finalized_text", record)
+    result = run("generate", "--prompt", "List three uses of Python.", "--max-new-tokens", "32", "--json-stats")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stderr.strip().splitlines()[-1])
+    assert len([piece for piece in pieces if piece]) > 2
+    assert result.stdout.strip() == "".join(pieces).strip() and stats["new_tokens"] == 32
+
+
+@pytest.mark.real_model
+def test_input_shows_a_progress_bar_with_tokens_per_second_unless_quiet(model, tmp_path: Path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {n}."}) + "\n" for n in (2, 3)))
+    shown = run("generate", "--input", str(prompts), "--max-new-tokens", "6", "--method", "pld")
+    assert shown.exit_code == 0, shown.output
+    assert "2/2" in shown.stderr and "tok/s" in shown.stderr
+    assert [json.loads(line)["id"] for line in shown.stdout.splitlines()] == ["1", "2"]
+    quiet = run("generate", "--input", str(prompts), "--max-new-tokens", "6", "--method", "pld", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

@@ -74,7 +74,7 @@ def test_cli_seeds_give_identical_prompts_independent_samples_that_reruns_reprod
     def run(*extra):
         result = CliRunner().invoke(main, args + list(extra))
         assert result.exit_code == 0, result.output
-        return [json.loads(line) for line in result.output.splitlines()]
+        return [json.loads(line) for line in result.stdout.splitlines()]
 
     seeded = run("--seed", "7")
     assert seeded[0]["tokens"] != seeded[1]["tokens"]  # same prompt, derived seeds (7, 0) and (7, 1)
