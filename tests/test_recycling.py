@@ -74,3 +74,17 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     (tmp_path / "recycling.npz").write_bytes(b"garbage")
     with pytest.raises(DatastoreFormatError, match="recycling.npz"):
         other.load(tmp_path, "tok-a", 10)
+
+
+def test_a_known_pair_of_tokens_predicts_before_the_token_alone():
+    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 2), max_pairs=2))
+    drafter.propose("r", np.array([5, 3], np.int32), 4)  # the token before the root is 5
+    drafter.observe("r", feedback([3, 4], [-1, 0], [[6, 7], [8, 9]]))
+    assert drafter.pairs[(5, 3)].tolist() == [6, 7] and drafter.pairs[(3, 4)].tolist() == [8, 9]
+    drafter.observe("r", feedback([3], [-1], [[1, 2]]))  # after 5 3 again: the pair's row and the token's row
+    after_pair = drafter.propose("r", np.array([5, 3], np.int32), 2)
+    assert after_pair.tokens[1:].tolist() == [1, 2]
+    drafter.table[3] = [0, 9]  # another context taught the token alone something else
+    assert drafter.propose("r", np.array([5, 3], np.int32), 2).tokens[1:].tolist() == [1, 2]
+    assert drafter.propose("r", np.array([7, 3], np.int32), 2).tokens[1:].tolist() == [0, 9]
+    assert len(drafter.pairs) <= 2  # bounded

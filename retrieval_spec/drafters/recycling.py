@@ -1,15 +1,18 @@
 """Token Recycling: draft from the target's own earlier top-k predictions (Luo et al., arXiv 2408.08696).
 
 Every verification computes the target's distribution at every tree node. The table keeps, for each token,
-the k tokens the target ranked highest the last time it saw that token at a node; drafting expands the
-newest token through the table breadth-first along a fixed shape. No model, no extra forward pass: the
-table is (vocab, k) int32 — 1.5 MB for a 49k vocabulary at k = 8.
+the k tokens the target ranked highest the last time it saw that token at a node, and a bounded second table does
+the same for pairs of tokens (the token and the one before it), which predicts better where it knows the pair;
+drafting expands the newest token through them, most likely node first, within a fixed shape. No model, no
+extra forward pass: the table is (vocab, k) int32 — 1.5 MB for a 49k vocabulary at k = 8 — and the pairs at
+most ``max_pairs`` rows of k.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -31,11 +34,13 @@ class RecyclingConfig:
             grows most likely node first (products of ``rank_probs``) up to the budget. The decoder keeps only
             the nodes worth their cost, so the shape is an upper bound, not the verified tree.
         rank_probs: rough chance that the target picks the token of each rank; recalibrated online.
+        max_pairs: token pairs remembered (least recently written forgotten first).
     """
 
     k: int = 8
     shape: tuple[int, ...] = (8, 3, 2, 2, 1, 1, 1, 1)
     rank_probs: tuple[float, ...] = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.02, 0.02)
+    max_pairs: int = 1 << 18
 
     def __post_init__(self) -> None:
         if self.k < 1 or len(self.rank_probs) < self.k or any(w > self.k for w in self.shape):
@@ -53,10 +58,24 @@ class RecyclingDrafter(Drafter):
         self.top_k = config.k
         self.table = np.zeros((vocab_size, config.k), dtype=np.int32)
         self.known = np.zeros(vocab_size, dtype=bool)  # rows that hold real predictions
+        self.pairs: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # (before, token) -> top-k after both
+        self._before_root: dict[RequestId, int] = {}  # per request: the token before its last proposal's root
+
+    def finish(self, request: RequestId) -> None:
+        self._before_root.pop(request, None)
+
+    def successors(self, before: int, token: int) -> np.ndarray | None:
+        """(k,) the target's most likely tokens after ``token`` (preceded by ``before``, -1 if unknown), or None."""
+        row = self.pairs.get((before, token))
+        if row is not None:
+            return row
+        return self.table[token] if self.known[token] else None
 
     def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         root = int(context[-1])
-        if budget <= 0 or not self.known[root]:
+        before = int(context[-2]) if len(context) > 1 else -1
+        self._before_root[request] = before
+        if budget <= 0 or self.successors(before, root) is None:
             return DraftTree.empty(root)
         probs = self.config.rank_probs
         tokens, parents, scores, node_depth = [root], [-1], [1.0], [0]
@@ -65,10 +84,11 @@ class RecyclingDrafter(Drafter):
 
         def expand(node: int) -> None:
             depth, token = node_depth[node], tokens[node]
-            if depth >= len(self.config.shape) or not self.known[token]:
+            row = self.successors(tokens[parents[node]] if node else before, token)
+            if depth >= len(self.config.shape) or row is None:
                 return
             seen = set()
-            for rank, child in enumerate(self.table[token, : self.config.shape[depth]].tolist()):
+            for rank, child in enumerate(row[: self.config.shape[depth]].tolist()):
                 if child not in seen:  # warm-started rows may repeat their last token
                     seen.add(child)
                     heapq.heappush(frontier, (-scores[node] * probs[rank], next(order), node, child))
@@ -89,13 +109,22 @@ class RecyclingDrafter(Drafter):
         )
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
-        """Overwrite the rows of every verified node's token with the target's top-k there."""
+        """Overwrite the rows of every verified node's token, and of its pair with its parent's (the root's: the
+        token before it), with the target's top-k there."""
         top = feedback.top_tokens
         if top.shape[1] < self.config.k:
             return
-        nodes = feedback.tree.tokens
-        self.table[nodes] = top[:, : self.config.k]
-        self.known[nodes] = True
+        tree = feedback.tree
+        rows = top[:, : self.config.k]
+        self.table[tree.tokens] = rows
+        self.known[tree.tokens] = True
+        before = self._before_root.get(request, -1)
+        befores = np.where(tree.parents >= 0, tree.tokens[np.maximum(tree.parents, 0)], before).tolist()
+        for pair, row in zip(zip(befores, tree.tokens.tolist()), rows):
+            self.pairs[pair] = row
+            self.pairs.move_to_end(pair)
+        while len(self.pairs) > self.config.max_pairs:
+            self.pairs.popitem(last=False)
 
     def warm_start(self, successors: np.ndarray) -> None:
         """Fill the rows not learned yet from a corpus's most frequent next tokens (``Datastore.top_next_tokens``).
