@@ -259,7 +259,7 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
               help="Keep what the drafters learn across runs here (recycling table, lookahead pool, earlier "
                    "outputs): loaded at start when present, saved at the end. The index directory is a good place.")
 @click.option("--json-stats", is_flag=True, help="With --prompt: print the step statistics as JSON on stderr.")
-@click.option("--quiet", is_flag=True, help="No progress bar on stderr for --input.")
+@click.option("--quiet", is_flag=True, help="No progress bar for --input (it is drawn only when stderr is a terminal).")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="torch threads (default: torch's choice, usually all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
@@ -333,8 +333,9 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     # One answer on a terminal appears as it is decoded; many show a progress bar with tokens/s on stderr.
     stream = None if as_rows else TextStreamer(tokenizer, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     on_tokens = None if stream is None else lambda row, tokens: stream.put(tokens)
-    bar = tqdm(total=len(records), unit="prompt", disable=quiet or input_path is None, file=sys.stderr,
-               dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal, so scripts and logs reading stderr see errors alone.
+    bar = tqdm(total=len(records), unit="prompt", disable=True if quiet or input_path is None else None,
+               file=sys.stderr, dynamic_ncols=True)
     tokens = seconds = 0.0
     with JsonlWriter(output_path if as_rows else None) as out, bar:
         for number, record in enumerate(records):

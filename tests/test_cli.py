@@ -272,7 +272,7 @@ def test_state_dir_carries_what_drafters_learned_to_the_next_run(model, tmp_path
     ("garbage", "not a drafter state file (not an .npz archive)"),
     ("out of vocabulary", "array 'table' holds token id 520128418, outside the model's vocabulary [0, 49152)"),
     ("float", "array 'table' is float32, expected integers or booleans"),
-    ("shape", "table shape (10, 8), expected (49152, 8)"),
+    ("shape", "array 'table' has shape (10, 8), expected (49152, 8)"),
 ])
 def test_a_damaged_state_file_is_refused_naming_it(model, tmp_path: Path, damage: str, message: str):
     from retrieval_spec.datastore.manifest import tokenizer_fingerprint
@@ -451,12 +451,18 @@ def test_a_prompt_streams_its_text_as_steps_are_accepted(model, monkeypatch: pyt
 
 
 @pytest.mark.real_model
-def test_input_shows_a_progress_bar_with_tokens_per_second_unless_quiet(model, tmp_path: Path):
+def test_input_shows_a_progress_bar_on_a_terminal_unless_quiet(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import click.testing
+
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {n}."}) + "\n" for n in (2, 3)))
-    shown = run("generate", "--input", str(prompts), "--max-new-tokens", "6", "--method", "pld")
+    args = ("generate", "--input", str(prompts), "--max-new-tokens", "6", "--method", "pld")
+    piped = run(*args)
+    assert piped.exit_code == 0 and piped.stderr == "", piped.output
+    monkeypatch.setattr(click.testing._NamedTextIOWrapper, "isatty", lambda self: True, raising=False)
+    shown = run(*args)
     assert shown.exit_code == 0, shown.output
     assert "2/2" in shown.stderr and "tok/s" in shown.stderr
     assert [json.loads(line)["id"] for line in shown.stdout.splitlines()] == ["1", "2"]
-    quiet = run("generate", "--input", str(prompts), "--max-new-tokens", "6", "--method", "pld", "--quiet")
+    quiet = run(*args, "--quiet")
     assert quiet.exit_code == 0 and quiet.stderr == ""
