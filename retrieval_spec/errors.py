@@ -23,3 +23,7 @@ class DatastoreFormatError(RetrievalSpecError):
 
 class TokenizerMismatchError(RetrievalSpecError):
     """An index built with one tokenizer opened for a model with another."""
+
+
+class BuildError(RetrievalSpecError):
+    """A build that cannot run or finish: a worker that keeps dying, an unreachable cluster, Ray not installed."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from retrieval_spec.errors import InputError
 
@@ -85,12 +85,26 @@ class Corpus:
         self.skipped_files = 0
 
     def __iter__(self) -> Iterator[Record]:
+        for path, in_directory in self.files():
+            yield from self._read(path, in_directory=in_directory)
+
+    def files(self) -> Iterator[tuple[Path, bool]]:
+        """Every file to read, in reading order, and whether it was found in an input directory."""
         for path in self.inputs:
             if path.is_dir():
                 for file in _files_under(path):
-                    yield from self._read(file, in_directory=True)
+                    yield file, True
             else:
-                yield from self._read(path, in_directory=False)
+                yield path, False
+
+    def read(
+        self, path: Path, *, in_directory: bool, start: int = 0, end: int | None = None, first_line: int = 1
+    ) -> Iterator[Record]:
+        """The documents of one file of :meth:`files`; of a JSONL file, those of the lines in bytes
+        ``[start, end)`` (cut at line ends), the first of which is line ``first_line``."""
+        if path.suffix == ".jsonl":
+            return self._jsonl(path, start, end, first_line)
+        return self._read(path, in_directory=in_directory)
 
     def _read(self, path: Path, *, in_directory: bool) -> Iterator[Record]:
         if path.suffix == ".jsonl":
@@ -105,9 +119,11 @@ class Corpus:
             raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         yield Record(text=text, source=str(path), meta="")
 
-    def _jsonl(self, path: Path) -> Iterator[Record]:
-        with open(path, "rb") as lines:
-            for number, line in enumerate(lines, start=1):
+    def _jsonl(self, path: Path, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[Record]:
+        with open(path, "rb") as f:
+            f.seek(start)
+            lines = f if end is None else _lines_before(f, end)
+            for number, line in enumerate(lines, start=first_line):
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
@@ -177,3 +193,9 @@ def _files_under(directory: Path) -> Iterator[Path]:
     for path in sorted(directory.rglob("*")):
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts):
             yield path
+
+
+def _lines_before(f: BinaryIO, end: int) -> Iterator[bytes]:
+    """The lines of ``f`` from its position up to byte ``end``, a line end (or the end of the file)."""
+    while f.tell() < end and (line := f.readline()):
+        yield line
