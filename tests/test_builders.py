@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from retrieval_spec.builders import publish
-from retrieval_spec.builders.build import build_index, build_index_from_tokens, merge_indexes
+from retrieval_spec.builders.build import FAIL_SHARD_ENV, build_index, build_index_from_tokens, merge_indexes
 from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint, tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
-from retrieval_spec.errors import InputError, TokenizerMismatchError
+from retrieval_spec.errors import BuildError, InputError, TokenizerMismatchError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,:\n<>/"
 
@@ -261,3 +261,99 @@ def test_merging_indexes_of_different_tokenizers_is_refused(tmp_path: Path):
     build_index([corpus], tmp_path / "two", CharTokenizer("other", alphabet=ALPHABET[::-1]), progress=False)
     with pytest.raises(TokenizerMismatchError, match=r"'fake/char'.*'other'"):
         merge_indexes([tmp_path / "one", tmp_path / "two"], tmp_path / "merged")
+
+
+def mixed_corpus(root: Path) -> list[Path]:
+    """JSONL with blank, chat and metadata lines, a folder of text files: several slices at 200 bytes a slice."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    records: list = []
+    for number in range(120):
+        text = " ".join(rng.choice(words, size=int(rng.integers(0, 30))))
+        records.append({"text": text, "id": number} if number % 7 else {"messages": [{"role": "user", "content": text}]})
+        if number % 40 == 0:
+            records.append("")
+    (root / "docs").mkdir()
+    for number in range(6):
+        (root / "docs" / f"{number}.txt").write_text(" ".join(rng.choice(words, size=int(rng.integers(1, 80)))))
+    return [write_jsonl(root / "c.jsonl", records), root / "docs"]
+
+
+def shard_files(index: Path) -> list[dict]:
+    """Every shard's manifest entry but its path (which names the build): sizes and sha256 of every file."""
+    manifest = json.loads((index / MANIFEST).read_text())
+    return [{key: value for key, value in entry.items() if key != "path"} for entry in manifest["shards"]]
+
+
+@pytest.fixture(scope="module")
+def serial_build(tmp_path_factory) -> tuple[list[Path], list[dict]]:
+    """The corpus of :func:`mixed_corpus` and the shards one in-process worker builds from it in one slice."""
+    root = tmp_path_factory.mktemp("serial")
+    inputs = mixed_corpus(root)
+    build_index(inputs, root / "index", CharTokenizer(), shard_tokens=700, progress=False)
+    shards = shard_files(root / "index")
+    assert len(shards) >= 4
+    return inputs, shards
+
+
+def test_slices_do_not_change_the_index(serial_build, tmp_path: Path):
+    inputs, shards = serial_build
+    build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200, progress=False)
+    assert shard_files(tmp_path / "index") == shards
+
+
+def test_two_local_workers_build_the_same_files_even_when_one_dies(
+    serial_build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    inputs, shards = serial_build
+    monkeypatch.setenv(FAIL_SHARD_ENV, "2")  # the first attempt to build shard 2 exits its worker process
+    summary = build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200,
+                          workers=2, progress=False)
+    assert (summary.workers, summary.backend) == (2, "local")
+    assert shard_files(tmp_path / "index") == shards
+    assert [p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith("gen-")] == [MANIFEST]
+
+
+def test_a_worker_that_keeps_dying_fails_the_build_and_keeps_the_previous_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    fingerprint = TokenizerFingerprint("fake/char", 3, "0" * 64)
+    build_index_from_tokens([np.array([2, 2, 1])], tmp_path / "index", fingerprint, progress=False)
+    monkeypatch.setenv(FAIL_SHARD_ENV, "1:99")
+    with pytest.raises(BuildError, match=r"shard 1 died 3 times.*previous index, if any, is unchanged"):
+        build_index_from_tokens((np.arange(10) % 3 for _ in range(5)), tmp_path / "index", fingerprint,
+                                shard_tokens=20, force=True, workers=2, progress=False)
+    assert [p.name.split("-")[0] for p in sorted((tmp_path / "index").iterdir())] == ["gen", MANIFEST]
+    datastore = Datastore.open(tmp_path / "index")
+    assert (datastore.num_tokens, datastore.find(np.array([2, 2, 1]), 5).size) == (3, 1)
+
+
+def test_a_malformed_line_is_named_by_its_line_whatever_the_slice(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}] * 5 + ["", "{oops"] + [{"text": "ok"}] * 5)
+    with pytest.raises(InputError, match=r"c\.jsonl:7: not valid JSON"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), slice_bytes=20, progress=False)
+    summary = build_index([corpus], tmp_path / "index", CharTokenizer(), slice_bytes=20, skip_bad_lines=True,
+                          progress=False)
+    assert (summary.documents, summary.skipped_lines) == (10, 1)
+    sources = Datastore.open(tmp_path / "index").documents()["source"].to_pylist()
+    assert sources == [f"{corpus}:{line}" for line in [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]]
+
+
+def test_ray_tasks_build_the_same_files_even_when_a_worker_dies(
+    serial_build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    ray = pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    inputs, shards = serial_build
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+    monkeypatch.setenv(FAIL_SHARD_ENV, "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200,
+                              workers=2, ray_address="local", progress=False)
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert (summary.workers, summary.backend) == (2, "ray")
+    assert shard_files(tmp_path / "index") == shards
