@@ -348,6 +348,7 @@ def test_ray_tasks_build_the_same_files_even_when_a_worker_dies(
     inputs, shards = serial_build
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
     monkeypatch.setenv(FAIL_SHARD_ENV, "1")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written under the home directory
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200,
@@ -357,3 +358,22 @@ def test_ray_tasks_build_the_same_files_even_when_a_worker_dies(
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert (summary.workers, summary.backend) == (2, "ray")
     assert shard_files(tmp_path / "index") == shards
+
+
+def test_build_index_cli_runs_workers_and_names_a_missing_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from click.testing import CliRunner
+
+    from retrieval_spec import cli, models
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: CharTokenizer())
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "abc"}, {"text": "de"}])
+    args = ["build-index", str(corpus), "-o", str(tmp_path / "index"), "--shard-tokens", "2", "--quiet", "--json"]
+    result = CliRunner().invoke(cli.main, [*args, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["shards"], report["workers"], report["backend"]) == (2, 2, "local")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    result = CliRunner().invoke(cli.main, [*args, "--force", "--ray"])
+    assert result.exit_code == 2
+    assert "--ray needs Ray: pip install 'retrieval-spec[ray]'" in result.output
+    assert texts(tmp_path / "index") == ["abc", "de"]
