@@ -372,7 +372,8 @@ def tokenize_slice(
     )
     lengths, sources, metas = [], [], []
     tokens_path, table_path = _chunk_paths(Path(scratch), number)
-    with _working_directory(options.working_directory), open(tokens_path, "wb") as out:
+    relative = any(not Path(piece.path).is_absolute() for piece in pieces)
+    with _working_directory(options.working_directory if relative else None), open(tokens_path, "wb") as out:
         records = itertools.chain.from_iterable(
             corpus.read(Path(piece.path), in_directory=piece.in_directory, start=piece.start, end=piece.end,
                         first_line=piece.first_line)
@@ -429,16 +430,17 @@ def _write_chunks(
     numbers = itertools.count()
     records = (_Document(np.asarray(tokens), "", "") for tokens in documents)
     records = (record for record in records if len(record.tokens))
-    while first := next(records, None):
+    while (first := next(records, None)) is not None:
         number = next(numbers)
         tokens_path, table_path = _chunk_paths(scratch, number)
-        lengths = []
+        lengths, total = [], 0
         with open(tokens_path, "wb") as out:
             for record in itertools.chain([first], records):
                 check_token_ids(record.tokens, vocab_size, record.source)
                 record.tokens.astype(dtype).tofile(out)
                 lengths.append(len(record.tokens))
-                if sum(lengths) >= chunk_tokens:
+                total += len(record.tokens)
+                if total >= chunk_tokens:
                     break
         empty = [""] * len(lengths)
         pq.write_table(pa.table({"length": pa.array(lengths, pa.int64()), "source": empty, "meta": empty},
@@ -662,10 +664,10 @@ def _remove_chunk(scratch: Path, number: int) -> None:
 
 
 @contextlib.contextmanager
-def _working_directory(path: str) -> Iterator[None]:
+def _working_directory(path: str | None) -> Iterator[None]:
     """Read relative input paths from the driver's working directory (a Ray worker has its own)."""
     previous = os.getcwd()
-    if previous == path:
+    if path is None or previous == path:
         yield
         return
     os.chdir(path)

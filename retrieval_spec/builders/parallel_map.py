@@ -105,16 +105,21 @@ class LocalProcesses:
         if self._pool is None or self._broken:
             # A pool whose worker died is broken for good: every task still in it failed with it.
             if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool.shutdown(wait=True)  # its processes are gone and its tasks failed
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
             self._broken = False
-        inner = self._pool.submit(function, *args)
+        pool = self._pool
+        inner = pool.submit(function, *args)
         outer: Future = Future()
 
         def settle(done: Future) -> None:
+            if done.cancelled():  # the build is being aborted
+                outer.cancel()
+                return
             error = done.exception()
             if isinstance(error, BrokenProcessPool):
-                self._broken = True
+                # Every task of a broken pool fails with it, some after its replacement has started.
+                self._broken = self._broken or pool is self._pool
                 outer.set_exception(WorkerDied(f"a local worker process died ({error})"))
             elif error is not None:
                 outer.set_exception(error)
@@ -187,6 +192,9 @@ class RayTasks:
 
         def settle(done: Future) -> None:
             self._running.pop(ref, None)
+            if done.cancelled():
+                outer.cancel()
+                return
             error = done.exception()
             if isinstance(error, ray.exceptions.RayTaskError):
                 outer.set_exception(error.cause)  # the task's own exception (an InputError, a bug)
