@@ -511,108 +511,23 @@ def _build(
     if fingerprint.vocab_size > MAX_VOCAB_SIZE:
         raise InputError(f"vocabulary of {fingerprint.vocab_size} tokens; datastores hold at most {MAX_VOCAB_SIZE}")
     dtype = token_dtype(fingerprint.vocab_size)
-    fail_shard = _injected_failure()
     with (
         Staging(out, force=force) as staging,
         _started(workers, ray_address) as backend,
         tqdm(unit="tok", unit_scale=True, disable=not progress) as bar,
     ):
         bar.set_description(f"indexing into {out}")
-        target = staging.directory.absolute()
-        scratch = target / SCRATCH
-        scratch.mkdir()
-        cutter = _ShardCutter(shard_tokens)
-        to_tokenize = deque(enumerate(slices or []))
-        shared_tokenizer = backend.share(tokenizer) if to_tokenize else None
-        own_chunks = _write_chunks(documents, scratch, dtype, fingerprint.vocab_size, shard_tokens) \
-            if documents is not None else None
-        tokenized: dict[int, Chunk] = {}  # chunks done out of order, waiting for those before them
-        next_chunk = 0
-        to_build: deque[ShardTask] = deque()
-        readers: Counter[int] = Counter()  # shards not yet built that read each chunk
-        entries: dict[int, dict[str, Any]] = {}
-        running: dict[Future, ShardTask | tuple[int, tuple[Piece, ...]]] = {}
-        attempts: Counter[str] = Counter()
-        skipped_lines = skipped_files = 0
-
-        def queue(tasks: list[ShardTask]) -> None:
-            for task in tasks:
-                readers.update(part[0] for part in task.parts)
-                if task.number == fail_shard[0] and backend.name != "in-process":
-                    task = dataclasses.replace(task, fail_attempts=fail_shard[1])
-                to_build.append(task)
-
-        def cut(chunk: Chunk) -> None:
-            """Take the next chunk in corpus order."""
-            nonlocal skipped_lines, skipped_files
-            skipped_lines += chunk.skipped_lines
-            skipped_files += chunk.skipped_files
-            queue(cutter.add(chunk))
-            if not len(chunk.lengths):
-                _remove_chunk(scratch, chunk.number)
-            bar.set_postfix_str(f"tokenized {cutter.total_tokens:,}", refresh=False)
-
-        def all_cut() -> None:
-            queue(cutter.finish())
-            bar.total = cutter.total_tokens
-            bar.refresh()
-
-        while True:
-            # Fill the free workers: shards first (each finishes work and frees scratch space), then slices.
-            while len(running) < backend.workers:
-                if to_build:
-                    task = to_build.popleft()
-                    future = backend.submit(build_shard, task, str(scratch), str(target), dtype.str,
-                                            fingerprint.vocab_size)
-                    running[future] = task
-                elif to_tokenize:
-                    job = to_tokenize.popleft()
-                    running[backend.submit(tokenize_slice, *job, shared_tokenizer, options, str(scratch))] = job
-                elif own_chunks is not None:
-                    chunk = next(own_chunks, None)
-                    if chunk is None:
-                        own_chunks = None
-                        all_cut()
-                    else:
-                        cut(chunk)
-                else:
-                    break
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                name = f"shard {job.number}" if isinstance(job, ShardTask) else f"corpus slice {job[0]}"
-                try:
-                    result = future.result()
-                except WorkerDied as error:
-                    attempts[name] += 1
-                    if attempts[name] >= MAX_ATTEMPTS:
-                        raise BuildError(
-                            f"building {out}: the worker running {name} died {attempts[name]} times ({error}); "
-                            "the previous index, if any, is unchanged"
-                        ) from None
-                    (to_build if isinstance(job, ShardTask) else to_tokenize).appendleft(job)
-                    continue
-                if isinstance(job, ShardTask):
-                    entries[job.number] = result
-                    bar.update(job.num_tokens)
-                    for chunk_number, _, _ in job.parts:
-                        readers[chunk_number] -= 1
-                        if not readers[chunk_number] and chunk_number not in cutter.open_chunks:
-                            _remove_chunk(scratch, chunk_number)
-                else:
-                    tokenized[result.number] = result
-                    while next_chunk in tokenized:
-                        cut(tokenized.pop(next_chunk))
-                        next_chunk += 1
-                    if next_chunk == len(slices or []):
-                        all_cut()
+        driver = _Driver(out, backend, staging.directory.absolute(), dtype, fingerprint.vocab_size, shard_tokens, bar)
+        if documents is not None:
+            driver.chunks = _write_chunks(documents, driver.scratch, dtype, fingerprint.vocab_size, shard_tokens)
+        else:
+            driver.tokenize(slices or [], backend.share(tokenizer), options)
+        entries = driver.run()
         if not entries:
-            skipped = f" ({skipped_lines} malformed lines skipped)" if skipped_lines else ""
+            skipped = f" ({driver.skipped_lines} malformed lines skipped)" if driver.skipped_lines else ""
             where = ", ".join(inputs) or "the documents given"
             raise InputError(f"empty corpus: no document with at least one token in {where}{skipped}")
-        shutil.rmtree(scratch)
+        shutil.rmtree(driver.scratch)
         build = {
             "seconds": time.perf_counter() - started,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -622,9 +537,138 @@ def _build(
             "workers": backend.workers,
             "backend": backend.name,
         }
-        manifest = _manifest(fingerprint, dtype, [entries[number] for number in sorted(entries)], build, NGRAM_TOP_K)
+        manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K)
         staging.commit(manifest)
-    return _summary(out, manifest, started, skipped_lines, skipped_files, backend)
+    return _summary(out, manifest, started, driver.skipped_lines, driver.skipped_files, backend)
+
+
+class _Driver:
+    """The driver's side of the maps: keeps the workers busy (shards before slices: each built shard finishes
+    work and frees scratch space), cuts chunks into shards in corpus order as they arrive, runs a task again
+    when its worker died, and collects the shards' manifest entries.
+
+    Chunks come from tokenization tasks (:meth:`tokenize`) or from :attr:`chunks`, an iterator that writes
+    one chunk in this process each time it is advanced (the documents of a build from token arrays).
+
+    Attributes:
+        scratch: where chunks are written, inside the staging directory.
+        skipped_lines, skipped_files: what reading the corpus skipped.
+    """
+
+    def __init__(
+        self, out: Path, backend: Backend, target: Path, dtype: np.dtype, vocab_size: int, shard_tokens: int, bar: tqdm
+    ) -> None:
+        self.out, self.backend, self.target, self.bar = out, backend, target, bar
+        self.scratch = target / SCRATCH
+        self.scratch.mkdir()
+        self.chunks: Iterator[Chunk] | None = None
+        self.skipped_lines = self.skipped_files = 0
+        self._shard_arguments = (str(self.scratch), str(target), dtype.str, vocab_size)
+        self._tokenize_arguments: tuple[Any, ...] = ()
+        self._cutter = _ShardCutter(shard_tokens)
+        self._to_tokenize: deque[tuple[int, tuple[Piece, ...]]] = deque()
+        self._num_slices = 0
+        self._arrived: dict[int, Chunk] = {}  # chunks tokenized out of order, waiting for those before them
+        self._next_chunk = 0
+        self._to_build: deque[ShardTask] = deque()
+        self._readers: Counter[int] = Counter()  # shards not yet built that read each chunk
+        self._running: dict[Future, ShardTask | tuple[int, tuple[Piece, ...]]] = {}
+        self._attempts: Counter[str] = Counter()
+        self._entries: dict[int, dict[str, Any]] = {}
+        self._fail_shard = _injected_failure() if backend.name != "in-process" else (-1, 0)
+
+    def tokenize(self, slices: list[tuple[Piece, ...]], tokenizer: Any, options: TokenizeOptions | None) -> None:
+        """Take the chunks from tasks that tokenize ``slices`` (``tokenizer`` as shared by the backend)."""
+        self._to_tokenize.extend(enumerate(slices))
+        self._num_slices = len(slices)
+        self._tokenize_arguments = (tokenizer, options, str(self.scratch))
+        if not slices:
+            self._take_last()
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run every task; the shards' manifest entries in shard order."""
+        while self._fill():
+            self._settle()
+        return [self._entries[number] for number in sorted(self._entries)]
+
+    def _fill(self) -> bool:
+        """Start tasks until every worker is busy; False once nothing runs and nothing is left to start."""
+        while len(self._running) < self.backend.workers:
+            if self._to_build:
+                task = self._to_build.popleft()
+                self._running[self.backend.submit(build_shard, task, *self._shard_arguments)] = task
+            elif self._to_tokenize:
+                job = self._to_tokenize.popleft()
+                self._running[self.backend.submit(tokenize_slice, *job, *self._tokenize_arguments)] = job
+            elif self.chunks is not None:
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    self.chunks = None
+                    self._take_last()
+                else:
+                    self._take(chunk)
+            else:
+                break
+        return bool(self._running)
+
+    def _settle(self) -> None:
+        """Wait for tasks to end: record built shards, take tokenized chunks in corpus order, queue again what a
+        dead worker was running (:data:`MAX_ATTEMPTS` times in all)."""
+        done, _ = wait(self._running, return_when=FIRST_COMPLETED)
+        for future in done:
+            job = self._running.pop(future)
+            name = f"shard {job.number}" if isinstance(job, ShardTask) else f"corpus slice {job[0]}"
+            try:
+                result = future.result()
+            except WorkerDied as error:
+                self._attempts[name] += 1
+                if self._attempts[name] >= MAX_ATTEMPTS:
+                    raise BuildError(
+                        f"building {self.out}: the worker running {name} died {self._attempts[name]} times "
+                        f"({error}); the previous index, if any, is unchanged"
+                    ) from None
+                (self._to_build if isinstance(job, ShardTask) else self._to_tokenize).appendleft(job)
+                continue
+            if isinstance(job, ShardTask):
+                self._entries[job.number] = result
+                self.bar.update(job.num_tokens)
+                self._release(job)
+                continue
+            self._arrived[result.number] = result
+            while self._next_chunk in self._arrived:
+                self._take(self._arrived.pop(self._next_chunk))
+                self._next_chunk += 1
+            if self._next_chunk == self._num_slices:
+                self._take_last()
+
+    def _take(self, chunk: Chunk) -> None:
+        """The next chunk in corpus order: count what it skipped, queue the shards it closes."""
+        self.skipped_lines += chunk.skipped_lines
+        self.skipped_files += chunk.skipped_files
+        self._queue(self._cutter.add(chunk))
+        if not len(chunk.lengths):
+            _remove_chunk(self.scratch, chunk.number)
+        self.bar.set_postfix_str(f"tokenized {self._cutter.total_tokens:,}", refresh=False)
+
+    def _take_last(self) -> None:
+        """Every chunk has been taken: queue the last shard."""
+        self._queue(self._cutter.finish())
+        self.bar.total = self._cutter.total_tokens
+        self.bar.refresh()
+
+    def _queue(self, tasks: list[ShardTask]) -> None:
+        for task in tasks:
+            self._readers.update(part[0] for part in task.parts)
+            if task.number == self._fail_shard[0]:
+                task = dataclasses.replace(task, fail_attempts=self._fail_shard[1])
+            self._to_build.append(task)
+
+    def _release(self, built: ShardTask) -> None:
+        """Remove the chunks that no shard will read any more."""
+        for chunk_number, _, _ in built.parts:
+            self._readers[chunk_number] -= 1
+            if not self._readers[chunk_number] and chunk_number not in self._cutter.open_chunks:
+                _remove_chunk(self.scratch, chunk_number)
 
 
 @contextlib.contextmanager
