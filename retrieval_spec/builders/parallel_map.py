@@ -85,43 +85,51 @@ class InProcess:
 
 
 class LocalProcesses:
-    """A pool of ``workers`` processes on this machine, started fresh (spawn) and replaced when one dies.
+    """``workers`` processes on this machine, each its own one-process pool, started fresh (spawn) and
+    replaced when it dies.
 
-    Spawned rather than forked: the parent may hold threads (tqdm's monitor, a tokenizer's thread pool) and
-    torch, which a fork copies in an undefined state.
+    One pool per process, rather than one pool of ``workers`` processes: a process that dies breaks its pool,
+    and every task of a broken pool fails with it, so only with one task per pool is the task that killed
+    its worker the only one charged an attempt. Spawned rather than forked: the parent may hold threads
+    (tqdm's monitor, a tokenizer's thread pool) and torch, which a fork copies in an undefined state.
     """
 
     name = "local"
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._broken = False
+        self._idle: list[ProcessPoolExecutor | None] = [None] * workers  # None: started on first use
+        self._busy: set[ProcessPoolExecutor] = set()
 
     def share(self, value: Any) -> Any:
         return value
 
     def submit(self, function: Callable[..., Any], *args: Any) -> Future:
-        if self._pool is None or self._broken:
-            # A pool whose worker died is broken for good: every task still in it failed with it.
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)  # its processes are gone and its tasks failed
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            self._broken = False
-        pool = self._pool
-        inner = pool.submit(function, *args)
+        if not self._idle:
+            raise RuntimeError(f"more than {self.workers} tasks submitted at once")
+        pool = self._idle.pop() or _one_process_pool()
+        try:
+            inner = pool.submit(function, *args)
+        except BrokenProcessPool:  # its process died after its last task ended
+            pool.shutdown(wait=True)
+            pool = _one_process_pool()
+            inner = pool.submit(function, *args)
+        self._busy.add(pool)
         outer: Future = Future()
 
         def settle(done: Future) -> None:
+            self._busy.discard(pool)
             if done.cancelled():  # the build is being aborted
                 outer.cancel()
                 return
             error = done.exception()
             if isinstance(error, BrokenProcessPool):
-                # Every task of a broken pool fails with it, some after its replacement has started.
-                self._broken = self._broken or pool is self._pool
+                pool.shutdown(wait=False)  # its process is gone; a new one starts with the next task
+                self._idle.append(None)
                 outer.set_exception(WorkerDied(f"a local worker process died ({error})"))
-            elif error is not None:
+                return
+            self._idle.append(pool)
+            if error is not None:
                 outer.set_exception(error)
             else:
                 outer.set_result(done.result())
@@ -130,12 +138,17 @@ class LocalProcesses:
         return outer
 
     def close(self, *, abort: bool) -> None:
-        if self._pool is None:
-            return
+        pools = [pool for pool in [*self._idle, *self._busy] if pool is not None]
         if abort:
-            _terminate_workers(self._pool)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
+            for pool in pools:
+                _terminate_workers(pool)
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._idle, self._busy = [None] * self.workers, set()
+
+
+def _one_process_pool() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _terminate_workers(pool: ProcessPoolExecutor) -> None:
