@@ -16,8 +16,9 @@ processes or Ray tasks):
    suffix array is sorted.
 5. Reduce (in the driver): list the shards in a manifest and publish atomically
    (:mod:`retrieval_spec.builders.publish`). The n-gram tables stay per shard and are merged by the reader,
-   once (``Datastore.top_next_tokens``): a merged table would tie shards together and be lossy anyway (each
-   shard keeps its own top-k), for a merge that takes milliseconds (``benchmarks/README.md``).
+   once per process (``Datastore.top_next_tokens``: 0.1-0.25 s at 1M tokens in 1 to 64 shards,
+   ``benchmarks/README.md``). A merged table written here would save only that, would tie the shards
+   together (``merge_indexes`` reuses them as they are), and would be as lossy: each shard keeps its own top-k.
 
 Every task writes only under the staging directory inside the index directory, which every worker must reach
 at the same path; publishing is the only step that touches the published index. A task whose worker dies is
