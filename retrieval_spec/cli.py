@@ -469,10 +469,18 @@ def demo(model_name, max_new_tokens, threads, as_json):
                    "in OUTPUT/dense, for `generate --rag`.")
 @click.option("--dense-index", "dense_kind", type=click.Choice(["auto", "flat", "hnsw"]), default="auto",
               show_default=True, help="With --dense: exact search (flat), approximate (hnsw), or by size (auto).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Tokenize and build shards in this many local processes (default: one per core; 1: in this "
+                   "process), or, with --ray, as this many Ray tasks at once (default: the cluster's CPUs). The "
+                   "index is the same whatever the number.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run the tasks on Ray: alone, on a Ray started here (or the cluster in RAY_ADDRESS); "
+                   "--ray=ADDRESS joins that cluster (auto, ray://head:10001). The output must be at the same "
+                   "path on every node. Needs: pip install 'retrieval-spec[ray]'.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
-def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_bad_lines, dense, dense_kind, quiet,
-                as_json):
+def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_bad_lines, dense, dense_kind, workers,
+                ray_address, quiet, as_json):
     """Build a corpus datastore (token stream, suffix arrays, n-gram table) from JSONL, text files or folders.
 
     JSONL records give their text in --text-field, or chat turns in "messages" / "conversations" (ShareGPT),
@@ -485,6 +493,7 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
       retrieval-spec build-index docs/ notes.txt -o ./index --force
       retrieval-spec build-index a.jsonl b.jsonl -o ./index --skip-bad-lines --json
       retrieval-spec build-index docs/ -o ./index --dense      # then: generate --rag --index ./index
+      retrieval-spec build-index corpus/ -o /shared/index --ray=auto   # shards built on a Ray cluster
     """
     from .builders.build import build_index as build
     from .models import load_tokenizer
@@ -492,10 +501,11 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
     check_output_directory(out, "-o/--output")
     tokenizer = load_tokenizer(model_name)
     summary = build(list(inputs), out, tokenizer, text_field=text_field, shard_tokens=shard_tokens,
-                    force=force, skip_bad_lines=skip_bad_lines, progress=not quiet)
+                    force=force, skip_bad_lines=skip_bad_lines, progress=not quiet, workers=workers,
+                    ray_address=ray_address)
     report = {"path": str(summary.path), "tokens": summary.tokens, "documents": summary.documents,
               "shards": summary.shards, "seconds": round(summary.seconds, 3), "skipped_lines": summary.skipped_lines,
-              "skipped_files": summary.skipped_files}
+              "skipped_files": summary.skipped_files, "workers": summary.workers, "backend": summary.backend}
     if dense:
         from .rag import build_dense_index
 
@@ -510,7 +520,8 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
         skipped += (f", skipped {summary.skipped_files} entries of input folders that are not readable UTF-8 "
                     "text files")
     click.echo(f"built {summary.path}: {summary.tokens:,} tokens, {summary.documents:,} documents, "
-               f"{summary.shards} shard(s) in {summary.seconds:.1f} s{skipped}")
+               f"{summary.shards} shard(s) in {summary.seconds:.1f} s by {summary.workers} {summary.backend} "
+               f"worker(s){skipped}")
     if dense:
         click.echo(f"dense: {report['dense']['count']:,} passages, {report['dense']['index_kind']} index of "
                    f"{report['dense']['dim']}-d {report['dense']['model']} embeddings")

@@ -31,3 +31,7 @@ class TokenizerMismatchError(RetrievalSpecError):
 
 class UnsupportedModelError(RetrievalSpecError):
     """A model whose attention cannot verify a token tree exactly (recurrent layers, flash kernels, ...)."""
+
+
+class BuildError(RetrievalSpecError):
+    """A build that cannot run or finish: a worker that keeps dying, an unreachable cluster, Ray not installed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,11 @@ from hypothesis import strategies as st
 from retrieval_spec.builders import build as build_module
 from retrieval_spec.builders import corpus as corpus_module
 from retrieval_spec.builders import publish
-from retrieval_spec.builders.build import build_index, build_index_from_tokens, merge_indexes
+from retrieval_spec.builders.build import FAIL_SHARD_ENV, build_index, build_index_from_tokens, merge_indexes
 from retrieval_spec.builders.corpus import split_document
-from retrieval_spec.datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
+from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint, tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
-from retrieval_spec.errors import InputError, TokenizerMismatchError
+from retrieval_spec.errors import BuildError, InputError, TokenizerMismatchError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,:\n<>/"
 
@@ -251,7 +252,7 @@ def test_unreadable_entries_of_an_input_folder_are_skipped_and_counted(tmp_path:
     real_scandir, real_read_text = os.scandir, Path.read_text
 
     def scandir(path):
-        if Path(path) == docs / "locked":
+        if not isinstance(path, int) and Path(path) == docs / "locked":  # rmtree scans by descriptor
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
@@ -328,3 +329,119 @@ def test_an_index_built_inside_its_own_input_folder_does_not_index_itself(tmp_pa
         summary = build_index([docs], docs / "index", CharTokenizer(), force=True, progress=False)
         assert (summary.documents, summary.skipped_files) == (1, 0)
         assert texts(docs / "index") == ["abc"]
+
+
+def mixed_corpus(root: Path) -> list[Path]:
+    """JSONL with blank, chat and metadata lines, a folder of text files: several slices at 200 bytes a slice."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    records: list = []
+    for number in range(120):
+        text = " ".join(rng.choice(words, size=int(rng.integers(0, 30))))
+        records.append({"text": text, "id": number} if number % 7 else {"messages": [{"role": "user", "content": text}]})
+        if number % 40 == 0:
+            records.append("")
+    (root / "docs").mkdir()
+    for number in range(6):
+        (root / "docs" / f"{number}.txt").write_text(" ".join(rng.choice(words, size=int(rng.integers(1, 80)))))
+    return [write_jsonl(root / "c.jsonl", records), root / "docs"]
+
+
+def shard_files(index: Path) -> list[dict]:
+    """Every shard's manifest entry but its path (which names the build): sizes and sha256 of every file."""
+    manifest = json.loads((index / MANIFEST).read_text())
+    return [{key: value for key, value in entry.items() if key != "path"} for entry in manifest["shards"]]
+
+
+@pytest.fixture(scope="module")
+def serial_build(tmp_path_factory) -> tuple[list[Path], list[dict]]:
+    """The corpus of :func:`mixed_corpus` and the shards one in-process worker builds from it in one slice."""
+    root = tmp_path_factory.mktemp("serial")
+    inputs = mixed_corpus(root)
+    build_index(inputs, root / "index", CharTokenizer(), shard_tokens=700, progress=False)
+    shards = shard_files(root / "index")
+    assert len(shards) >= 4
+    return inputs, shards
+
+
+def test_slices_do_not_change_the_index(serial_build, tmp_path: Path):
+    inputs, shards = serial_build
+    build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200, progress=False)
+    assert shard_files(tmp_path / "index") == shards
+
+
+def test_two_local_workers_build_the_same_files_even_when_one_dies(
+    serial_build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    inputs, shards = serial_build
+    monkeypatch.setenv(FAIL_SHARD_ENV, "2")  # the first attempt to build shard 2 exits its worker process
+    summary = build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200,
+                          workers=2, progress=False)
+    assert (summary.workers, summary.backend) == (2, "local")
+    assert shard_files(tmp_path / "index") == shards
+    assert [p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith("gen-")] == [MANIFEST]
+
+
+def test_a_worker_that_keeps_dying_fails_the_build_and_keeps_the_previous_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    fingerprint = TokenizerFingerprint("fake/char", 3, "0" * 64)
+    build_index_from_tokens([np.array([2, 2, 1])], tmp_path / "index", fingerprint, progress=False)
+    monkeypatch.setenv(FAIL_SHARD_ENV, "1:99")
+    with pytest.raises(BuildError, match=r"shard 1 died 3 times.*previous index, if any, is unchanged"):
+        build_index_from_tokens((np.arange(10) % 3 for _ in range(5)), tmp_path / "index", fingerprint,
+                                shard_tokens=20, force=True, workers=2, progress=False)
+    assert [p.name.split("-")[0] for p in sorted((tmp_path / "index").iterdir())] == ["gen", MANIFEST]
+    datastore = Datastore.open(tmp_path / "index")
+    assert (datastore.num_tokens, datastore.find(np.array([2, 2, 1]), 5).size) == (3, 1)
+
+
+def test_a_malformed_line_is_named_by_its_line_whatever_the_slice(tmp_path: Path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "ok"}] * 5 + ["", "{oops"] + [{"text": "ok"}] * 5)
+    with pytest.raises(InputError, match=r"c\.jsonl:7: not valid JSON"):
+        build_index([corpus], tmp_path / "index", CharTokenizer(), slice_bytes=20, progress=False)
+    summary = build_index([corpus], tmp_path / "index", CharTokenizer(), slice_bytes=20, skip_bad_lines=True,
+                          progress=False)
+    assert (summary.documents, summary.skipped_lines) == (10, 1)
+    sources = Datastore.open(tmp_path / "index").documents()["source"].to_pylist()
+    assert sources == [f"{corpus}:{line}" for line in [1, 2, 3, 4, 5, 8, 9, 10, 11, 12]]
+
+
+def test_ray_tasks_build_the_same_files_even_when_a_worker_dies(
+    serial_build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    ray = pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    inputs, shards = serial_build
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+    monkeypatch.setenv(FAIL_SHARD_ENV, "1")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written under the home directory
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = build_index(inputs, tmp_path / "index", CharTokenizer(), shard_tokens=700, slice_bytes=200,
+                              workers=2, ray_address="local", progress=False)
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert (summary.workers, summary.backend) == (2, "ray")
+    assert shard_files(tmp_path / "index") == shards
+
+
+def test_build_index_cli_runs_workers_and_names_a_missing_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from click.testing import CliRunner
+
+    from retrieval_spec import cli, models
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: CharTokenizer())
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "abc"}, {"text": "de"}])
+    args = ["build-index", str(corpus), "-o", str(tmp_path / "index"), "--shard-tokens", "2", "--quiet", "--json"]
+    result = CliRunner().invoke(cli.main, [*args, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["shards"], report["workers"], report["backend"]) == (2, 2, "local")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    result = CliRunner().invoke(cli.main, [*args, "--force", "--ray"])
+    assert result.exit_code == 2
+    assert "--ray needs Ray: pip install 'retrieval-spec[ray]'" in result.output
+    assert texts(tmp_path / "index") == ["abc", "de"]

@@ -131,6 +131,51 @@ def test_shards_together_equal_one_index(documents, queries, split):
         assert merged.num_documents == whole.num_documents == len(documents)
 
 
+@settings(max_examples=40, deadline=None)
+@given(documents=documents_strategy, data=st.data(), shard_tokens=st.integers(1, 30))
+def test_longest_match_over_many_shards_equals_one_shard(documents, data, shard_tokens):
+    """A decoder's sequence of lookups (the shard of each match is where the next one starts) over one shard
+    per few tokens gives the lengths, counts and occurrences of a single-shard index, and the exact interval
+    in every shard that holds the match."""
+    with tempfile.TemporaryDirectory() as directory:
+        whole = build(documents, Path(directory) / "whole")
+        sharded = build(documents, Path(directory) / "sharded", shard_tokens)
+        for _ in range(data.draw(st.integers(1, 6))):
+            document = data.draw(st.sampled_from(documents))
+            start = data.draw(st.integers(0, len(document) - 1))
+            copied = document[start : start + data.draw(st.integers(1, 12))]
+            context = np.array(data.draw(st.lists(st.integers(0, 4), max_size=4)) + copied)
+            max_len, min_len = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 3))
+            match, expected = sharded.longest_match(context, max_len, min_len), whole.longest_match(context, max_len, min_len)
+            assert (match.length, match.count) == (expected.length, expected.count)
+            if match.length:
+                assert located(sharded, sharded.positions(match, 10**6)) == located(whole, whole.positions(expected, 10**6))
+                pattern = context[len(context) - match.length :].astype(sharded.token_dtype).tobytes()
+                for shard, (lo, hi) in zip(sharded.shards, match.intervals):
+                    if hi > lo:
+                        assert (lo, hi) == shard.index.interval(pattern)
+                    else:
+                        assert shard.index.interval(pattern)[1] == shard.index.interval(pattern)[0]
+
+
+@pytest.mark.parametrize(
+    "documents, context, expected",
+    [
+        # A later shard that holds the whole context beats the short match of the shard searched first.
+        ([[0, 1], [2, 3], [3, 0, 1, 2, 3, 3]], [0, 1, 2, 3, 3], (5, 1)),
+        # Shards that cannot beat the best length still count its occurrences.
+        ([[3, 1, 2], [1, 2], [0, 1, 2]], [2, 1, 2], (2, 3)),
+        # The best length is found in the last shard; earlier shards hold only shorter suffixes.
+        ([[1, 1], [2, 1], [3, 2, 1]], [3, 2, 1], (3, 1)),
+    ],
+)
+def test_longest_match_across_shards_cases(tmp_path: Path, documents, context, expected):
+    datastore = build(documents, tmp_path / "index", shard_tokens=2)
+    assert len(datastore.shards) == 3
+    match = datastore.longest_match(np.array(context), max_len=len(context))
+    assert (match.length, match.count) == expected
+
+
 def _rows(table, order):
     contexts, next_tokens, counts = ngram_table.decode(table, order)
     return sorted(zip(map(tuple, contexts.tolist()), next_tokens.tolist(), counts.tolist()))

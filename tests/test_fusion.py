@@ -66,7 +66,7 @@ def test_a_long_verbatim_run_is_drafted_deeper_than_a_chance_match():
 
 def test_acceptance_is_learned_per_matched_length_and_depth():
     from retrieval_spec.calibration import AcceptanceModel
-    from retrieval_spec.tree import DraftTree, Source
+    from retrieval_spec.tree import DraftTree
 
     model = AcceptanceModel()
     # Two copies side by side: one after a 20-token match (always right), one after a 1-token match (never).

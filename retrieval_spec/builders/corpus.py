@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from retrieval_spec.errors import InputError
 from retrieval_spec.files import check_input_file
@@ -103,13 +103,27 @@ class Corpus:
         self.skipped_files = 0
 
     def __iter__(self) -> Iterator[Record]:
+        for path, in_directory in self.files():
+            yield from self._read(path, in_directory=in_directory)
+
+    def files(self) -> Iterator[tuple[Path, bool]]:
+        """Every file to read, in reading order, and whether it was found in an input directory."""
         excluded = {_identity(path.stat()) for path in self.exclude if path.is_dir()}
         for path in self.inputs:
             if path.is_dir():
                 for file in self._files_under(path, excluded):
-                    yield from self._read(file, in_directory=True)
+                    yield file, True
             else:
-                yield from self._read(path, in_directory=False)
+                yield path, False
+
+    def read(
+        self, path: Path, *, in_directory: bool, start: int = 0, end: int | None = None, first_line: int = 1
+    ) -> Iterator[Record]:
+        """The documents of one file of :meth:`files`; of a JSONL file, those of the lines in bytes
+        ``[start, end)`` (cut at line ends), the first of which is line ``first_line``."""
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            return self._jsonl(path, in_directory=in_directory, start=start, end=end, first_line=first_line)
+        return self._read(path, in_directory=in_directory)
 
     def _files_under(self, directory: Path, excluded: set[tuple[int, int]]) -> Iterator[Path]:
         """Regular files under ``directory`` in name order; see the module docstring for what is skipped."""
@@ -153,16 +167,20 @@ class Corpus:
         for piece in split_document(text):
             yield Record(text=piece, source=str(path), meta="")
 
-    def _jsonl(self, path: Path, *, in_directory: bool) -> Iterator[Record]:
+    def _jsonl(
+        self, path: Path, *, in_directory: bool, start: int = 0, end: int | None = None, first_line: int = 1
+    ) -> Iterator[Record]:
         try:
-            lines = open(path, "rb")
+            f = open(path, "rb")
         except OSError as error:
             if in_directory:
                 self.skipped_files += 1
                 return
             raise InputError(f"{path}: cannot be read ({error.strerror})") from None
-        with lines:
-            for number, line in enumerate(lines, start=1):
+        with f:
+            f.seek(start)
+            lines = f if end is None else _lines_before(f, end)
+            for number, line in enumerate(lines, start=first_line):
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
@@ -259,3 +277,9 @@ def split_document(text: str, limit: int | None = None) -> list[str]:
 
 def _identity(status: os.stat_result) -> tuple[int, int]:
     return status.st_dev, status.st_ino
+
+
+def _lines_before(f: BinaryIO, end: int) -> Iterator[bytes]:
+    """The lines of ``f`` from its position up to byte ``end``, a line end (or the end of the file)."""
+    while f.tell() < end and (line := f.readline()):
+        yield line

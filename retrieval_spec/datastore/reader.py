@@ -6,6 +6,7 @@ its shards' token streams laid end to end in manifest order.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import sys
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ class Match:
     Attributes:
         length: tokens matched (for :meth:`Datastore.longest_match`, at the end of the context); 0 when none.
         count: occurrences over all shards.
-        intervals: per shard, ``(lo, hi)``: its sorted suffixes ``lo .. hi - 1`` start with the match.
+        intervals: per shard, ``(lo, hi)``: its sorted suffixes ``lo .. hi - 1`` start with the match (an
+            empty range, ``(0, 0)`` or ``(lo, lo)``, where it holds none).
     """
 
     length: int
@@ -93,6 +95,8 @@ class Datastore:
         self._offsets = np.array([shard.offset for shard in shards], dtype=np.int64)
         self.stream_length = int(shards[-1].offset + len(shards[-1].index)) if shards else 0
         self._top_next: dict[int, np.ndarray] = {}  # k -> top_next_tokens(k): read once, the index is read-only
+        # Where longest_match starts: the shard of the previous match (decoding tends to continue it).
+        self._last_match_shard = 0
 
     @classmethod
     def open(cls, path: str | Path, expected_fingerprint: TokenizerFingerprint | None = None) -> Datastore:
@@ -173,11 +177,16 @@ class Datastore:
     def longest_match(self, context: np.ndarray, max_len: int, min_len: int = 1) -> Match:
         """The longest suffix of ``context`` ((c,) token ids) of ``min_len..max_len`` tokens that occurs.
 
-        ``max_len`` is tried first (callers that know a tight bound make the common case one search); then,
-        since a suffix of an occurring suffix occurs, the length is found by binary search: about
-        log2(max_len) lower-bound searches per shard, then one upper-bound search per shard that holds the
-        match. Returns a :class:`Match` of length 0 when no suffix of ``min_len`` tokens occurs (or
-        ``max_len < min_len``).
+        Shards are searched one after another, starting with the one that held the previous call's match
+        (decoding tends to continue it). The first tries ``max_len`` (callers that know a tight bound make the
+        common case one search a shard), then binary-searches the length. Every other shard is asked only
+        whether it beats the best length so far: a suffix of an occurring suffix occurs, so a shard that
+        lacks one token more than the best cannot, and is asked for the best itself (its share of the
+        occurrences); one that has it is asked for ``max_len``, then binary-searched. Last, one upper-bound
+        search per shard that holds the match. About two lower-bound searches per shard, the least an exact
+        count allows without an index over shards, where asking every shard at every length of a binary
+        search took log2(max_len) + 1 (``benchmarks/README.md``: 1, 8 and 64 shards). Returns a
+        :class:`Match` of length 0 when no suffix of ``min_len`` tokens occurs (or ``max_len < min_len``).
         """
         if min_len < 1:
             raise ValueError(f"min_len must be at least 1, got {min_len}")
@@ -185,36 +194,55 @@ class Datastore:
         if len(tail) and (tail.min() < 0 or tail.max() >= self.separator):  # ids no document holds end the match
             tail = tail[np.flatnonzero((tail < 0) | (tail >= self.separator))[-1] + 1 :]
         encoded, width = tail.astype(self.token_dtype).tobytes(), self.token_dtype.itemsize
-
-        def lower_bounds(length: int) -> list[int] | None:
-            """Per shard, the rank where the suffix of ``length`` tokens would start; None if it occurs nowhere."""
-            pattern = encoded[len(encoded) - length * width :]
-            ranks = [shard.index.lower_bound(pattern) for shard in self.shards]
-            hit = any(shard.index.starts_with(rank, pattern) for shard, rank in zip(self.shards, ranks))
-            return ranks if hit else None
-
         longest = len(tail)
         if longest < min_len:
             return Match(length=0, count=0, intervals=())
-        ranks = lower_bounds(longest)
-        if ranks is None:
-            shortest, longest = min_len - 1, longest - 1  # invariant: shortest occurs (or is min_len - 1)
-            while shortest < longest:
-                middle = (shortest + longest + 1) // 2
-                found = lower_bounds(middle)
-                if found is None:
-                    longest = middle - 1
+        # Per shard, the length and lower-bound rank of the longest suffix it was found to hold.
+        held = [(0, 0)] * len(self.shards)
+
+        def holds(number: int, length: int) -> bool:
+            index, pattern = self.shards[number].index, encoded[len(encoded) - length * width :]
+            rank = index.lower_bound(pattern)
+            if index.starts_with(rank, pattern):
+                held[number] = (length, rank)
+                return True
+            return False
+
+        best = min_len - 1  # the longest length known to occur; min_len - 1 while none is
+        first = self._last_match_shard
+        for number in itertools.chain(range(first, len(self.shards)), range(first)):
+            if best == longest:
+                holds(number, longest)  # no shard can beat it: only where else it occurs is left to find
+                continue
+            if best < min_len:  # nothing found yet: the caller's bound first, then a binary search below it
+                if holds(number, longest):
+                    best = longest
+                    continue
+                shortest, longer = min_len - 1, longest - 1  # invariant: shortest occurs (or is min_len - 1)
+            elif not holds(number, best + 1):
+                holds(number, best)  # it cannot beat best; does it hold best too?
+                continue
+            elif best + 1 == longest or holds(number, longest):
+                best = longest
+                continue
+            else:
+                shortest, longer = best + 1, longest - 1
+            while shortest < longer:
+                middle = (shortest + longer + 1) // 2
+                if holds(number, middle):
+                    shortest = middle
                 else:
-                    shortest, ranks = middle, found
-            if shortest < min_len:
-                return Match(length=0, count=0, intervals=())
-            # The loop ends with shortest == longest, and `ranks` are those of its last successful probe.
-        pattern = encoded[len(encoded) - longest * width :]
+                    longer = middle - 1
+            best = max(best, shortest)
+        if best < min_len:
+            return Match(length=0, count=0, intervals=())
+        pattern = encoded[len(encoded) - best * width :]
         intervals = tuple(
-            (rank, shard.index.upper_bound(pattern, rank) if shard.index.starts_with(rank, pattern) else rank)
-            for shard, rank in zip(self.shards, ranks)
+            (rank, shard.index.upper_bound(pattern, rank)) if length == best else (0, 0)
+            for (length, rank), shard in zip(held, self.shards)
         )
-        return Match(length=longest, count=sum(hi - lo for lo, hi in intervals), intervals=intervals)
+        self._last_match_shard = next(number for number, (length, _) in enumerate(held) if length == best)
+        return Match(length=best, count=sum(hi - lo for lo, hi in intervals), intervals=intervals)
 
     def positions(self, match: Match, max_occurrences: int) -> np.ndarray:
         """(k,) int64 global start positions of a match, ``k = min(match.count, max_occurrences)``.
@@ -224,15 +252,17 @@ class Datastore:
         """
         if match.count == 0 or max_occurrences <= 0:
             return np.zeros(0, dtype=np.int64)
-        sizes = np.array([hi - lo for lo, hi in match.intervals], dtype=np.int64)
         if match.count <= max_occurrences:
             picks = np.arange(match.count, dtype=np.int64)
         else:
             picks = np.arange(max_occurrences, dtype=np.int64) * match.count // max_occurrences
+        sizes = np.array([hi - lo for lo, hi in match.intervals], dtype=np.int64)
         bounds = np.concatenate(([0], np.cumsum(sizes)))
+        cuts = np.searchsorted(picks, bounds)  # picks[cuts[s] : cuts[s + 1]] fall in shard s
         found = []
-        for shard, (lo, hi), start, end in zip(self.shards, match.intervals, bounds[:-1], bounds[1:]):
-            chosen = picks[(picks >= start) & (picks < end)] - start if len(self.shards) > 1 else picks
+        for number in np.flatnonzero(cuts[1:] > cuts[:-1]).tolist():  # only the shards holding picks
+            shard, (lo, hi) = self.shards[number], match.intervals[number]
+            chosen = picks[cuts[number] : cuts[number + 1]] - bounds[number]
             starts = shard.index.suffixes[lo:hi][chosen].astype(np.int64)
             # An occurrence ends before the stream's closing separator; anything else is a damaged file.
             if len(starts) and (starts.min() < 0 or starts.max() + match.length >= len(shard.index)):
@@ -262,7 +292,7 @@ class Datastore:
             groups = [(self.shards[0], slice(None))]
         else:
             shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
-            groups = [(shard, shard_of == number) for number, shard in enumerate(self.shards)]
+            groups = [(self.shards[number], shard_of == number) for number in np.unique(shard_of).tolist()]
         for shard, rows in groups:
             # The stream ends with a separator, so clamping at its last position reads a separator.
             where = np.minimum(positions[rows, None] - shard.offset + steps, len(shard.index) - 1)
