@@ -27,3 +27,15 @@ class TokenizerMismatchError(RetrievalSpecError):
 
 class UnsupportedModelError(RetrievalSpecError):
     """A model whose attention cannot verify a token tree exactly (recurrent layers, flash kernels, ...)."""
+
+
+class UnsupportedOptionError(InputError):
+    """A ``generate()`` option the engine cannot honour exactly (beam search, custom logits processors, ...).
+
+    Attributes:
+        options: the names of the options at fault, as ``generate()`` spells them.
+    """
+
+    def __init__(self, message: str, options: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.options = options
