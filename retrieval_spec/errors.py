@@ -35,3 +35,15 @@ class UnsupportedModelError(RetrievalSpecError):
 
 class BuildError(RetrievalSpecError):
     """A build that cannot run or finish: a worker that keeps dying, an unreachable cluster, Ray not installed."""
+
+
+class UnsupportedOptionError(InputError):
+    """A ``generate()`` option the engine cannot honour exactly (beam search, custom logits processors, ...).
+
+    Attributes:
+        options: the names of the options at fault, as ``generate()`` spells them.
+    """
+
+    def __init__(self, message: str, options: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.options = options
