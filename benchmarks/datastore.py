@@ -105,13 +105,13 @@ def measure_size(num_tokens: int, workdir: str, shard_tokens: int) -> dict[str, 
     drafter = RestDrafter(datastore)
 
     def propose(context: np.ndarray) -> None:
-        drafter.start(context)
-        drafter.propose(context, 32)
+        drafter.start(0, context)
+        drafter.propose(0, context, 32)
 
     # A decoding-like sequence: a novel text revealed 1-3 tokens a step, so the drafter's match bound applies.
     text = np.concatenate(list(synthetic_documents(3 * QUERIES + 64, seed=7))).astype(np.int32)
     ends = 32 + np.cumsum(rng.integers(1, 4, size=QUERIES))
-    drafter.start(text[:32])
+    drafter.start(0, text[:32])
 
     return {
         "tokens": summary.tokens,
@@ -130,7 +130,7 @@ def measure_size(num_tokens: int, workdir: str, shard_tokens: int) -> dict[str, 
         "rest_propose_copy_us": time_calls(propose, windows),
         "rest_propose_novel_us": time_calls(propose, novel),
         "rest_propose_decoding_us": time_calls(
-            lambda end: drafter.propose(text[:end], 32), ends.tolist(), warm_up=0
+            lambda end: drafter.propose(0, text[:end], 32), ends.tolist(), warm_up=0
         ),
     }
 
@@ -335,13 +335,13 @@ def measure_shards(num_shards: int, num_tokens: int, workdir: str) -> dict[str, 
     drafter = RestDrafter(datastore)
 
     def propose(context: np.ndarray) -> None:
-        drafter.start(context)
-        drafter.propose(context, 32)
+        drafter.start(0, context)
+        drafter.propose(0, context, 32)
 
     rest = {}
     for name, sequence in (("decoding", decoding), ("copying", copying)):
-        drafter.start(sequence[:32])
-        rest[name] = time_calls(lambda end: drafter.propose(sequence[:end], 32), ends, warm_up=0)
+        drafter.start(0, sequence[:32])
+        rest[name] = time_calls(lambda end: drafter.propose(0, sequence[:end], 32), ends, warm_up=0)
     started = time.perf_counter()
     datastore.top_next_tokens(8)
     merge_ms = (time.perf_counter() - started) * 1e3
