@@ -357,7 +357,9 @@ class SpeculativeGenerator:
             costs.observe(step.run, step.forward_ms)
             self.fuser.cost_curve = costs.curve()
         wall_ms = (time.perf_counter() - step.started) * 1e3
-        plain_step_ms = self.fuser.cost_curve.ms[0] + wall_ms - step.draft_ms - step.forward_ms
+        if whole_batch and step.run == 1:  # verified no draft: without its drafting, what a plain step costs
+            costs.observe_plain_step(wall_ms - step.draft_ms)
+        plain_step_ms = costs.plain_step_ms(self.fuser.cost_curve.ms[0] + wall_ms - step.draft_ms - step.forward_ms)
         for row, outcome in zip(alive, step.rows):
             row.guard.record(len(outcome.new_tokens), wall_ms, plain_step_ms)
 

@@ -130,6 +130,7 @@ class CostModel:
         self.measured = np.zeros(len(prior.sizes))  # the quantile of each size's recent times (observed sizes)
         self.steps = 0
         self._curve = prior
+        self._plain_ms = self._plain_weight = 0.0  # decayed sums over steps that drafted nothing (wall time)
 
     def observe(self, num_nodes: int, ms: float) -> None:
         """One forward over ``num_nodes`` nodes per row took ``ms`` milliseconds."""
@@ -154,6 +155,22 @@ class CostModel:
     def curve(self) -> CostCurve:
         """The current estimate of the whole curve."""
         return self._curve
+
+    def observe_plain_step(self, wall_ms: float) -> None:
+        """A whole step that verified no draft took ``wall_ms`` besides drafting, bookkeeping included."""
+        keep = 1.0 - 1.0 / self.recent.shape[1]
+        self._plain_ms = keep * self._plain_ms + wall_ms
+        self._plain_weight = keep * self._plain_weight + 1.0
+
+    def plain_step_ms(self, overhead_ms: float) -> float:
+        """What a plain step costs end to end, for :class:`SpeedGuard`: the recent mean of observed plain steps, so
+        that drafting steps (also a mean) are judged like for like; before any, the curve's plain forward plus
+        ``overhead_ms``. (The curve's quantile is the right price for sizing, where only differences between sizes
+        matter, but a noisy machine's mean step is well above it: judged against it, drafting that pays looks
+        as if it did not.)"""
+        if self._plain_weight == 0:
+            return float(self._curve.ms[0]) + overhead_ms
+        return self._plain_ms / self._plain_weight
 
     def explore(self, num_nodes: int) -> int:
         """The node count to run this step instead of ``num_nodes``: itself, 1 (draft nothing: measures a plain
@@ -184,7 +201,7 @@ class SpeedGuard:
         max_pause: longest plain stretch.
     """
 
-    def __init__(self, window: int = 8, judge_after: int = 3, pause: int = 8, max_pause: int = 256) -> None:
+    def __init__(self, window: int = 16, judge_after: int = 4, pause: int = 8, max_pause: int = 64) -> None:
         self.window, self.judge_after = window, judge_after
         self.first_pause, self.max_pause = pause, max_pause
         self.pause = pause

@@ -90,6 +90,18 @@ def test_the_guard_retries_and_recovers_when_drafting_pays_again():
     assert all(drafting[-100:])
 
 
+def test_the_guard_measures_drafting_against_plain_steps_as_they_really_ran():
+    """On a noisy machine the curve's quantile sits below the mean step; the guard's price of a plain step is the
+    mean of plain steps end to end, the same statistic as its drafting steps."""
+    model = CostModel(TRUE)
+    assert model.plain_step_ms(overhead_ms=2.0) == pytest.approx(47.0)  # no plain step yet: the curve's
+    for ms in [45.0, 45.0, 45.0, 135.0] * 8:  # one step in four slowed by another process
+        model.observe(1, ms)
+        model.observe_plain_step(ms + 2.0)
+    assert model.curve().ms[0] == pytest.approx(45.0)
+    assert model.plain_step_ms(overhead_ms=2.0) == pytest.approx(69.5, rel=0.1)  # the mean, 67.5 + 2
+
+
 class FakeClock:
     """Stands in for ``time`` in the decoding loop: it moves only when the model verifies, by ``cost(rows)``."""
 
