@@ -122,7 +122,7 @@ class Engine:
         self.transformers_generate: Callable = self._replaced or type(model).generate.__get__(model, type(model))
         self.last_result: BatchResult | None = None
         self._lock = threading.Lock()  # one call at a time: the rows' cache lives in the generator
-        self._settings = (id(tokenizer), method, self.index, self.state_dir, fallback, id(cost_curve))
+        self._settings = _settings(tokenizer, method, index, state_dir, fallback, cost_curve)
 
     def generate(self, model: PreTrainedModel, arguments: dict[str, Any]) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Run one ``generate()`` call, given as its keyword arguments (``inputs``, ``streamer``, ``max_new_tokens``).
@@ -206,10 +206,8 @@ def enable(
         DatastoreFormatError, TokenizerMismatchError: an index or a state file that cannot be used.
     """
     current: Engine | None = model.__dict__.get(_ENGINE)
-    index_path = None if index is None else Path(index)
-    state_path = None if state_dir is None else Path(state_dir)
     if current is not None:
-        if current._settings == (id(tokenizer), method, index_path, state_path, fallback, id(cost_curve)):
+        if current._settings == _settings(tokenizer, method, index, state_dir, fallback, cost_curve):
             return current
         disable(model)
     engine = Engine(model, tokenizer, method, index, state_dir, fallback, cost_curve)
@@ -232,6 +230,12 @@ def disable(model: PreTrainedModel) -> list[str]:
     else:
         model.__dict__.pop("generate", None)
     return engine.save_state()
+
+
+def _settings(tokenizer, method, index, state_dir, fallback, cost_curve) -> tuple:
+    """What makes two :func:`enable` calls the same engine (objects by identity, paths as paths)."""
+    return (id(tokenizer), method, None if index is None else Path(index),
+            None if state_dir is None else Path(state_dir), fallback, id(cost_curve))
 
 
 def custom_generate(model: PreTrainedModel, **arguments: Any) -> torch.LongTensor | GenerateDecoderOnlyOutput:

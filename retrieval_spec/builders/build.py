@@ -337,9 +337,7 @@ def plan_slices(corpus: Corpus, slice_bytes: int) -> list[tuple[Piece, ...]]:
             else:
                 pieces = [(Piece(str(path), in_directory), path.stat().st_size)]
         except OSError as error:  # gone or unreadable since the listing
-            if not in_directory:
-                raise InputError(f"{path}: cannot be read ({error.strerror})") from None
-            corpus.skipped_files += 1
+            corpus.unreadable(path, in_directory, f"cannot be read ({error.strerror})")
             continue
         for piece, piece_bytes in pieces:
             current.append(piece)

@@ -148,6 +148,16 @@ class Corpus:
             except OSError:  # a dangling link, or an entry gone or unreadable since the listing
                 self.skipped_files += 1
 
+    def unreadable(self, path: Path, in_directory: bool, why: str) -> None:
+        """A file that cannot be read: skipped and counted when found in an input folder, else refused naming it.
+
+        Raises:
+            InputError: ``path`` was named as an input.
+        """
+        if not in_directory:
+            raise InputError(f"{path}: {why}") from None
+        self.skipped_files += 1
+
     def _read(self, path: Path, *, in_directory: bool) -> Iterator[Record]:
         if path.suffix.lower() in JSONL_SUFFIXES:
             yield from self._jsonl(path, in_directory=in_directory)
@@ -155,15 +165,11 @@ class Corpus:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
-            if in_directory:
-                self.skipped_files += 1
-                return
-            raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+            self.unreadable(path, in_directory, f"not UTF-8 text ({error.reason} at byte {error.start})")
+            return
         except OSError as error:
-            if in_directory:
-                self.skipped_files += 1
-                return
-            raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+            self.unreadable(path, in_directory, f"cannot be read ({error.strerror})")
+            return
         for piece in split_document(text):
             yield Record(text=piece, source=str(path), meta="")
 
@@ -173,10 +179,8 @@ class Corpus:
         try:
             f = open(path, "rb")
         except OSError as error:
-            if in_directory:
-                self.skipped_files += 1
-                return
-            raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+            self.unreadable(path, in_directory, f"cannot be read ({error.strerror})")
+            return
         with f:
             f.seek(start)
             lines = f if end is None else _lines_before(f, end)
