@@ -84,11 +84,23 @@ class AcceptanceModel:
         return rate
 
     def rescore(self, tree: DraftTree, features: np.ndarray) -> DraftTree:
-        """The same tree with every score replaced by the learned probability of accepting its whole path."""
+        """The same tree with every score replaced by the learned probability of accepting its whole path.
+
+        Siblings exclude each other (the target emits one token after their parent), so they are taken in
+        order of their learned rates, and a sibling's rate counts only where every better one failed: its
+        path probability is its parent's times ``rate * prod(1 - rate of each better sibling)``. The rates are
+        learned that way too (:meth:`update` is told only of nodes no better sibling beat), so a recycled
+        alternative beside a reliable copy is priced at what it adds. Siblings keep this order (best first),
+        which is the order :func:`~retrieval_spec.tree.best_first` gives them.
+        """
         rates = self.rates(features)
         scores = np.ones(len(tree), dtype=np.float32)
-        for i in range(1, len(tree)):
-            scores[i] = scores[tree.parents[i]] * rates[i]
+        free = np.ones(len(tree))  # per parent: the probability that every child ranked so far failed
+        order = np.lexsort((np.arange(len(tree)), -rates, tree.parents))  # by parent, then best rate first
+        for i in order[order > 0]:  # grouped by parent index, and a parent's index is below its children's
+            parent = tree.parents[i]
+            scores[i] = scores[parent] * free[parent] * rates[i]
+            free[parent] *= 1.0 - rates[i]
         return DraftTree(tokens=tree.tokens, parents=tree.parents, scores=scores, sources=tree.sources,
                          matches=tree.matches)
 
@@ -97,7 +109,8 @@ class AcceptanceModel:
 
         Args:
             features: (n, 5) from :meth:`features`.
-            tested: (n,) bool, nodes whose parent was accepted (their own fate is known).
+            tested: (n,) bool, nodes whose parent was accepted and that no better-ranked sibling beat (their own
+                fate is known, and it is the one :meth:`rescore` prices).
             hits: (n,) bool, nodes that were (or, unverified, would have been) accepted; a subset of ``tested``.
         """
         for level_hits, level_trials in zip(self.hits, self.trials):

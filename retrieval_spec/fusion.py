@@ -109,7 +109,8 @@ class TreeFuser:
 
         The verified tree is the head of the ranked candidates, so candidates left out by the cost cut are
         scored too: a candidate whose parent was accepted would have been accepted iff it carries the token
-        emitted after that parent. Learning therefore never starves when the cut drafts nothing.
+        emitted after that parent. Learning therefore never starves when the cut drafts nothing. A candidate
+        ranked below the sibling that won is not counted (``AcceptanceModel.rescore``).
         """
         ranked, features = self._ranked.get(request, (None, None))
         verified = feedback.tree
@@ -126,6 +127,10 @@ class TreeFuser:
             tested = on_path[parents]
             tested[0] = False
             hits = tested & (ranked.tokens == emitted[parents])
+            # Siblings are ranked best first (lower index); one ranked below the hit never had its chance.
+            hit_child = np.full(len(ranked), len(ranked))
+            hit_child[parents[hits]] = np.flatnonzero(hits)
+            tested &= np.arange(len(ranked)) <= hit_child[parents]
             self.acceptance.update(features, tested, hits)
         for drafter in self.drafters:
             drafter.observe(request, feedback)

@@ -291,10 +291,11 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
                 scores.append(min(score, scores[key[0]]))
                 sources.append(int(tree.sources[i]))
                 matches.append(int(tree.matches[i]))
-            elif score > scores[node]:
-                scores[node] = min(score, scores[key[0]])
-                sources[node] = int(tree.sources[i])
-                matches[node] = int(tree.matches[i])
+            else:
+                matches[node] = max(matches[node], int(tree.matches[i]))
+                if score > scores[node]:
+                    scores[node] = min(score, scores[key[0]])
+                    sources[node] = int(tree.sources[i])
             mapped[i] = node
     return DraftTree(
         tokens=np.array(tokens, dtype=np.int32),

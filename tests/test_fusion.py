@@ -4,6 +4,7 @@ copying pays. Greedy acceptance is replayed against a known output (ANCHORS.md, 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from retrieval_spec.acceptance import accept
 from retrieval_spec.api import make_drafters
@@ -84,3 +85,31 @@ def test_acceptance_is_learned_per_matched_length_and_depth():
     assert rescored.scores[3] > 0.8 > 0.1 > rescored.scores[4]
     summary = model.summary()["prompt"]
     assert summary["by_matched_length"]["16-31"] > 0.9 and summary["by_matched_length"]["1"] < 0.1
+
+
+def test_siblings_exclude_each_other_in_scores_and_in_learning():
+    """The target emits one token after a node: a second-best sibling is worth its rate only where the best one
+    fails, and it is counted only where it had that chance (the best one did not win)."""
+    from retrieval_spec.drafters.base import Drafter
+    from retrieval_spec.tree import DraftTree, Source
+
+    # Root, a copied token (1) and a recycled alternative (2) after it, both estimated at 0.95.
+    tree = DraftTree(tokens=np.array([7, 1, 2], np.int32), parents=np.array([-1, 0, 0], np.int32),
+                     scores=np.array([1, .95, .95], np.float32),
+                     sources=np.array([0, Source.PROMPT, Source.RECYCLE], np.uint8),
+                     matches=np.array([0, 5, 0], np.int32))
+
+    class Fixed(Drafter):
+        def propose(self, request, context, budget):
+            return tree
+
+    fuser = TreeFuser([Fixed()], CostCurve.flat(64), VOCAB)
+    fuser.start(0, np.array([7], np.int32))
+    ranked = fuser.rank(0, np.array([7], np.int32), 64)
+    rates = fuser.acceptance.rates(fuser.acceptance.features(tree))
+    by_token = dict(zip(ranked.tokens.tolist(), ranked.scores.tolist()))
+    assert by_token[1] == pytest.approx(rates[1]) and by_token[2] == pytest.approx(rates[2] * (1 - rates[1]))
+
+    fuser.observe(0, StepFeedback(tree=ranked, accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9])))
+    trials = fuser.acceptance.trials[0]
+    assert trials[Source.PROMPT] == pytest.approx(1.0) and trials[Source.RECYCLE] == 0  # ranked below the winner

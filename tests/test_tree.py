@@ -160,3 +160,13 @@ def test_only_tokens_of_the_vocabulary_survive_with_whole_paths(tree, vocab_size
         return set(out[1:])
     inside = {p for p in paths(tree) if all(0 <= x < vocab_size for x in p)}
     assert paths(kept) == inside
+
+
+def test_merge_keeps_the_longest_match_behind_a_node_proposed_twice():
+    """A recycled token that a copy also proposes carries the copy's matched length (what calibration keys on)."""
+    copy = DraftTree(np.array([5, 1], np.int32), np.array([-1, 0], np.int32), np.array([1, .3], np.float32),
+                     np.array([0, int(Source.PROMPT)], np.uint8), np.array([0, 12], np.int32))
+    recycled = DraftTree(np.array([5, 1], np.int32), np.array([-1, 0], np.int32), np.array([1, .8], np.float32),
+                         np.array([0, int(Source.RECYCLE)], np.uint8), np.array([0, 0], np.int32))
+    merged = merge([copy, recycled])
+    assert merged.sources[1] == Source.RECYCLE and merged.matches[1] == 12
