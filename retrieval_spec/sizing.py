@@ -112,7 +112,8 @@ class CostModel:
     by the curve's shape. Sizes not observed yet follow the prior, shifted (in log space) like the observed sizes
     around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
     steps. :meth:`explore` now and then asks for a step that measures what the decoder would otherwise never
-    run: a plain step (the unit every other size is judged against) and the next size up.
+    run: a plain step (the unit every other size is judged against), the next size up, and any size left
+    unmeasured inside the range the decoder runs.
 
     Args:
         prior: the probed curve.
@@ -173,16 +174,22 @@ class CostModel:
         return self._plain_ms / self._plain_weight
 
     def explore(self, num_nodes: int) -> int:
-        """The node count to run this step instead of ``num_nodes``: itself, 1 (draft nothing: measures a plain
-        step) or the next measured size up (pad: measures it), every ``explore_every`` steps while unmeasured."""
+        """The node count to run this step instead of ``num_nodes``, every ``explore_every`` steps: 1 (draft
+        nothing: measures a plain step) until two plain steps are measured; else the next size up while it is
+        unmeasured; else (pad up to it) the smallest unmeasured size above ``num_nodes`` and below the largest
+        size measured so far — a spike the prior holds there would otherwise steer every tree around that size
+        and never be corrected. Otherwise ``num_nodes`` itself."""
         if self.steps % self.explore_every or num_nodes == 1:
             return num_nodes
         if self.observed[0] < 2:
             return 1
-        larger = np.flatnonzero(self.prior.sizes > num_nodes)
+        sizes = self.prior.sizes
+        larger = np.flatnonzero(sizes > num_nodes)
         if len(larger) and self.observed[larger[0]] == 0:
-            return int(self.prior.sizes[larger[0]])
-        return num_nodes
+            return int(sizes[larger[0]])
+        largest_run = sizes[np.flatnonzero(self.observed)[-1]]
+        gaps = np.flatnonzero((self.observed == 0) & (sizes > num_nodes) & (sizes < largest_run))
+        return int(sizes[gaps[0]]) if len(gaps) else num_nodes
 
 
 class SpeedGuard:

@@ -185,3 +185,17 @@ def test_the_loop_stops_drafting_whose_cost_the_curve_cannot_see(monkeypatch):
     np.testing.assert_array_equal(result.tokens, expected)
     assert result.stats.paused_steps > 0.6 * result.stats.steps
     assert clock.now * 1e3 <= 1.06 * 40.0 * len(expected)  # drafting always: 1.25x plain decoding's time
+
+
+def test_a_spike_on_a_size_the_decoder_steers_around_is_measured_and_corrected():
+    """Trees here run at 5 nodes or 16 (short and long copies); a spike cached at 8 makes every tree avoid 8, so
+    only exploration can measure it. It does, within a few explorations, and the curve stored is right there."""
+    rng = np.random.default_rng(3)
+    spiked = CostCurve(sizes=SIZES, ms=np.where(SIZES == 8, 900.0, TRUE.ms))
+    model = CostModel(spiked)
+    for step in range(20 * model.explore_every):
+        run = model.explore(16 if step % 5 == 0 else 5)
+        model.observe(run, clock(run, rng))
+    at_8 = np.searchsorted(SIZES, 8)
+    assert model.observed[at_8] > 0
+    assert model.curve().ms[at_8] < 1.25 * TRUE.ms[at_8]  # 900 cached; a measured step or two since
