@@ -321,9 +321,9 @@ class SpeculativeGenerator:
         size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
         drafts = [RowDraft(t.head(1 + size), b, r.context, r.node_uniforms(t.head(1 + size)))
                   for t, b, r in zip(ranked, branches, alive)]
-        run = self.fuser.cost_curve.padded_size(max(len(d.tree) + (0 if d.branch is None else len(d.branch))
-                                                    for d in drafts))
-        if costs is not None and (explored := costs.explore(run)) != run:
+        needed = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
+        run = self.fuser.cost_curve.padded_size(needed)
+        if costs is not None and (explored := costs.explore(run, needed)) != run:
             if explored == 1:  # measure a plain step
                 drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
                           for d in drafts]

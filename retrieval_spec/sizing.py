@@ -173,12 +173,13 @@ class CostModel:
             return float(self._curve.ms[0]) + overhead_ms
         return self._plain_ms / self._plain_weight
 
-    def explore(self, num_nodes: int) -> int:
-        """The node count to run this step instead of ``num_nodes``, every ``explore_every`` steps: 1 (draft
-        nothing: measures a plain step) until two plain steps are measured; else the next size up while it is
-        unmeasured; else (pad up to it) the smallest unmeasured size above ``num_nodes`` and below the largest
-        size measured so far — a spike the prior holds there would otherwise steer every tree around that size
-        and never be corrected. Otherwise ``num_nodes`` itself."""
+    def explore(self, num_nodes: int, needed: int | None = None) -> int:
+        """The node count to run this step instead of ``num_nodes`` (the padded size; ``needed``: the nodes the
+        step actually holds, default ``num_nodes``), every ``explore_every`` steps: 1 (draft nothing: measures a
+        plain step) until two plain steps are measured; else the next size up while it is unmeasured; else the
+        smallest unmeasured size from ``needed`` up, below the largest size measured so far — a size the padding
+        jumps over, or a spike the prior holds there, would otherwise steer every tree around it and never be
+        corrected. Otherwise ``num_nodes`` itself."""
         if self.steps % self.explore_every or num_nodes == 1:
             return num_nodes
         if self.observed[0] < 2:
@@ -188,7 +189,8 @@ class CostModel:
         if len(larger) and self.observed[larger[0]] == 0:
             return int(sizes[larger[0]])
         largest_run = sizes[np.flatnonzero(self.observed)[-1]]
-        gaps = np.flatnonzero((self.observed == 0) & (sizes > num_nodes) & (sizes < largest_run))
+        lowest = max(num_nodes if needed is None else needed, 2)
+        gaps = np.flatnonzero((self.observed == 0) & (sizes >= lowest) & (sizes < largest_run))
         return int(sizes[gaps[0]]) if len(gaps) else num_nodes
 
 

@@ -199,3 +199,18 @@ def test_a_spike_on_a_size_the_decoder_steers_around_is_measured_and_corrected()
     at_8 = np.searchsorted(SIZES, 8)
     assert model.observed[at_8] > 0
     assert model.curve().ms[at_8] < 1.25 * TRUE.ms[at_8]  # 900 cached; a measured step or two since
+
+
+def test_sizes_the_padding_jumps_over_are_measured():
+    """A probe taken in a noisy moment made 2-16 nodes look dearer than 24, so 5-node trees are padded to 24 and
+    every size between goes unmeasured; exploration runs them from the trees' own size up, and the padding comes
+    back down to what the machine really costs."""
+    rng = np.random.default_rng(4)
+    noisy = CostCurve(sizes=SIZES, ms=np.where((SIZES > 1) & (SIZES < 24), 2.5 * TRUE.ms, TRUE.ms))
+    model = CostModel(noisy)
+    assert noisy.padded_size(5) == 24
+    for _ in range(12 * model.explore_every):
+        run = model.explore(model.curve().padded_size(5), needed=5)
+        model.observe(run, clock(run, rng))
+    assert np.all(model.observed[(SIZES >= 5) & (SIZES < 24)] > 0)
+    assert model.curve().padded_size(5) < 24
