@@ -31,6 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/spec_bench.py --limit 4
 
 clean:

@@ -56,7 +56,7 @@ def write_chart(path: Path, report: dict, methods: list[str], title: str) -> Non
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: no chart at {path}")
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): no chart at {path}")
         return
     categories = list(report["categories"])
     x = np.arange(len(categories))

@@ -7,7 +7,7 @@ Every prompt goes through the same pipeline object twice, greedy (``do_sample=Fa
 (interleaved, so drift in machine speed hits both alike): ``plain`` is transformers' own ``generate``, ``switched``
 the engine that ``hf.enable(model, tokenizer, method=...)`` attached, one engine for the whole run (so what its
 drafters learn carries over, as in a long-lived process). The generated texts must be identical; a mismatch is
-recorded and makes the script exit non-zero. Writes JSON (``--out``) and a markdown table beside it.
+recorded and makes the script exit non-zero. Writes JSON (``--out``), a markdown table and a PNG chart beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import pipeline
 
-from common import ROOT, spec_bench, write_json
+from common import ROOT, spec_bench, write_chart, write_json
 from retrieval_spec import hf
 from retrieval_spec.models import load_model
 
@@ -102,6 +102,9 @@ def main() -> None:
     write_json(out, report)
     markdown = table(report)
     out.with_suffix(".md").write_text(markdown + "\n")
+    chart = {"categories": {category: {args.method: row} for category, row in report["categories"].items()}}
+    write_chart(out.with_suffix(".png"), chart, [args.method],
+                f"pipeline('text-generation') with hf.enable vs without, {args.model}")
     print(markdown)
     if mismatches:
         print(f"MISMATCHES between plain and switched pipeline outputs: {mismatches}", file=sys.stderr)

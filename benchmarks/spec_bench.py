@@ -12,7 +12,7 @@ alike). Baselines: ``plain`` is ``model.generate(do_sample=False)``; ``hf_pld`` 
 ``prompt_lookup_num_tokens=10``. In float32 our methods must reproduce ``plain`` token for token; a mismatch is
 recorded and makes the script exit non-zero. In bfloat16/float16 tree and plain forwards round differently, so
 the report counts how often each method's output equals plain decoding's in the same dtype (``agreement``) and
-how many leading tokens agree. Writes JSON (``--out``) and a markdown table beside it.
+how many leading tokens agree. Writes JSON (``--out``), a markdown table and a PNG chart beside it.
 """
 
 from __future__ import annotations
