@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .calibration import AcceptanceModel
+from .calibration import AcceptanceModel, RecentSuccess
 from .drafters.base import Drafter, RequestId
 from .sizing import CostCurve, best_size
 from .tree import Branch, DraftTree, StepFeedback, best_first, merge, within_vocabulary
@@ -55,6 +55,7 @@ class TreeFuser:
         self.max_branch_overhead = max_branch_overhead
         self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}  # last step's candidates and features
         self._whole: dict[RequestId, bool] = {}  # the request's last step accepted every node of its path
+        self._recent: dict[RequestId, RecentSuccess] = {}
 
     def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         for drafter in self.drafters:
@@ -63,6 +64,7 @@ class TreeFuser:
     def finish(self, request: RequestId) -> None:
         self._ranked.pop(request, None)
         self._whole.pop(request, None)
+        self._recent.pop(request, None)
         for drafter in self.drafters:
             drafter.finish(request)
 
@@ -90,7 +92,7 @@ class TreeFuser:
         raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]), self.vocab_size)
         if len(raw) == 1:
             return empty
-        features = self.acceptance.features(raw, self._whole.get(request, False))
+        features = self.acceptance.features(raw, self._whole.get(request, False), self._recent.get(request))
         ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
         self._ranked[request] = (ranked, features[keep])
         return ranked
@@ -132,5 +134,6 @@ class TreeFuser:
             hit_child[parents[hits]] = np.flatnonzero(hits)
             tested &= np.arange(len(ranked)) <= hit_child[parents]
             self.acceptance.update(features, tested, hits)
+            self._recent.setdefault(request, RecentSuccess()).update(ranked.sources, tested, hits)
         for drafter in self.drafters:
             drafter.observe(request, feedback)

@@ -113,3 +113,34 @@ def test_siblings_exclude_each_other_in_scores_and_in_learning():
     fuser.observe(0, StepFeedback(tree=ranked, accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9])))
     trials = fuser.acceptance.trials[0]
     assert trials[Source.PROMPT] == pytest.approx(1.0) and trials[Source.RECYCLE] == 0  # ranked below the winner
+
+
+def test_a_source_that_keeps_failing_in_one_request_is_priced_lower_there_than_where_it_succeeds():
+    """The request's own record of a source is a feature: the same copied node, in the same global cell (source,
+    estimate, matched length, depth, last step not whole), is worth less where that source keeps failing."""
+    from retrieval_spec.drafters.base import Drafter
+    from retrieval_spec.tree import DraftTree, Source
+
+    # Root, a copied token (1) after a 2-token match, and one more copied token (2) after it.
+    tree = DraftTree(tokens=np.array([7, 1, 2], np.int32), parents=np.array([-1, 0, 1], np.int32),
+                     scores=np.array([1, .5, .25], np.float32),
+                     sources=np.array([0, Source.PROMPT, Source.PROMPT], np.uint8),
+                     matches=np.array([0, 2, 3], np.int32))
+
+    class Fixed(Drafter):
+        def propose(self, request, context, budget):
+            return tree
+
+    fuser = TreeFuser([Fixed()], CostCurve.flat(64), VOCAB)
+    context = np.array([7], np.int32)
+    for request in (0, 1):
+        fuser.start(request, context)
+    for _ in range(30):
+        # Request 0: the first copied token is right, the second wrong; request 1: the first is wrong. Neither
+        # step accepts a whole path, so only the requests' records tell them apart.
+        ranked = fuser.rank(0, context, 64)
+        fuser.observe(0, StepFeedback(tree=ranked, accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9])))
+        ranked = fuser.rank(1, context, 64)
+        fuser.observe(1, StepFeedback(tree=ranked, accepted_nodes=np.array([0]), new_tokens=np.array([5])))
+    good, bad = fuser.rank(0, context, 64).scores[1], fuser.rank(1, context, 64).scores[1]
+    assert good > 0.6 and bad < 0.3
