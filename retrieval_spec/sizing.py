@@ -112,20 +112,24 @@ class CostModel:
     by the curve's shape. Sizes not observed yet follow the prior, shifted (in log space) like the observed sizes
     around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
     steps. :meth:`explore` now and then asks for a step that measures what the decoder would otherwise never
-    run: a plain step (the unit every other size is judged against), the next size up, and any size left
-    unmeasured inside the range the decoder runs.
+    run: a plain step (the unit every other size is judged against), the next size up, and any size inside the
+    range the decoder runs that has fewer than ``min_samples`` times (one time taken in a noisy moment would
+    otherwise steer every tree around that size for good).
 
     Args:
         prior: the probed curve.
         quantile: of the recent times at a size, the one taken as its cost.
         window: recent times kept per size.
         explore_every: steps between explorations.
+        min_samples: times a size needs before exploration leaves it to the decoder.
     """
 
-    def __init__(self, prior: CostCurve, quantile: float = 0.25, window: int = 16, explore_every: int = 16) -> None:
+    def __init__(self, prior: CostCurve, quantile: float = 0.25, window: int = 16, explore_every: int = 16,
+                 min_samples: int = 3) -> None:
         self.prior = prior
         self.quantile = quantile
         self.explore_every = explore_every
+        self.min_samples = min_samples
         self.recent = np.zeros((len(prior.sizes), window))  # ring buffers of observed ms per size
         self.observed = np.zeros(len(prior.sizes), dtype=np.int64)
         self.measured = np.zeros(len(prior.sizes))  # the quantile of each size's recent times (observed sizes)
@@ -179,19 +183,25 @@ class CostModel:
         plain step) until two plain steps are measured; else the next size up while it is unmeasured; else the
         smallest unmeasured size from ``needed`` up, below the largest size measured so far — a size the padding
         jumps over, or a spike the prior holds there, would otherwise steer every tree around it and never be
-        corrected. Otherwise ``num_nodes`` itself."""
+        corrected. Once none is unmeasured, the same again for sizes with fewer than ``min_samples`` times (one
+        slow time would steer the trees around a size just as well). Otherwise ``num_nodes`` itself."""
         if self.steps % self.explore_every or num_nodes == 1:
             return num_nodes
         if self.observed[0] < 2:
             return 1
         sizes = self.prior.sizes
         larger = np.flatnonzero(sizes > num_nodes)
-        if len(larger) and self.observed[larger[0]] == 0:
-            return int(sizes[larger[0]])
         largest_run = sizes[np.flatnonzero(self.observed)[-1]]
-        lowest = max(num_nodes if needed is None else needed, 2)
-        gaps = np.flatnonzero((self.observed == 0) & (sizes >= lowest) & (sizes < largest_run))
-        return int(sizes[gaps[0]]) if len(gaps) else num_nodes
+        in_range = (sizes >= max(num_nodes if needed is None else needed, 2)) & (sizes < largest_run)
+        for enough in (1, self.min_samples):  # sizes never timed first, then sizes timed too rarely to trust
+            if self.observed[0] < enough:
+                return 1
+            if len(larger) and self.observed[larger[0]] < enough:
+                return int(sizes[larger[0]])
+            gaps = np.flatnonzero((self.observed < enough) & in_range)
+            if len(gaps):
+                return int(sizes[gaps[0]])
+        return num_nodes
 
 
 class SpeedGuard:
