@@ -111,7 +111,8 @@ class CostModel:
     estimate within ``window`` steps). A step run between two measured sizes counts for the nearer one, scaled
     by the curve's shape. Sizes not observed yet follow the prior, shifted (in log space) like the observed sizes
     around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
-    steps. :meth:`explore` now and then asks for a step that measures what the decoder would otherwise never
+    steps. A size with fewer than ``min_samples`` times is priced at most at its prior, so one slow time neither
+    raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that measures what the decoder would otherwise never
     run: a plain step (the unit every other size is judged against), the next size up, and any size inside the
     range the decoder runs that has fewer than ``min_samples`` times (one time taken in a noisy moment would
     otherwise steer every tree around that size for good).
@@ -152,9 +153,14 @@ class CostModel:
         rank = int(self.quantile * (len(values) - 1))
         self.measured[index] = np.partition(values, rank)[rank]
         seen = np.flatnonzero(self.observed > 0)
-        shift = np.log(self.measured[seen]) - np.log(self.prior.ms[seen])
+        measured = self.measured[seen]
+        # A size timed too rarely is never priced above its prior: a slow time there may be another process's,
+        # and an over-priced size is never run again to correct it (an under-priced one is run, and timed).
+        measured = np.where(self.observed[seen] < self.min_samples, np.minimum(measured, self.prior.ms[seen]),
+                            measured)
+        shift = np.log(measured) - np.log(self.prior.ms[seen])
         ms_now = self.prior.ms * np.exp(np.interp(np.arange(len(sizes)), seen, shift))
-        ms_now[seen] = self.measured[seen]
+        ms_now[seen] = measured
         self._curve = CostCurve(sizes=sizes, ms=ms_now)
 
     def curve(self) -> CostCurve:

@@ -87,10 +87,20 @@ def test_acceptance_is_learned_per_matched_length_and_depth():
     assert summary["by_matched_length"]["16-31"] > 0.9 and summary["by_matched_length"]["1"] < 0.1
 
 
+def fuser_of(tree) -> TreeFuser:
+    """A fuser on a flat curve whose only drafter proposes ``tree`` at every step."""
+    from retrieval_spec.drafters.base import Drafter
+
+    class Fixed(Drafter):
+        def propose(self, request, context, budget):
+            return tree
+
+    return TreeFuser([Fixed()], CostCurve.flat(64), VOCAB)
+
+
 def test_siblings_exclude_each_other_in_scores_and_in_learning():
     """The target emits one token after a node: a second-best sibling is worth its rate only where the best one
     fails, and it is counted only where it had that chance (the best one did not win)."""
-    from retrieval_spec.drafters.base import Drafter
     from retrieval_spec.tree import DraftTree, Source
 
     # Root, a copied token (1) and a recycled alternative (2) after it, both estimated at 0.95.
@@ -99,11 +109,7 @@ def test_siblings_exclude_each_other_in_scores_and_in_learning():
                      sources=np.array([0, Source.PROMPT, Source.RECYCLE], np.uint8),
                      matches=np.array([0, 5, 0], np.int32))
 
-    class Fixed(Drafter):
-        def propose(self, request, context, budget):
-            return tree
-
-    fuser = TreeFuser([Fixed()], CostCurve.flat(64), VOCAB)
+    fuser = fuser_of(tree)
     fuser.start(0, np.array([7], np.int32))
     ranked = fuser.rank(0, np.array([7], np.int32), 64)
     rates = fuser.acceptance.rates(fuser.acceptance.features(tree))
@@ -118,7 +124,6 @@ def test_siblings_exclude_each_other_in_scores_and_in_learning():
 def test_a_source_that_keeps_failing_in_one_request_is_priced_lower_there_than_where_it_succeeds():
     """The request's own record of a source is a feature: the same copied node, in the same global cell (source,
     estimate, matched length, depth, last step not whole), is worth less where that source keeps failing."""
-    from retrieval_spec.drafters.base import Drafter
     from retrieval_spec.tree import DraftTree, Source
 
     # Root, a copied token (1) after a 2-token match, and one more copied token (2) after it.
@@ -127,11 +132,7 @@ def test_a_source_that_keeps_failing_in_one_request_is_priced_lower_there_than_w
                      sources=np.array([0, Source.PROMPT, Source.PROMPT], np.uint8),
                      matches=np.array([0, 2, 3], np.int32))
 
-    class Fixed(Drafter):
-        def propose(self, request, context, budget):
-            return tree
-
-    fuser = TreeFuser([Fixed()], CostCurve.flat(64), VOCAB)
+    fuser = fuser_of(tree)
     context = np.array([7], np.int32)
     for request in (0, 1):
         fuser.start(request, context)

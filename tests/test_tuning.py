@@ -229,3 +229,20 @@ def test_a_size_timed_once_in_a_noisy_moment_is_timed_again():
         model.observe(run, clock(run, rng))
     assert model.observed[at_8] >= model.min_samples
     assert model.curve().ms[at_8] < 1.15 * TRUE.ms[at_8]
+
+
+def test_one_slow_time_raises_neither_its_size_nor_its_neighbours_but_three_do():
+    """One step at 5 nodes took 3.5 times its cost (another process ran): the decoder would otherwise price 3 to
+    6 nodes far too high and, running them no more, never learn better. Three slow times are the machine."""
+    rng = np.random.default_rng(6)
+    model = CostModel(TRUE)
+    for _ in range(20):
+        model.observe(1, clock(1, rng))
+    for size in (2, 10):
+        model.observe(size, clock(size, rng))
+    at = np.searchsorted(SIZES, [3, 4, 5, 6])
+    model.observe(5, 3.5 * TRUE.ms[at[2]])
+    np.testing.assert_allclose(model.curve().ms[at], TRUE.ms[at], rtol=0.12)
+    for _ in range(2):
+        model.observe(5, 3.5 * TRUE.ms[at[2]])
+    assert model.curve().ms[at[2]] > 3 * TRUE.ms[at[2]]
