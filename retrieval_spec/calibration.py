@@ -165,7 +165,8 @@ class RecentSuccess:
     ``tested``), verified or not, so the record keeps up while the cost cut drafts nothing.
 
     Args:
-        decay: per step, so evidence older than about ``1 / (1 - decay)`` steps fades.
+        decay: per update (a step whose candidates were scored), so evidence older than about
+            ``1 / (1 - decay)`` such steps fades.
         min_trials: decayed trials below which a source has no record yet (bucket 0).
 
     Tuned on the replay (``benchmarks/simulate.py``, 46 held-out SmolLM2 records, two measured CPU curves):

@@ -112,17 +112,18 @@ class CostModel:
     by the curve's shape. Sizes not observed yet follow the prior, shifted (in log space) like the observed sizes
     around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
     steps. A size with fewer than ``min_samples`` times is priced at most at its prior, so one slow time neither
-    raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that measures what the decoder would otherwise never
-    run: a plain step (the unit every other size is judged against), the next size up, and any size inside the
-    range the decoder runs that has fewer than ``min_samples`` times (one time taken in a noisy moment would
-    otherwise steer every tree around that size for good).
+    raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that measures
+    what the decoder would otherwise never run: a plain step (the unit every other size is judged against), the
+    next size up, and any size inside the range the decoder runs that has fewer than ``min_samples`` times (one
+    time taken in a noisy moment would otherwise steer every tree around that size for good).
 
     Args:
         prior: the probed curve.
         quantile: of the recent times at a size, the one taken as its cost.
         window: recent times kept per size.
         explore_every: steps between explorations.
-        min_samples: times a size needs before exploration leaves it to the decoder.
+        min_samples: times a size needs before its price may rise above the prior and exploration leaves it to
+            the decoder.
     """
 
     def __init__(self, prior: CostCurve, quantile: float = 0.25, window: int = 16, explore_every: int = 16,

@@ -217,8 +217,8 @@ def test_sizes_the_padding_jumps_over_are_measured():
 
 
 def test_a_size_timed_once_in_a_noisy_moment_is_timed_again():
-    """A size's only time was taken while another process ran (three times its cost), so every tree avoids it;
-    exploration times it again until it has enough times, and the curve comes back to what it costs."""
+    """A size's only time was taken while another process ran (three times its cost); exploration times it again
+    until it has enough times to be trusted, and the curve there is what it costs."""
     rng = np.random.default_rng(5)
     model = CostModel(TRUE)
     at_8 = np.searchsorted(SIZES, 8)
