@@ -33,15 +33,19 @@ class TreeCache:
         self.lengths = np.zeros(0, dtype=np.int64)
         self.width = 0
 
-    def load_rows(self, prefixes: list[DynamicCache | None], lengths: list[int], rows: list[int]) -> None:
+    def load_rows(self, prefixes: list[DynamicCache | None], lengths: list[int], rows: list[int],
+                  root_appended: bool = False) -> None:
         """Start a batch from separately prefilled prefixes.
 
         Args:
             prefixes: distinct prefilled caches (None for an empty prefix), each of batch 1.
             lengths: (len(prefixes),) tokens cached in each.
             rows: (B,) which prefix each row of the batch starts from (rows that share one are copies of it).
+            root_appended: each prefix's last entry is its row's root, appended (slot ``width``) and awaiting
+                :meth:`commit` as a verified node is; otherwise every entry is context.
         """
-        self.lengths = np.array([lengths[p] for p in rows], dtype=np.int64)
+        extra = int(root_appended)
+        self.lengths = np.array([lengths[p] - extra for p in rows], dtype=np.int64)
         self.width = int(self.lengths.max(initial=0))
         self.cache = DynamicCache()
         filled = [c for c in prefixes if c is not None]
@@ -49,14 +53,17 @@ class TreeCache:
             return
         for layer_index, template in enumerate(filled[0].layers):
             keys, values = template.keys, template.values
-            shape = (len(rows), keys.shape[1], self.width, keys.shape[3])
+            shape = (len(rows), keys.shape[1], self.width + extra, keys.shape[3])
             all_keys = keys.new_zeros(shape)
             all_values = values.new_zeros((*shape[:3], values.shape[3]))
             for b, p in enumerate(rows):
                 if prefixes[p] is not None:
-                    layer = prefixes[p].layers[layer_index]
-                    all_keys[b, :, : lengths[p]] = layer.keys[0]
-                    all_values[b, :, : lengths[p]] = layer.values[0]
+                    layer, context = prefixes[p].layers[layer_index], lengths[p] - extra
+                    all_keys[b, :, :context] = layer.keys[0, :, :context]
+                    all_values[b, :, :context] = layer.values[0, :, :context]
+                    if root_appended:
+                        all_keys[b, :, self.width] = layer.keys[0, :, context]
+                        all_values[b, :, self.width] = layer.values[0, :, context]
             self.cache.update(all_keys, all_values, layer_index)
 
     @torch.inference_mode()

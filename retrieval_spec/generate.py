@@ -273,15 +273,16 @@ class SpeculativeGenerator:
         rows = [_Row(b, next(self._requests), prompt, config, None if sampler.greedy else _row_seed(config, seeds, b,
                 len(ids))) for b, prompt in enumerate(ids)]
         started = time.perf_counter()
-        self.verifier.reset(ids)
         for row in rows:
             self.fuser.start(row.request, row.prompt, reference_ids)
-        prefill_ms = (time.perf_counter() - started) * 1e3
-        alive, forwards = list(rows), 0
+        alive, forwards, prefill_ms = list(rows), 0, 0.0
         try:
             while alive:
-                step = self._step(alive, config.tree_budget, sampler, costs, ends)
+                first = forwards == 0  # the prefill, which also verifies each root alone: the first token
+                step = self._step(alive, config.tree_budget, sampler, costs, ends, first)
                 forwards += 1
+                if first:
+                    prefill_ms = (time.perf_counter() - started) * 1e3
                 for row, outcome in zip(alive, step.rows):  # 5. observe: extend, teach the drafters, count, stream
                     observe_started = time.perf_counter()
                     row.append(outcome.new_tokens)
@@ -289,10 +290,10 @@ class SpeculativeGenerator:
                     observe_ms = (time.perf_counter() - observe_started) * 1e3
                     row.stats.observe_ms += observe_ms
                     row.stats.count_step(outcome.feedback.tree, outcome.feedback.accepted_nodes, outcome.new_tokens,
-                                         step.draft_ms / len(alive) + observe_ms, step.verify_ms)
+                                         step.draft_ms / len(alive) + observe_ms, 0.0 if first else step.verify_ms)
                     if on_tokens is not None:
                         on_tokens(row.index, outcome.new_tokens)
-                if costs is not None:  # 6. tune: the step's cost, and whether drafting paid for each row
+                if costs is not None and not first:  # 6. tune: the step's cost, and whether drafting paid per row
                     self._tune(costs, step, alive, whole_batch=len(alive) == len(rows))
                 alive = [row for row, outcome in zip(alive, step.rows) if not outcome.done]
         finally:
@@ -308,29 +309,22 @@ class SpeculativeGenerator:
             results.append(GenerationResult(tokens=row.output.copy(), text=text, stats=row.stats))
         return BatchResult(rows=results, forwards=forwards, total_ms=total_ms)
 
-    def _step(self, alive: list[_Row], budget: int, sampler: Sampler, costs: CostModel | None, ends: _Ends) -> _Step:
-        """Draft, verify, accept and commit one step of every alive row."""
+    def _step(self, alive: list[_Row], budget: int, sampler: Sampler, costs: CostModel | None, ends: _Ends,
+              first: bool) -> _Step:
+        """Draft, verify, accept and commit one step of every alive row; the ``first`` is the prefill's forward,
+        each tree its root alone."""
         started = time.perf_counter()
-        # 1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest).
-        for row in alive:
-            row.stats.paused_steps += not row.guard.drafting
-        ranked = [self.fuser.rank(r.request, r.context, budget if r.guard.drafting else 0, r.remaining - 1)
-                  for r in alive]
-        branches = [self._branch(i, r) for i, r in enumerate(alive)]
-        fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
-        size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
-        drafts = [RowDraft(t.head(1 + size), b, r.context, r.node_uniforms(t.head(1 + size)))
-                  for t, b, r in zip(ranked, branches, alive)]
-        needed = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
-        run = self.fuser.cost_curve.padded_size(needed)
-        if costs is not None and (explored := costs.explore(run, needed)) != run:
-            if explored == 1:  # measure a plain step
-                drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
-                          for d in drafts]
-            run = explored
+        if first:
+            roots = [DraftTree.empty(int(r.context[-1])) for r in alive]
+            drafts, run = [RowDraft(t, None, r.context, r.node_uniforms(t)) for t, r in zip(roots, alive)], 1
+        else:
+            drafts, run = self._draft(alive, budget, costs)
         drafted = time.perf_counter()
         # 2. Verify every row's tree in one forward.
-        results = self.verifier.verify(drafts, sampler, self.top_k, run)
+        if first:
+            results = self.verifier.start(drafts, sampler, self.top_k)
+        else:
+            results = self.verifier.verify(drafts, sampler, self.top_k, run)
         forward_ms = (time.perf_counter() - drafted) * 1e3
         # 3. Accept the longest agreeing path, cut at EOS, a stop string or the token limit.
         outcomes = []
@@ -349,6 +343,27 @@ class SpeculativeGenerator:
         finished = time.perf_counter()
         return _Step(outcomes, run, draft_ms=(drafted - started) * 1e3, forward_ms=forward_ms,
                      verify_ms=(finished - drafted) * 1e3, started=started)
+
+    def _draft(self, alive: list[_Row], budget: int, costs: CostModel | None) -> tuple[list[RowDraft], int]:
+        """1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest); the
+        drafts and the nodes per row the forward will run."""
+        for row in alive:
+            row.stats.paused_steps += not row.guard.drafting
+        ranked = [self.fuser.rank(r.request, r.context, budget if r.guard.drafting else 0, r.remaining - 1)
+                  for r in alive]
+        branches = [self._branch(i, r) for i, r in enumerate(alive)]
+        fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
+        size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
+        drafts = [RowDraft(t.head(1 + size), b, r.context, r.node_uniforms(t.head(1 + size)))
+                  for t, b, r in zip(ranked, branches, alive)]
+        needed = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
+        run = self.fuser.cost_curve.padded_size(needed)
+        if costs is not None and (explored := costs.explore(run, needed)) != run:
+            if explored == 1:  # measure a plain step
+                drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
+                          for d in drafts]
+            run = explored
+        return drafts, run
 
     def _tune(self, costs: CostModel, step: _Step, alive: list[_Row], whole_batch: bool) -> None:
         """Learn the step's forward cost (the curve is the whole batch's), and let each row's guard judge whether

@@ -120,8 +120,8 @@ class Sampler:
 class Verifier:
     """Holds the model and the rows' cache; one forward verifies a tree (and a branch) per row.
 
-    Call :meth:`reset` per batch, then alternate :meth:`verify` and :meth:`commit`; :meth:`keep_rows` drops
-    finished rows.
+    Per batch: :meth:`start` (whose first step awaits :meth:`commit`) or :meth:`reset`, then :meth:`verify` and
+    :meth:`commit` in turn; :meth:`keep_rows` drops finished rows.
 
     Args:
         model: a causal LM of a supported family (:func:`~retrieval_spec.families.attention_layout`).
@@ -137,26 +137,49 @@ class Verifier:
             self.self_check()
 
     @torch.inference_mode()
-    def reset(self, prompts: list[np.ndarray]) -> None:
-        """Start B rows: cache every prompt token but the last (each row's first root).
+    def start(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0) -> list[RowResult]:
+        """Start B rows with their first step folded into the prefill: one forward per distinct prompt.
 
-        Each distinct prefix is prefilled once, alone (the model builds its own causal, sliding-window mask),
-        and rows that share a prompt share its entries.
+        Each row's tree is its root alone, the prompt's last token, and ``context`` its whole prompt. The prompt's
+        other tokens are cached, the root waits for :meth:`commit` as any verified node does, and the root's
+        logits give the first token: so a reply of N tokens costs N forwards, as in ``generate()``, not a prefill
+        plus N steps. Rows that share a prompt share its forward and entries (each still draws its own token).
+
+        Returns:
+            per row, what :meth:`verify` returns for a one-node tree.
         """
-        prefixes = [np.asarray(p[:-1], dtype=np.int32) for p in prompts]
+        logits = self._prefill([row.context for row in rows], root_appended=True)  # (B, 1, vocab)
+        return self._results(logits, rows, sampler, top_k)
+
+    @torch.inference_mode()
+    def reset(self, prompts: list[np.ndarray]) -> None:
+        """Start B rows without a first step: cache every prompt token but the last (each row's first root), so
+        that :meth:`verify` can score any tree from there (cost probes, tests)."""
+        self._prefill([np.asarray(p[:-1], dtype=np.int32) for p in prompts], root_appended=False)
+
+    def _prefill(self, sequences: list[np.ndarray], root_appended: bool) -> torch.Tensor | None:
+        """Prefill each distinct sequence once, alone (the model builds its own causal, sliding-window mask), and
+        load the rows' cache; with ``root_appended`` each sequence's last entry is the row's appended root.
+
+        Returns:
+            (B, 1, vocab) logits after every row's sequence when ``root_appended``, else None.
+        """
         distinct: dict[bytes, int] = {}
-        rows = [distinct.setdefault(p.tobytes(), len(distinct)) for p in prefixes]
-        unique = [prefixes[rows.index(i)] for i in range(len(distinct))]
-        caches = []
-        for prefix in unique:
-            if len(prefix) == 0:
+        rows = [distinct.setdefault(np.asarray(s, dtype=np.int32).tobytes(), len(distinct)) for s in sequences]
+        unique = [sequences[rows.index(i)] for i in range(len(distinct))]
+        caches, last = [], []
+        for sequence in unique:
+            if len(sequence) == 0:
                 caches.append(None)
+                last.append(None)
                 continue
             cache = DynamicCache()
-            ids = torch.as_tensor(prefix[None], dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            ids = torch.as_tensor(np.asarray(sequence, dtype=np.int64)[None], device=self.device)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             caches.append(cache)
-        self.cache.load_rows(caches, [len(p) for p in unique], rows)
+            last.append(out.logits[:, -1:])
+        self.cache.load_rows(caches, [len(s) for s in unique], rows, root_appended)
+        return torch.cat([last[r] for r in rows]) if root_appended else None
 
     @torch.inference_mode()
     def verify(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0, pad_to: int = 0) -> list[RowResult]:
@@ -169,7 +192,10 @@ class Verifier:
             pad_to: run at least this many nodes per row: extra nodes are inert (no real node sees them) and
                 exist because some sizes are faster than smaller ones on this machine.
         """
-        logits = self._forward(rows, pad_to)  # (B, T, vocab)
+        return self._results(self._forward(rows, pad_to), rows, sampler, top_k)
+
+    def _results(self, logits: torch.Tensor, rows: list[RowDraft], sampler: Sampler, top_k: int) -> list[RowResult]:
+        """(B, T, vocab) logits of the rows' nodes -> per row its node tokens, top tokens and branch tokens."""
         best = logits.argmax(dim=-1)  # (B, T): branch tokens, and tree tokens when no processor changes them
         chosen = best
         if not sampler.plain_argmax:

@@ -402,9 +402,9 @@ def test_a_tampered_index_is_refused_or_decodes_exactly_the_plain_output(
     tokens_path = next(index.glob(f"gen-*/shard-00000/{TOKENS}"))
     stream = np.fromfile(tokens_path, dtype=">u2")
     if damage in ("id outside the vocabulary", "id inside the vocabulary"):
-        # What REST drafts at the first step, made hostile; the suffix array is rebuilt and the manifest resealed,
-        # so nothing but the id itself is wrong.
-        stream[1 + prompt_length] = 60_000 if damage == "id outside the vocabulary" else 17
+        # What REST drafts at its first step (the second: the prefill gives the first token), made hostile; the
+        # suffix array is rebuilt and the manifest resealed, so nothing but the id itself is wrong.
+        stream[2 + prompt_length] = 60_000 if damage == "id outside the vocabulary" else 17
         stream.tofile(tokens_path)
         build_suffix_array(stream).tofile(tokens_path.with_name(SUFFIX_ARRAY))
         reseal(index, TOKENS, SUFFIX_ARRAY)

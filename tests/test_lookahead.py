@@ -71,7 +71,7 @@ def test_pool_saves_and_loads_pinned_to_the_tokenizer(tmp_path):
         again.load(tmp_path, "tok-b", 10_000)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
 def test_branch_logits_equal_plain_forwards_over_each_nodes_sequence(kind):
     model = tiny_model(kind)
     rng = np.random.default_rng(1)

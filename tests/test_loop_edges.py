@@ -32,7 +32,7 @@ def test_a_stop_string_of_any_length_stops_where_plain_decoding_stops(stop_token
                                    cost_curve=FLAT).generate(prompt, config)
     np.testing.assert_array_equal(drafted.tokens, plain.tokens)
     assert len(plain.tokens) <= 10 + stop_tokens and stop in StubTokenizer().decode(plain.tokens)
-    assert drafted.stats.mean_accepted > 2  # the steps were long: the case that used to differ
+    assert max(drafted.stats.tokens_per_step) > 2  # a step gained several tokens: the case that used to differ
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "opt"])

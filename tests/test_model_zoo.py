@@ -53,9 +53,11 @@ def test_every_family_decodes_exactly_as_generate_single_and_batched(model, meth
     batch = generator.generate_batch(prompts, config)
     for i, (row, plain) in enumerate(zip(batch.rows, expected)):
         np.testing.assert_array_equal(row.tokens, plain, err_msg=f"batched row {i}")
-    assert batch.mean_accepted > 1.0  # trees were accepted: the tree paths were exercised
-    if method == "lookahead":
+    if method == "lookahead":  # what a random model's window guesses is luck: some families never get one right
         assert next(d for d in drafters if isinstance(d, LookaheadDrafter)).pool  # the window ran
+        assert sum(row.stats.drafted_nodes for row in batch.rows) > 0  # and its n-grams were verified
+    else:
+        assert batch.mean_accepted > 1.0  # trees were accepted: the tree paths were exercised
 
 
 def small(config_class, **fields):

@@ -143,9 +143,9 @@ def test_the_loop_learns_the_machine_from_a_poisoned_curve_and_stays_exact(monke
     result = generator.generate(prompt, GenerationConfig(max_new_tokens=120, tree_budget=32))
     np.testing.assert_array_equal(result.tokens, expected)
     learned = generator._costs[1]
-    seen = learned.observed > 0
-    np.testing.assert_allclose(learned.curve().ms[seen], TRUE.ms[seen], rtol=0.02)
-    assert seen[0] and seen.sum() >= 3  # plain steps were measured, and the sizes drafted
+    timed = learned.observed >= learned.min_samples  # a size timed fewer times is priced at most at its prior
+    np.testing.assert_allclose(learned.curve().ms[timed], TRUE.ms[timed], rtol=0.02)
+    assert learned.observed[0] > 0 and timed.sum() >= 3  # plain steps were measured, and the sizes drafted
     assert result.stats.paused_steps == 0  # an always-right drafter pays
 
 
