@@ -1,8 +1,9 @@
 """The measured cost of verification on this machine, probed once per model, device, dtype and batch size.
 
-On a CPU one forward over 8 tokens costs about twice one decoding step; on a GPU nearly the same as one.
-Tree sizes are chosen from this curve (``sizing.best_size``), so it is measured, never assumed. CUDA timings
-are synchronised.
+On the 2-core CPU here, with the few-row products of :mod:`retrieval_spec.kernels`, a forward over 2-4 tokens
+costs 0.65-1.0x one decoding step and one over 8 1.2-1.5x (torch's own linear: 1.5-2.8x); on a GPU nearly the
+same as one. Tree sizes are chosen from this curve (``sizing.best_size``), so it is measured, never assumed.
+CUDA timings are synchronised.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from .kernels import FORMS
 from .models import cache_dir
 from .sizing import CostCurve
 from .tree import DraftTree
@@ -106,6 +108,7 @@ def _curve_path(model: PreTrainedModel, probe: CostProbe) -> Path:
             _device_name(model),
             torch.get_num_threads(),
             torch.__version__,
+            FORMS,
             probe.sizes,
             probe.context_len,
             *([probe.batch] if probe.batch > 1 else []),

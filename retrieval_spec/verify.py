@@ -26,6 +26,7 @@ from transformers.generation.logits_process import (
 from .cache import TreeCache
 from .errors import UnsupportedModelError
 from .families import AttentionLayout, attention_layout
+from .kernels import few_row_products
 from .tree import Branch, DraftTree, ancestor_mask, depths
 
 
@@ -269,13 +270,14 @@ class Verifier:
             mask = masks
         else:
             mask = masks["sliding_attention" if window is not None else "full_attention"]
-        out = self.model(
-            input_ids=torch.as_tensor(tokens, device=device),
-            position_ids=positions_t,
-            attention_mask=mask,
-            past_key_values=self.cache.cache,
-            use_cache=True,
-        )
+        with few_row_products(device):
+            out = self.model(
+                input_ids=torch.as_tensor(tokens, device=device),
+                position_ids=positions_t,
+                attention_mask=mask,
+                past_key_values=self.cache.cache,
+                use_cache=True,
+            )
         return out.logits
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Few-row linear products: the faster form per shape, the same numbers, and nothing changed outside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import retrieval_spec.kernels as kernels
+from retrieval_spec.kernels import few_row_products
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Make the timed choice deterministic: ``faster`` names the form the fake clock says is faster."""
+    choice = {"faster": "transposed"}
+    monkeypatch.setattr(kernels, "_TRANSPOSED_FASTER", {})
+    monkeypatch.setattr(kernels, "_time", lambda form, *args: 1.0 if (form is kernels._transposed)
+                        == (choice["faster"] == "transposed") else 2.0)
+    return choice
+
+
+def spy(monkeypatch) -> list[int]:
+    calls = []
+    transposed = kernels._transposed
+
+    def counted(x, weight, bias):
+        calls.append(x.numel() // x.shape[-1])
+        return transposed(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "_transposed", counted)
+    return calls
+
+
+@pytest.mark.parametrize("rows", [2, 3, 8, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_transposed_form_computes_torchs_linear(timings, monkeypatch, rows, with_bias):
+    layer = torch.nn.Linear(48, 200, bias=with_bias)
+    x = torch.randn(1, rows, 48)
+    calls = spy(monkeypatch)
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        ours = layer(x)
+    assert calls == [rows]  # the chosen form ran
+    assert ours.shape == (1, rows, 200) and ours.is_contiguous()
+    torch.testing.assert_close(ours, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_the_form_timed_faster_is_kept_for_its_shape_and_rows(timings, monkeypatch):
+    layer = torch.nn.Linear(48, 200)
+    calls = spy(monkeypatch)
+    timings["faster"] = "torch"
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        layer(torch.randn(4, 48))
+        timings["faster"] = "transposed"  # timed once per (shape, rows): 4 rows stay with torch's form
+        layer(torch.randn(4, 48))
+        layer(torch.randn(5, 48))
+    assert calls == [5]
+
+
+def test_one_row_long_inputs_and_outside_calls_run_torchs_own(timings, monkeypatch):
+    layer = torch.nn.Linear(48, 200)
+    calls = spy(monkeypatch)
+    with torch.inference_mode():
+        with few_row_products(torch.device("cpu")):
+            layer(torch.randn(1, 48))  # a plain step
+            layer(torch.randn(kernels.MAX_ROWS + 1, 48))  # a prefill
+        layer(torch.randn(4, 48))  # outside
+    assert calls == []
