@@ -27,8 +27,11 @@ from retrieval_spec.fusion import TreeFuser
 from retrieval_spec.sizing import CostCurve
 from retrieval_spec.tree import DraftTree, StepFeedback, depths
 
-# SmolLM2-135M fp32, 2 threads, 400-token context (ANCHORS.md); used when no measured curve is given.
-DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 32, 64]), ms=np.array([45, 63, 90, 94.5, 103.5, 121.5, 180.0]))
+# SmolLM2-135M fp32, 2 threads, 256-token context, few-row products (retrieval_spec.kernels): the probe of
+# `spec_bench.py --fresh-curve` on 317fdb1; used when no measured curve is given.
+DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]),
+                          ms=np.array([60.3, 36.8, 43.5, 46.4, 65.3, 66.3, 75.5, 82.9, 86.4, 84.6, 105.7, 115.8, 146.6,
+                                       177.0]))
 
 
 def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
@@ -42,7 +45,9 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
     pos, steps, cost, draft_s = 0, 0, 0.0, 0.0
     while pos < len(output):
         start = time.perf_counter()
-        tree = fuser.propose(request, context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
+        # The first token comes from the prefill's forward, which verifies nothing drafted (as the engine).
+        tree = fuser.propose(request, context[: len(prompt) + pos], budget if steps else 0,
+                             max_depth=len(output) - pos - 1)
         draft_s += time.perf_counter() - start
         # The target's greedy choice after a node on the true path is the recorded output at that depth.
         targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]

@@ -90,7 +90,7 @@ class GenerationStats:
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     observe_ms: float = 0.0  # part of draft_ms: drafters learning from the step (recycling table update, top-k)
-    prefill_ms: float = 0.0
+    prefill_ms: float = 0.0  # the first step: the prompt's forward, which also gives the first token
     total_ms: float = 0.0
     seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
     paused_steps: int = 0  # steps decoded plainly because drafting had stopped paying (SpeedGuard)
@@ -320,11 +320,9 @@ class SpeculativeGenerator:
         else:
             drafts, run = self._draft(alive, budget, costs)
         drafted = time.perf_counter()
-        # 2. Verify every row's tree in one forward.
-        if first:
-            results = self.verifier.start(drafts, sampler, self.top_k)
-        else:
-            results = self.verifier.verify(drafts, sampler, self.top_k, run)
+        # 2. Verify every row's tree in one forward (the first: in the prefill's).
+        results = (self.verifier.start(drafts, sampler, self.top_k) if first
+                   else self.verifier.verify(drafts, sampler, self.top_k, run))
         forward_ms = (time.perf_counter() - drafted) * 1e3
         # 3. Accept the longest agreeing path, cut at EOS, a stop string or the token limit.
         outcomes = []
