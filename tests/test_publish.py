@@ -202,6 +202,7 @@ from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
 
 out, stage, sig = sys.argv[1], sys.argv[2], getattr(signal, sys.argv[3])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
 
 
 def stop(*args, **kwargs):
