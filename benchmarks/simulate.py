@@ -45,8 +45,8 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
     pos, steps, cost, draft_s = 0, 0, 0.0, 0.0
     while pos < len(output):
         start = time.perf_counter()
-        # The first token comes from the prefill's forward, which verifies nothing drafted (as the engine).
-        tree = fuser.propose(request, context[: len(prompt) + pos], budget if steps else 0,
+        # The first step rides on the prefill's forward (as in the engine), sized on the same curve.
+        tree = fuser.propose(request, context[: len(prompt) + pos], budget,
                              max_depth=len(output) - pos - 1)
         draft_s += time.perf_counter() - start
         # The target's greedy choice after a node on the true path is the recorded output at that depth.

@@ -34,36 +34,38 @@ class TreeCache:
         self.width = 0
 
     def load_rows(self, prefixes: list[DynamicCache | None], lengths: list[int], rows: list[int],
-                  root_appended: bool = False) -> None:
+                  appended: list[int] | None = None) -> None:
         """Start a batch from separately prefilled prefixes.
 
         Args:
             prefixes: distinct prefilled caches (None for an empty prefix), each of batch 1.
             lengths: (len(prefixes),) tokens cached in each.
             rows: (B,) which prefix each row of the batch starts from (rows that share one are copies of it).
-            root_appended: each prefix's last entry is its row's root, appended (slot ``width``) and awaiting
-                :meth:`commit` as a verified node is; otherwise every entry is context.
+            appended: (len(prefixes),) how many of each prefix's last entries are its rows' tree (root first),
+                appended at slots ``[width, width + appended)`` and awaiting :meth:`commit` as verified nodes
+                are; by default none: every entry is context.
         """
-        extra = int(root_appended)
-        self.lengths = np.array([lengths[p] - extra for p in rows], dtype=np.int64)
+        extra = appended if appended is not None else [0] * len(prefixes)
+        self.lengths = np.array([lengths[p] - extra[p] for p in rows], dtype=np.int64)
         self.width = int(self.lengths.max(initial=0))
         self.cache = DynamicCache()
         filled = [c for c in prefixes if c is not None]
         if not filled:
             return
+        most = max(extra[p] for p in rows)
         for layer_index, template in enumerate(filled[0].layers):
             keys, values = template.keys, template.values
-            shape = (len(rows), keys.shape[1], self.width + extra, keys.shape[3])
+            shape = (len(rows), keys.shape[1], self.width + most, keys.shape[3])
             all_keys = keys.new_zeros(shape)
             all_values = values.new_zeros((*shape[:3], values.shape[3]))
             for b, p in enumerate(rows):
                 if prefixes[p] is not None:
-                    layer, context = prefixes[p].layers[layer_index], lengths[p] - extra
+                    layer, context = prefixes[p].layers[layer_index], lengths[p] - extra[p]
                     all_keys[b, :, :context] = layer.keys[0, :, :context]
                     all_values[b, :, :context] = layer.values[0, :, :context]
-                    if root_appended:
-                        all_keys[b, :, self.width] = layer.keys[0, :, context]
-                        all_values[b, :, self.width] = layer.values[0, :, context]
+                    tree = slice(self.width, self.width + extra[p])
+                    all_keys[b, :, tree] = layer.keys[0, :, context : lengths[p]]
+                    all_values[b, :, tree] = layer.values[0, :, context : lengths[p]]
             self.cache.update(all_keys, all_values, layer_index)
 
     @torch.inference_mode()

@@ -90,7 +90,7 @@ class GenerationStats:
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     observe_ms: float = 0.0  # part of draft_ms: drafters learning from the step (recycling table update, top-k)
-    prefill_ms: float = 0.0  # the first step: the prompt's forward, which also gives the first token
+    prefill_ms: float = 0.0  # the first step: the prompt's forward, which also verifies the first tree
     total_ms: float = 0.0
     seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
     paused_steps: int = 0  # steps decoded plainly because drafting had stopped paying (SpeedGuard)
@@ -278,7 +278,7 @@ class SpeculativeGenerator:
         alive, forwards, prefill_ms = list(rows), 0, 0.0
         try:
             while alive:
-                first = forwards == 0  # the prefill, which also verifies each root alone: the first token
+                first = forwards == 0  # the prefill, which also verifies the first tree
                 step = self._step(alive, config.tree_budget, sampler, costs, ends, first)
                 forwards += 1
                 if first:
@@ -311,14 +311,9 @@ class SpeculativeGenerator:
 
     def _step(self, alive: list[_Row], budget: int, sampler: Sampler, costs: CostModel | None, ends: _Ends,
               first: bool) -> _Step:
-        """Draft, verify, accept and commit one step of every alive row; the ``first`` is the prefill's forward,
-        each tree its root alone."""
+        """Draft, verify, accept and commit one step of every alive row; the ``first`` is the prefill's forward."""
         started = time.perf_counter()
-        if first:
-            roots = [DraftTree.empty(int(r.context[-1])) for r in alive]
-            drafts, run = [RowDraft(t, None, r.context, r.node_uniforms(t)) for t, r in zip(roots, alive)], 1
-        else:
-            drafts, run = self._draft(alive, budget, costs)
+        drafts, run = self._draft(alive, budget, costs, first)
         drafted = time.perf_counter()
         # 2. Verify every row's tree in one forward (the first: in the prefill's).
         results = (self.verifier.start(drafts, sampler, self.top_k) if first
@@ -342,21 +337,24 @@ class SpeculativeGenerator:
         return _Step(outcomes, run, draft_ms=(drafted - started) * 1e3, forward_ms=forward_ms,
                      verify_ms=(finished - drafted) * 1e3, started=started)
 
-    def _draft(self, alive: list[_Row], budget: int, costs: CostModel | None) -> tuple[list[RowDraft], int]:
+    def _draft(self, alive: list[_Row], budget: int, costs: CostModel | None,
+               first: bool) -> tuple[list[RowDraft], int]:
         """1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest); the
-        drafts and the nodes per row the forward will run."""
+        drafts and the nodes per row the forward will run. The ``first`` step's trees ride on the prefill: sized
+        on the same curve (a prefill's extra rows cost less: the cut is cautious there), no branch, no
+        exploration."""
         for row in alive:
             row.stats.paused_steps += not row.guard.drafting
         ranked = [self.fuser.rank(r.request, r.context, budget if r.guard.drafting else 0, r.remaining - 1)
                   for r in alive]
-        branches = [self._branch(i, r) for i, r in enumerate(alive)]
+        branches = [None if first else self._branch(i, r) for i, r in enumerate(alive)]
         fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
         size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
         drafts = [RowDraft(t.head(1 + size), b, r.context, r.node_uniforms(t.head(1 + size)))
                   for t, b, r in zip(ranked, branches, alive)]
         needed = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
         run = self.fuser.cost_curve.padded_size(needed)
-        if costs is not None and (explored := costs.explore(run, needed)) != run:
+        if not first and costs is not None and (explored := costs.explore(run, needed)) != run:
             if explored == 1:  # measure a plain step
                 drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
                           for d in drafts]

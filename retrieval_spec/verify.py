@@ -139,48 +139,76 @@ class Verifier:
 
     @torch.inference_mode()
     def start(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0) -> list[RowResult]:
-        """Start B rows with their first step folded into the prefill: one forward per distinct prompt.
+        """Start B rows with their first step folded into the prefill: one forward per distinct prompt and tree.
 
-        Each row's tree is its root alone, the prompt's last token, and ``context`` its whole prompt. The prompt's
-        other tokens are cached, the root waits for :meth:`commit` as any verified node does, and the root's
-        logits give the first token: so a reply of N tokens costs N forwards, as in ``generate()``, not a prefill
-        plus N steps. Rows that share a prompt share its forward and entries (each still draws its own token).
+        Each row's ``context`` is its whole prompt and its tree grows from the prompt's last token (no branch).
+        The forward runs the prompt's other tokens causally and the tree's nodes under tree attention after
+        them; those tokens are cached, the nodes wait for :meth:`commit` as after :meth:`verify`. So a reply of
+        N tokens costs at most N forwards, as in ``generate()``, not a prefill plus N steps, and a first draft
+        rides on the prefill. Rows that share a prompt and a tree share its forward (each draws its own tokens).
 
         Returns:
-            per row, what :meth:`verify` returns for a one-node tree.
+            per row, what :meth:`verify` returns.
         """
-        logits = self._prefill([row.context for row in rows], root_appended=True)  # (B, 1, vocab)
+        logits = self._prefill([row.context for row in rows], [row.tree for row in rows])
         return self._results(logits, rows, sampler, top_k)
 
     @torch.inference_mode()
     def reset(self, prompts: list[np.ndarray]) -> None:
         """Start B rows without a first step: cache every prompt token but the last (each row's first root), so
         that :meth:`verify` can score any tree from there (cost probes, tests)."""
-        self._prefill([np.asarray(p[:-1], dtype=np.int32) for p in prompts], root_appended=False)
+        self._prefill([np.asarray(p[:-1], dtype=np.int32) for p in prompts], None)
 
-    def _prefill(self, sequences: list[np.ndarray], root_appended: bool) -> torch.Tensor | None:
-        """Prefill each distinct sequence once, alone (the model builds its own causal, sliding-window mask), and
-        load the rows' cache; with ``root_appended`` each sequence's last entry is the row's appended root.
+    def _prefill(self, sequences: list[np.ndarray], trees: list[DraftTree] | None) -> torch.Tensor | None:
+        """Prefill each distinct sequence (and tree) once, alone, and load the rows' cache.
+
+        Without ``trees`` every token is context. With them each sequence ends at its row's root: the tokens
+        before it are context and the tree's nodes are appended (``TreeCache.load_rows``). A tree that is a
+        chain (the root alone, most often) extends the sequence, under the model's own causal (and
+        sliding-window) mask; any other gets the mask :meth:`_forward` builds, over an empty cache.
 
         Returns:
-            (B, 1, vocab) logits after every row's sequence when ``root_appended``, else None.
+            with ``trees``, (B, T, vocab) logits of every row's nodes (T: the largest tree; a smaller tree's
+            extra rows are zeros), else None.
         """
+        keys = [np.asarray(s, dtype=np.int32).tobytes() + (b"" if trees is None else
+                                                            trees[b].tokens.tobytes() + trees[b].parents.tobytes())
+                for b, s in enumerate(sequences)]
         distinct: dict[bytes, int] = {}
-        rows = [distinct.setdefault(np.asarray(s, dtype=np.int32).tobytes(), len(distinct)) for s in sequences]
-        unique = [sequences[rows.index(i)] for i in range(len(distinct))]
-        caches, last = [], []
-        for sequence in unique:
-            if len(sequence) == 0:
+        rows = [distinct.setdefault(key, len(distinct)) for key in keys]
+        firsts = [rows.index(i) for i in range(len(distinct))]
+        caches, lengths, appended, logits = [], [], [], []
+        for b in firsts:
+            sequence = np.asarray(sequences[b], dtype=np.int64)
+            tree = None if trees is None else trees[b]
+            kept = 1 if tree is None else len(tree)
+            ids = sequence if tree is None else np.concatenate([sequence[:-1], tree.tokens])
+            if len(ids) == 0:
                 caches.append(None)
-                last.append(None)
+                lengths.append(0)
+                appended.append(0)
                 continue
-            cache = DynamicCache()
-            ids = torch.as_tensor(np.asarray(sequence, dtype=np.int64)[None], device=self.device)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache, extra = DynamicCache(), {}
+            if tree is not None and not np.array_equal(tree.parents, np.arange(-1, len(tree) - 1)):
+                context = len(sequence) - 1
+                visible = np.zeros((len(ids), len(ids)), dtype=bool)
+                visible[:context, :context] = np.tri(context, dtype=bool)
+                visible[context:, :context] = True
+                visible[context:, context:] = ancestor_mask(tree.parents)
+                offsets = np.concatenate([np.arange(context), context + depths(tree.parents)])
+                positions, mask = self._attention(np.zeros(1, dtype=np.int64), 0, offsets[None], visible[None])
+                extra = {"position_ids": positions, "attention_mask": mask}
+            out = self.model(input_ids=torch.as_tensor(ids[None], device=self.device), past_key_values=cache,
+                             use_cache=True, logits_to_keep=kept, **extra)
             caches.append(cache)
-            last.append(out.logits[:, -1:])
-        self.cache.load_rows(caches, [len(s) for s in unique], rows, root_appended)
-        return torch.cat([last[r] for r in rows]) if root_appended else None
+            lengths.append(len(ids))
+            appended.append(0 if tree is None else len(tree))
+            logits.append(out.logits)
+        self.cache.load_rows(caches, lengths, rows, appended)
+        if trees is None:
+            return None
+        most = max(len(tree) for tree in trees)
+        return torch.cat([torch.nn.functional.pad(logits[r], (0, 0, 0, most - logits[r].shape[1])) for r in rows])
 
     @torch.inference_mode()
     def verify(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0, pad_to: int = 0) -> list[RowResult]:
@@ -252,9 +280,32 @@ class Verifier:
                 offsets[b, n : n + m] = row.branch.offsets
                 visible[b, n : n + m, 0] = True  # the root
                 visible[b, n : n + m, n : n + m] = row.branch.visible
-        positions = lengths[:, None] + offsets
-        device = self.device
-        positions_t = torch.as_tensor(positions, device=device)
+        positions, mask = self._attention(lengths, width, offsets, visible)
+        with few_row_products(self.device):
+            out = self.model(
+                input_ids=torch.as_tensor(tokens, device=self.device),
+                position_ids=positions,
+                attention_mask=mask,
+                past_key_values=self.cache.cache,
+                use_cache=True,
+            )
+        return out.logits
+
+    def _attention(self, lengths: np.ndarray, width: int, offsets: np.ndarray,
+                   visible: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+        """Position ids and the ``attention_mask`` argument of T nodes per row appended after the rows' cache.
+
+        Args:
+            lengths: (B,) cached context of each row (slots ``[0, lengths[b])`` of ``width``).
+            width: cached slots per row.
+            offsets: (B, T) each node's position after its row's context.
+            visible: (B, T, T) which nodes each node sees (itself and its ancestors).
+
+        Returns:
+            (B, T) positions, and one additive mask (B, 1, T, width + T), or one per layer type.
+        """
+        device, num = self.device, offsets.shape[1]
+        positions = torch.as_tensor(lengths[:, None] + offsets, device=device)
         slot = torch.arange(width, device=device)
         context = (slot[None, None, :] < torch.as_tensor(lengths, device=device)[:, None, None]).expand(-1, num, -1)
         tree = torch.as_tensor(visible, device=device)
@@ -262,23 +313,13 @@ class Verifier:
         window = self.layout.sliding_window
         if window is not None:
             offsets_t = torch.as_tensor(offsets, device=device)
-            near_context = positions_t[:, :, None] - slot[None, None, :] < window
+            near_context = positions[:, :, None] - slot[None, None, :] < window
             near_nodes = offsets_t[:, :, None] - offsets_t[:, None, :] < window
             sliding = torch.cat([context & near_context, tree & near_nodes], dim=-1)
             masks["sliding_attention"] = self._additive(sliding)
         if self.layout.per_layer_type:
-            mask = masks
-        else:
-            mask = masks["sliding_attention" if window is not None else "full_attention"]
-        with few_row_products(device):
-            out = self.model(
-                input_ids=torch.as_tensor(tokens, device=device),
-                position_ids=positions_t,
-                attention_mask=mask,
-                past_key_values=self.cache.cache,
-                use_cache=True,
-            )
-        return out.logits
+            return positions, masks
+        return positions, masks["sliding_attention" if window is not None else "full_attention"]
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """(B, q, k) bool visibility -> (B, 1, q, k) additive mask: 0 where visible, the dtype's minimum elsewhere."""
@@ -290,8 +331,9 @@ class Verifier:
     def self_check(self) -> None:
         """Refuse a model whose tree forward differs from plain forwards (run once for unverified families).
 
-        A short random prompt, then a tree with two branches, one two deep: each node's logits must equal those
-        of a plain forward over its own sequence, up to the dtype's precision.
+        A short random prompt, then a tree with two branches, one two deep, verified after the prompt and in its
+        prefill: each node's logits must equal those of a plain forward over its own sequence, up to the dtype's
+        precision.
 
         Raises:
             UnsupportedModelError: naming the model and the largest difference seen.
@@ -310,15 +352,17 @@ class Verifier:
                                         f"(relative difference {worst:.2g}); it is not supported")
 
     def _largest_tree_difference(self) -> float:
-        """Largest difference, relative to the logits' scale, between a small tree's logits and plain forwards'."""
+        """Largest difference, relative to the logits' scale, between a small tree's logits and plain forwards':
+        the tree verified after a cached prompt, and the same tree in the prompt's prefill."""
         vocab = int(self.model.config.get_text_config(decoder=True).vocab_size)
         rng = np.random.default_rng(0)
-        prompt = rng.integers(0, vocab, 7).astype(np.int32)
+        prompt = rng.integers(0, vocab, 12).astype(np.int32)
         tree = DraftTree(tokens=np.append(prompt[-1:], rng.integers(0, vocab, 3)).astype(np.int32),
                          parents=np.array([-1, 0, 0, 2], dtype=np.int32),
                          scores=np.ones(4, dtype=np.float32), sources=np.zeros(4, dtype=np.uint8))
         self.reset([prompt])
-        logits = self._forward([RowDraft(tree, None, prompt)], 0)[0].float()
+        after_prompt = self._forward([RowDraft(tree, None, prompt)], 0)[0].float()
+        in_prefill = self._prefill([prompt], [tree])[0].float()
         worst = 0.0
         for node in range(len(tree)):
             path = [node]
@@ -327,5 +371,6 @@ class Verifier:
             sequence = np.concatenate([prompt, tree.tokens[path[::-1]] if node else []]).astype(np.int64)
             plain = self.model(input_ids=torch.as_tensor(sequence[None], device=self.device)).logits[0, -1].float()
             scale = max(float(plain.abs().max()), 1.0)
-            worst = max(worst, float((logits[node] - plain).abs().max()) / scale)
+            for logits in (after_prompt, in_prefill):
+                worst = max(worst, float((logits[node] - plain).abs().max()) / scale)
         return worst

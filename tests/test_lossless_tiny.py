@@ -101,6 +101,30 @@ def test_no_drafter_is_plain_decoding_forward_for_forward(model):
     assert result.stats.steps == 20 and len(forwards) == 20
 
 
+def test_the_first_tree_rides_on_the_prefill(model):
+    """A right oracle's first tree (several branches) is verified in the prompt's own forward: the first step
+    gains several tokens and the reply takes fewer forwards than tokens, exactly as plain greedy; a wrong oracle
+    changes nothing there either."""
+    prompt = prompts(5, 1)[0]
+    expected = plain_greedy(model, prompt, 20)
+    for right in (True, False):
+        generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(expected, len(prompt), 96, right)],
+                                         cost_curve=FREE)
+        chunks, forwards = [], []
+        hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+        try:
+            result = generator.generate_batch([prompt], GenerationConfig(max_new_tokens=20),
+                                              on_tokens=lambda row, tokens: chunks.append(len(tokens))).rows[0]
+        finally:
+            hook.remove()
+        np.testing.assert_array_equal(result.tokens, expected)
+        assert result.stats.drafted_nodes > 0 and len(forwards) == result.stats.steps
+        if right:
+            assert chunks[0] > 1 and len(forwards) < 20
+        else:
+            assert chunks[0] == 1
+
+
 def test_eos_stops_like_generate():
     model = tiny_model("llama")
     prompt = prompts(5, 1)[0]

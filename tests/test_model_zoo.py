@@ -21,6 +21,7 @@ from retrieval_spec.drafters.lookahead import LookaheadDrafter
 from retrieval_spec.errors import UnsupportedModelError
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
+from retrieval_spec.verify import Verifier
 
 ZOO = ["llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt"]
 FLAT = CostCurve.flat(64)
@@ -58,6 +59,12 @@ def test_every_family_decodes_exactly_as_generate_single_and_batched(model, meth
         assert sum(row.stats.drafted_nodes for row in batch.rows) > 0  # and its n-grams were verified
     else:
         assert batch.mean_accepted > 1.0  # trees were accepted: the tree paths were exercised
+
+
+def test_every_family_passes_the_self_check(model):
+    """The check unverified families must pass holds for every listed one: a branching tree's logits, verified
+    after a 12-token prompt (longer than the windows) and in that prompt's own prefill, equal plain forwards'."""
+    Verifier(model).self_check()
 
 
 def small(config_class, **fields):
