@@ -46,8 +46,7 @@ def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
     while pos < len(output):
         start = time.perf_counter()
         # The first step rides on the prefill's forward (as in the engine), sized on the same curve.
-        tree = fuser.propose(request, context[: len(prompt) + pos], budget,
-                             max_depth=len(output) - pos - 1)
+        tree = fuser.propose(request, context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
         draft_s += time.perf_counter() - start
         # The target's greedy choice after a node on the true path is the recorded output at that depth.
         targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]
