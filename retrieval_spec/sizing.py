@@ -115,13 +115,16 @@ class CostModel:
     raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that measures
     what the decoder would otherwise never run: a plain step (the unit every other size is judged against), the
     next size up, and any size inside the range the decoder runs that has fewer than ``min_samples`` times (one
-    time taken in a noisy moment would otherwise steer every tree around that size for good).
+    time taken in a noisy moment would otherwise steer every tree around that size for good). Explorations are
+    spaced by what they cost: one of a size is granted once the steps since the last cost ``explore_every`` times
+    its price, so exploring never takes more than ``1 / explore_every`` of the time, however steep the curve.
 
     Args:
         prior: the probed curve.
         quantile: of the recent times at a size, the one taken as its cost.
         window: recent times kept per size.
-        explore_every: steps between explorations.
+        explore_every: the steps between explorations where exploring costs no more than the decoder's own steps;
+            proportionally more where it does.
         min_samples: times a size needs before its price may rise above the prior and exploration leaves it to
             the decoder.
     """
@@ -135,13 +138,15 @@ class CostModel:
         self.recent = np.zeros((len(prior.sizes), window))  # ring buffers of observed ms per size
         self.observed = np.zeros(len(prior.sizes), dtype=np.int64)
         self.measured = np.zeros(len(prior.sizes))  # the quantile of each size's recent times (observed sizes)
-        self.steps = 0
+        # The price of the steps run since the last exploration, in plain steps; the first is granted at once (a
+        # plain step: the speed guard's yardstick).
+        self.since_explored = np.inf
         self._curve = prior
         self._plain_ms = self._plain_weight = 0.0  # decayed sums over steps that drafted nothing (wall time)
 
     def observe(self, num_nodes: int, ms: float) -> None:
         """One forward over ``num_nodes`` nodes per row took ``ms`` milliseconds."""
-        self.steps += 1
+        self.since_explored += float(self._curve.relative(num_nodes))
         if not (ms > 0 and np.isfinite(ms)):
             return
         sizes, shape = self.prior.sizes, self._curve.ms
@@ -186,14 +191,24 @@ class CostModel:
 
     def explore(self, num_nodes: int, needed: int | None = None) -> int:
         """The node count to run this step instead of ``num_nodes`` (the padded size; ``needed``: the nodes the
-        step actually holds, default ``num_nodes``), every ``explore_every`` steps: 1 (draft nothing: measures a
-        plain step) until two plain steps are measured; else the next size up while it is unmeasured; else the
-        smallest unmeasured size from ``needed`` up, below the largest size measured so far — a size the padding
-        jumps over, or a spike the prior holds there, would otherwise steer every tree around it and never be
-        corrected. Once none is unmeasured, the same again for sizes with fewer than ``min_samples`` times (one
-        slow time would steer the trees around a size just as well). Otherwise ``num_nodes`` itself."""
-        if self.steps % self.explore_every or num_nodes == 1:
+        step actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) until two plain steps
+        are measured; else the next size up while it is unmeasured; else the smallest unmeasured size from
+        ``needed`` up, below the largest size measured so far — a size the padding jumps over, or a spike the prior
+        holds there, would otherwise steer every tree around it and never be corrected. Once none is unmeasured,
+        the same again for sizes with fewer than ``min_samples`` times (one slow time would steer the trees around
+        a size just as well). Granted only once the steps run since the last exploration cost ``explore_every``
+        times the dearer of the two sizes; otherwise, or with nothing to measure, ``num_nodes`` itself."""
+        wanted = num_nodes if num_nodes == 1 else self._unmeasured(num_nodes, needed)
+        if wanted == num_nodes:
             return num_nodes
+        price = float(self._curve.relative(max(wanted, num_nodes)))
+        if self.since_explored < self.explore_every * price:
+            return num_nodes
+        self.since_explored = 0.0
+        return wanted
+
+    def _unmeasured(self, num_nodes: int, needed: int | None) -> int:
+        """The size :meth:`explore` would measure next while running ``num_nodes`` (``num_nodes``: none)."""
         if self.observed[0] < 2:
             return 1
         sizes = self.prior.sizes
