@@ -51,10 +51,24 @@ def test_the_form_timed_faster_is_kept_for_its_shape_and_rows(timings, monkeypat
     timings["faster"] = "torch"
     with torch.inference_mode(), few_row_products(torch.device("cpu")):
         layer(torch.randn(4, 48))
-        timings["faster"] = "transposed"  # timed once per (shape, rows): 4 rows stay with torch's form
+        timings["faster"] = "transposed"  # timed once per (shape, row bucket): 4 rows stay with torch's form
         layer(torch.randn(4, 48))
         layer(torch.randn(5, 48))
     assert calls == [5]
+
+
+def test_row_counts_in_one_bucket_share_one_timing(timings, monkeypatch):
+    """A timing runs both forms of every weight (over a second on a 0.5B model): 33 to 48 rows are timed once."""
+    layer = torch.nn.Linear(48, 200)
+    calls = spy(monkeypatch)
+    timed = []
+    time_form = kernels._time
+    monkeypatch.setattr(kernels, "_time", lambda form, *args: timed.append(form) or time_form(form, *args))
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        for rows in (33, 40, 48, 49):
+            layer(torch.randn(rows, 48))
+    assert len(timed) == 4  # both forms at 33 rows, and again at 49 (the next bucket)
+    assert calls == [33, 40, 48, 49]
 
 
 def test_one_row_long_inputs_and_outside_calls_run_torchs_own(timings, monkeypatch):
