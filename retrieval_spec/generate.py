@@ -388,7 +388,7 @@ class SpeculativeGenerator:
             "cost_curves": {str(batch): {"sizes": model.prior.sizes.tolist(),
                                          "ms": [round(float(ms), 3) for ms in model.curve().ms],
                                          "probed_ms": [round(float(ms), 3) for ms in model.prior.ms],
-                                         "observed_steps": model.observed.tolist()}
+                                         "observed_steps": model.steps.tolist()}
                             for batch, model in self._costs.items()},
             "acceptance": self.fuser.acceptance.summary(),
         }

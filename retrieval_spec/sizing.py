@@ -118,6 +118,10 @@ class CostModel:
     time taken in a noisy moment would otherwise steer every tree around that size for good). Explorations are
     spaced by what they cost: one of a size is granted once the steps since the last cost ``explore_every`` times
     its price, so exploring never takes more than ``1 / explore_every`` of the time, however steep the curve.
+    A size's times expire once it has not run for ``stale_after`` plain steps' worth of decoding: it is priced
+    from its neighbours again and, if the decoder's trees could use it, explored afresh. Otherwise a size timed
+    during a load burst stays over-priced for good once the burst is over: the padding steers every tree around
+    it, so it never runs to be timed again.
 
     Args:
         prior: the probed curve.
@@ -127,16 +131,22 @@ class CostModel:
             proportionally more where it does.
         min_samples: times a size needs before its price may rise above the prior and exploration leaves it to
             the decoder.
+        stale_after: the price, in plain steps, of the decoding after which a size's times expire when it has
+            not run since.
     """
 
     def __init__(self, prior: CostCurve, quantile: float = 0.25, window: int = 16, explore_every: int = 16,
-                 min_samples: int = 3) -> None:
+                 min_samples: int = 3, stale_after: float = 512.0) -> None:
         self.prior = prior
         self.quantile = quantile
         self.explore_every = explore_every
         self.min_samples = min_samples
+        self.stale_after = stale_after
         self.recent = np.zeros((len(prior.sizes), window))  # ring buffers of observed ms per size
-        self.observed = np.zeros(len(prior.sizes), dtype=np.int64)
+        self.observed = np.zeros(len(prior.sizes), dtype=np.int64)  # live (unexpired) times per size
+        self.steps = np.zeros(len(prior.sizes), dtype=np.int64)  # every step that ran each size, for reports
+        self.clock = 0.0  # the price of every step observed, in plain steps
+        self.last_run = np.zeros(len(prior.sizes))  # the clock when each size last ran
         self.measured = np.zeros(len(prior.sizes))  # the quantile of each size's recent times (observed sizes)
         # The price of the steps run since the last exploration, in plain steps; the first is granted at once (a
         # plain step: the speed guard's yardstick).
@@ -146,12 +156,17 @@ class CostModel:
 
     def observe(self, num_nodes: int, ms: float) -> None:
         """One forward over ``num_nodes`` nodes per row took ``ms`` milliseconds."""
-        self.since_explored += float(self._curve.relative(num_nodes))
+        price = float(self._curve.relative(num_nodes))
+        self.since_explored += price
+        self.clock += price
         if not (ms > 0 and np.isfinite(ms)):
             return
         sizes, shape = self.prior.sizes, self._curve.ms
         index = int(np.argmin(np.abs(np.log(sizes) - np.log(num_nodes))))
         at_size = ms * shape[index] / np.interp(num_nodes, sizes, shape)
+        self.observed[self.clock - self.last_run > self.stale_after] = 0  # this size's own old times too
+        self.last_run[index] = self.clock
+        self.steps[index] += 1
         window = self.recent.shape[1]
         self.recent[index, self.observed[index] % window] = at_size
         self.observed[index] += 1

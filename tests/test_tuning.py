@@ -224,7 +224,7 @@ def test_explorations_of_dear_sizes_are_spaced_by_what_they_cost():
     one step at 48 left every size between unmeasured. Exploration measures them all, yet, until it has, never
     takes more than ``1 / explore_every`` of the time (spaced in steps instead: 9%)."""
     steep = CostCurve(sizes=SIZES, ms=45.0 * (1 + SIZES / 4))
-    model = CostModel(steep)
+    model = CostModel(steep, stale_after=np.inf)  # the step at 48 keeps the range open however long this takes
     model.observe(48, float(steep.ms[SIZES == 48][0]))
     at = lambda size: float(steep.ms[np.searchsorted(SIZES, size)])  # noqa: E731
     total = extra = 0.0
@@ -269,3 +269,28 @@ def test_one_slow_time_raises_neither_its_size_nor_its_neighbours_but_three_do()
     for _ in range(2):
         model.observe(5, 3.5 * TRUE.ms[at[2]])
     assert model.curve().ms[at[2]] > 3 * TRUE.ms[at[2]]
+
+
+def test_a_size_timed_during_a_load_burst_is_timed_again_once_the_burst_is_over():
+    """Two rows cost less than one here (the few-row products), so plain steps run padded to 2 rows. During a
+    load burst the 2-row steps took 2.5 times their cost, and plain steps went back to one row: 2 rows, priced
+    from times the burst made, would never run again to be timed anew. Their times expire; within the stale
+    horizon (and the explorations it takes) plain steps run at 2 rows again, at what 2 rows cost."""
+    rng = np.random.default_rng(7)
+    kernels = CostCurve(sizes=SIZES, ms=np.where(SIZES == 2, 36.0, TRUE.ms))
+    at = lambda size: float(kernels.ms[np.searchsorted(SIZES, size)] * (1 + rng.exponential(0.05)))  # noqa: E731
+    model = CostModel(kernels)
+    for size in (1, 1, *[2] * 10):
+        model.observe(size, at(size) * (2.5 if size == 2 else 1.0))
+    assert model.curve().padded_size(1) == 1  # the burst's times steer plain steps off 2 rows
+    spent, back_at = 0.0, None  # in plain steps (one row, 45 ms)
+    while spent < 2 * model.stale_after:
+        run = model.explore(model.curve().padded_size(1), needed=1)
+        took = at(run)
+        model.observe(run, took)
+        spent += took / 45.0
+        if back_at is None and model.curve().padded_size(1) == 2:
+            back_at = spent
+    assert back_at is not None and back_at <= model.stale_after + 4 * model.explore_every, back_at
+    assert model.curve().padded_size(1) == 2
+    assert model.curve().ms[1] < 1.15 * 36.0
