@@ -6,6 +6,7 @@
     python benchmarks/spec_bench.py --limit 3 --methods pld,auto --poison-curve spike  # start from a wrong one
     python benchmarks/spec_bench.py --limit 3 --methods pld,auto --load               # one core kept busy
     python benchmarks/spec_bench.py --limit 3 --methods auto --cost flat --budget 64  # a GPU-like curve, forced
+    python benchmarks/spec_bench.py --limit 3 --methods pld,auto,pld@2  # pld@2: pld again, the run's noise floor
 
 Per prompt, every method runs once, in rotating order (interleaved, so drift in machine speed hits all
 alike). Baselines: ``plain`` is ``model.generate(do_sample=False)``; ``hf_pld`` is the same with
@@ -80,7 +81,10 @@ def table(report: dict, methods: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="pld", help="comma-separated methods of ours (see api.METHODS)")
+    parser.add_argument("--methods", default="pld",
+                        help="comma-separated methods of ours (see api.METHODS); NAME@2 runs a second, independent "
+                             "instance of NAME: how far two identical methods differ per category is the noise "
+                             "floor of any per-category comparison in the run")
     parser.add_argument("--limit", type=int, default=4, help="prompts per category")
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -114,7 +118,7 @@ def main() -> None:
     datastore = Datastore.open(args.index, tokenizer_fingerprint(tokenizer)) if args.index else None
     fixed_curve = prepare_cost_curve(model, args)
     generators = {
-        m: SpeculativeGenerator(model, tokenizer, make_drafters(m, model.config.vocab_size, datastore),
+        m: SpeculativeGenerator(model, tokenizer, make_drafters(m.split("@")[0], model.config.vocab_size, datastore),
                                 cost_curve=fixed_curve) for m in ours
     }
     if args.lookahead and "lookahead" in generators:
