@@ -121,10 +121,12 @@ def main() -> None:
         m: SpeculativeGenerator(model, tokenizer, make_drafters(m.split("@")[0], model.config.vocab_size, datastore),
                                 cost_curve=fixed_curve) for m in ours
     }
-    if args.lookahead and "lookahead" in generators:
+    if args.lookahead:
         window, ngram, guesses = map(int, args.lookahead.split(","))
         config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses)
-        generators["lookahead"] = SpeculativeGenerator(model, tokenizer, [LookaheadDrafter(config)])
+        for m in ours:
+            if m.split("@")[0] == "lookahead":
+                generators[m] = SpeculativeGenerator(model, tokenizer, [LookaheadDrafter(config)])
     if args.branch_overhead is not None:
         for generator in generators.values():
             generator.fuser.max_branch_overhead = args.branch_overhead

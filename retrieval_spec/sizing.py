@@ -109,7 +109,7 @@ class CostModel:
     Each measured size keeps its last ``window`` observed times and is estimated by their ``quantile`` (another
     process only ever adds time, so the quick steps say what a step costs; a machine that stays slower moves the
     estimate within ``window`` steps). A step run between two measured sizes counts for the nearer one, scaled
-    by the curve's shape. Sizes not observed yet follow the prior, shifted (in log space) like the observed sizes
+    by the curve's shape. Sizes not observed yet (or whose times expired) follow the prior, shifted (in log space) like the observed sizes
     around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
     steps. A size with fewer than ``min_samples`` times is priced at most at its prior, so one slow time neither
     raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that measures
@@ -119,7 +119,8 @@ class CostModel:
     spaced by what they cost: one of a size is granted once the steps since the last cost ``explore_every`` times
     its price, so exploring never takes more than ``1 / explore_every`` of the time, however steep the curve.
     A size's times expire once it has not run for ``stale_after`` plain steps' worth of decoding: it is priced
-    from its neighbours again and, if the decoder's trees could use it, explored afresh. Otherwise a size timed
+    from the prior shifted like its neighbours again, so it runs again once that price makes it worthwhile, and
+    is explored if it lies inside the range the decoder runs. Otherwise a size timed
     during a load burst stays over-priced for good once the burst is over: the padding steers every tree around
     it, so it never runs to be timed again.
 
@@ -206,9 +207,9 @@ class CostModel:
 
     def explore(self, num_nodes: int, needed: int | None = None) -> int:
         """The node count to run this step instead of ``num_nodes`` (the padded size; ``needed``: the nodes the
-        step actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) until two plain steps
-        are measured; else the next size up while it is unmeasured; else the smallest unmeasured size from
-        ``needed`` up, below the largest size measured so far — a size the padding jumps over, or a spike the prior
+        step actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) while one row has
+        fewer than two live (unexpired) times; else the next size up while it is unmeasured; else the smallest unmeasured size from
+        ``needed`` up, below the largest size with live times — a size the padding jumps over, or a spike the prior
         holds there, would otherwise steer every tree around it and never be corrected. Once none is unmeasured,
         the same again for sizes with fewer than ``min_samples`` times (one slow time would steer the trees around
         a size just as well). Granted only once the steps run since the last exploration cost ``explore_every``
