@@ -108,21 +108,21 @@ class CostModel:
 
     Each measured size keeps its last ``window`` observed times and is estimated by their ``quantile`` (another
     process only ever adds time, so the quick steps say what a step costs; a machine that stays slower moves the
-    estimate within ``window`` steps). A step run between two measured sizes counts for the nearer one, scaled
-    by the curve's shape. Sizes not observed yet (or whose times expired) follow the prior, shifted (in log space) like the observed sizes
-    around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the first few dozen
-    steps. A size with fewer than ``min_samples`` times is priced at most at its prior, so one slow time neither
-    raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that measures
-    what the decoder would otherwise never run: a plain step (the unit every other size is judged against), the
-    next size up, and any size inside the range the decoder runs that has fewer than ``min_samples`` times (one
+    estimate within ``window`` steps). A step run between two measured sizes counts for the nearer one, scaled by
+    the curve's shape. Sizes not observed yet (or whose times expired) follow the prior, shifted (in log space) like
+    the observed sizes around them, so a probe taken on a loaded (or idle) machine is corrected everywhere by the
+    first few dozen steps. A size with fewer than ``min_samples`` times is priced at most at its prior, so one slow
+    time neither raises it nor, through the shift, its neighbours. :meth:`explore` now and then asks for a step that
+    measures what the decoder would otherwise never run: a plain step (the unit every other size is judged against),
+    the next size up, and any size inside the range the decoder runs that has fewer than ``min_samples`` times (one
     time taken in a noisy moment would otherwise steer every tree around that size for good). Explorations are
     spaced by what they cost: one of a size is granted once the steps since the last cost ``explore_every`` times
-    its price, so exploring never takes more than ``1 / explore_every`` of the time, however steep the curve.
-    A size's times expire once it has not run for ``stale_after`` plain steps' worth of decoding: it is priced
-    from the prior shifted like its neighbours again, so it runs again once that price makes it worthwhile, and
-    is explored if it lies inside the range the decoder runs. Otherwise a size timed
-    during a load burst stays over-priced for good once the burst is over: the padding steers every tree around
-    it, so it never runs to be timed again.
+    its price, so exploring never takes more than ``1 / explore_every`` of the time, however steep the curve. A
+    size's times expire once it has not run for ``stale_after`` plain steps' worth of decoding: it is priced from
+    the prior shifted like its neighbours again, so it runs again once that price makes it worthwhile, and is
+    explored if it lies inside the range the decoder runs. Otherwise a size timed during a load burst stays
+    over-priced for good once the burst is over: the padding steers every tree around it, so it never runs to be
+    timed again.
 
     Args:
         prior: the probed curve.
@@ -149,17 +149,14 @@ class CostModel:
         self.clock = 0.0  # the price of every step observed, in plain steps
         self.last_run = np.zeros(len(prior.sizes))  # the clock when each size last ran
         self.measured = np.zeros(len(prior.sizes))  # the quantile of each size's recent times (observed sizes)
-        # The price of the steps run since the last exploration, in plain steps; the first is granted at once (a
-        # plain step: the speed guard's yardstick).
-        self.since_explored = np.inf
+        # The clock at the last exploration; the first is granted at once (a plain step: the guard's yardstick).
+        self.explored_at = -np.inf
         self._curve = prior
         self._plain_ms = self._plain_weight = 0.0  # decayed sums over steps that drafted nothing (wall time)
 
     def observe(self, num_nodes: int, ms: float) -> None:
         """One forward over ``num_nodes`` nodes per row took ``ms`` milliseconds."""
-        price = float(self._curve.relative(num_nodes))
-        self.since_explored += price
-        self.clock += price
+        self.clock += float(self._curve.relative(num_nodes))
         if not (ms > 0 and np.isfinite(ms)):
             return
         sizes, shape = self.prior.sizes, self._curve.ms
@@ -206,21 +203,22 @@ class CostModel:
         return self._plain_ms / self._plain_weight
 
     def explore(self, num_nodes: int, needed: int | None = None) -> int:
-        """The node count to run this step instead of ``num_nodes`` (the padded size; ``needed``: the nodes the
-        step actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) while one row has
-        fewer than two live (unexpired) times; else the next size up while it is unmeasured; else the smallest unmeasured size from
-        ``needed`` up, below the largest size with live times — a size the padding jumps over, or a spike the prior
-        holds there, would otherwise steer every tree around it and never be corrected. Once none is unmeasured,
-        the same again for sizes with fewer than ``min_samples`` times (one slow time would steer the trees around
-        a size just as well). Granted only once the steps run since the last exploration cost ``explore_every``
-        times the dearer of the two sizes; otherwise, or with nothing to measure, ``num_nodes`` itself."""
+        """The node count to run this step instead of ``num_nodes`` (the padded size; ``needed``: the nodes the step
+        actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) while one row has fewer
+        than two live (unexpired) times; else the next size up while it is unmeasured; else the smallest unmeasured
+        size from ``needed`` up, below the largest size with live times — a size the padding jumps over, or a spike
+        the prior holds there, would otherwise steer every tree around it and never be corrected. Once none is
+        unmeasured, the same again for sizes with fewer than ``min_samples`` times (one slow time would steer the
+        trees around a size just as well). Granted only once the steps run since the last exploration cost
+        ``explore_every`` times the dearer of the two sizes; otherwise, or with nothing to measure, ``num_nodes``
+        itself."""
         wanted = num_nodes if num_nodes == 1 else self._unmeasured(num_nodes, needed)
         if wanted == num_nodes:
             return num_nodes
         price = float(self._curve.relative(max(wanted, num_nodes)))
-        if self.since_explored < self.explore_every * price:
+        if self.clock - self.explored_at < self.explore_every * price:
             return num_nodes
-        self.since_explored = 0.0
+        self.explored_at = self.clock
         return wanted
 
     def _unmeasured(self, num_nodes: int, needed: int | None) -> int:
