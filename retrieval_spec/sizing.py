@@ -204,15 +204,15 @@ class CostModel:
 
     def explore(self, num_nodes: int, needed: int | None = None) -> int:
         """The node count to run this step instead of ``num_nodes`` (the padded size; ``needed``: the nodes the step
-        actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) while one row has fewer
-        than two live (unexpired) times; else the next size up while it is unmeasured; else the smallest unmeasured
-        size from ``needed`` up, below the largest size with live times — a size the padding jumps over, or a spike
-        the prior holds there, would otherwise steer every tree around it and never be corrected. Once none is
-        unmeasured, the same again for sizes with fewer than ``min_samples`` times (one slow time would steer the
-        trees around a size just as well). Granted only once the steps run since the last exploration cost
-        ``explore_every`` times the dearer of the two sizes; otherwise, or with nothing to measure, ``num_nodes``
-        itself."""
-        wanted = num_nodes if num_nodes == 1 else self._unmeasured(num_nodes, needed)
+        actually holds, default ``num_nodes``): 1 (draft nothing: measures a plain step) while one row has fewer than
+        two live (unexpired) times; else the next size up while it is unmeasured, from a plain step too (a curve cached
+        after a load burst may price 2 rows so high that no step ever runs them); else the smallest unmeasured size from
+        ``needed`` up, below the largest size with live times — a size the padding jumps over, or a spike the prior
+        holds there, would otherwise steer every tree around it and never be corrected. Once none is unmeasured, the
+        same again for sizes with fewer than ``min_samples`` times (one slow time would steer the trees around a size
+        just as well). Granted only once the steps run since the last exploration cost ``explore_every`` times the
+        dearer of the two sizes; otherwise, or with nothing to measure, ``num_nodes`` itself."""
+        wanted = self._unmeasured(num_nodes, needed)
         if wanted == num_nodes:
             return num_nodes
         price = float(self._curve.relative(max(wanted, num_nodes)))

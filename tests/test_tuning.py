@@ -294,3 +294,23 @@ def test_a_size_timed_during_a_load_burst_is_timed_again_once_the_burst_is_over(
     assert back_at is not None and back_at <= model.stale_after + 4 * model.explore_every, back_at
     assert model.curve().padded_size(1) == 2
     assert model.curve().ms[1] < 1.15 * 36.0
+
+
+def test_a_curve_cached_after_a_load_burst_is_corrected_by_plain_steps_alone():
+    """The last process stored its curve with 2 rows priced from a load burst's times (2.5 times their cost); the
+    next one starts from it, and while nothing is drafted its steps run at one row, never at 2 to time it anew (a
+    size timed fewer than ``min_samples`` times is never priced above this prior). Plain steps explore the next
+    size up, so within a couple of explorations they run at 2 rows again, at what 2 rows cost."""
+    rng = np.random.default_rng(8)
+    kernels = CostCurve(sizes=SIZES, ms=np.where(SIZES == 2, 36.0, TRUE.ms))  # two rows cheaper than one
+    at = lambda size: float(kernels.ms[np.searchsorted(SIZES, size)] * (1 + rng.exponential(0.05)))  # noqa: E731
+    model = CostModel(CostCurve(sizes=SIZES, ms=np.where(SIZES == 2, 2.5 * 36.0, TRUE.ms)))
+    back_at = None
+    for step in range(4 * model.explore_every):
+        run = model.explore(model.curve().padded_size(1), needed=1)
+        model.observe(run, at(run))
+        if back_at is None and model.curve().padded_size(1) == 2:
+            back_at = step
+    assert back_at is not None and back_at <= 2 * model.explore_every, back_at
+    assert model.curve().padded_size(1) == 2
+    assert model.curve().ms[1] < 1.15 * 36.0
