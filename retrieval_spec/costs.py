@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .kernels import FORMS
+from .kernels import FORMS, cpu_name
 from .models import cache_dir
 from .sizing import CostCurve
 from .tree import DraftTree
@@ -96,7 +95,7 @@ def store_cost_curve(model: PreTrainedModel, probe: CostProbe, curve: CostCurve)
 
 
 def _device_name(model: PreTrainedModel) -> str:
-    name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else cpu_name()
     return f"{model.device.type}:{name}"
 
 

@@ -7,9 +7,12 @@ two rows). Which form wins depends on the machine, the BLAS library and the shap
 (weight shape, row bucket, dtype) times both and every later one takes the faster. Rows are bucketed (every count
 up to 8, then 12, 16, 24, 32, 48, 64) because a timing is dear: both forms of every weight, the vocabulary head
 included, about 1.3 s on Qwen2.5-0.5B here (a 38-node tree's first step took 1.75 s against 0.43 s), and a tree of
-any size from 2 to 64 rows may come. A single row (a plain step) and inputs longer than ``MAX_ROWS`` (prefills)
-always run torch's own ``linear``, so plain decoding's arithmetic is untouched; the two forms round differently in
-the last bits, as the T-row and one-row kernels already do.
+any size from 2 to 64 rows may come. For the same reason the choices are stored on disk per machine, torch version
+and thread count (beside the cost curves, ``models.cache_dir``): a process that had to time every bucket again would
+pay up to 13 timings (about 10 s on Qwen2.5-0.5B) within its first replies, so each machine pays them once. A
+single row (a plain step) and inputs longer than ``MAX_ROWS`` (prefills) always run torch's own ``linear``, so
+plain decoding's arithmetic is untouched; the two forms round differently in the last bits, as the T-row and
+one-row kernels already do.
 """
 
 from __future__ import annotations
@@ -17,18 +20,28 @@ from __future__ import annotations
 import bisect
 import contextlib
 import contextvars
+import hashlib
+import json
+import os
+import platform
 import time
+import uuid
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from .models import cache_dir
 
 MAX_ROWS = 64
 FORMS = "torch's linear or W·xT, timed per shape"  # in a cached cost curve's key: a curve timed before is stale
 _TORCH_LINEAR = F.linear
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("retrieval_spec_few_rows", default=False)
 ROW_BUCKETS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, MAX_ROWS)  # a row count shares the timing of the next
-_TRANSPOSED_FASTER: dict[tuple, bool] = {}  # (weight shape, row bucket, dtype, device) -> whether W · xᵀ is faster
+# (weight shape, row bucket, dtype, threads) -> whether W · xᵀ is faster; filled from disk per thread count
+_TRANSPOSED_FASTER: dict[tuple, bool] = {}
+_LOADED: set[int] = set()  # thread counts whose stored choices are in _TRANSPOSED_FASTER
 
 
 @contextlib.contextmanager
@@ -53,11 +66,15 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     rows = x.numel() // max(x.shape[-1], 1)
     if not 2 <= rows <= MAX_ROWS:
         return _TORCH_LINEAR(x, weight, bias)
-    key = (tuple(weight.shape), ROW_BUCKETS[bisect.bisect_left(ROW_BUCKETS, rows)], weight.dtype, x.device)
-    faster = _TRANSPOSED_FASTER.get(key)
-    if faster is None:
-        faster = _TRANSPOSED_FASTER[key] = _time(_transposed, x, weight, bias) < _time(_TORCH_LINEAR, x, weight, bias)
-    return _transposed(x, weight, bias) if faster else _TORCH_LINEAR(x, weight, bias)
+    threads = torch.get_num_threads()
+    key = (tuple(weight.shape), ROW_BUCKETS[bisect.bisect_left(ROW_BUCKETS, rows)], str(weight.dtype), threads)
+    if key not in _TRANSPOSED_FASTER and threads not in _LOADED:
+        _TRANSPOSED_FASTER.update(_stored_choices(threads))
+        _LOADED.add(threads)
+    if key not in _TRANSPOSED_FASTER:
+        _TRANSPOSED_FASTER[key] = _transposed_faster(x, weight, bias)
+        _store_choices(threads)
+    return _transposed(x, weight, bias) if _TRANSPOSED_FASTER[key] else _TORCH_LINEAR(x, weight, bias)
 
 
 def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,14 +85,64 @@ def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _time(form, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
-    """The fastest run of ``form`` after a warm-up, in seconds (another process only ever adds time): three runs,
-    or more, up to 20, until they add up to 2 ms (a small product's single time is mostly noise)."""
-    form(x, weight, bias)
-    best, total, runs = float("inf"), 0.0, 0
-    while runs < 3 or (total < 2e-3 and runs < 20):
-        start = time.perf_counter()
+def _transposed_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether W · xᵀ beat torch's linear: the fastest run of each after a warm-up (another process only ever adds
+    time), the two taken in turn so that a burst of load hits both alike; three runs of each, or more, up to 20,
+    until each form's add up to 2 ms (a small product's single time is mostly noise)."""
+    forms = (_transposed, _TORCH_LINEAR)
+    best, total = [float("inf")] * 2, [0.0] * 2
+    for form in forms:
         form(x, weight, bias)
-        took = time.perf_counter() - start
-        best, total, runs = min(best, took), total + took, runs + 1
-    return best
+    runs = 0
+    while runs < 3 or (min(total) < 2e-3 and runs < 20):
+        for i, form in enumerate(forms):
+            start = time.perf_counter()
+            form(x, weight, bias)
+            took = time.perf_counter() - start
+            best[i], total[i] = min(best[i], took), total[i] + took
+        runs += 1
+    return best[0] < best[1]
+
+
+def cpu_name() -> str:
+    """This machine's processor, as named by the OS (Linux: /proc/cpuinfo's model name), for cache keys."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _choices_path(threads: int) -> Path:
+    key = json.dumps([cpu_name(), platform.machine(), torch.__version__, threads, FORMS])
+    return cache_dir() / "kernels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _stored_choices(threads: int) -> dict[tuple, bool]:
+    """The choices stored for this machine at ``threads`` threads; none when there are none or the file is
+    damaged (they are timed again)."""
+    path = _choices_path(threads)
+    try:
+        rows = json.loads(path.read_text())["choices"]
+        return {(tuple(int(d) for d in shape), int(bucket), str(dtype), threads): bool(faster)
+                for shape, bucket, dtype, faster in rows}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _store_choices(threads: int) -> None:
+    """Store every choice known at ``threads`` threads, with those another process stored meanwhile (atomically;
+    the last writer wins where two timed the same shape)."""
+    path = _choices_path(threads)
+    known = _stored_choices(threads) | {k: v for k, v in _TRANSPOSED_FASTER.items() if k[3] == threads}
+    rows = [[list(shape), bucket, dtype, faster] for (shape, bucket, dtype, _), faster in sorted(known.items())]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": threads,
+                                   "choices": rows}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache: the choices hold for this process only

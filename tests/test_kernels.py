@@ -11,13 +11,25 @@ from retrieval_spec.kernels import few_row_products
 
 
 @pytest.fixture
-def timings(monkeypatch):
-    """Make the timed choice deterministic: ``faster`` names the form the fake clock says is faster."""
-    choice = {"faster": "transposed"}
-    monkeypatch.setattr(kernels, "_TRANSPOSED_FASTER", {})
-    monkeypatch.setattr(kernels, "_time", lambda form, *args: 1.0 if (form is kernels._transposed)
-                        == (choice["faster"] == "transposed") else 2.0)
+def timings(monkeypatch, tmp_path):
+    """Make the timed choice deterministic (``faster`` names the form the fake clock says is faster), in a fresh
+    process (no choice known) with an empty cache directory; ``timed`` counts the timings."""
+    choice = {"faster": "transposed", "timed": 0}
+
+    def fake(*args):
+        choice["timed"] += 1
+        return choice["faster"] == "transposed"
+
+    monkeypatch.setenv("RETRIEVAL_SPEC_CACHE", str(tmp_path))
+    new_process(monkeypatch)
+    monkeypatch.setattr(kernels, "_transposed_faster", fake)
     return choice
+
+
+def new_process(monkeypatch) -> None:
+    """Forget every choice this process knows (as a new process starts), leaving the stored ones on disk."""
+    monkeypatch.setattr(kernels, "_TRANSPOSED_FASTER", {})
+    monkeypatch.setattr(kernels, "_LOADED", set())
 
 
 def spy(monkeypatch) -> list[int]:
@@ -61,14 +73,55 @@ def test_row_counts_in_one_bucket_share_one_timing(timings, monkeypatch):
     """A timing runs both forms of every weight (over a second on a 0.5B model): 33 to 48 rows are timed once."""
     layer = torch.nn.Linear(48, 200)
     calls = spy(monkeypatch)
-    timed = []
-    time_form = kernels._time
-    monkeypatch.setattr(kernels, "_time", lambda form, *args: timed.append(form) or time_form(form, *args))
     with torch.inference_mode(), few_row_products(torch.device("cpu")):
         for rows in (33, 40, 48, 49):
             layer(torch.randn(rows, 48))
-    assert len(timed) == 4  # both forms at 33 rows, and again at 49 (the next bucket)
+    assert timings["timed"] == 2  # at 33 rows, and again at 49 (the next bucket)
     assert calls == [33, 40, 48, 49]
+
+
+def test_choices_timed_by_one_process_serve_the_next_without_timing(timings, monkeypatch):
+    """A timing costs seconds on a 0.5B model; a process that times a bucket stores the choice, and the next
+    process on the machine (same thread count) takes it from disk."""
+    layer = torch.nn.Linear(48, 200)
+    timings["faster"] = "torch"
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        layer(torch.randn(4, 48))
+    assert timings["timed"] == 1
+    new_process(monkeypatch)
+    timings["faster"] = "transposed"  # were it timed again, the choice would change
+    calls = spy(monkeypatch)
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        layer(torch.randn(4, 48))
+    assert timings["timed"] == 1 and calls == []  # torch's form, as stored
+    torch.set_num_threads(torch.get_num_threads() + 1)  # another thread count is another machine
+    try:
+        with torch.inference_mode(), few_row_products(torch.device("cpu")):
+            layer(torch.randn(4, 48))
+    finally:
+        torch.set_num_threads(torch.get_num_threads() - 1)
+    assert timings["timed"] == 2 and calls == [4]
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"choices": [[[200, 48], "four"]]}', ""])
+def test_a_damaged_store_of_choices_is_timed_again_and_rewritten(timings, monkeypatch, damage):
+    layer = torch.nn.Linear(48, 200)
+    path = kernels._choices_path(torch.get_num_threads())
+    path.parent.mkdir(parents=True)
+    path.write_text(damage)
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        layer(torch.randn(4, 48))
+    assert timings["timed"] == 1
+    new_process(monkeypatch)
+    with torch.inference_mode(), few_row_products(torch.device("cpu")):
+        layer(torch.randn(4, 48))
+    assert timings["timed"] == 1  # the rewritten store served it
+
+
+def test_the_real_timing_runs_both_forms_and_picks_one():
+    """The clock itself, not faked: a bool for a real product, whichever it is."""
+    x, weight = torch.randn(3, 48), torch.randn(200, 48)
+    assert isinstance(kernels._transposed_faster(x, weight, None), bool)
 
 
 def test_one_row_long_inputs_and_outside_calls_run_torchs_own(timings, monkeypatch):
