@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench, write_chart, write_json
 from retrieval_spec.api import make_drafters
-from retrieval_spec.costs import CostProbe, cached_cost_curve, store_cost_curve
+from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curve, store_cost_curve
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.kernels import ROW_BUCKETS
 from retrieval_spec.models import load_model
 from retrieval_spec.sizing import CostCurve
 
@@ -116,7 +117,7 @@ def main() -> None:
     exact = args.dtype == "float32" and not args.temperature
     ours = args.methods.split(",")
     datastore = Datastore.open(args.index, tokenizer_fingerprint(tokenizer)) if args.index else None
-    fixed_curve = prepare_cost_curve(model, args)
+    fixed_curve, start_curve = prepare_cost_curve(model, args)
     generators = {
         m: SpeculativeGenerator(model, tokenizer, make_drafters(m.split("@")[0], model.config.vocab_size, datastore),
                                 cost_curve=fixed_curve) for m in ours
@@ -136,9 +137,14 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                               tree_budget=args.budget)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0} if args.temperature else {}
+    # The few-row kernels of every row bucket are timed now (once per machine; kernels.py), so that no measured
+    # prompt pays a timing, charged to whichever method first runs a tree of that size.
+    measure_cost_curve(model, CostProbe(sizes=(1, *ROW_BUCKETS), repeats=1))
     warm = prompt_ids(tokenizer, rows[0])
     hf_generate(model, warm, 8)
-    for generator in generators.values():
+    for generator in generators.values():  # each learns its own cost model here, from the same cached curve
+        if start_curve is not None:
+            store_cost_curve(model, CostProbe(), start_curve)
         generator.generate(warm, GenerationConfig(max_new_tokens=8))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.load else None
     try:
@@ -171,19 +177,21 @@ def main() -> None:
         sys.exit(1)
 
 
-def prepare_cost_curve(model, args) -> CostCurve | None:
-    """The fixed curve of ``--cost``, or None (the engine's learned curve) after ``--fresh-curve``/``--poison-curve``
-    have set what it starts from."""
+def prepare_cost_curve(model, args) -> tuple[CostCurve | None, CostCurve | None]:
+    """The fixed curve of ``--cost`` (None: the engine's learned curve), and the cached curve every learning
+    generator starts from: the fresh probe of ``--fresh-curve``, the wrong one of ``--poison-curve``, or None (the
+    one cached). It is stored again before each generator's first call, since each stores what it learned: else
+    only the first generator would start from it, and the others from what the first learned."""
     if args.cost == "flat":
-        return CostCurve.flat(64)
+        return CostCurve.flat(64), None
     if args.cost != "learned":
         data = json.loads(Path(args.cost).read_text())
-        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
+        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64)), None
     probe = CostProbe()
+    start = None
     if args.fresh_curve:
-        from retrieval_spec.costs import measure_cost_curve
-
-        store_cost_curve(model, probe, measure_cost_curve(model, probe))
+        start = measure_cost_curve(model, probe)
+        store_cost_curve(model, probe, start)
     if args.poison_curve:
         true = cached_cost_curve(model, probe)
         poisons = {
@@ -192,11 +200,11 @@ def prepare_cost_curve(model, args) -> CostCurve | None:
             "slow": CostCurve(sizes=true.sizes, ms=1.5 * true.ms),
         }
         if args.poison_curve in poisons:
-            store_cost_curve(model, probe, poisons[args.poison_curve])
+            start = poisons[args.poison_curve]
         else:
             data = json.loads(Path(args.poison_curve).read_text())
-            store_cost_curve(model, probe, CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"])))
-    return None
+            start = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
+    return None, start
 
 
 def run(args, model, tokenizer, rows, methods, ours, generators, config, sampling, exact):
