@@ -179,21 +179,19 @@ def main() -> None:
 
 def prepare_cost_curve(model, args) -> tuple[CostCurve | None, CostCurve | None]:
     """The fixed curve of ``--cost`` (None: the engine's learned curve), and the cached curve every learning
-    generator starts from: the fresh probe of ``--fresh-curve``, the wrong one of ``--poison-curve``, or None (the
-    one cached). It is stored again before each generator's first call, since each stores what it learned: else
-    only the first generator would start from it, and the others from what the first learned."""
+    generator starts from (None with a fixed one): the fresh probe of ``--fresh-curve``, the wrong one of
+    ``--poison-curve``, or the one cached. It is stored again before each generator's first call, since each
+    stores what it learned: else only the first generator would start from it, and the others from what the
+    first learned."""
     if args.cost == "flat":
         return CostCurve.flat(64), None
     if args.cost != "learned":
         data = json.loads(Path(args.cost).read_text())
         return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64)), None
     probe = CostProbe()
-    start = None
-    if args.fresh_curve:
-        start = measure_cost_curve(model, probe)
-        store_cost_curve(model, probe, start)
+    start = measure_cost_curve(model, probe) if args.fresh_curve else cached_cost_curve(model, probe)
     if args.poison_curve:
-        true = cached_cost_curve(model, probe)
+        true = start
         poisons = {
             "flat": CostCurve(sizes=true.sizes, ms=np.full(len(true.sizes), true.ms[0])),
             "spike": CostCurve(sizes=true.sizes, ms=np.where(true.sizes == 8, 10 * true.ms, true.ms)),

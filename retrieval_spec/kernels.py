@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -104,12 +105,18 @@ def _transposed_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return best[0] < best[1]
 
 
+@functools.cache
 def cpu_name() -> str:
-    """This machine's processor, as named by the OS (Linux: /proc/cpuinfo's model name), for cache keys."""
+    """This machine's processor as the OS names it, for cache keys (Linux: /proc/cpuinfo's model name, or on ARM
+    its hardware and part number; elsewhere ``platform.processor()``)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+                      if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        name = fields.get("model name") or " ".join(fields.get(k, "") for k in ("Hardware", "CPU implementer",
+                                                                              "CPU part")).strip()
+        if name:
+            return name
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -133,16 +140,18 @@ def _stored_choices(threads: int) -> dict[tuple, bool]:
 
 
 def _store_choices(threads: int) -> None:
-    """Store every choice known at ``threads`` threads, with those another process stored meanwhile (atomically;
-    the last writer wins where two timed the same shape)."""
+    """Store every choice known at ``threads`` threads with those already on disk, atomically (two processes
+    storing at the same moment may lose one's new choices: they are timed again). Never raises: a cache that
+    cannot be written keeps the choices for this process only."""
     path = _choices_path(threads)
-    known = _stored_choices(threads) | {k: v for k, v in _TRANSPOSED_FASTER.items() if k[3] == threads}
+    mine = [(k, v) for k, v in list(_TRANSPOSED_FASTER.items()) if k[3] == threads]  # a snapshot: other threads add
+    known = _stored_choices(threads) | dict(mine)
     rows = [[list(shape), bucket, dtype, faster] for (shape, bucket, dtype, _), faster in sorted(known.items())]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": threads,
                                    "choices": rows}))
         tmp.replace(path)
     except OSError:
-        pass  # a read-only cache: the choices hold for this process only
+        tmp.unlink(missing_ok=True)
