@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from .files import replace_atomically
 from .kernels import FORMS, cpu_name
 from .models import cache_dir
 from .sizing import CostCurve
@@ -87,11 +86,8 @@ def cached_cost_curve(model: PreTrainedModel, probe: CostProbe = CostProbe()) ->
 
 def store_cost_curve(model: PreTrainedModel, probe: CostProbe, curve: CostCurve) -> None:
     """Cache ``curve`` as this model's, device's, dtype's and thread count's (atomically; the last writer wins)."""
-    path = _curve_path(model, probe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist(), "device": _device_name(model)}))
-    tmp.replace(path)
+    replace_atomically(_curve_path(model, probe), json.dumps({"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist(),
+                                                             "device": _device_name(model)}))
 
 
 def _device_name(model: PreTrainedModel) -> str:

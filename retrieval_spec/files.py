@@ -13,6 +13,7 @@ import os
 import stat
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable
@@ -167,3 +168,16 @@ class JsonlWriter:
     ) -> None:
         if self.path is not None:
             self._file.close()
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, so readers see the old file or the new one,
+    never a part (the last of two writers wins); its folder is created. Raises OSError, leaving no temporary."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

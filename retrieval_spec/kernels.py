@@ -23,16 +23,15 @@ import contextvars
 import functools
 import hashlib
 import json
-import os
 import platform
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .files import replace_atomically
 from .models import cache_dir
 
 MAX_ROWS = 64
@@ -147,11 +146,8 @@ def _store_choices(threads: int) -> None:
     mine = [(k, v) for k, v in list(_TRANSPOSED_FASTER.items()) if k[3] == threads]  # a snapshot: other threads add
     known = _stored_choices(threads) | dict(mine)
     rows = [[list(shape), bucket, dtype, faster] for (shape, bucket, dtype, _), faster in sorted(known.items())]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": threads,
-                                   "choices": rows}))
-        tmp.replace(path)
+        replace_atomically(path, json.dumps({"cpu": cpu_name(), "torch": torch.__version__, "threads": threads,
+                                             "choices": rows}))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass  # the choices hold for this process only
