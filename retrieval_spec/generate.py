@@ -279,7 +279,8 @@ class SpeculativeGenerator:
         try:
             while alive:
                 first = forwards == 0  # the prefill, which also verifies the first tree
-                step = self._step(alive, config.tree_budget, sampler, costs, ends, first)
+                whole_batch = len(alive) == len(rows)  # only such a step times the batch's curve, so only it explores
+                step = self._step(alive, config.tree_budget, sampler, costs if whole_batch else None, ends, first)
                 forwards += 1
                 if first:
                     prefill_ms = (time.perf_counter() - started) * 1e3
@@ -294,7 +295,7 @@ class SpeculativeGenerator:
                     if on_tokens is not None:
                         on_tokens(row.index, outcome.new_tokens)
                 if costs is not None and not first:  # 6. tune: the step's cost, and whether drafting paid per row
-                    self._tune(costs, step, alive, whole_batch=len(alive) == len(rows))
+                    self._tune(costs, step, alive, whole_batch)
                 alive = [row for row, outcome in zip(alive, step.rows) if not outcome.done]
         finally:
             for row in rows:
@@ -309,11 +310,12 @@ class SpeculativeGenerator:
             results.append(GenerationResult(tokens=row.output.copy(), text=text, stats=row.stats))
         return BatchResult(rows=results, forwards=forwards, total_ms=total_ms)
 
-    def _step(self, alive: list[_Row], budget: int, sampler: Sampler, costs: CostModel | None, ends: _Ends,
+    def _step(self, alive: list[_Row], budget: int, sampler: Sampler, explorer: CostModel | None, ends: _Ends,
               first: bool) -> _Step:
-        """Draft, verify, accept and commit one step of every alive row; the ``first`` is the prefill's forward."""
+        """Draft, verify, accept and commit one step of every alive row; the ``first`` is the prefill's forward.
+        ``explorer``: the cost model that may pick a size to time instead of the drafted one (None: no exploring)."""
         started = time.perf_counter()
-        drafts, run = self._draft(alive, budget, costs, first)
+        drafts, run = self._draft(alive, budget, explorer, first)
         drafted = time.perf_counter()
         # 2. Verify every row's tree in one forward (the first: in the prefill's).
         results = (self.verifier.start(drafts, sampler, self.top_k) if first
@@ -337,7 +339,7 @@ class SpeculativeGenerator:
         return _Step(outcomes, run, draft_ms=(drafted - started) * 1e3, forward_ms=forward_ms,
                      verify_ms=(finished - drafted) * 1e3, started=started)
 
-    def _draft(self, alive: list[_Row], budget: int, costs: CostModel | None,
+    def _draft(self, alive: list[_Row], budget: int, explorer: CostModel | None,
                first: bool) -> tuple[list[RowDraft], int]:
         """1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest); the
         drafts and the nodes per row the forward will run. The ``first`` step's trees ride on the prefill: sized
@@ -354,7 +356,7 @@ class SpeculativeGenerator:
                   for t, b, r in zip(ranked, branches, alive)]
         needed = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
         run = self.fuser.cost_curve.padded_size(needed)
-        if not first and costs is not None and (explored := costs.explore(run, needed)) != run:
+        if not first and explorer is not None and (explored := explorer.explore(run, needed)) != run:
             if explored == 1:  # measure a plain step
                 drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
                           for d in drafts]

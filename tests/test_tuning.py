@@ -190,6 +190,34 @@ def test_the_loop_stops_drafting_whose_cost_the_curve_cannot_see(monkeypatch):
     assert clock.now * 1e3 <= 1.06 * 40.0 * len(expected)  # drafting always: 1.25x plain decoding's time
 
 
+def test_only_whole_batch_steps_explore(monkeypatch):
+    """Only a step that runs every row of the batch times its curve, so only such a step may run an exploration:
+    once a row has finished, an explored size would be a padded forward whose time is thrown away."""
+    import retrieval_spec.generate as generate_module
+    from conftest import StubTokenizer, plain_greedy, tiny_model
+    from test_lossless_tiny import prompts
+    from retrieval_spec.api import make_drafters
+    from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+
+    model = tiny_model("llama")
+    batch = prompts(3, 4)
+    eos = int(plain_greedy(model, batch[1], 5)[4])  # row 1 ends after a few tokens
+    generator = SpeculativeGenerator(model, StubTokenizer(), make_drafters("pld"))
+    fake_machine(monkeypatch, generate_module, generator.verifier, FLAT, lambda rows: 40.0 + rows)
+    rows_at_exploration, step = [], generator._step
+
+    def counting_step(alive, budget, sampler, explorer, ends, first):
+        if explorer is not None and not first:
+            rows_at_exploration.append(len(alive))
+        return step(alive, budget, sampler, explorer, ends, first)
+
+    monkeypatch.setattr(generator, "_step", counting_step)
+    monkeypatch.setattr(model.generation_config, "eos_token_id", eos)
+    result = generator.generate_batch(batch, GenerationConfig(max_new_tokens=40))
+    assert len(result.rows[1].tokens) <= 5 < len(result.rows[0].tokens)
+    assert rows_at_exploration and set(rows_at_exploration) == {len(batch)}
+
+
 def test_a_spike_on_a_size_the_decoder_steers_around_is_measured_and_corrected():
     """Trees here run at 5 nodes or 16 (short and long copies); a spike cached at 8 makes every tree avoid 8, so
     only exploration can measure it. It does, within a few explorations, and the curve stored is right there."""
