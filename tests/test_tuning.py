@@ -216,6 +216,10 @@ def test_only_whole_batch_steps_explore(monkeypatch):
     result = generator.generate_batch(batch, GenerationConfig(max_new_tokens=40))
     assert len(result.rows[1].tokens) <= 5 < len(result.rows[0].tokens)
     assert rows_at_exploration and set(rows_at_exploration) == {len(batch)}
+    for prompt, row in zip(batch, result.rows):  # and every row is still plain greedy's, up to its EOS
+        expected = plain_greedy(model, prompt, 40)
+        stop = np.flatnonzero(expected == eos)
+        np.testing.assert_array_equal(row.tokens, expected[: stop[0] + 1] if len(stop) else expected)
 
 
 def test_a_spike_on_a_size_the_decoder_steers_around_is_measured_and_corrected():
