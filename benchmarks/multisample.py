@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench, write_json
 from retrieval_spec.api import make_drafters
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.models import load_model
 
 

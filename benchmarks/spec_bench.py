@@ -36,7 +36,8 @@ from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curv
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.kernels import ROW_BUCKETS
 from retrieval_spec.models import load_model
 from retrieval_spec.sizing import CostCurve

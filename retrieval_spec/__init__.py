@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "BatchResult": "generate",
     "SpeculativeGenerator": "generate",
-    "GenerationConfig": "generate",
+    "GenerationConfig": "config",
     "GenerationResult": "generate",
     "load_model": "models",
     "make_drafters": "api",

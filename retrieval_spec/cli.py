@@ -303,7 +303,8 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
 
     from . import rag as grounded
     from .api import make_drafters
-    from .generate import GenerationConfig, SpeculativeGenerator
+    from .config import GenerationConfig
+    from .generate import SpeculativeGenerator
     from .models import chat_prompt, load_model
 
     dense = grounded.DenseIndex.open(index_path) if task == "rag" else None  # refused before the model loads

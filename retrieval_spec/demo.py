@@ -7,7 +7,8 @@ from importlib import resources
 import numpy as np
 
 from .api import make_drafters
-from .generate import GenerationConfig, SpeculativeGenerator
+from .config import GenerationConfig
+from .generate import SpeculativeGenerator
 from .models import chat_prompt, load_model
 
 

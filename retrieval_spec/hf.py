@@ -37,7 +37,8 @@ from .api import load_state, make_drafters, save_state
 from .datastore.manifest import tokenizer_fingerprint
 from .datastore.reader import Datastore
 from .errors import InputError, UnsupportedOptionError
-from .generate import BatchResult, GenerationConfig, SpeculativeGenerator
+from .config import GenerationConfig
+from .generate import BatchResult, SpeculativeGenerator
 from .sizing import CostCurve
 
 CUSTOM_GENERATE = str(Path(__file__).resolve().with_name("hf_generate"))

@@ -49,7 +49,8 @@ from .datastore.manifest import (
     write_manifest,
 )
 from .errors import DatastoreFormatError, InputError, ModelNotFoundError
-from .generate import GenerationConfig, GenerationResult, SpeculativeGenerator
+from .config import GenerationConfig
+from .generate import GenerationResult, SpeculativeGenerator
 from .models import chat_prompt
 
 DENSE = "dense"

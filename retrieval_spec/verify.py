@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from .cache import TreeCache
+from .config import GenerationConfig
 from .errors import UnsupportedModelError
 from .families import AttentionLayout, attention_layout
 from .kernels import few_row_products
@@ -85,6 +86,11 @@ class Sampler:
             if min_p > 0:
                 warpers.append(MinPLogitsWarper(min_p))
         self.warpers = LogitsProcessorList(warpers)
+
+    @classmethod
+    def from_config(cls, config: GenerationConfig) -> Sampler:
+        """The sampler a :class:`~retrieval_spec.config.GenerationConfig` asks for."""
+        return cls(config.temperature, config.top_k, config.top_p, config.min_p, config.repetition_penalty)
 
     @property
     def plain_argmax(self) -> bool:

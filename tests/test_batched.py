@@ -13,7 +13,8 @@ from test_sampling import PROMPT, SEED_BASE, VOCAB, RandomTreeDrafter, chi_squar
 from test_sampling import model as sampling_model  # noqa: F401  (fixture)
 from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.cross_path import CrossPathDrafter
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.tree import Source, StepFeedback, children_lists, trie_from_continuations
 from retrieval_spec.verify import RowDraft, Sampler, Verifier
 

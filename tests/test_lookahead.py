@@ -11,7 +11,8 @@ from conftest import StubTokenizer, plain_greedy, tiny_model
 from test_lossless_tiny import CPU_LIKE, FREE, prompts
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.errors import TokenizerMismatchError
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.tree import DraftTree, StepFeedback
 from retrieval_spec.verify import RowDraft, Verifier
 

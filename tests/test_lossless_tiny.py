@@ -14,7 +14,8 @@ from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
 from retrieval_spec.tree import DraftTree
 from retrieval_spec.verify import RowDraft, Sampler, Verifier

@@ -19,7 +19,8 @@ from conftest import StubTokenizer, plain_greedy, tiny_model
 from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.lookahead import LookaheadDrafter
 from retrieval_spec.errors import UnsupportedModelError
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
 from retrieval_spec.verify import Verifier
 

@@ -14,7 +14,8 @@ from retrieval_spec.builders.build import build_index
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.errors import DatastoreFormatError, InputError
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.rag import (
     DenseIndex,
     answer,

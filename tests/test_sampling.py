@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import StubTokenizer
 from retrieval_spec.drafters.base import Drafter
-from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
 from retrieval_spec.tree import Source, children_lists, trie_from_continuations
 from retrieval_spec.verify import Sampler
@@ -64,7 +65,7 @@ class RandomTreeDrafter(Drafter):
 
 def processed_probs(config: GenerationConfig, logits: torch.Tensor) -> np.ndarray:
     """(n, vocab) logits -> (n, vocab) float64 probabilities after the config's temperature, top-k and top-p."""
-    return torch.softmax(config.sampler().warpers(None, logits.float()), dim=-1).double().numpy()
+    return torch.softmax(Sampler.from_config(config).warpers(None, logits.float()), dim=-1).double().numpy()
 
 
 def exact_joint(model, config: GenerationConfig) -> np.ndarray:

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
     "retrieval_spec.errors",
+    "retrieval_spec.config",
     "retrieval_spec.files",
     "retrieval_spec.cli",  # so that options and paths are refused in a fraction of a second
     "retrieval_spec.datastore",

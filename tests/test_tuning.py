@@ -135,7 +135,8 @@ def fake_machine(monkeypatch, generator_module, verifier, prior: CostCurve, cost
 def test_the_loop_learns_the_machine_from_a_poisoned_curve_and_stays_exact(monkeypatch):
     import retrieval_spec.generate as generate_module
     from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
-    from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+    from retrieval_spec.config import GenerationConfig
+    from retrieval_spec.generate import SpeculativeGenerator
 
     model = tiny_model("llama")
     prompt = np.arange(10, 40, dtype=np.int32)
@@ -157,7 +158,8 @@ def test_the_loop_stops_drafting_whose_cost_the_curve_cannot_see(monkeypatch):
     import retrieval_spec.generate as generate_module
     from conftest import StubTokenizer, plain_greedy, tiny_model
     from retrieval_spec.drafters.base import Drafter
-    from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+    from retrieval_spec.config import GenerationConfig
+    from retrieval_spec.generate import SpeculativeGenerator
     from retrieval_spec.tree import DraftTree, Source
 
     model = tiny_model("llama")
@@ -197,7 +199,8 @@ def test_only_whole_batch_steps_explore(monkeypatch):
     from conftest import StubTokenizer, plain_greedy, tiny_model
     from test_lossless_tiny import prompts
     from retrieval_spec.api import make_drafters
-    from retrieval_spec.generate import GenerationConfig, SpeculativeGenerator
+    from retrieval_spec.config import GenerationConfig
+    from retrieval_spec.generate import SpeculativeGenerator
 
     model = tiny_model("llama")
     batch = prompts(3, 4)
