@@ -2,10 +2,9 @@
 
 Each step and request: every drafter proposes a trie; the tries are merged; nodes carrying a token the model
 does not have are dropped; node scores are replaced by learned acceptance probabilities
-(:class:`~retrieval_spec.calibration.AcceptanceModel`); the best nodes are kept best-first; and the tree is cut
-to the size that maximises expected tokens per unit of measured verification cost
-(:func:`~retrieval_spec.sizing.best_size`) — zero drafted nodes when nothing is likely to be accepted.
-Pure numpy, so the same code runs in the decoder and in the model-free replay of ``benchmarks/simulate.py``.
+(:class:`~retrieval_spec.calibration.AcceptanceModel`); and the best nodes are kept best-first. The verified tree
+is a head of these ranked candidates, cut by the sizer (:class:`~retrieval_spec.sizing.Sizer`) — to zero
+drafted nodes when nothing is likely to be accepted. Pure numpy.
 """
 
 from __future__ import annotations
@@ -16,44 +15,27 @@ import numpy as np
 
 from .calibration import AcceptanceModel, RecentSuccess
 from .drafters.base import Drafter, RequestId
-from .sizing import CostCurve, best_size
 from .tree import Branch, DraftTree, StepFeedback, best_first, merge, within_vocabulary
-
-# Lookahead's window pays off only where extra rows in a forward are nearly free (a GPU). Measured on the 2-core
-# CPU (benchmarks/spec_bench.py --methods lookahead --branch-overhead 10): its 12 rows make a step 71 ms instead
-# of 38, for 1.48 tokens/step from the pool: 0.69x of plain decoding. W=2, N=3: 0.74x.
-MAX_BRANCH_OVERHEAD = 0.25
 
 
 class TreeFuser:
     """Owns the drafters of one generator and the acceptance statistics they share, for every request.
 
-    Lifecycle per request: :meth:`start`; per step :meth:`rank` (or :meth:`propose`), :meth:`branch`,
-    :meth:`observe`; then :meth:`finish`.
+    Lifecycle per request: :meth:`start`; per step :meth:`rank`, :meth:`branch`, :meth:`observe`; then
+    :meth:`finish`.
+
+    Args:
+        drafters: the sources fused; each serves every request.
+        vocab_size: the model's vocabulary: drafted tokens outside ``[0, vocab_size)`` are dropped.
+        acceptance: the acceptance model to learn into (a fresh one by default).
     """
 
-    def __init__(
-        self,
-        drafters: Sequence[Drafter],
-        cost_curve: CostCurve,
-        vocab_size: int,
-        acceptance: AcceptanceModel | None = None,
-        max_branch_overhead: float = MAX_BRANCH_OVERHEAD,
-    ):
-        """
-        Args:
-            drafters: the sources fused; each serves every request.
-            cost_curve: the measured cost of verifying k nodes per row (at the batch size decoded).
-            vocab_size: the model's vocabulary: drafted tokens outside ``[0, vocab_size)`` are dropped.
-            max_branch_overhead: a drafter's look-ahead branch runs only when it makes a bare step at most this
-                much dearer on the measured cost curve (it pays later, through the pool, if at all).
-        """
+    def __init__(self, drafters: Sequence[Drafter], vocab_size: int, acceptance: AcceptanceModel | None = None):
         self.drafters = list(drafters)
-        self.cost_curve = cost_curve
         self.vocab_size = vocab_size
         self.acceptance = acceptance or AcceptanceModel()
-        self.max_branch_overhead = max_branch_overhead
-        self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}  # last step's candidates and features
+        # The request's candidates ranked at its last step and their features; absent when it ranked none.
+        self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}
         self._whole: dict[RequestId, bool] = {}  # the request's last step accepted every node of its path
         self._recent: dict[RequestId, RecentSuccess] = {}
 
@@ -68,25 +50,14 @@ class TreeFuser:
         for drafter in self.drafters:
             drafter.finish(request)
 
-    def propose(self, request: RequestId, context: np.ndarray, budget: int, max_depth: int | None = None,
-                fixed: int = 1) -> DraftTree:
-        """The tree to verify after ``context``: at most ``budget`` drafted nodes, often fewer, maybe none.
-
-        ``max_depth`` drops nodes that could only be accepted beyond the token limit; ``fixed`` counts the nodes
-        verified whatever the tree (the root, plus a look-ahead branch).
-        """
-        ranked = self.rank(request, context, budget, max_depth)
-        return ranked.head(1 + best_size(ranked.scores[1:], self.cost_curve, fixed=fixed))
-
     def rank(self, request: RequestId, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
         """Every candidate after ``context`` (at most ``budget``), best first, rescored as acceptance probabilities.
 
-        The tree to verify is a head of it (:meth:`propose` cuts it for one sequence; a batch cuts every row's
-        at a common size).
+        The tree to verify is a head of it, cut by the sizer. ``max_depth`` drops nodes that could only be accepted
+        beyond the token limit.
         """
-        root = int(context[-1])
-        empty = DraftTree.empty(root)
-        self._ranked[request] = (empty, np.array([-1]))
+        empty = DraftTree.empty(int(context[-1]))
+        self._ranked.pop(request, None)
         if budget <= 0 or not self.drafters or max_depth == 0:
             return empty
         raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]), self.vocab_size)
@@ -94,16 +65,16 @@ class TreeFuser:
             return empty
         features = self.acceptance.features(raw, self._whole.get(request, False), self._recent.get(request))
         ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
-        self._ranked[request] = (ranked, features[keep])
+        if len(ranked) > 1:
+            self._ranked[request] = (ranked, features[keep])
         return ranked
 
     def branch(self, request: RequestId, context: np.ndarray) -> Branch | None:
-        """The request's look-ahead branch for this step, when a drafter has one and it is nearly free to run."""
+        """The request's look-ahead branch for this step: the first a drafter offers, or None."""
         for drafter in self.drafters:
             branch = drafter.branch(request, context)
             if branch is not None:
-                pays = self.cost_curve.relative(1 + len(branch)) <= 1 + self.max_branch_overhead
-                return branch if pays else None
+                return branch
         return None
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
@@ -114,12 +85,12 @@ class TreeFuser:
         emitted after that parent. Learning therefore never starves when the cut drafts nothing. A candidate
         ranked below the sibling that won is not counted (``AcceptanceModel.rescore``).
         """
-        ranked, features = self._ranked.get(request, (None, None))
         verified = feedback.tree
-        if verified is not None and len(verified) > 1:
+        if len(verified) > 1:
             last = feedback.accepted_nodes[-1]
             self._whole[request] = bool(last > 0 and not np.any(verified.parents == last))
-        if ranked is not None and len(ranked) > 1:
+        if request in self._ranked:
+            ranked, features = self._ranked[request]
             accepted = feedback.accepted_nodes[: len(feedback.new_tokens)]
             on_path = np.zeros(len(ranked), dtype=bool)
             on_path[accepted] = True

@@ -1,4 +1,10 @@
-"""The decoding loop, for any number of rows: draft → verify → accept → commit → observe, until every row ends.
+"""The decoding loop, for any number of rows: one step after another until every row ends.
+
+A step (:meth:`SpeculativeGenerator._step`) drafts, sizes, verifies, accepts, cuts, commits and observes, and
+returns what every row gained; the loop around it only counts, streams and stops. The loop is handed the
+:class:`~retrieval_spec.verifier.Verifier` it runs against (a model's, or a replay of recorded outputs) and the
+clock it reads, so the replay of ``benchmarks/simulate.py`` is this loop. Pure numpy: torch is imported only by
+the model verifier.
 
 A single sequence is a batch of one. Each row has its own tree, positions, accepted length and cache length,
 so its output is exactly what it would be alone: greedy rows equal plain greedy decoding, and a sampled row is
@@ -11,32 +17,42 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .acceptance import accept
-from .costs import CostProbe, cached_cost_curve, store_cost_curve
+from .config import GenerationConfig, Seed
 from .drafters.base import Drafter
 from .drafters.cross_path import CrossPathDrafter
-from .config import GenerationConfig, Seed
 from .errors import InputError
 from .fusion import TreeFuser
-from .sizing import CostCurve, CostModel, SpeedGuard, best_batch_size
+from .sizing import BatchSizing, CostCurve, Sizer
 from .tree import Branch, DraftTree, Source, StepFeedback, depths
-from .verify import RowDraft, Sampler, Verifier
+from .verifier import PhaseTimer, RowDraft, RowResult, Verifier
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DRAFTING_PHASES = ("draft", "size", "observe")  # the drafters' and the sizer's work in a step
+VERIFYING_PHASES = ("mask", "forward", "accept", "commit")  # the verifier's, and acceptance
+
 
 @dataclass
 class GenerationStats:
-    """Counters of one row. Times are wall-clock milliseconds; a batch's rows share its forwards and wall time."""
+    """Counters of one row. Times are milliseconds of the generator's clock; a batch's rows share its steps, so
+    each row counts every step it ran whole. The first step is the prompt's forward (``prefill_ms``); the phase
+    times count the steps after it.
+
+    Phases of a step: ``draft`` (the drafters rank candidates), ``size`` (the sizer cuts and pads), ``mask``
+    (the verifier's inputs and masks), ``forward`` (the model, the sampler and the one transfer), ``accept``,
+    ``commit`` (the cache keeps the accepted entries), ``observe`` (the drafters and the sizer learn).
+    """
 
     new_tokens: int = 0
     steps: int = 0
     drafted_nodes: int = 0
-    draft_ms: float = 0.0
-    verify_ms: float = 0.0
-    observe_ms: float = 0.0  # part of draft_ms: drafters learning from the step (recycling table update, top-k)
+    phase_ms: dict[str, float] = field(default_factory=dict)
     prefill_ms: float = 0.0  # the first step: the prompt's forward, which also verifies the first tree
     total_ms: float = 0.0
     seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
@@ -54,16 +70,33 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return 1e3 * self.new_tokens / max(self.total_ms, 1e-9)
 
-    def count_step(self, tree: DraftTree, accepted: np.ndarray, new_tokens: np.ndarray, draft_ms: float,
-                   verify_ms: float) -> None:
-        """Add one verification step."""
+    @property
+    def draft_ms(self) -> float:
+        """Drafting, sizing and observing: everything the drafters and the sizer spent."""
+        return sum(self.phase_ms.get(phase, 0.0) for phase in DRAFTING_PHASES)
+
+    @property
+    def verify_ms(self) -> float:
+        """Masks, forwards, acceptance and commits."""
+        return sum(self.phase_ms.get(phase, 0.0) for phase in VERIFYING_PHASES)
+
+    @property
+    def observe_ms(self) -> float:
+        return self.phase_ms.get("observe", 0.0)
+
+    def count_step(self, feedback: StepFeedback, timer: PhaseTimer, first: bool) -> None:
+        """Add one verification step: its tree, what it gained and (after the first) its phase times."""
+        tree, new_tokens = feedback.tree, feedback.new_tokens
         self.steps += 1
         self.new_tokens += len(new_tokens)
         self.drafted_nodes += len(tree) - 1
-        self.draft_ms += draft_ms
-        self.verify_ms += verify_ms
+        if first:
+            self.prefill_ms = timer.total()
+        else:
+            for phase, ms in timer.ms.items():
+                self.phase_ms[phase] = self.phase_ms.get(phase, 0.0) + ms
         self.tokens_per_step[len(new_tokens)] = self.tokens_per_step.get(len(new_tokens), 0) + 1
-        for node in accepted[1 : len(new_tokens)]:
+        for node in feedback.accepted_nodes[1 : len(new_tokens)]:
             name = Source(int(tree.sources[node])).name.lower()
             self.accepted_by_source[name] = self.accepted_by_source.get(name, 0) + 1
         for source, count in zip(*np.unique(tree.sources[1:], return_counts=True)):
@@ -71,15 +104,17 @@ class GenerationStats:
             self.drafted_by_source[name] = self.drafted_by_source.get(name, 0) + int(count)
 
     def to_dict(self) -> dict:
+        steps = max(self.steps, 1)
         return {
             "new_tokens": self.new_tokens,
             "steps": self.steps,
             "mean_accepted": round(self.mean_accepted, 4),
             "tokens_per_second": round(self.tokens_per_second, 3),
             "drafted_nodes": self.drafted_nodes,
-            "draft_ms_per_step": round(self.draft_ms / max(self.steps, 1), 4),
-            "verify_ms_per_step": round(self.verify_ms / max(self.steps, 1), 4),
-            "observe_ms_per_step": round(self.observe_ms / max(self.steps, 1), 4),
+            "draft_ms_per_step": round(self.draft_ms / steps, 4),
+            "verify_ms_per_step": round(self.verify_ms / steps, 4),
+            "observe_ms_per_step": round(self.observe_ms / steps, 4),
+            "phase_ms_per_step": {phase: round(ms / steps, 4) for phase, ms in self.phase_ms.items()},
             "prefill_ms": round(self.prefill_ms, 3),
             "total_ms": round(self.total_ms, 3),
             **({"seed": list(self.seed) if isinstance(self.seed, tuple) else self.seed} if self.seed is not None
@@ -134,40 +169,48 @@ class BatchResult:
 
 
 class SpeculativeGenerator:
-    """Lossless speculative decoding of one Hugging Face causal LM with any set of drafters, for any batch.
+    """Lossless speculative decoding against one verifier with any set of drafters, for any batch.
 
     Args:
-        model: a causal LM of a supported family (``retrieval_spec.families``).
-        tokenizer: its tokenizer (text prompts, stop strings, decoding the output).
+        target: a transformers causal LM of a supported family (verified by
+            :class:`~retrieval_spec.verify.ModelVerifier`), or any :class:`~retrieval_spec.verifier.Verifier`
+            (:class:`~retrieval_spec.replay.ReplayVerifier`: recorded outputs, no model).
+        tokenizer: text prompts, stop strings and the output's text; None when prompts are token ids (texts
+            are then empty and stop strings refused).
         drafters: sources of draft trees, each serving every row; none means plain decoding through the same
-            loop. What they learn (acceptance rates, tables, pools) carries over from call to call.
-        cost_curve: a fixed cost of verifying k nodes per row (tests, forced benchmarks). When omitted the cost is
-            probed once per batch size (and cached on disk), then learned from every real step (``CostModel``;
-            the corrected curve is cached for the next run), and each row drafts only while drafting pays
-            (``SpeedGuard``).
+            loop, sizer and verifier. What they learn (acceptance rates, tables, pools) carries over from call to
+            call.
+        cost_curve: a fixed cost of verifying k nodes per row (tests, forced benchmarks): nothing is learned and
+            every row always drafts. When omitted the sizer starts each batch size from the verifier's prior
+            (probed once and cached on disk for a model), learns from every real step, and each row drafts only
+            while drafting pays (:class:`~retrieval_spec.sizing.Sizer`).
         cross_path: rows that share a prompt also draft from each other's output (``CrossPathDrafter``).
+        clock: seconds, monotonic: what every time the loop measures is read from (a replay's cost clock).
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        target: PreTrainedModel | Verifier,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         drafters: Sequence[Drafter] = (),
         cost_curve: CostCurve | None = None,
         cross_path: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.model = model
+        if not isinstance(target, Verifier):
+            from .verify import ModelVerifier  # torch, for a model only
+
+            target = ModelVerifier(target)
+        self.verifier: Verifier = target
         self.tokenizer = tokenizer
-        self.verifier = Verifier(model)
-        vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
         sources = list(drafters) + ([CrossPathDrafter()] if drafters and cross_path else [])
-        self.fuser = TreeFuser(sources, cost_curve or CostCurve.flat(1), vocab_size)
+        self.fuser = TreeFuser(sources, self.verifier.vocab_size)
+        self.sizer = Sizer(self.verifier, fixed=cost_curve)
         self.top_k = max((drafter.top_k for drafter in sources), default=0)
-        self._cost_curve = cost_curve
-        self._costs: dict[int, CostModel] = {}  # per batch size, when self-tuning
+        self.clock = clock
         self._requests = itertools.count()
 
-    def encode(self, prompt: str) -> np.ndarray:
+    def encode(self, prompt: str | np.ndarray) -> np.ndarray:
         """Token ids of a prompt as given (no special tokens added: chat templates carry their own)."""
         return encode(self.tokenizer, prompt)
 
@@ -202,153 +245,123 @@ class SpeculativeGenerator:
             on_tokens: called after every step with (row index, the tokens it gained), for streaming.
 
         Raises:
-            InputError: an empty prompt, or one too long for the model's context.
+            InputError: an empty prompt, one too long for the model's context, or stop strings without a tokenizer.
         """
-        ids = [encode(self.tokenizer, p) for p in prompts]
-        if not ids:
+        rows, ends, references_ids = self._rows(prompts, config, references, seeds)
+        if not rows:
             return BatchResult(rows=[], forwards=0, total_ms=0.0)
-        for prompt_ids in ids:
-            check_fits(self.verifier.layout.context_limit, len(prompt_ids), config.max_new_tokens)
-        reference_ids = [encode(self.tokenizer, r) for r in references if len(r)]
-        if seeds is not None and len(seeds) != len(ids):
-            raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
-        costs = self._cost_model(len(ids))  # probed before the clock starts; None: a fixed curve
-        self.fuser.cost_curve = self._cost_curve or (costs.curve() if costs else CostCurve.flat(1))
-        sampler = Sampler.from_config(config)
-        ends = _Ends(eos_token_ids(self.model, config),
-                     StopStrings(self.tokenizer, config.stop_strings) if config.stop_strings else None)
-        rows = [_Row(b, next(self._requests), prompt, config, None if sampler.greedy else _row_seed(config, seeds, b,
-                len(ids))) for b, prompt in enumerate(ids)]
-        started = time.perf_counter()
+        sizing = self.sizer.start(len(rows))  # a new batch size's cost curve is probed before the clock starts
+        started, forwards = self.clock(), 0
         for row in rows:
-            self.fuser.start(row.request, row.prompt, reference_ids)
-        alive, forwards, prefill_ms = list(rows), 0, 0.0
+            self.fuser.start(row.request, row.prompt, references_ids)
+        alive = list(rows)
         try:
             while alive:
-                first = forwards == 0  # the prefill, which also verifies the first tree
-                whole_batch = len(alive) == len(rows)  # only such a step times the batch's curve, so only it explores
-                step = self._step(alive, config.tree_budget, sampler, costs if whole_batch else None, ends, first)
-                forwards += 1
-                if first:
-                    prefill_ms = (time.perf_counter() - started) * 1e3
-                for row, outcome in zip(alive, step.rows):  # 5. observe: extend, teach the drafters, count, stream
-                    observe_started = time.perf_counter()
-                    row.append(outcome.new_tokens)
-                    self.fuser.observe(row.request, outcome.feedback)
-                    observe_ms = (time.perf_counter() - observe_started) * 1e3
-                    row.stats.observe_ms += observe_ms
-                    row.stats.count_step(outcome.feedback.tree, outcome.feedback.accepted_nodes, outcome.new_tokens,
-                                         step.draft_ms / len(alive) + observe_ms, 0.0 if first else step.verify_ms)
+                outcomes, timer = self._step(alive, config, sizing, ends, first=forwards == 0)
+                for row, outcome in zip(alive, outcomes):  # count, stream, stop
+                    row.stats.count_step(outcome.feedback, timer, first=forwards == 0)
                     if on_tokens is not None:
-                        on_tokens(row.index, outcome.new_tokens)
-                if costs is not None and not first:  # 6. tune: the step's cost, and whether drafting paid per row
-                    self._tune(costs, step, alive, whole_batch)
-                alive = [row for row, outcome in zip(alive, step.rows) if not outcome.done]
+                        on_tokens(row.index, outcome.feedback.new_tokens)
+                alive = [row for row, outcome in zip(alive, outcomes) if not outcome.done]
+                forwards += 1
         finally:
             for row in rows:
                 self.fuser.finish(row.request)
-        if costs is not None and costs.observed.any():
-            store_cost_curve(self.model, CostProbe(batch=len(ids)), costs.curve())
-        total_ms = (time.perf_counter() - started) * 1e3
-        results = []
-        for row in rows:
-            row.stats.total_ms, row.stats.prefill_ms = total_ms, prefill_ms
-            text = self.tokenizer.decode(row.output, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            results.append(GenerationResult(tokens=row.output.copy(), text=text, stats=row.stats))
-        return BatchResult(rows=results, forwards=forwards, total_ms=total_ms)
+            sizing.finish()
+        total_ms = (self.clock() - started) * 1e3
+        return BatchResult(rows=[row.result(self.tokenizer, total_ms) for row in rows], forwards=forwards,
+                           total_ms=total_ms)
 
-    def _step(self, alive: list[_Row], budget: int, sampler: Sampler, explorer: CostModel | None, ends: _Ends,
-              first: bool) -> _Step:
-        """Draft, verify, accept and commit one step of every alive row; the ``first`` is the prefill's forward.
-        ``explorer``: the cost model that may pick a size to time instead of the drafted one (None: no exploring)."""
-        started = time.perf_counter()
-        drafts, run = self._draft(alive, budget, explorer, first)
-        drafted = time.perf_counter()
-        # 2. Verify every row's tree in one forward (the first: in the prefill's).
-        results = (self.verifier.start(drafts, sampler, self.top_k) if first
-                   else self.verifier.verify(drafts, sampler, self.top_k, run))
-        forward_ms = (time.perf_counter() - drafted) * 1e3
-        # 3. Accept the longest agreeing path, cut at EOS, a stop string or the token limit.
-        outcomes = []
-        for row, draft, result in zip(alive, drafts, results):
-            accepted, new_tokens = accept(draft.tree, result.node_tokens)
-            new_tokens, done = row.cut(new_tokens, ends)
-            feedback = StepFeedback(tree=draft.tree, accepted_nodes=accepted, new_tokens=new_tokens,
-                                    top_tokens=result.top_tokens, branch_tokens=result.branch_tokens)
-            outcomes.append(_Outcome(new_tokens, done, feedback))
-        # 4. Commit the accepted entries of the rows that go on.
+    def _rows(self, prompts: Sequence[str | np.ndarray], config: GenerationConfig,
+              references: Sequence[str | np.ndarray], seeds: Sequence[Seed] | None
+              ) -> tuple[list[_Row], _Ends, list[np.ndarray]]:
+        """The batch's rows, what ends them and the references' ids, every input checked."""
+        ids = [self.encode(p) for p in prompts]
+        for prompt_ids in ids:
+            check_fits(self.verifier.context_limit, len(prompt_ids), config.max_new_tokens)
+        if seeds is not None and len(seeds) != len(ids):
+            raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
+        if config.stop_strings and self.tokenizer is None:
+            raise InputError("stop strings need the model's tokenizer")
+        eos = self.verifier.eos_token_ids if config.eos_token_ids is None else frozenset(config.eos_token_ids)
+        ends = _Ends(eos, StopStrings(self.tokenizer, config.stop_strings) if config.stop_strings else None)
+        greedy = config.temperature == 0
+        rows = [_Row(b, next(self._requests), prompt, config,
+                     None if greedy else _row_seed(config, seeds, b, len(ids))) for b, prompt in enumerate(ids)]
+        return rows, ends, [self.encode(r) for r in references if len(r)]
+
+    def _step(self, alive: list[_Row], config: GenerationConfig, sizing: BatchSizing, ends: _Ends,
+              first: bool) -> tuple[list[_Outcome], PhaseTimer]:
+        """One step of every alive row; the ``first`` is the prompt's forward, which verifies the first trees.
+        Returns each row's outcome (alive rows' order) and the step's phase times."""
+        timer = PhaseTimer(self.clock)
+        # 1. Draft: every row's ranked candidates and look-ahead branch (none for a row the guard paused).
+        ranked, branches = self._draft(alive, config.tree_budget, sizing, first)
+        timer.lap("draft")
+        # 2. Size: one size for the batch (every row pays for the largest), padded, or a size to time.
+        plan = sizing.plan([tree.scores[1:] for tree in ranked], [0 if b is None else len(b) for b in branches],
+                           first)
+        drafts = [_row_draft(row, tree.head(1 + plan.size), branch if plan.branches else None)
+                  for row, tree, branch in zip(alive, ranked, branches)]
+        timer.lap("size")
+        # 3. Verify every row's tree in one forward (the first: the prompt's).
+        results = (self.verifier.start(drafts, config, self.top_k, timer) if first
+                   else self.verifier.verify(drafts, plan.run, timer))
+        # 4. Accept the longest agreeing path; cut at EOS, a stop string or the token limit.
+        outcomes = [_accepted(row, draft, result, ends) for row, draft, result in zip(alive, drafts, results)]
+        timer.lap("accept")
+        # 5. Commit the accepted entries of the rows that go on.
         going = [i for i, outcome in enumerate(outcomes) if not outcome.done]
         if going:
             self.verifier.commit([outcome.feedback.accepted_nodes for outcome in outcomes])
             if len(going) < len(alive):
                 self.verifier.keep_rows(np.array(going))
-        finished = time.perf_counter()
-        return _Step(outcomes, run, draft_ms=(drafted - started) * 1e3, forward_ms=forward_ms,
-                     verify_ms=(finished - drafted) * 1e3, started=started)
+        timer.lap("commit")
+        # 6. Observe: the rows extend, the drafters and (from the step's times) the sizer learn.
+        for row, outcome in zip(alive, outcomes):
+            row.append(outcome.feedback.new_tokens)
+            self.fuser.observe(row.request, outcome.feedback)
+        timer.lap("observe")
+        sizing.learn(plan, timer, [(row.index, len(o.feedback.new_tokens)) for row, o in zip(alive, outcomes)])
+        return outcomes, timer
 
-    def _draft(self, alive: list[_Row], budget: int, explorer: CostModel | None,
-               first: bool) -> tuple[list[RowDraft], int]:
-        """1. Draft: every row's candidates, cut to one size for the batch (every row pays for the largest); the
-        drafts and the nodes per row the forward will run. The ``first`` step's trees ride on the prefill: sized
-        on the same curve (a prefill's extra rows cost less: the cut is cautious there), no branch, no
-        exploration."""
-        for row in alive:
-            row.stats.paused_steps += not row.guard.drafting
-        ranked = [self.fuser.rank(r.request, r.context, budget if r.guard.drafting else 0, r.remaining - 1)
-                  for r in alive]
-        branches = [None if first else self._branch(i, r) for i, r in enumerate(alive)]
-        fixed = 1 + max((len(b) for b in branches if b is not None), default=0)
-        size = best_batch_size([t.scores[1:] for t in ranked], self.fuser.cost_curve, fixed)
-        drafts = [RowDraft(t.head(1 + size), b, r.context, r.node_uniforms(t.head(1 + size)))
-                  for t, b, r in zip(ranked, branches, alive)]
-        needed = max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts)
-        run = self.fuser.cost_curve.padded_size(needed)
-        if not first and explorer is not None and (explored := explorer.explore(run, needed)) != run:
-            if explored == 1:  # measure a plain step
-                drafts = [RowDraft(d.tree.head(1), None, d.context, None if d.uniforms is None else d.uniforms[:1])
-                          for d in drafts]
-            run = explored
-        return drafts, run
-
-    def _tune(self, costs: CostModel, step: _Step, alive: list[_Row], whole_batch: bool) -> None:
-        """Learn the step's forward cost (the curve is the whole batch's), and let each row's guard judge whether
-        its drafting paid: its tokens in the step's wall time, against a plain step's time."""
-        if whole_batch:
-            costs.observe(step.run, step.forward_ms)
-            self.fuser.cost_curve = costs.curve()
-        wall_ms = (time.perf_counter() - step.started) * 1e3
-        if whole_batch and step.run == 1:  # verified no draft: without its drafting, what a plain step costs
-            costs.observe_plain_step(wall_ms - step.draft_ms)
-        plain_step_ms = costs.plain_step_ms(self.fuser.cost_curve.ms[0] + wall_ms - step.draft_ms - step.forward_ms)
-        for row, outcome in zip(alive, step.rows):
-            row.guard.record(len(outcome.new_tokens), wall_ms, plain_step_ms)
-
-    def _branch(self, index: int, row: _Row) -> Branch | None:
-        """The row's look-ahead branch this step, when one pays and every node has a position the model can embed."""
-        branch = self.fuser.branch(row.request, row.context)
-        if branch is None or not self.verifier.fits(index, int(branch.offsets.max(initial=0))):
-            return None
-        return branch
+    def _draft(self, alive: list[_Row], budget: int, sizing: BatchSizing,
+               first: bool) -> tuple[list[DraftTree], list[Branch | None]]:
+        """Every row's ranked candidates and its look-ahead branch: none where the row's guard paused drafting;
+        no branch in the first step (the prompt's forward), where it does not pay, or where a node of it would
+        lie beyond the positions the model can embed."""
+        ranked, branches = [], []
+        for i, row in enumerate(alive):
+            drafting = sizing.drafting(row.index)
+            row.stats.paused_steps += not drafting
+            ranked.append(self.fuser.rank(row.request, row.context, budget if drafting else 0, row.remaining - 1))
+            branch = None if first or not drafting else self.fuser.branch(row.request, row.context)
+            if branch is not None and not (sizing.branch_pays(len(branch))
+                                           and self.verifier.fits(i, int(branch.offsets.max(initial=0)))):
+                branch = None
+            branches.append(branch)
+        return ranked, branches
 
     def tuning_report(self) -> dict:
         """What the generator learned, as JSON: per batch size the cost curve now used (ms per node count, and how
         many steps measured each size), and per source its acceptance rates by matched length and by depth."""
-        return {
-            "cost_curves": {str(batch): {"sizes": model.prior.sizes.tolist(),
-                                         "ms": [round(float(ms), 3) for ms in model.curve().ms],
-                                         "probed_ms": [round(float(ms), 3) for ms in model.prior.ms],
-                                         "observed_steps": model.steps.tolist()}
-                            for batch, model in self._costs.items()},
-            "acceptance": self.fuser.acceptance.summary(),
-        }
+        return {"cost_curves": self.sizer.report(), "acceptance": self.fuser.acceptance.summary()}
 
-    def _cost_model(self, batch: int) -> CostModel | None:
-        """The learned cost of this batch size (probed the first time), or None when the curve is fixed."""
-        if self._cost_curve is not None or not self.fuser.drafters:
-            return None
-        if batch not in self._costs:
-            self._costs[batch] = CostModel(cached_cost_curve(self.model, CostProbe(batch=batch)))
-        return self._costs[batch]
+
+def _row_draft(row: _Row, tree: DraftTree, branch: Branch | None) -> RowDraft:
+    """A row's share of the step: its tree, branch, context and (sampling) the uniforms of its nodes' positions."""
+    uniforms = None if row.uniforms is None else row.uniforms[len(row.output) + depths(tree.parents)]
+    return RowDraft(tree, branch, row.context, uniforms)
+
+
+def _accepted(row: _Row, draft: RowDraft, result: RowResult, ends: _Ends) -> _Outcome:
+    """A row's outcome: the accepted path, its tokens cut at what ends the row, and what the drafters learn."""
+    accepted, new_tokens = accept(draft.tree, result.node_tokens)
+    new_tokens, done = row.cut(new_tokens, ends)
+    feedback = StepFeedback(tree=draft.tree, accepted_nodes=accepted, new_tokens=new_tokens,
+                            top_nodes=result.top_nodes, top_tokens=result.top_tokens,
+                            branch_tokens=result.branch_tokens)
+    return _Outcome(done, feedback)
 
 
 @dataclass(frozen=True)
@@ -361,24 +374,10 @@ class _Ends:
 
 @dataclass(frozen=True)
 class _Outcome:
-    """One row's step: the tokens it gained (cut), whether it is done, and what the drafters learn from it."""
+    """One row's step: whether it is done, and what it gained and the drafters learn (``feedback.new_tokens``)."""
 
-    new_tokens: np.ndarray
     done: bool
     feedback: StepFeedback
-
-
-@dataclass(frozen=True)
-class _Step:
-    """One step of the batch: per row outcomes (alive rows' order), the nodes per row the forward ran, and times:
-    drafting, the forward alone, and verification (forward, acceptance and commit), in ms since ``started``."""
-
-    rows: list[_Outcome]
-    run: int
-    draft_ms: float
-    forward_ms: float
-    verify_ms: float
-    started: float
 
 
 class _Row:
@@ -392,7 +391,6 @@ class _Row:
         self.length = len(prompt)
         self.uniforms = None if seed is None else np.random.default_rng(seed).random(config.max_new_tokens)
         self.stats = GenerationStats(seed=seed)
-        self.guard = SpeedGuard()
 
     @property
     def context(self) -> np.ndarray:
@@ -407,12 +405,6 @@ class _Row:
         """Tokens the row may still gain."""
         return len(self.buffer) - self.length
 
-    def node_uniforms(self, tree: DraftTree) -> np.ndarray | None:
-        """(n,) the uniform of the output position each node's chosen token would fill (sampling only)."""
-        if self.uniforms is None:
-            return None
-        return self.uniforms[len(self.output) + depths(tree.parents)]
-
     def cut(self, new_tokens: np.ndarray, ends: _Ends) -> tuple[np.ndarray, bool]:
         """Trim a step's tokens at EOS, the token limit or a stop string; say whether the row is done."""
         stops = ends.stop_strings
@@ -426,6 +418,13 @@ class _Row:
     def append(self, new_tokens: np.ndarray) -> None:
         self.buffer[self.length : self.length + len(new_tokens)] = new_tokens
         self.length += len(new_tokens)
+
+    def result(self, tokenizer: Any, total_ms: float) -> GenerationResult:
+        """The row's output, its text (empty without a tokenizer) and its counters."""
+        self.stats.total_ms = total_ms
+        text = "" if tokenizer is None else tokenizer.decode(self.output, skip_special_tokens=True,
+                                                              clean_up_tokenization_spaces=False)
+        return GenerationResult(tokens=self.output.copy(), text=text, stats=self.stats)
 
 
 class StopStrings:
@@ -458,9 +457,11 @@ def _row_seed(config: GenerationConfig, seeds: Sequence[Seed] | None, index: int
     return (*(config.seed if isinstance(config.seed, tuple) else (config.seed,)), index)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | np.ndarray) -> np.ndarray:
+def encode(tokenizer: PreTrainedTokenizerBase | None, prompt: str | np.ndarray) -> np.ndarray:
     """(p,) int32 token ids of a text prompt as given (no special tokens added: chat templates carry their own),
-    or of ids passed through; InputError when empty."""
+    or of ids passed through; InputError when empty, or text without a tokenizer."""
+    if isinstance(prompt, str) and tokenizer is None:
+        raise InputError("a text prompt needs the model's tokenizer; pass token ids")
     ids = (
         np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32)
         if isinstance(prompt, str)
@@ -469,12 +470,6 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | np.ndarray) -> np.n
     if len(ids) == 0:
         raise InputError("the prompt is empty")
     return ids
-
-
-def eos_token_ids(model: PreTrainedModel, config: GenerationConfig) -> frozenset[int]:
-    """The tokens that end a row: the config's, else the model's generation config's."""
-    eos = config.eos_token_ids if config.eos_token_ids is not None else model.generation_config.eos_token_id
-    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
 def check_fits(context_limit: int | None, prompt_len: int, max_new_tokens: int) -> None:

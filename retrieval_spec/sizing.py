@@ -1,13 +1,16 @@
 """How many draft nodes to verify: expected tokens per step against the measured cost of verifying them.
 
 Pure numpy. On a CPU one forward over 8 tokens costs about twice one decoding step; on a GPU nearly the same
-as one. The curve is measured on the machine (``costs.py``), never assumed.
+as one. The curve is measured on the machine (the verifier's prior: ``costs.py`` probes a model), never
+assumed, then learned from every real step (:class:`CostModel`). :class:`Sizer` is the one place that decides
+a step's size: the cut of the candidates, the padding, the explorations, the look-ahead branch and, per row, the
+speed guard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -35,6 +38,11 @@ class CostCurve:
         """Verification as cheap at ``max_size`` nodes as at one (a GPU-like curve; tests, forced benchmarks)."""
         sizes = np.unique([1, max_size])
         return CostCurve(sizes=sizes, ms=np.ones(len(sizes)))
+
+    @property
+    def plain_ms(self) -> float:
+        """What a step that verifies no draft costs: one node, or a larger size where that is cheaper."""
+        return float(self._envelope()[0])
 
     def _envelope(self) -> np.ndarray:
         """(m,) cost of each measured size if it may be padded up to any larger measured size."""
@@ -287,3 +295,150 @@ class SpeedGuard:
             self.drafting_steps = 0
         elif self.drafting_steps == self.window:
             self.pause = self.first_pause
+
+
+# Lookahead's window pays off only where extra rows in a forward are nearly free (a GPU). Measured on the 2-core
+# CPU (benchmarks/spec_bench.py --methods lookahead --branch-overhead 10): its 12 rows make a step 71 ms instead
+# of 38, for 1.48 tokens/step from the pool: 0.69x of plain decoding. W=2, N=3: 0.74x.
+MAX_BRANCH_OVERHEAD = 0.25
+
+
+class CostSource(Protocol):
+    """Where a batch size's cost curve starts from, and where what was learned goes (the verifier)."""
+
+    def cost_prior(self, batch: int) -> CostCurve: ...
+
+    def store_costs(self, batch: int, curve: CostCurve) -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes of one step, the same for every row of the batch.
+
+    Attributes:
+        size: drafted nodes a row keeps at most (its tree is the head ``1 + size`` of its ranked candidates).
+        branches: whether the rows' look-ahead branches run.
+        needed: nodes per row the step holds (the largest tree plus branch).
+        run: nodes per row the forward runs: ``needed``, or more where padding is cheaper, or a size explored.
+        first: the prefill's step (its time is the prompt's: nothing is learned from it).
+        timed: the forward's time teaches the curve (a step after the first that runs every row of the batch).
+        explored: the step runs a size the cost model asked to time, instead of the one the drafts called for.
+    """
+
+    size: int
+    branches: bool
+    needed: int
+    run: int
+    first: bool
+    timed: bool
+    explored: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """The step verifies no draft and no branch: what the guard compares drafting against."""
+        return self.needed == 1
+
+
+class Sizer:
+    """Decides every step's size from the cost of verification on this machine, for every batch the loop runs.
+
+    With a ``fixed`` curve, sizes follow it and nothing is learned (tests, forced benchmarks such as a GPU-like
+    flat curve). Otherwise each batch size starts from ``costs.cost_prior(batch)`` and is learned from every
+    timed step (:class:`CostModel`, stored back through ``costs.store_costs`` when a batch ends), and each row
+    drafts only while drafting pays (:class:`SpeedGuard`).
+
+    Args:
+        costs: the prior and the store of cost curves (the verifier).
+        fixed: a curve to size by, never learned.
+        max_branch_overhead: a look-ahead branch runs only when it makes a bare step at most this much dearer on
+            the current curve (it pays later, through the pool, if at all).
+    """
+
+    def __init__(self, costs: CostSource, fixed: CostCurve | None = None,
+                 max_branch_overhead: float = MAX_BRANCH_OVERHEAD) -> None:
+        self.costs, self.fixed, self.max_branch_overhead = costs, fixed, max_branch_overhead
+        self.models: dict[int, CostModel] = {}  # learned, per batch size
+
+    def start(self, rows: int) -> BatchSizing:
+        """The sizing of one batch of ``rows`` rows (its cost model is probed the first time: before any clock)."""
+        if self.fixed is not None:
+            return BatchSizing(self, rows, None)
+        if rows not in self.models:
+            self.models[rows] = CostModel(self.costs.cost_prior(rows))
+        return BatchSizing(self, rows, self.models[rows])
+
+    def report(self) -> dict:
+        """Per batch size, as JSON: the curve now used (ms per node count), the prior, and the steps timed."""
+        return {str(batch): {"sizes": model.prior.sizes.tolist(),
+                             "ms": [round(float(ms), 3) for ms in model.curve().ms],
+                             "probed_ms": [round(float(ms), 3) for ms in model.prior.ms],
+                             "observed_steps": model.steps.tolist()}
+                for batch, model in self.models.items()}
+
+
+class BatchSizing:
+    """One batch's sizing: its curve (learned or fixed) and a speed guard per row (rows by their batch index)."""
+
+    def __init__(self, sizer: Sizer, rows: int, model: CostModel | None) -> None:
+        self.sizer, self.rows, self.model = sizer, rows, model
+        self.guards = None if model is None else [SpeedGuard() for _ in range(rows)]
+
+    @property
+    def curve(self) -> CostCurve:
+        return self.sizer.fixed if self.model is None else self.model.curve()
+
+    def drafting(self, row: int) -> bool:
+        """Whether row ``row`` drafts this step (its guard has not paused it)."""
+        return self.guards is None or self.guards[row].drafting
+
+    def branch_pays(self, nodes: int) -> bool:
+        """Whether a look-ahead branch of ``nodes`` nodes is nearly free beside a bare step."""
+        return bool(self.curve.relative(np.array([1 + nodes]))[0] <= 1 + self.sizer.max_branch_overhead)
+
+    def plan(self, scores: Sequence[np.ndarray], branch_nodes: Sequence[int], first: bool) -> Plan:
+        """The step's sizes for the alive rows' candidates.
+
+        Args:
+            scores: per alive row, (m_b,) its ranked candidates' path probabilities, best first.
+            branch_nodes: per alive row, the nodes of its look-ahead branch (0: none).
+            first: the prefill's step, whose trees ride on the prompt's forward: sized on the same curve (a
+                prefill's extra rows cost less: the cut is cautious there), never timed nor explored.
+        """
+        curve, fixed = self.curve, 1 + max(branch_nodes, default=0)
+        size = best_batch_size(scores, curve, fixed)
+        needed = max(1 + min(size, len(s)) + b for s, b in zip(scores, branch_nodes))
+        timed = self.model is not None and not first and len(scores) == self.rows
+        plan = Plan(size, True, needed, curve.padded_size(needed), first, timed)
+        if not timed:  # only a step that runs every row times the batch's curve, so only such a step explores
+            return plan
+        explored = self.model.explore(plan.run, needed)
+        if explored == plan.run:
+            return plan
+        if explored == 1:  # time a plain step: nothing drafted
+            return Plan(0, False, 1, 1, first, timed, explored=True)
+        return Plan(size, True, needed, explored, first, timed, explored=True)
+
+    def learn(self, plan: Plan, timer, gained: Sequence[tuple[int, int]]) -> None:
+        """Learn from a finished step (after the first): its forward's cost (when ``plan.timed``), and per row
+        whether drafting paid.
+
+        Args:
+            timer: the step's :class:`~retrieval_spec.verifier.PhaseTimer` (draft, size, mask, forward, ...).
+            gained: (row, tokens gained) of every row that ran the step.
+        """
+        if self.model is None or plan.first:
+            return
+        forward_ms, step_ms = timer.total("mask", "forward"), timer.total()
+        own_ms = step_ms - timer.total("draft", "size")  # the step without its drafting
+        if plan.timed:
+            self.model.observe(plan.run, forward_ms)
+            if plan.plain:
+                self.model.observe_plain_step(own_ms)
+        plain_step_ms = self.model.plain_step_ms(self.model.curve().plain_ms + own_ms - forward_ms)
+        for row, tokens in gained:
+            self.guards[row].record(tokens, step_ms, plain_step_ms)
+
+    def finish(self) -> None:
+        """The batch ended: store the learned curve (for the next process) when a step taught it anything."""
+        if self.model is not None and self.model.observed.any():
+            self.sizer.costs.store_costs(self.rows, self.model.curve())

@@ -402,8 +402,10 @@ class StepFeedback:
         new_tokens: (m',) int32 tokens appended to the context this step: the accepted drafted tokens followed
             by the bonus token chosen at the last accepted node, cut at EOS, a stop string or the token limit
             (so ``m' <= m``).
-        top_tokens: (n, k) int32, the target's k most likely next tokens at every tree node, most likely first
-            (k is the largest ``Drafter.top_k`` asked for, possibly 0).
+        top_nodes: (j,) int64 increasing tree nodes whose top tokens the verifier knows (every node for a model;
+            the recorded path's for a replay).
+        top_tokens: (j, k) int32, the target's k most likely next tokens at each of ``top_nodes``, most likely
+            first (k is the largest ``Drafter.top_k`` asked for, possibly 0).
         branch_tokens: (b,) int32, the target's argmax at every node of the step's :class:`Branch` (empty when
             no branch ran).
     """
@@ -411,5 +413,10 @@ class StepFeedback:
     tree: DraftTree
     accepted_nodes: np.ndarray
     new_tokens: np.ndarray
+    top_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     top_tokens: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
     branch_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+
+    def __post_init__(self) -> None:
+        if self.top_tokens.ndim != 2 or len(self.top_tokens) != len(self.top_nodes):
+            raise ValueError("StepFeedback.top_tokens must be (len(top_nodes), k)")

@@ -1,16 +1,17 @@
-"""Verification: the only code that runs the target model.
+"""The model verifier: the only code that runs the target model (the :class:`~retrieval_spec.verifier.Verifier`
+the loop is handed when it is given a transformers model).
 
 One forward scores every row's :class:`~retrieval_spec.tree.DraftTree` (and look-ahead :class:`Branch`) on
 top of the rows' key/value cache with tree attention — a 4-D additive mask plus one position id per node — and
 :class:`Sampler` turns the logits into each node's target token (argmax, or an inverse-CDF draw after the
 processors). That is the one host boundary: a step's results cross to numpy in a single transfer. Acceptance
-itself (:mod:`retrieval_spec.acceptance`) and the cache's bookkeeping (:mod:`retrieval_spec.cache`) follow.
+itself (:mod:`retrieval_spec.acceptance`) and the cache's bookkeeping (:mod:`retrieval_spec.kv_cache`) follow.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,44 +24,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .cache import TreeCache
+from . import costs
 from .config import GenerationConfig
 from .errors import UnsupportedModelError
 from .families import AttentionLayout, attention_layout
-from .kernels import few_row_products
-from .tree import Branch, DraftTree, ancestor_mask, depths
-
-
-@dataclass(frozen=True)
-class RowDraft:
-    """One row's share of a verification step.
-
-    Attributes:
-        tree: the draft tree, n nodes, root first.
-        branch: m look-ahead nodes verified beside it (never accepted), or None.
-        context: (c,) int32 the row's prompt and output so far, root last: what a repetition penalty counts.
-        uniforms: (n,) float64 the uniform of each node's output position (sampling), or None (greedy).
-    """
-
-    tree: DraftTree
-    branch: Branch | None
-    context: np.ndarray
-    uniforms: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class RowResult:
-    """What one row's verification yields, on the host.
-
-    Attributes:
-        node_tokens: (n,) int32 the target's token after every tree node (see ``acceptance``).
-        top_tokens: (n, k) int32 the target's k most likely next tokens at every tree node (raw logits).
-        branch_tokens: (m,) int32 the target's argmax at every branch node.
-    """
-
-    node_tokens: np.ndarray
-    top_tokens: np.ndarray
-    branch_tokens: np.ndarray
+from .kv_cache import TreeCache
+from .linear_forms import FewRowLinear
+from .sizing import CostCurve
+from .tree import DraftTree, ancestor_mask, depths
+from .verifier import PhaseTimer, RowDraft, RowResult
 
 
 class Sampler:
@@ -124,27 +96,34 @@ class Sampler:
         return torch.where(seen, penalized, scores)
 
 
-class Verifier:
-    """Holds the model and the rows' cache; one forward verifies a tree (and a branch) per row.
+class ModelVerifier:
+    """Holds a transformers model and its rows' cache; one forward verifies a tree (and a branch) per row.
 
-    Per batch: :meth:`start` (whose first step awaits :meth:`commit`) or :meth:`reset`, then :meth:`verify` and
-    :meth:`commit` in turn; :meth:`keep_rows` drops finished rows.
+    Implements :class:`~retrieval_spec.verifier.Verifier`. Besides, :meth:`reset` and :meth:`rollback` let the
+    cost probe (``costs.py``) time forwards without a batch.
 
     Args:
-        model: a causal LM of a supported family (:func:`~retrieval_spec.families.attention_layout`).
+        model: a causal LM of a supported family (:func:`~retrieval_spec.families.attention_layout`); an
+            unverified family is checked against plain forwards first (:meth:`self_check`).
+        linear_forms: on a CPU, run few-row linear layers in the faster form (:mod:`retrieval_spec.linear_forms`).
     """
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, linear_forms: bool = True) -> None:
         self.model = model
         self.layout: AttentionLayout = attention_layout(model)
-        self.device = model.device
-        self.dtype = model.dtype
+        self.device, self.dtype = model.device, model.dtype
+        self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
+        eos = model.generation_config.eos_token_id
+        self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.context_limit = self.layout.context_limit
         self.cache = TreeCache()
+        self.forms = FewRowLinear(model, enabled=linear_forms and self.device.type == "cpu")
+        self._sampler, self._top_k = Sampler(), 0
         if not self.layout.verified:
             self.self_check()
 
     @torch.inference_mode()
-    def start(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0) -> list[RowResult]:
+    def start(self, rows: list[RowDraft], config: GenerationConfig, top_k: int, timer: PhaseTimer) -> list[RowResult]:
         """Start B rows with their first step folded into the prefill: one forward per distinct prompt and tree.
 
         Each row's ``context`` is its whole prompt and its tree grows from the prompt's last token (no branch).
@@ -152,26 +131,25 @@ class Verifier:
         them; those tokens are cached, the nodes wait for :meth:`commit` as after :meth:`verify`. So a reply of
         N tokens costs at most N forwards, as in ``generate()``, not a prefill plus N steps, and a first draft
         rides on the prefill. Rows that share a prompt and a tree share its forward (each draws its own tokens).
-
-        Returns:
-            per row, what :meth:`verify` returns.
         """
+        self._sampler, self._top_k = Sampler.from_config(config), top_k
         logits = self._prefill([row.context for row in rows], [row.tree for row in rows])
-        return self._results(logits, rows, sampler, top_k)
+        results = self._results(logits, rows)
+        timer.lap("forward")
+        return results
 
     @torch.inference_mode()
     def reset(self, prompts: list[np.ndarray]) -> None:
         """Start B rows without a first step: cache every prompt token but the last (each row's first root), so
-        that :meth:`verify` can score any tree from there (cost probes, tests)."""
+        that :meth:`verify` can score any tree from there (the cost probe, the self-check), greedily."""
+        self._sampler, self._top_k = Sampler(), 0
         self._prefill([np.asarray(p[:-1], dtype=np.int32) for p in prompts], None)
 
     def _prefill(self, sequences: list[np.ndarray], trees: list[DraftTree] | None) -> torch.Tensor | None:
         """Prefill each distinct sequence (and tree) once, alone, and load the rows' cache.
 
         Without ``trees`` every token is context. With them each sequence ends at its row's root: the tokens
-        before it are context and the tree's nodes are appended (``TreeCache.load_rows``). A tree that is a
-        chain (the root alone, most often) extends the sequence, under the model's own causal (and
-        sliding-window) mask; any other gets the mask :meth:`_forward` builds, over an empty cache.
+        before it are context and the tree's nodes are appended (``TreeCache.load_rows``).
 
         Returns:
             with ``trees``, (B, T, vocab) logits of every row's nodes (T: the largest tree; a smaller tree's
@@ -183,69 +161,72 @@ class Verifier:
         distinct: dict[bytes, int] = {}
         rows = [distinct.setdefault(key, len(distinct)) for key in keys]
         firsts = [rows.index(i) for i in range(len(distinct))]
-        caches, lengths, appended, logits = [], [], [], []
-        for b in firsts:
-            sequence = np.asarray(sequences[b], dtype=np.int64)
-            tree = None if trees is None else trees[b]
-            kept = 1 if tree is None else len(tree)
-            ids = sequence if tree is None else np.concatenate([sequence[:-1], tree.tokens])
-            if len(ids) == 0:
-                caches.append(None)
-                lengths.append(0)
-                appended.append(0)
-                continue
-            cache, extra = DynamicCache(), {}
-            if tree is not None and not np.array_equal(tree.parents, np.arange(-1, len(tree) - 1)):
-                context = len(sequence) - 1
-                visible = np.zeros((len(ids), len(ids)), dtype=bool)
-                visible[:context, :context] = np.tri(context, dtype=bool)
-                visible[context:, :context] = True
-                visible[context:, context:] = ancestor_mask(tree.parents)
-                offsets = np.concatenate([np.arange(context), context + depths(tree.parents)])
-                positions, mask = self._attention(np.zeros(1, dtype=np.int64), 0, offsets[None], visible[None])
-                extra = {"position_ids": positions, "attention_mask": mask}
-            out = self.model(input_ids=torch.as_tensor(ids[None], device=self.device), past_key_values=cache,
-                             use_cache=True, logits_to_keep=kept, **extra)
-            caches.append(cache)
-            lengths.append(len(ids))
-            appended.append(0 if tree is None else len(tree))
-            logits.append(out.logits)
-        self.cache.load_rows(caches, lengths, rows, appended)
+        prefixes = [self._prefill_one(np.asarray(sequences[b], dtype=np.int64), None if trees is None else trees[b])
+                    for b in firsts]
+        self.cache.load_rows([p[0] for p in prefixes], [p[1] for p in prefixes], rows, [p[2] for p in prefixes])
         if trees is None:
             return None
         most = max(len(tree) for tree in trees)
-        return torch.cat([torch.nn.functional.pad(logits[r], (0, 0, 0, most - logits[r].shape[1])) for r in rows])
+        return torch.cat([torch.nn.functional.pad(prefixes[r][3], (0, 0, 0, most - prefixes[r][3].shape[1]))
+                          for r in rows])
+
+    def _prefill_one(self, sequence: np.ndarray, tree: DraftTree | None) -> tuple[DynamicCache | None, int, int, Any]:
+        """One sequence's forward over an empty cache: (its cache or None when empty, tokens cached, of them the
+        tree's nodes, the nodes' (1, n, vocab) logits or None). A tree that is a chain (the root alone, most
+        often) extends the sequence under the model's own causal (and sliding-window) mask; any other gets the
+        mask :meth:`_attention` builds."""
+        ids = sequence if tree is None else np.concatenate([sequence[:-1], tree.tokens])
+        if len(ids) == 0:
+            return None, 0, 0, None
+        cache, extra = DynamicCache(), {}
+        if tree is not None and not np.array_equal(tree.parents, np.arange(-1, len(tree) - 1)):
+            context = len(sequence) - 1
+            visible = np.zeros((len(ids), len(ids)), dtype=bool)
+            visible[:context, :context] = np.tri(context, dtype=bool)
+            visible[context:, :context] = True
+            visible[context:, context:] = ancestor_mask(tree.parents)
+            offsets = np.concatenate([np.arange(context), context + depths(tree.parents)])
+            positions, mask = self._attention(np.zeros(1, dtype=np.int64), 0, offsets[None], visible[None])
+            extra = {"position_ids": positions, "attention_mask": mask}
+        out = self.model(input_ids=torch.as_tensor(ids[None], device=self.device), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1 if tree is None else len(tree), **extra)
+        return cache, len(ids), 0 if tree is None else len(tree), None if tree is None else out.logits
 
     @torch.inference_mode()
-    def verify(self, rows: list[RowDraft], sampler: Sampler, top_k: int = 0, pad_to: int = 0) -> list[RowResult]:
-        """Run every row's tree and branch in one forward; the appended slots wait for :meth:`commit`.
+    def verify(self, rows: list[RowDraft], run: int, timer: PhaseTimer) -> list[RowResult]:
+        """Run every row's tree and branch in one forward of ``run`` nodes per row; the appended slots wait for
+        :meth:`commit`. Nodes past a row's own are inert (no real node sees them): some sizes are faster than
+        smaller ones on a machine (``CostCurve.padded_size``)."""
+        inputs = self._step_inputs(rows, run)
+        timer.lap("mask")
+        results = self._results(self._logits(*inputs), rows)
+        timer.lap("forward")
+        return results
 
-        Args:
-            rows: one per cached row, in cache order.
-            sampler: how the target chooses tokens.
-            top_k: how many most likely tokens per tree node to return (``RowResult.top_tokens``).
-            pad_to: run at least this many nodes per row: extra nodes are inert (no real node sees them) and
-                exist because some sizes are faster than smaller ones on this machine.
-        """
-        return self._results(self._forward(rows, pad_to), rows, sampler, top_k)
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Any) -> torch.Tensor:
+        """(B, T, vocab) logits of one forward over (B, T) nodes appended to the rows' cache."""
+        with self.forms.applied(tokens.numel()):
+            out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask,
+                             past_key_values=self.cache.cache, use_cache=True)
+        return out.logits
 
-    def _results(self, logits: torch.Tensor, rows: list[RowDraft], sampler: Sampler, top_k: int) -> list[RowResult]:
+    def _results(self, logits: torch.Tensor, rows: list[RowDraft]) -> list[RowResult]:
         """(B, T, vocab) logits of the rows' nodes -> per row its node tokens, top tokens and branch tokens."""
         best = logits.argmax(dim=-1)  # (B, T): branch tokens, and tree tokens when no processor changes them
         chosen = best
-        if not sampler.plain_argmax:
+        if not self._sampler.plain_argmax:
             chosen = best.clone()
             for b, row in enumerate(rows):
-                chosen[b, : len(row.tree)] = sampler.choose(logits[b, : len(row.tree)], row)
+                chosen[b, : len(row.tree)] = self._sampler.choose(logits[b, : len(row.tree)], row)
         parts = [chosen[..., None], best[..., None]]
-        if top_k:
-            parts.append(logits.topk(top_k, dim=-1).indices)
+        if self._top_k:
+            parts.append(logits.topk(self._top_k, dim=-1).indices)
         host = torch.cat(parts, dim=-1).cpu().numpy().astype(np.int32)  # (B, T, 2 + k): the one transfer
         results = []
         for b, row in enumerate(rows):
             n, m = len(row.tree), 0 if row.branch is None else len(row.branch)
-            results.append(RowResult(node_tokens=host[b, :n, 0], top_tokens=host[b, :n, 2:],
-                                     branch_tokens=host[b, n : n + m, 1]))
+            results.append(RowResult(node_tokens=host[b, :n, 0], top_nodes=np.arange(n, dtype=np.int64),
+                                     top_tokens=host[b, :n, 2:], branch_tokens=host[b, n : n + m, 1]))
         return results
 
     def commit(self, accepted: list[np.ndarray]) -> None:
@@ -265,11 +246,18 @@ class Verifier:
         limit = self.layout.max_positions
         return limit is None or int(self.cache.lengths[row]) + depth < limit
 
-    def _forward(self, rows: list[RowDraft], pad_to: int) -> torch.Tensor:
-        """(B, T, vocab) float logits of one forward over every row's nodes, padded to T per row."""
-        batch, width, lengths = len(rows), self.cache.width, self.cache.lengths
-        sizes = [len(r.tree) + (0 if r.branch is None else len(r.branch)) for r in rows]
-        num = max(pad_to, max(sizes))
+    def cost_prior(self, batch: int) -> CostCurve:
+        """The cost of verifying k nodes in each of ``batch`` rows: stored for this machine, else probed now."""
+        return costs.cached_cost_curve(self, costs.CostProbe.fitting(self.layout.max_positions, batch))
+
+    def store_costs(self, batch: int, curve: CostCurve) -> None:
+        """Store a learned curve as this machine's (``costs.store_cost_curve``)."""
+        costs.store_cost_curve(self, costs.CostProbe.fitting(self.layout.max_positions, batch), curve)
+
+    def _step_inputs(self, rows: list[RowDraft], run: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Input ids (B, T), position ids (B, T) and the attention mask of every row's nodes, padded to
+        T = max(run, largest row) nodes per row."""
+        batch, num = len(rows), max(run, max(row.num_nodes for row in rows))
         tokens = np.zeros((batch, num), dtype=np.int64)
         offsets = np.zeros((batch, num), dtype=np.int64)  # position after the root's
         visible = np.zeros((batch, num, num), dtype=bool)  # among the step's nodes
@@ -286,16 +274,8 @@ class Verifier:
                 offsets[b, n : n + m] = row.branch.offsets
                 visible[b, n : n + m, 0] = True  # the root
                 visible[b, n : n + m, n : n + m] = row.branch.visible
-        positions, mask = self._attention(lengths, width, offsets, visible)
-        with few_row_products(self.device):
-            out = self.model(
-                input_ids=torch.as_tensor(tokens, device=self.device),
-                position_ids=positions,
-                attention_mask=mask,
-                past_key_values=self.cache.cache,
-                use_cache=True,
-            )
-        return out.logits
+        positions, mask = self._attention(self.cache.lengths, self.cache.width, offsets, visible)
+        return torch.as_tensor(tokens, device=self.device), positions, mask
 
     def _attention(self, lengths: np.ndarray, width: int, offsets: np.ndarray,
                    visible: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
@@ -367,7 +347,7 @@ class Verifier:
                          parents=np.array([-1, 0, 0, 2], dtype=np.int32),
                          scores=np.ones(4, dtype=np.float32), sources=np.zeros(4, dtype=np.uint8))
         self.reset([prompt])
-        after_prompt = self._forward([RowDraft(tree, None, prompt)], 0)[0].float()
+        after_prompt = self._logits(*self._step_inputs([RowDraft(tree, None, prompt)], 0))[0].float()
         in_prefill = self._prefill([prompt], [tree])[0].float()
         worst = 0.0
         for node in range(len(tree)):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retrieval_spec.drafters.base import Drafter
+from retrieval_spec.replay import CostClock, Recording, ReplayVerifier
 from retrieval_spec.tree import DraftTree, Source, trie_from_continuations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +171,30 @@ class OracleDrafter(Drafter):
             return DraftTree.empty(int(context[-1]))
         weights = self.rng.random(len(paths)) + 0.1
         return trie_from_continuations(int(context[-1]), paths, weights, np.full(8, 0.9), self.source, budget)
+
+
+class LoggingReplay(ReplayVerifier):
+    """A replay verifier that logs every forward it is asked for: (rows, nodes per row run, the nodes each row
+    needed). A verifier handed to the loop, not a patched module."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.forwards: list[tuple[int, int, list[int]]] = []
+
+    def verify(self, rows, run, timer):
+        self.forwards.append((len(rows), run, [row.num_nodes for row in rows]))
+        return super().verify(rows, run, timer)
+
+
+def replay_engine(recordings, drafters, cost, prior=None, fixed: bool = False, vocab: int = 500, eos=()):
+    """The real loop on a replay of ``recordings`` ((prompt, output) pairs) and a clock that charges ``cost``:
+    (generator, verifier, clock). ``fixed`` sizes by ``cost`` without learning; else the sizer learns from
+    ``prior`` (default ``cost``)."""
+    from retrieval_spec.generate import SpeculativeGenerator
+
+    clock = CostClock()
+    records = [Recording(np.asarray(p, np.int32), np.asarray(o, np.int32), np.zeros((len(o), 0), np.int32))
+               for p, o in recordings]
+    verifier = LoggingReplay(records, cost, clock, vocab, prior=prior, eos_token_ids=frozenset(eos))
+    generator = SpeculativeGenerator(verifier, None, drafters, cost_curve=cost if fixed else None, clock=clock)
+    return generator, verifier, clock

@@ -3,9 +3,9 @@ drafting copies from sibling paths (numpy alone)."""
 
 from __future__ import annotations
 
+
 import numpy as np
 import pytest
-import torch
 
 from conftest import StubTokenizer, plain_greedy, tiny_model
 from test_lossless_tiny import FREE, prompts
@@ -15,8 +15,7 @@ from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.cross_path import CrossPathDrafter
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
-from retrieval_spec.tree import Source, StepFeedback, children_lists, trie_from_continuations
-from retrieval_spec.verify import RowDraft, Sampler, Verifier
+from retrieval_spec.tree import Source, StepFeedback
 
 
 def feed(drafter, request, tokens):
@@ -78,38 +77,6 @@ def test_rows_finishing_early_leave_the_others_exact(model):
         stop = np.flatnonzero(expected == eos)
         np.testing.assert_array_equal(row.tokens, expected[: stop[0] + 1] if len(stop) else expected)
     assert len(result.rows[1].tokens) <= 5
-
-
-def test_batched_compaction_keeps_exactly_each_rows_path(model):
-    """Random trees, random accepted paths, rows of different lengths (one with an empty cache): after each
-    commit every row's cache equals the cache of a plain forward over that row's tokens."""
-    rng = np.random.default_rng(0)
-    contexts = [rng.integers(0, 96, n).astype(np.int32) for n in (6, 13, 1)]
-    verifier = Verifier(model)
-    verifier.reset(contexts)
-    for _ in range(5):
-        trees = [trie_from_continuations(int(c[-1]), [rng.integers(0, 96, int(rng.integers(1, 6))) for _ in range(3)],
-                                         np.array([3.0, 2.0, 1.0]), np.full(6, 0.9), Source.PROMPT, 12)
-                 for c in contexts]
-        verifier.verify([RowDraft(t, None, c) for t, c in zip(trees, contexts)], Sampler(),
-                        pad_to=int(rng.integers(0, 16)))
-        accepted = []
-        for tree in trees:
-            kids, path = children_lists(tree.parents), [0]
-            while kids[path[-1]] and rng.random() < 0.7:
-                path.append(int(rng.choice(kids[path[-1]])))
-            accepted.append(np.array(path, dtype=np.int32))
-        verifier.commit(accepted)
-        contexts = [np.concatenate([c, t.tokens[a[1:]], rng.integers(0, 96, 1)]).astype(np.int32)
-                    for c, t, a in zip(contexts, trees, accepted)]
-        for b, context in enumerate(contexts):
-            assert verifier.cache.lengths[b] == len(context) - 1
-            with torch.no_grad():
-                plain = model(torch.as_tensor(context[None, :-1], dtype=torch.long), use_cache=True).past_key_values
-            for ours, theirs in zip(verifier.cache.cache.layers, plain.layers):
-                n = len(context) - 1
-                torch.testing.assert_close(ours.keys[b : b + 1, :, :n], theirs.keys, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(ours.values[b : b + 1, :, :n], theirs.values, atol=1e-5, rtol=1e-4)
 
 
 def test_sampled_rows_are_functions_of_their_seeds(model):

@@ -14,7 +14,8 @@ from retrieval_spec.errors import TokenizerMismatchError
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.tree import DraftTree, StepFeedback
-from retrieval_spec.verify import RowDraft, Verifier
+from retrieval_spec.verifier import RowDraft
+from retrieval_spec.verify import ModelVerifier
 
 
 def feedback(branch_tokens):
@@ -81,13 +82,13 @@ def test_branch_logits_equal_plain_forwards_over_each_nodes_sequence(kind):
     drafter.start(0, prompt)
     branch = drafter.branch(0, prompt)
     tree = DraftTree.from_paths(int(prompt[-1]), [rng.integers(0, 96, 3)], [np.array([.9, .8, .7])], 1)
-    verifier = Verifier(model)
+    verifier = ModelVerifier(model)
     verifier.reset([prompt])
-    logits = verifier._forward([RowDraft(tree, branch, prompt)], pad_to=16)[0]
+    logits = verifier._logits(*verifier._step_inputs([RowDraft(tree, branch, prompt)], 16))[0]
     with torch.no_grad():
-        tree_alone = Verifier(model)
+        tree_alone = ModelVerifier(model)
         tree_alone.reset([prompt])
-        alone = tree_alone._forward([RowDraft(tree, None, prompt)], pad_to=0)[0]
+        alone = tree_alone._logits(*tree_alone._step_inputs([RowDraft(tree, None, prompt)], 0))[0]
         torch.testing.assert_close(logits[: len(tree)], alone, atol=1e-4, rtol=1e-4)
         for node in range(len(branch)):
             seen = np.flatnonzero(branch.visible[node])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+
 import numpy as np
 import pytest
-import torch
-from transformers import DynamicCache
 
 from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
-from retrieval_spec.acceptance import accept
 from retrieval_spec.api import make_drafters
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
@@ -17,8 +15,6 @@ from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
-from retrieval_spec.tree import DraftTree
-from retrieval_spec.verify import RowDraft, Sampler, Verifier
 
 FREE = CostCurve.flat(64)  # verify everything drafted
 CPU_LIKE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 64]), ms=np.array([45.0, 63, 90, 95, 104, 180]))
@@ -141,31 +137,6 @@ def test_eos_stops_like_generate():
         model.generation_config.eos_token_id = None
     np.testing.assert_array_equal(result.tokens, expected)
     assert result.tokens[-1] == eos and eos not in result.tokens[:-1].tolist()
-
-
-def test_compacted_cache_equals_the_cache_of_plain_decoding():
-    model = tiny_model("llama")
-    prompt = prompts(9, 1)[0]
-    verifier = Verifier(model)
-    verifier.reset([prompt])
-    with torch.inference_mode():
-        first = int(model(torch.as_tensor(prompt[None])).logits[0, -1].argmax())
-    wrong = (first + 1) % 96
-    # Root, then a wrong branch of two nodes, then the right token: the accepted path is not contiguous.
-    tree = DraftTree(np.array([prompt[-1], wrong, 5, first], np.int32), np.array([-1, 0, 1, 0], np.int32),
-                     np.array([1, .9, .8, .5], np.float32), np.array([0, 1, 1, 1], np.uint8))
-    result = verifier.verify([RowDraft(tree, None, prompt)], Sampler())[0]
-    accepted, new_tokens = accept(tree, result.node_tokens)
-    assert accepted.tolist() == [0, 3]
-    verifier.commit([accepted])
-    full = np.concatenate([prompt, [first]])
-    reference = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(torch.as_tensor(full[None]), past_key_values=reference)
-    assert verifier.cache.lengths.tolist() == [len(full)]
-    for ours, theirs in zip(verifier.cache.cache.layers, reference.layers):
-        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_verification_changes_nothing(model):

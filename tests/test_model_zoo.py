@@ -22,7 +22,7 @@ from retrieval_spec.errors import UnsupportedModelError
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
-from retrieval_spec.verify import Verifier
+from retrieval_spec.verify import ModelVerifier
 
 ZOO = ["llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt"]
 FLAT = CostCurve.flat(64)
@@ -65,7 +65,7 @@ def test_every_family_decodes_exactly_as_generate_single_and_batched(model, meth
 def test_every_family_passes_the_self_check(model):
     """The check unverified families must pass holds for every listed one: a branching tree's logits, verified
     after a 12-token prompt (longer than the windows) and in that prompt's own prefill, equal plain forwards'."""
-    Verifier(model).self_check()
+    ModelVerifier(model).self_check()
 
 
 def small(config_class, **fields):

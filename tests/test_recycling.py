@@ -14,7 +14,7 @@ def feedback(tokens, parents, top):
     tree = DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32),
                      np.linspace(1, 0.5, len(tokens)).astype(np.float32), np.zeros(len(tokens), np.uint8))
     return StepFeedback(tree=tree, accepted_nodes=np.array([0], np.int32), new_tokens=np.array([1], np.int32),
-                        top_tokens=np.array(top, np.int32))
+                        top_nodes=np.arange(len(tokens)), top_tokens=np.array(top, np.int32))
 
 
 def test_observe_overwrites_the_rows_of_every_verified_token():
@@ -25,6 +25,18 @@ def test_observe_overwrites_the_rows_of_every_verified_token():
     drafter.observe(0, feedback([3], [-1], [[1, 2]]))
     assert drafter.table[3].tolist() == [1, 2]  # the newest prediction wins
     assert drafter.table.nbytes == 10 * 2 * 4
+
+
+def test_observe_learns_only_the_nodes_whose_top_tokens_are_known():
+    """A replay knows the target's top tokens on the recorded path alone: the other nodes' rows stay as they were."""
+    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 1)))
+    tree = DraftTree(np.array([3, 4, 5], np.int32), np.array([-1, 0, 0], np.int32),
+                     np.array([1, .8, .5], np.float32), np.zeros(3, np.uint8))
+    drafter.observe(0, StepFeedback(tree=tree, accepted_nodes=np.array([0, 2], np.int32),
+                                    new_tokens=np.array([5, 1], np.int32), top_nodes=np.array([0, 2]),
+                                    top_tokens=np.array([[5, 6], [1, 2]], np.int32)))
+    assert drafter.table[3].tolist() == [5, 6] and drafter.table[5].tolist() == [1, 2]
+    assert not drafter.known[4] and drafter.pairs[(3, 5)].tolist() == [1, 2]
 
 
 def test_an_unknown_token_drafts_nothing():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval_spec.sizing import CostCurve, CostModel, SpeedGuard, best_size
+from retrieval_spec.sizing import BatchSizing, CostCurve, CostModel, Sizer, SpeedGuard, best_size
+from retrieval_spec.verifier import PhaseTimer
 
 SIZES = np.array([1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64])
 # The "machine": SmolLM2 on 2 CPU cores (ANCHORS.md), interpolated on the probe's sizes.
@@ -27,28 +28,44 @@ def efficiency(nodes: int, run: int) -> float:
     return (1 + SCORES[:nodes].sum()) / float(np.interp(run, SIZES, TRUE.ms))
 
 
-def decode(model: CostModel, steps: int, rng: np.random.Generator) -> tuple[list[float], list[bool]]:
-    """The efficiency of each of ``steps`` steps of the decoder's sizing and exploration on the fake clock, and
-    whether each step was an exploration."""
+def decode(sizing: BatchSizing, steps: int, rng: np.random.Generator) -> tuple[list[float], list[bool]]:
+    """The efficiency of each of ``steps`` steps sized by the engine's sizer on the fake clock, and whether each
+    step was an exploration."""
     achieved, explored = [], []
     for _ in range(steps):
-        curve = model.curve()
-        nodes = best_size(SCORES, curve)
-        sized = curve.padded_size(1 + nodes)
-        run = model.explore(sized)
-        model.observe(run, clock(run, rng))
-        achieved.append(efficiency(nodes if run > 1 else 0, run))
-        explored.append(run != sized)
+        plan = sizing.plan([SCORES], [0], first=False)
+        sizing.learn(plan, timed(clock(plan.run, rng)), [(0, 1)])
+        achieved.append(efficiency(plan.size, plan.run))
+        explored.append(plan.explored)
     return achieved, explored
+
+
+def timed(forward_ms: float) -> PhaseTimer:
+    """A step's timer that saw ``forward_ms`` of forward and nothing else."""
+    timer = PhaseTimer(lambda: 0.0)
+    timer.ms["forward"] = forward_ms
+    return timer
+
+
+class Given:
+    """A cost source that hands out one curve and stores nothing."""
+
+    def __init__(self, curve: CostCurve) -> None:
+        self.curve = curve
+
+    def cost_prior(self, batch: int) -> CostCurve:
+        return self.curve
+
+    def store_costs(self, batch: int, curve: CostCurve) -> None:
+        pass
 
 
 @pytest.mark.parametrize("prior", [FLAT, SPIKE, TRUE], ids=["flat", "spike", "true"])
 def test_a_wrong_cached_curve_is_corrected_within_tens_of_steps(prior):
     rng = np.random.default_rng(0)
-    model = CostModel(prior)
     best = best_size(SCORES, TRUE)
     optimum = efficiency(best, TRUE.padded_size(1 + best))
-    achieved, explored = decode(model, 80, rng)
+    achieved, explored = decode(Sizer(Given(prior)).start(1), 80, rng)
     settled = [e for e, exploring in zip(achieved[40:], explored[40:]) if not exploring]
     assert min(settled) >= 0.97 * optimum, (optimum, achieved)
     if prior is FLAT:
@@ -103,126 +120,6 @@ def test_the_guard_measures_drafting_against_plain_steps_as_they_really_ran():
         model.observe_plain_step(ms + 2.0)
     assert model.curve().ms[0] == pytest.approx(45.0)
     assert model.plain_step_ms(overhead_ms=2.0) == pytest.approx(69.5, rel=0.1)  # the mean, 67.5 + 2
-
-
-class FakeClock:
-    """Stands in for ``time`` in the decoding loop: it moves only when the model verifies, by ``cost(rows)``."""
-
-    def __init__(self, cost):
-        self.cost, self.now = cost, 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def wrap(self, verify):
-        def timed(drafts, sampler, top_k=0, pad_to=0):
-            rows = max(pad_to, max(len(d.tree) + (0 if d.branch is None else len(d.branch)) for d in drafts))
-            self.now += self.cost(rows) / 1e3
-            return verify(drafts, sampler, top_k, pad_to)
-        return timed
-
-
-def fake_machine(monkeypatch, generator_module, verifier, prior: CostCurve, cost):
-    """Run the loop on a fake clock whose forwards cost ``cost(rows)`` ms, starting from the cached ``prior``."""
-    clock = FakeClock(cost)
-    monkeypatch.setattr(generator_module, "time", clock)
-    monkeypatch.setattr(generator_module, "cached_cost_curve", lambda model, probe: prior)
-    monkeypatch.setattr(generator_module, "store_cost_curve", lambda model, probe, curve: None)
-    monkeypatch.setattr(verifier, "verify", clock.wrap(verifier.verify))
-    return clock
-
-
-def test_the_loop_learns_the_machine_from_a_poisoned_curve_and_stays_exact(monkeypatch):
-    import retrieval_spec.generate as generate_module
-    from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
-    from retrieval_spec.config import GenerationConfig
-    from retrieval_spec.generate import SpeculativeGenerator
-
-    model = tiny_model("llama")
-    prompt = np.arange(10, 40, dtype=np.int32)
-    expected = plain_greedy(model, prompt, 120)
-    generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(expected, len(prompt), 96, right=True)])
-    true_cost = lambda rows: float(np.interp(rows, TRUE.sizes, TRUE.ms))  # noqa: E731
-    fake_machine(monkeypatch, generate_module, generator.verifier, FLAT, true_cost)
-    result = generator.generate(prompt, GenerationConfig(max_new_tokens=120, tree_budget=32))
-    np.testing.assert_array_equal(result.tokens, expected)
-    learned = generator._costs[1]
-    timed = learned.observed >= learned.min_samples  # a size timed fewer times is priced at most at its prior
-    np.testing.assert_allclose(learned.curve().ms[timed], TRUE.ms[timed], rtol=0.02)
-    assert learned.observed[0] > 0 and timed.sum() >= 3  # plain steps were measured, and the sizes drafted
-    assert result.stats.paused_steps == 0  # an always-right drafter pays
-
-
-def test_the_loop_stops_drafting_whose_cost_the_curve_cannot_see(monkeypatch):
-    """Right drafts, but drafting itself (a slow datastore, a busy core) costs more than the tokens it gains."""
-    import retrieval_spec.generate as generate_module
-    from conftest import StubTokenizer, plain_greedy, tiny_model
-    from retrieval_spec.drafters.base import Drafter
-    from retrieval_spec.config import GenerationConfig
-    from retrieval_spec.generate import SpeculativeGenerator
-    from retrieval_spec.tree import DraftTree, Source
-
-    model = tiny_model("llama")
-    prompt = np.arange(10, 40, dtype=np.int32)
-    expected = plain_greedy(model, prompt, 200)
-
-    class NextToken(Drafter):
-        """Always right, one token ahead: two tokens a step."""
-
-        source = Source.PROMPT
-
-        def propose(self, request, context, budget):
-            done = len(context) - len(prompt)
-            if done >= len(expected):
-                return DraftTree.empty(int(context[-1]))
-            return DraftTree.from_paths(int(context[-1]), [expected[done : done + 1]], [np.array([0.9])], self.source)
-
-    generator = SpeculativeGenerator(model, StubTokenizer(), [NextToken()], cross_path=False)
-    clock = fake_machine(monkeypatch, generate_module, generator.verifier, TRUE, lambda rows: 40.0)
-    rank = generator.fuser.rank
-
-    def slow_rank(request, context, budget, max_depth=None):
-        clock.now += 0.06 * (budget > 0)  # 60 ms whenever the drafters are asked: 100 ms for 2 tokens
-        return rank(request, context, budget, max_depth)
-
-    monkeypatch.setattr(generator.fuser, "rank", slow_rank)
-    result = generator.generate(prompt, GenerationConfig(max_new_tokens=200, tree_budget=16))
-    np.testing.assert_array_equal(result.tokens, expected)
-    assert result.stats.paused_steps > 0.6 * result.stats.steps
-    assert clock.now * 1e3 <= 1.06 * 40.0 * len(expected)  # drafting always: 1.25x plain decoding's time
-
-
-def test_only_whole_batch_steps_explore(monkeypatch):
-    """Only a step that runs every row of the batch times its curve, so only such a step may run an exploration:
-    once a row has finished, an explored size would be a padded forward whose time is thrown away."""
-    import retrieval_spec.generate as generate_module
-    from conftest import StubTokenizer, plain_greedy, tiny_model
-    from test_lossless_tiny import prompts
-    from retrieval_spec.api import make_drafters
-    from retrieval_spec.config import GenerationConfig
-    from retrieval_spec.generate import SpeculativeGenerator
-
-    model = tiny_model("llama")
-    batch = prompts(3, 4)
-    eos = int(plain_greedy(model, batch[1], 5)[4])  # row 1 ends after a few tokens
-    generator = SpeculativeGenerator(model, StubTokenizer(), make_drafters("pld"))
-    fake_machine(monkeypatch, generate_module, generator.verifier, FLAT, lambda rows: 40.0 + rows)
-    rows_at_exploration, step = [], generator._step
-
-    def counting_step(alive, budget, sampler, explorer, ends, first):
-        if explorer is not None and not first:
-            rows_at_exploration.append(len(alive))
-        return step(alive, budget, sampler, explorer, ends, first)
-
-    monkeypatch.setattr(generator, "_step", counting_step)
-    monkeypatch.setattr(model.generation_config, "eos_token_id", eos)
-    result = generator.generate_batch(batch, GenerationConfig(max_new_tokens=40))
-    assert len(result.rows[1].tokens) <= 5 < len(result.rows[0].tokens)
-    assert rows_at_exploration and set(rows_at_exploration) == {len(batch)}
-    for prompt, row in zip(batch, result.rows):  # and every row is still plain greedy's, up to its EOS
-        expected = plain_greedy(model, prompt, 40)
-        stop = np.flatnonzero(expected == eos)
-        np.testing.assert_array_equal(row.tokens, expected[: stop[0] + 1] if len(stop) else expected)
 
 
 def test_a_spike_on_a_size_the_decoder_steers_around_is_measured_and_corrected():

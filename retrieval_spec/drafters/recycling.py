@@ -109,18 +109,20 @@ class RecyclingDrafter(Drafter):
         )
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
-        """Overwrite the rows of every verified node's token, and of its pair with its parent's (the root's: the
-        token before it), with the target's top-k there."""
+        """Overwrite the rows of every node whose top-k the verifier reported (``feedback.top_nodes``), and of its
+        pair with its parent's token (the root's: the token before it), with the target's top-k there."""
         top = feedback.top_tokens
-        if top.shape[1] < self.config.k:
+        if top.shape[1] < self.config.k or not len(top):
             return
-        tree = feedback.tree
+        tree, nodes = feedback.tree, feedback.top_nodes
         rows = top[:, : self.config.k]
-        self.table[tree.tokens] = rows
-        self.known[tree.tokens] = True
+        tokens = tree.tokens[nodes]
+        self.table[tokens] = rows
+        self.known[tokens] = True
         before = self._before_root.get(request, -1)
-        befores = np.where(tree.parents >= 0, tree.tokens[np.maximum(tree.parents, 0)], before).tolist()
-        for pair, row in zip(zip(befores, tree.tokens.tolist()), rows):
+        parents = tree.parents[nodes]
+        befores = np.where(parents >= 0, tree.tokens[np.maximum(parents, 0)], before).tolist()
+        for pair, row in zip(zip(befores, tokens.tolist()), rows):
             self.pairs[pair] = row
             self.pairs.move_to_end(pair)
         while len(self.pairs) > self.config.max_pairs:

@@ -267,7 +267,7 @@ class RetrievalProposer:
         datastore = Datastore.open(self.settings.index, fingerprint) if self.settings.index else None
         self.drafters = build_drafters(self.settings.drafter_names(), datastore)
         vocab_size = int(model_config.get_vocab_size())
-        self.fuser = TreeFuser(self.drafters, self.cost_curve, vocab_size)
+        self.fuser = TreeFuser(self.drafters, vocab_size)
         self.state_dir = Path(self.settings.state_dir) if self.settings.state_dir else None
         # With tensor parallelism every worker builds a proposer; one of them writes the state files.
         self._writes_state = self.state_dir is not None and getattr(

@@ -1,0 +1,118 @@
+"""The rows' key/value cache (``kv_cache.TreeCache``) through the model verifier: commit, rollback and keep rows,
+each against the cache of plain forwards over the same tokens."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_model
+from test_lossless_tiny import prompts
+from retrieval_spec.acceptance import accept
+from retrieval_spec.tree import DraftTree, Source, children_lists, trie_from_continuations
+from retrieval_spec.verifier import PhaseTimer, RowDraft
+from retrieval_spec.verify import ModelVerifier
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def plain_cache(model, tokens: np.ndarray):
+    """The cache of one plain forward over ``tokens``."""
+    with torch.inference_mode():
+        return model(torch.as_tensor(tokens[None], dtype=torch.long), use_cache=True).past_key_values
+
+
+def assert_row_holds(verifier: ModelVerifier, row: int, reference) -> None:
+    """Row ``row`` of the verifier's cache holds, in its first slots, exactly the reference cache's entries."""
+    for ours, theirs in zip(verifier.cache.cache.layers, reference.layers):
+        n = theirs.keys.shape[2]
+        torch.testing.assert_close(ours.keys[row : row + 1, :, :n], theirs.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.values[row : row + 1, :, :n], theirs.values, atol=1e-5, rtol=1e-4)
+
+
+def test_commit_keeps_exactly_each_rows_path_in_a_batch(model):
+    """Random trees, random accepted paths, rows of different lengths (one with an empty cache): after each
+    commit every row's cache equals the cache of a plain forward over that row's tokens."""
+    rng = np.random.default_rng(0)
+    contexts = [rng.integers(0, 96, n).astype(np.int32) for n in (6, 13, 1)]
+    verifier = ModelVerifier(model)
+    verifier.reset(contexts)
+    for _ in range(5):
+        trees = [trie_from_continuations(int(c[-1]), [rng.integers(0, 96, int(rng.integers(1, 6))) for _ in range(3)],
+                                         np.array([3.0, 2.0, 1.0]), np.full(6, 0.9), Source.PROMPT, 12)
+                 for c in contexts]
+        verifier.verify([RowDraft(t, None, c) for t, c in zip(trees, contexts)], int(rng.integers(0, 16)),
+                        PhaseTimer(time.perf_counter))
+        accepted = []
+        for tree in trees:
+            kids, path = children_lists(tree.parents), [0]
+            while kids[path[-1]] and rng.random() < 0.7:
+                path.append(int(rng.choice(kids[path[-1]])))
+            accepted.append(np.array(path, dtype=np.int32))
+        verifier.commit(accepted)
+        contexts = [np.concatenate([c, t.tokens[a[1:]], rng.integers(0, 96, 1)]).astype(np.int32)
+                    for c, t, a in zip(contexts, trees, accepted)]
+        for b, context in enumerate(contexts):
+            assert verifier.cache.lengths[b] == len(context) - 1
+            with torch.no_grad():
+                plain = model(torch.as_tensor(context[None, :-1], dtype=torch.long), use_cache=True).past_key_values
+            for ours, theirs in zip(verifier.cache.cache.layers, plain.layers):
+                n = len(context) - 1
+                torch.testing.assert_close(ours.keys[b : b + 1, :, :n], theirs.keys, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(ours.values[b : b + 1, :, :n], theirs.values, atol=1e-5, rtol=1e-4)
+
+
+def test_commit_of_a_path_that_skips_a_branch_equals_plain_decodings_cache(model):
+    prompt = prompts(9, 1)[0]
+    verifier = ModelVerifier(model)
+    verifier.reset([prompt])
+    with torch.inference_mode():
+        first = int(model(torch.as_tensor(prompt[None])).logits[0, -1].argmax())
+    wrong = (first + 1) % 96
+    # Root, then a wrong branch of two nodes, then the right token: the accepted path is not contiguous.
+    tree = DraftTree(np.array([prompt[-1], wrong, 5, first], np.int32), np.array([-1, 0, 1, 0], np.int32),
+                     np.array([1, .9, .8, .5], np.float32), np.array([0, 1, 1, 1], np.uint8))
+    result = verifier.verify([RowDraft(tree, None, prompt)], 0, PhaseTimer(time.perf_counter))[0]
+    accepted, new_tokens = accept(tree, result.node_tokens)
+    assert accepted.tolist() == [0, 3]
+    verifier.commit([accepted])
+    full = np.concatenate([prompt, [first]])
+    reference = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.as_tensor(full[None]), past_key_values=reference)
+    assert verifier.cache.lengths.tolist() == [len(full)]
+    for ours, theirs in zip(verifier.cache.cache.layers, reference.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def test_rollback_forgets_the_last_forward_and_keep_rows_keeps_each_rows_entries(model):
+    rng = np.random.default_rng(1)
+    contexts = [rng.integers(0, 96, n).astype(np.int32) for n in (9, 4, 15)]
+    verifier = ModelVerifier(model)
+    verifier.reset(contexts)
+    tree = DraftTree.chain(np.array([0, 5, 6, 7], np.int32), Source.PROMPT)
+    rows = [RowDraft(DraftTree.chain(np.append(c[-1:], [5, 6, 7]).astype(np.int32), Source.PROMPT), None, c)
+            for c in contexts]
+    assert len(tree) == 4
+    verifier.verify(rows, 8, PhaseTimer(time.perf_counter))
+    verifier.rollback()
+    assert verifier.cache.lengths.tolist() == [len(c) - 1 for c in contexts]
+    for b, context in enumerate(contexts):
+        assert_row_holds(verifier, b, plain_cache(model, context[:-1]))
+    verifier.keep_rows(np.array([2, 0]))
+    assert verifier.cache.lengths.tolist() == [len(contexts[2]) - 1, len(contexts[0]) - 1]
+    assert verifier.cache.width == len(contexts[2]) - 1
+    for b, context in enumerate([contexts[2], contexts[0]]):
+        assert_row_holds(verifier, b, plain_cache(model, context[:-1]))
+    verifier.verify(rows[::2][::-1], 0, PhaseTimer(time.perf_counter))  # the kept rows verify on
+    verifier.commit([np.array([0, 1]), np.array([0, 1, 2])])
+    for b, (context, kept) in enumerate([(contexts[2], 2), (contexts[0], 3)]):
+        assert_row_holds(verifier, b, plain_cache(model, np.concatenate([context, [5, 6, 7][: kept - 1]])))
