@@ -3,7 +3,7 @@
     python benchmarks/record_plain.py --model smollm2-135m --limit 8 --skip 3   # held out from spec_bench --limit 3
 
 Each line: question_id, category, prompt (token ids), output (token ids), top (k ids per output position,
-the target's most likely tokens after each prefix). ``benchmarks/simulate.py`` replays drafters over them.
+the target's most likely tokens after each prefix). ``benchmarks/simulate.py`` replays the engine over them.
 """
 
 from __future__ import annotations
@@ -11,12 +11,30 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench
 from retrieval_spec.models import load_model
+
+
+def record(model, tokenizer, rows: Iterable[dict], max_new_tokens: int, top_k: int) -> Iterator[dict]:
+    """Per Spec-Bench row, what ``model.generate(do_sample=False)`` produced and its top-k at every position."""
+    for row in rows:
+        ids = torch.as_tensor(prompt_ids(tokenizer, row)[None], dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            result = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+        top = torch.stack(result.logits)[:, 0].topk(top_k, dim=-1).indices
+        yield {
+            "question_id": row["question_id"],
+            "category": row["category"],
+            "prompt": ids[0].tolist(),
+            "output": result.sequences[0, ids.shape[1]:].tolist(),
+            "top": top.tolist(),
+        }
 
 
 def main() -> None:
@@ -37,23 +55,11 @@ def main() -> None:
     if out.exists():
         done = {json.loads(line)["question_id"] for line in out.read_text().splitlines()}
     out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [row for row in spec_bench(args.limit, skip=args.skip) if row["question_id"] not in done]
     with open(out, "a") as f:
-        for row in tqdm(spec_bench(args.limit, skip=args.skip), desc="plain greedy"):
-            if row["question_id"] in done:
-                continue
-            ids = torch.as_tensor(prompt_ids(tokenizer, row)[None], dtype=torch.long)
-            with torch.inference_mode():
-                result = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                        do_sample=False, output_logits=True, return_dict_in_generate=True)
-            top = torch.stack(result.logits)[:, 0].topk(args.top_k, dim=-1).indices
-            record = {
-                "question_id": row["question_id"],
-                "category": row["category"],
-                "prompt": ids[0].tolist(),
-                "output": result.sequences[0, ids.shape[1]:].tolist(),
-                "top": top.tolist(),
-            }
-            f.write(json.dumps(record) + "\n")
+        for line in tqdm(record(model, tokenizer, rows, args.max_new_tokens, args.top_k), total=len(rows),
+                         desc="plain greedy"):
+            f.write(json.dumps(line) + "\n")
             f.flush()
 
 

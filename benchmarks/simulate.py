@@ -1,14 +1,18 @@
-"""Model-free replay: score drafting methods against recorded plain greedy outputs, in seconds.
+"""Model-free replay: the engine itself against recorded plain greedy outputs, on a clock that charges the cost curve.
 
-For greedy decoding the tokens a tree gains are fixed by the plain output: the longest tree path that agrees
-with it, plus one. So the whole decoding loop (drafters, fusion, calibration, cost-based sizing) can run
-without the model; only the cost of verifying k tokens is needed, taken from a measured cost curve.
+The real ``SpeculativeGenerator`` — drafters, fusion, calibration, sizing, padding and, with ``--learn``, the
+learned costs, the explorations and the speed guard — runs against a :class:`~retrieval_spec.replay.ReplayVerifier`
+(the target's greedy token after a node on the recorded path is the next recorded token) and a
+:class:`~retrieval_spec.replay.CostClock` that moves by the cost curve's price of each forward. So it predicts what
+the engine does with that curve, in seconds, without a model.
 
     python benchmarks/record_plain.py --limit 8            # once: results/plain_smollm2-135m.jsonl
-    python benchmarks/simulate.py --methods pld --cost results/cost_smollm2-135m.json
+    python benchmarks/simulate.py --methods pld,auto --cost results/cost_smollm2-135m.json
+    python benchmarks/simulate.py --methods auto --cost flat --budget 64   # a GPU-like curve
 
-Reports per category: mean tokens per step and the speedup the cost curve predicts
-(tokens per step divided by the mean relative cost of a step).
+Reports per category and method: tokens per step; the predicted speedup over ``generate()`` (one one-node forward
+per token) and over our loop drafting nothing (``ar``: plain steps padded where that is cheaper), both priced by
+the curve; and the host milliseconds per step the engine itself spent (everything but the model, measured).
 """
 
 from __future__ import annotations
@@ -22,50 +26,51 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, write_json
-from retrieval_spec.acceptance import accept
-from retrieval_spec.fusion import TreeFuser
+from retrieval_spec.api import make_drafters
+from retrieval_spec.config import GenerationConfig
+from retrieval_spec.generate import SpeculativeGenerator
+from retrieval_spec.replay import CostClock, Recording, ReplayVerifier
 from retrieval_spec.sizing import CostCurve
-from retrieval_spec.tree import DraftTree, StepFeedback, depths
 
-# SmolLM2-135M fp32, 2 threads, 256-token context, few-row products (retrieval_spec.kernels): the probe of
-# `spec_bench.py --fresh-curve` on 317fdb1; used when no measured curve is given.
+# SmolLM2-135M fp32, 2 threads, 256-token context: the probe of `spec_bench.py --fresh-curve` on 317fdb1, on a
+# machine whose torch one-row linear is slow (two rows cost less than one); used when no curve is given.
 DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]),
                           ms=np.array([60.3, 36.8, 43.5, 46.4, 65.3, 66.3, 75.5, 82.9, 86.4, 84.6, 105.7, 115.8, 146.6,
                                        177.0]))
 
 
-def replay(record: dict, fuser: TreeFuser, budget: int) -> dict:
-    """Decode one recorded output with ``fuser``'s drafters; return steps, tokens and summed relative cost."""
-    prompt = np.asarray(record["prompt"], dtype=np.int32)
-    output = np.asarray(record["output"], dtype=np.int32)
-    top = np.asarray(record["top"], dtype=np.int32)
-    context = np.concatenate([prompt, output])
-    request = record.get("question_id", 0)
-    fuser.start(request, prompt)
-    pos, steps, cost, draft_s = 0, 0, 0.0, 0.0
-    while pos < len(output):
-        start = time.perf_counter()
-        # The first step rides on the prefill's forward (as in the engine), sized on the same curve.
-        tree = fuser.propose(request, context[: len(prompt) + pos], budget, max_depth=len(output) - pos - 1)
-        draft_s += time.perf_counter() - start
-        # The target's greedy choice after a node on the true path is the recorded output at that depth.
-        targets = output[np.minimum(pos + depths(tree.parents), len(output) - 1)]
-        accepted, new_tokens = accept(tree, targets)
-        fuser.observe(request, StepFeedback(tree=tree, accepted_nodes=accepted, new_tokens=new_tokens))
-        # The target's top-k was recorded only along the true path: drafters that learn from it (recycling)
-        # see that path, with the top-k of each of its nodes.
-        path_tree = DraftTree(tree.tokens[accepted], np.arange(-1, len(accepted) - 1, dtype=np.int32),
-                              tree.scores[accepted], tree.sources[accepted])
-        on_path = StepFeedback(tree=path_tree, accepted_nodes=np.arange(len(accepted), dtype=np.int32),
-                               new_tokens=new_tokens, top_tokens=top[pos : pos + len(accepted)])
-        for drafter in fuser.drafters:
-            if drafter.top_k:
-                drafter.observe(request, on_path)
-        cost += float(fuser.cost_curve.relative(np.array([len(tree)]))[0])
-        pos += len(new_tokens)
-        steps += 1
-    fuser.finish(request)
-    return {"steps": steps, "tokens": int(len(output)), "cost": cost, "draft_ms": draft_s * 1e3}
+def read_curve(spec: str | None) -> CostCurve:
+    """``flat`` (64 nodes cost one step), a JSON file ``{sizes, ms}``, or the default curve."""
+    if spec == "flat":
+        return CostCurve.flat(64)
+    if spec:
+        data = json.loads(Path(spec).read_text())
+        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
+    return DEFAULT_CURVE
+
+
+def replay(method: str, records: list[tuple[dict, Recording]], curve: CostCurve, prior: CostCurve | None,
+           budget: int, vocab_size: int) -> dict:
+    """Decode every recording with ``method`` through the engine; per category the totals of steps, tokens,
+    clock milliseconds and host milliseconds. ``prior``: learn from it (None: size by ``curve``, fixed)."""
+    clock = CostClock()
+    verifier = ReplayVerifier([r for _, r in records], curve, clock, vocab_size, prior=prior)
+    generator = SpeculativeGenerator(verifier, None, make_drafters(method, vocab_size),
+                                     cost_curve=curve if prior is None else None, clock=clock)
+    totals: dict = defaultdict(lambda: defaultdict(float))
+    for meta, recording in records:
+        config = GenerationConfig(max_new_tokens=len(recording.output), tree_budget=budget, eos_token_ids=())
+        clock_started, started = clock(), time.perf_counter()
+        result = generator.generate(recording.prompt, config)
+        host_ms = (time.perf_counter() - started) * 1e3
+        if not np.array_equal(result.tokens, recording.output):
+            raise AssertionError(f"{method}: the replay of {meta.get('question_id')} differs from its recording")
+        for bucket in (totals[meta.get("category", "all")], totals["overall"]):
+            bucket["steps"] += result.stats.steps
+            bucket["tokens"] += len(result.tokens)
+            bucket["ms"] += (clock() - clock_started) * 1e3
+            bucket["host_ms"] += host_ms
+    return totals
 
 
 def main() -> None:
@@ -74,38 +79,29 @@ def main() -> None:
     parser.add_argument("--methods", default="pld")
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=49152, help="the recorded model's vocabulary size")
-    parser.add_argument("--cost", help="flat (a GPU-like curve: 64 nodes cost one step) or a cost curve JSON "
-                                       "({sizes, ms}); default: ANCHORS.md SmolLM2 on 2 CPU cores")
+    parser.add_argument("--cost", help="what a forward of k nodes costs: flat (a GPU-like curve: 64 nodes cost one "
+                                       "step), a JSON file {sizes, ms}, or (default) SmolLM2 on a 2-core CPU")
+    parser.add_argument("--learn", nargs="?", const="same", metavar="PRIOR",
+                        help="learn the costs as the engine does, from PRIOR (a JSON curve; default: --cost's)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
     args = parser.parse_args()
-    from retrieval_spec.api import make_drafters
-
-    records = [json.loads(line) for line in args.records.read_text().splitlines()]
-    curve = DEFAULT_CURVE
-    if args.cost == "flat":
-        curve = CostCurve.flat(64)
-    elif args.cost:
-        data = json.loads(Path(args.cost).read_text())
-        curve = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
-    report = {}
+    records = Recording.read_jsonl(args.records)
+    curve = read_curve(args.cost)
+    prior = None if args.learn is None else curve if args.learn == "same" else read_curve(args.learn)
+    report = {"cost": {"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist()}, "learn": args.learn, "methods": {}}
     for method in args.methods.split(","):
-        fuser = TreeFuser(make_drafters(method, args.vocab_size), curve, args.vocab_size)
-        per_category = defaultdict(lambda: {"steps": 0, "tokens": 0, "cost": 0.0, "draft_ms": 0.0})
-        for record in records:
-            result = replay(record, fuser, args.budget)
-            for bucket in (per_category[record["category"]], per_category["overall"]):
-                for key, value in result.items():
-                    bucket[key] += value
-        report[method] = {
+        totals = replay(method, records, curve, prior, args.budget, args.vocab_size)
+        report["methods"][method] = {
             category: {
-                "tokens_per_step": round(c["tokens"] / c["steps"], 3),
-                "predicted_speedup": round(c["tokens"] / c["cost"], 3),
-                "draft_ms_per_step": round(c["draft_ms"] / c["steps"], 3),
+                "tokens_per_step": round(t["tokens"] / t["steps"], 3),
+                "predicted_speedup": round(t["tokens"] * float(curve.ms[0]) / t["ms"], 3),
+                "predicted_speedup_over_ar": round(t["tokens"] * curve.plain_ms / t["ms"], 3),
+                "host_ms_per_step": round(t["host_ms"] / t["steps"], 3),
             }
-            for category, c in sorted(per_category.items())
+            for category, t in sorted(totals.items(), key=lambda item: (item[0] == "overall", item[0]))
         }
         print(f"{method}: " + ", ".join(f"{k} {v['tokens_per_step']:.2f}/{v['predicted_speedup']:.2f}x"
-                                          for k, v in report[method].items()))
+                                          for k, v in report["methods"][method].items()))
     write_json(args.out, report)
 
 

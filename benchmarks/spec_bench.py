@@ -38,7 +38,7 @@ from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
-from retrieval_spec.kernels import ROW_BUCKETS
+from retrieval_spec.linear_forms import cpu_name
 from retrieval_spec.models import load_model
 from retrieval_spec.sizing import CostCurve
 
@@ -118,11 +118,13 @@ def main() -> None:
     exact = args.dtype == "float32" and not args.temperature
     ours = args.methods.split(",")
     datastore = Datastore.open(args.index, tokenizer_fingerprint(tokenizer)) if args.index else None
-    fixed_curve, start_curve = prepare_cost_curve(model, args)
+    fixed_curve = forced_cost_curve(args)
     generators = {
         m: SpeculativeGenerator(model, tokenizer, make_drafters(m.split("@")[0], model.config.vocab_size, datastore),
                                 cost_curve=fixed_curve) for m in ours
     }
+    verifier = next(iter(generators.values())).verifier  # every generator's verifier runs the same model
+    start_curve = None if fixed_curve is not None else starting_cost_curve(verifier, args)
     if args.lookahead:
         window, ngram, guesses = map(int, args.lookahead.split(","))
         config = LookaheadConfig(window=window, ngram=ngram, guesses=guesses)
@@ -131,21 +133,18 @@ def main() -> None:
                 generators[m] = SpeculativeGenerator(model, tokenizer, [LookaheadDrafter(config)])
     if args.branch_overhead is not None:
         for generator in generators.values():
-            generator.fuser.max_branch_overhead = args.branch_overhead
+            generator.sizer.max_branch_overhead = args.branch_overhead
     baselines = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"])
     methods = baselines + ours
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                               tree_budget=args.budget)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0} if args.temperature else {}
-    # The few-row kernels of every row bucket are timed now (once per machine; kernels.py), so that no measured
-    # prompt pays a timing, charged to whichever method first runs a tree of that size.
-    measure_cost_curve(model, CostProbe(sizes=(1, *ROW_BUCKETS), repeats=1))
     warm = prompt_ids(tokenizer, rows[0])
     hf_generate(model, warm, 8)
     for generator in generators.values():  # each learns its own cost model here, from the same cached curve
         if start_curve is not None:
-            store_cost_curve(model, CostProbe(), start_curve)
+            store_cost_curve(verifier, CostProbe(), start_curve)
         generator.generate(warm, GenerationConfig(max_new_tokens=8))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.load else None
     try:
@@ -154,7 +153,11 @@ def main() -> None:
     finally:
         if busy is not None:
             busy.kill()
-    report = {"model": args.model, "device": str(model.device), "dtype": args.dtype,
+    report = {"model": args.model, "device": str(model.device), "cpu": cpu_name(), "dtype": args.dtype,
+              "torch_threads": torch.get_num_threads(),
+              "starting_cost_curve": None if start_curve is None else {"sizes": start_curve.sizes.tolist(),
+                                                                        "ms": [round(float(m), 2) for m in
+                                                                               start_curve.ms]},
               "index": str(args.index) if args.index else None, "lookahead": args.lookahead,
               "branch_overhead": args.branch_overhead, "threads": args.threads, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "limit_per_category": args.limit, "budget": args.budget,
@@ -178,19 +181,23 @@ def main() -> None:
         sys.exit(1)
 
 
-def prepare_cost_curve(model, args) -> tuple[CostCurve | None, CostCurve | None]:
-    """The fixed curve of ``--cost`` (None: the engine's learned curve), and the cached curve every learning
-    generator starts from (None with a fixed one): the fresh probe of ``--fresh-curve``, the wrong one of
-    ``--poison-curve``, or the one cached. It is stored again before each generator's first call, since each
-    stores what it learned: else only the first generator would start from it, and the others from what the
-    first learned."""
+def forced_cost_curve(args) -> CostCurve | None:
+    """The fixed curve of ``--cost`` (None: the engine's learned curve)."""
     if args.cost == "flat":
-        return CostCurve.flat(64), None
+        return CostCurve.flat(64)
     if args.cost != "learned":
         data = json.loads(Path(args.cost).read_text())
-        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64)), None
+        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
+    return None
+
+
+def starting_cost_curve(verifier, args) -> CostCurve:
+    """The cached curve every learning generator starts from: the fresh probe of ``--fresh-curve``, the wrong one
+    of ``--poison-curve``, or the one cached. It is stored again before each generator's first call, since each
+    stores what it learned: else only the first generator would start from it, and the others from what the
+    first learned."""
     probe = CostProbe()
-    start = measure_cost_curve(model, probe) if args.fresh_curve else cached_cost_curve(model, probe)
+    start = measure_cost_curve(verifier, probe) if args.fresh_curve else cached_cost_curve(verifier, probe)
     if args.poison_curve:
         true = start
         poisons = {
@@ -203,7 +210,7 @@ def prepare_cost_curve(model, args) -> tuple[CostCurve | None, CostCurve | None]
         else:
             data = json.loads(Path(args.poison_curve).read_text())
             start = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
-    return None, start
+    return start
 
 
 def run(args, model, tokenizer, rows, methods, ours, generators, config, sampling, exact):
@@ -232,6 +239,8 @@ def run(args, model, tokenizer, rows, methods, ours, generators, config, samplin
                     bucket["draft_ms"] += stats.draft_ms
                     bucket["verify_ms"] += stats.verify_ms
                     bucket["observe_ms"] += stats.observe_ms
+                    for phase, ms in stats.phase_ms.items():
+                        bucket["phase_" + phase] += ms
                     bucket["paused_steps"] += stats.paused_steps
                     for source, count in stats.accepted_by_source.items():
                         bucket["accepted_" + source] += count
@@ -263,6 +272,8 @@ def summarize(report: dict, totals: dict, methods: list[str]) -> None:
                           "draft_ms_per_step": round(t["draft_ms"] / t["steps"], 3),
                           "verify_ms_per_step": round(t["verify_ms"] / t["steps"], 3),
                           "observe_ms_per_step": round(t["observe_ms"] / t["steps"], 4),
+                          "phase_ms_per_step": {k[6:]: round(v / t["steps"], 3) for k, v in t.items()
+                                                if k.startswith("phase_")},
                           "accepted_by_source": {k[9:]: int(v) for k, v in t.items() if k.startswith("accepted_")},
                           "drafted_by_source": {k[8:]: int(v) for k, v in t.items() if k.startswith("drafted_")},
                           "paused_steps": int(t["paused_steps"])}
