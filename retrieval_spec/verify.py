@@ -179,7 +179,7 @@ class ModelVerifier:
         if len(ids) == 0:
             return None, 0, 0, None
         cache, extra = DynamicCache(), {}
-        if tree is not None and not np.array_equal(tree.parents, np.arange(-1, len(tree) - 1)):
+        if tree is not None and not _is_chain(tree.parents):
             context = len(sequence) - 1
             visible = np.zeros((len(ids), len(ids)), dtype=bool)
             visible[:context, :context] = np.tri(context, dtype=bool)
@@ -203,6 +203,7 @@ class ModelVerifier:
         timer.lap("forward")
         return results
 
+    @torch.inference_mode()
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Any) -> torch.Tensor:
         """(B, T, vocab) logits of one forward over (B, T) nodes appended to the rows' cache."""
         with self.forms.applied(tokens.numel()):
@@ -211,22 +212,26 @@ class ModelVerifier:
         return out.logits
 
     def _results(self, logits: torch.Tensor, rows: list[RowDraft]) -> list[RowResult]:
-        """(B, T, vocab) logits of the rows' nodes -> per row its node tokens, top tokens and branch tokens."""
+        """(B, T, vocab) logits of the rows' nodes -> per row its node tokens, top tokens and branch tokens, in one
+        transfer of (B, T, 1 + [1] + k) integers: the chosen token, the argmax where a branch needs it, the top k."""
         best = logits.argmax(dim=-1)  # (B, T): branch tokens, and tree tokens when no processor changes them
         chosen = best
         if not self._sampler.plain_argmax:
             chosen = best.clone()
             for b, row in enumerate(rows):
                 chosen[b, : len(row.tree)] = self._sampler.choose(logits[b, : len(row.tree)], row)
-        parts = [chosen[..., None], best[..., None]]
+        branching = any(row.branch is not None for row in rows)
+        parts = [chosen[..., None]] + ([best[..., None]] if branching else [])
         if self._top_k:
             parts.append(logits.topk(self._top_k, dim=-1).indices)
-        host = torch.cat(parts, dim=-1).cpu().numpy().astype(np.int32)  # (B, T, 2 + k): the one transfer
+        host = (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).cpu().numpy().astype(np.int32)
+        top = 1 + branching
         results = []
         for b, row in enumerate(rows):
             n, m = len(row.tree), 0 if row.branch is None else len(row.branch)
             results.append(RowResult(node_tokens=host[b, :n, 0], top_nodes=np.arange(n, dtype=np.int64),
-                                     top_tokens=host[b, :n, 2:], branch_tokens=host[b, n : n + m, 1]))
+                                     top_tokens=host[b, :n, top:],
+                                     branch_tokens=host[b, n : n + m, 1] if m else np.zeros(0, np.int32)))
         return results
 
     def commit(self, accepted: list[np.ndarray]) -> None:
@@ -256,8 +261,22 @@ class ModelVerifier:
 
     def _step_inputs(self, rows: list[RowDraft], run: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Input ids (B, T), position ids (B, T) and the attention mask of every row's nodes, padded to
-        T = max(run, largest row) nodes per row."""
+        T = max(run, largest row) nodes per row.
+
+        One row whose nodes form a chain (the root alone, most often: a plain step) needs no mask of ours: its
+        cache holds its context alone, so the model's own causal (and sliding-window) masking is the tree's,
+        padding nodes after the chain see it but are seen by none of it, and a one-token step runs with no mask
+        at all, as in ``generate()``.
+        """
         batch, num = len(rows), max(run, max(row.num_nodes for row in rows))
+        if batch == 1 and rows[0].branch is None and _is_chain(rows[0].tree.parents):
+            tree, length = rows[0].tree, int(self.cache.lengths[0])
+            tokens = np.full((1, num), tree.tokens[0], dtype=np.int64)
+            tokens[0, : len(tree)] = tree.tokens
+            positions = np.full((1, num), length, dtype=np.int64)  # padding at the root's: inside any table
+            positions[0, : len(tree)] += np.arange(len(tree))
+            return (torch.as_tensor(tokens, device=self.device), torch.as_tensor(positions, device=self.device),
+                    None)
         tokens = np.zeros((batch, num), dtype=np.int64)
         offsets = np.zeros((batch, num), dtype=np.int64)  # position after the root's
         visible = np.zeros((batch, num, num), dtype=bool)  # among the step's nodes
@@ -360,3 +379,8 @@ class ModelVerifier:
             for logits in (after_prompt, in_prefill):
                 worst = max(worst, float((logits[node] - plain).abs().max()) / scale)
         return worst
+
+
+def _is_chain(parents: np.ndarray) -> bool:
+    """Whether a tree is a single path from its root (every node the child of the one before it)."""
+    return bool(np.array_equal(parents, np.arange(-1, len(parents) - 1)))

@@ -116,3 +116,30 @@ def test_rollback_forgets_the_last_forward_and_keep_rows_keeps_each_rows_entries
     verifier.commit([np.array([0, 1]), np.array([0, 1, 2])])
     for b, (context, kept) in enumerate([(contexts[2], 2), (contexts[0], 3)]):
         assert_row_holds(verifier, b, plain_cache(model, np.concatenate([context, [5, 6, 7][: kept - 1]])))
+
+
+def test_the_cache_never_copies_itself_between_doublings(model):
+    """A verification writes its slots into the buffers in place and a commit moves only accepted slots: the
+    buffers are the same memory from step to step until they fill, then twice as large."""
+    rng = np.random.default_rng(2)
+    context = rng.integers(0, 96, 30).astype(np.int32)
+    verifier = ModelVerifier(model)
+    verifier.reset([context])
+    layer = verifier.cache.cache.layers[0]
+    memory, capacity = layer.buffer_keys.data_ptr(), layer.buffer_keys.shape[2]
+    grown = []
+    for step in range(40):
+        tree = random_chain(rng, context)
+        verifier.verify([RowDraft(tree, None, context)], len(tree), PhaseTimer(time.perf_counter))
+        verifier.commit([np.arange(len(tree))])
+        context = np.concatenate([context, tree.tokens[1:], rng.integers(0, 96, 1)]).astype(np.int32)
+        if layer.buffer_keys.data_ptr() != memory:
+            grown.append((layer.buffer_keys.shape[2], capacity))
+            memory, capacity = layer.buffer_keys.data_ptr(), layer.buffer_keys.shape[2]
+    assert grown and all(new == 2 * old for new, old in grown)
+    assert_row_holds(verifier, 0, plain_cache(model, context[:-1]))
+
+
+def random_chain(rng, context: np.ndarray) -> DraftTree:
+    return DraftTree.chain(np.append(context[-1:], rng.integers(0, 96, int(rng.integers(1, 6)))).astype(np.int32),
+                           Source.PROMPT)
