@@ -78,7 +78,7 @@ def main() -> None:
                                        "({sizes, ms}); default: ANCHORS.md SmolLM2 on 2 CPU cores")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
     args = parser.parse_args()
-    from retrieval_spec.api import make_drafters
+    from retrieval_spec.drafters.registry import make_drafters
 
     records = [json.loads(line) for line in args.records.read_text().splitlines()]
     curve = DEFAULT_CURVE

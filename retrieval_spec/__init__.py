@@ -12,7 +12,7 @@ _LAZY = {
     "GenerationConfig": "config",
     "GenerationResult": "generate",
     "load_model": "models",
-    "make_drafters": "api",
+    "make_drafters": "drafters.registry",
 }
 
 

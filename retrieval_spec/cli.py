@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import click
 from tqdm import tqdm
 
+from .drafters.registry import METHODS, load_state, make_drafters, save_state
 from .errors import InputError, OutputError, RetrievalSpecError
 from .files import JsonlWriter, check_input_file, check_output_directory, check_output_file, read_text
 
@@ -221,12 +222,8 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
 @click.option("--question", callback=_utf8, help="With --rag: the question to answer from the index's passages.")
 @click.option("--passages", "num_passages", default=5, show_default=True, type=click.IntRange(1, 100),
               help="With --rag: passages retrieved into the prompt (--top-k is the sampler's).")
-@click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "lookahead", "auto"]), default="auto",
-              show_default=True,
-              help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA); "
-                   "rest: copy from a corpus datastore (--index); recycle: the model's own earlier top-k "
-                   "predictions; lookahead: n-grams from a Jacobi window run in the same forward; "
-                   "auto: every available source fused in one tree.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="auto", show_default=True,
+              help="; ".join(f"{method.name}: {method.description}" for method in METHODS.values()) + ".")
 @click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A datastore built by `retrieval-spec build-index` with this model's tokenizer.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, MAX_NEW_TOKENS),
@@ -302,7 +299,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     from transformers import TextStreamer
 
     from . import rag as grounded
-    from .api import make_drafters
     from .config import GenerationConfig
     from .generate import SpeculativeGenerator
     from .models import chat_prompt, load_model
@@ -324,7 +320,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
     drafters = make_drafters(method, model.config.vocab_size, datastore)
     if state_dir is not None:
-        from .api import load_state
         from .datastore.manifest import tokenizer_fingerprint
 
         vocab_sha256 = tokenizer_fingerprint(tokenizer).sha256
@@ -379,8 +374,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
                     click.echo(json.dumps({**extra, "stats": result.stats.to_dict()} if extra else
                                           result.stats.to_dict()), err=True)
     if state_dir is not None:
-        from .api import save_state
-
         try:
             save_state(drafters, state_dir, vocab_sha256)
         except OSError as error:

@@ -6,8 +6,8 @@ from importlib import resources
 
 import numpy as np
 
-from .api import make_drafters
 from .config import GenerationConfig
+from .drafters.registry import make_drafters
 from .generate import SpeculativeGenerator
 from .models import chat_prompt, load_model
 

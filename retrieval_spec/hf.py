@@ -33,11 +33,11 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .api import load_state, make_drafters, save_state
+from .config import GenerationConfig
 from .datastore.manifest import tokenizer_fingerprint
 from .datastore.reader import Datastore
+from .drafters.registry import load_state, make_drafters, save_state
 from .errors import InputError, UnsupportedOptionError
-from .config import GenerationConfig
 from .generate import BatchResult, SpeculativeGenerator
 from .sizing import CostCurve
 
@@ -195,7 +195,7 @@ def enable(
     Args:
         model: a causal LM of a supported family (``retrieval_spec.families``).
         tokenizer: its tokenizer (stop strings, the index's and the state's fingerprint).
-        method: drafting method, a key of ``retrieval_spec.api.METHODS``.
+        method: drafting method, a key of ``retrieval_spec.drafters.registry.METHODS``.
         index: a corpus datastore directory (``retrieval-spec build-index``) for ``rest`` and ``auto``.
         state_dir: load what the drafters learned from here now, save it back on :func:`disable`.
         fallback: send calls with options the engine cannot honour to transformers' own ``generate`` instead of

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval_spec.acceptance import accept
-from retrieval_spec.api import make_drafters
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.fusion import TreeFuser
 from retrieval_spec.sizing import CostCurve
 from retrieval_spec.tree import StepFeedback, depths

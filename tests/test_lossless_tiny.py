@@ -9,12 +9,12 @@ from transformers import DynamicCache
 
 from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
 from retrieval_spec.acceptance import accept
-from retrieval_spec.api import make_drafters
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
 from retrieval_spec.tree import DraftTree

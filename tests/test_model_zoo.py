@@ -16,8 +16,8 @@ import transformers as tf
 
 import retrieval_spec.families as families
 from conftest import StubTokenizer, plain_greedy, tiny_model
-from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.lookahead import LookaheadDrafter
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.errors import UnsupportedModelError
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator

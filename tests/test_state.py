@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval_spec.api import load_state, save_state
 from retrieval_spec.drafters.history import OutputHistoryDrafter
 from retrieval_spec.drafters.lookahead import LookaheadDrafter
 from retrieval_spec.drafters.recycling import RecyclingDrafter
+from retrieval_spec.drafters.registry import load_state, save_state
 from retrieval_spec.drafters.state import read_state, write_state
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
 

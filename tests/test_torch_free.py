@@ -36,7 +36,7 @@ PURE = [
     "retrieval_spec.calibration",
     "retrieval_spec.fusion",
     "retrieval_spec.families",
-    "retrieval_spec.api",
+    "retrieval_spec.drafters.registry",
     "retrieval_spec.integrations.vllm",
 ]
 

@@ -198,7 +198,7 @@ def test_only_whole_batch_steps_explore(monkeypatch):
     import retrieval_spec.generate as generate_module
     from conftest import StubTokenizer, plain_greedy, tiny_model
     from test_lossless_tiny import prompts
-    from retrieval_spec.api import make_drafters
+    from retrieval_spec.drafters.registry import make_drafters
     from retrieval_spec.config import GenerationConfig
     from retrieval_spec.generate import SpeculativeGenerator
 
