@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from .errors import InputError, ModelNotFoundError
+from .files import fsync_directory, fsync_tree
 
 hf_logging.disable_progress_bar()  # loading a converted checkpoint takes 0.5 s: no bar on stderr
 
@@ -211,9 +212,11 @@ def _converted_path(spec: EmbeddedModel) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "gguf").unlink(missing_ok=True)
+        fsync_tree(out)  # a crash after the rename leaves a whole checkpoint, never one of empty files
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
+        fsync_directory(target.parent)
     return target
 
 

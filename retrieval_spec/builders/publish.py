@@ -31,11 +31,10 @@ from retrieval_spec.datastore.manifest import (
     GENERATION_PREFIX,
     MANIFEST,
     STAGING_PREFIX,
-    fsync_directory,
     write_manifest,
 )
 from retrieval_spec.errors import InputError
-from retrieval_spec.files import check_output_directory, commit_delay
+from retrieval_spec.files import check_output_directory, commit_delay, fsync_directory
 
 LOCK = ".build.lock"
 MARKER = ".retrieval-spec-build"  # inside every staging directory, and so in every generation, a build writes

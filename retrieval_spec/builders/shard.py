@@ -19,12 +19,12 @@ from retrieval_spec.datastore.manifest import (
     SUFFIX_ARRAY,
     TOKENS,
     FileEntry,
-    fsync_directory,
     separator,
 )
 from retrieval_spec.datastore.ngram_table import count_continuations
 from retrieval_spec.datastore.suffix_array import build_suffix_array
 from retrieval_spec.errors import InputError
+from retrieval_spec.files import fsync_directory
 
 
 class ShardBuffer:

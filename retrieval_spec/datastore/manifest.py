@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, Protocol
@@ -35,6 +33,7 @@ import pyarrow as pa
 
 from retrieval_spec.datastore.ngram_table import MAX_VOCAB_SIZE
 from retrieval_spec.errors import DatastoreFormatError
+from retrieval_spec.files import replace_atomically
 
 FORMAT_NAME = "retrieval-spec-datastore"
 FORMAT_VERSION = 1
@@ -260,22 +259,6 @@ def read_versioned_json(path: Path, format_name: str, format_version: int, rebui
 
 
 def write_manifest(index: Path, manifest: dict[str, Any], temporary_directory: Path | None = None) -> None:
-    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory.
-
-    The temporary file is written in ``temporary_directory`` (on the same file system; default ``index``).
-    """
-    staging = (temporary_directory or index) / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
-    with open(staging, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, index / MANIFEST)
-    fsync_directory(index)
-
-
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Replace ``index/manifest.json`` atomically (:func:`~retrieval_spec.files.open_atomically`), its temporary
+    file written in ``temporary_directory`` (on the same file system; default ``index``)."""
+    replace_atomically(index / MANIFEST, json.dumps(manifest, indent=1), temporary_directory)

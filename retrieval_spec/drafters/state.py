@@ -13,8 +13,6 @@ boolean arrays hold flags. Nothing else is saved.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -22,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import DatastoreFormatError, TokenizerMismatchError
-from ..files import commit_delay
+from ..files import open_atomically
 
 NO_TOKEN = -1  # the one integer value besides token ids that a state array may hold
 
@@ -31,18 +29,9 @@ Shape = tuple[int | str | None, ...]  # per axis: its exact length, a name that 
 
 def write_state(target: Path, arrays: dict[str, np.ndarray], format_version: int, tokenizer: str, **meta) -> None:
     """Write ``arrays`` and their metadata to ``target`` atomically (its directory is created)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     header = json.dumps({"format_version": format_version, "tokenizer": tokenizer, **meta})
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(header), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        commit_delay()
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_atomically(target) as f:
+        np.savez(f, meta=np.array(header), **arrays)
 
 
 def read_state(
