@@ -249,3 +249,35 @@ def test_a_build_stopped_at_any_stage_leaves_a_verifying_index(tmp_path: Path, s
     build(index, [0, 1], force=True)
     assert names(index) == ["gen-", MANIFEST] and Datastore.open(index).num_tokens == 2
 
+
+
+class FakeEmbedder:
+    """Unit vectors from a text's hash: what DenseIndex.build needs of an embedder, without the model."""
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    dim = 8
+
+    def embed(self, texts) -> np.ndarray:
+        vectors = np.stack([np.random.default_rng(len(text)).standard_normal(self.dim) for text in texts])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_dense_index_is_published_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A rebuild replaces the previous generation; one that fails before its commit keeps it and leaves nothing."""
+    pytest.importorskip("faiss")
+    from retrieval_spec.builders.corpus import Record
+    from retrieval_spec.rag import DENSE, DenseIndex
+
+    index = tmp_path / "index"
+    build(index, [1, 2])
+    documents = [Record("First document. " * 30, "a.txt", ""), Record("Second one. " * 40, "b.txt", "")]
+    first = DenseIndex.build(index, documents, embedder=FakeEmbedder(), progress=False)
+    second = DenseIndex.build(index, documents[:1], embedder=FakeEmbedder(), progress=False)
+    assert names(index / DENSE) == ["gen-", MANIFEST] and len(first) == 2 and len(second) == 1
+    assert not (index / DENSE / first.manifest["generation"]).exists()
+
+    monkeypatch.setattr("retrieval_spec.builders.publish.write_manifest", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        DenseIndex.build(index, documents, embedder=FakeEmbedder(), progress=False)
+    assert names(index / DENSE) == ["gen-", MANIFEST]
+    assert len(DenseIndex.open(index, embedder=FakeEmbedder())) == 1

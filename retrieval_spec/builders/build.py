@@ -314,7 +314,7 @@ def merge_indexes(indexes: Sequence[str | Path], out: str | Path, *, force: bool
             "merged_from": [str(d.path) for d in datastores],
         }
         top_k = max(int(d.manifest["ngram_top_k"]) for d in datastores)
-        manifest = _manifest(first.fingerprint, first.token_dtype, entries, build, top_k)
+        manifest = _manifest(first.fingerprint, first.token_dtype, entries, build, top_k, staging.generation)
         staging.commit(manifest)
     return _summary(out, manifest, started)
 
@@ -552,7 +552,7 @@ def _build(
             "workers": backend.workers,
             "backend": backend.name,
         }
-        manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K)
+        manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K, staging.generation)
         staging.commit(manifest)
     return _summary(out, manifest, started, driver.skipped_lines, driver.skipped_files, backend)
 
@@ -784,7 +784,9 @@ def _manifest(
     entries: list[dict[str, Any]],
     build: dict[str, Any],
     ngram_top_k: int,
+    generation: str,
 ) -> dict[str, Any]:
+    """The manifest of shards written under a staging directory published as ``generation``."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -794,7 +796,7 @@ def _manifest(
         "num_documents": sum(entry["num_documents"] for entry in entries),
         "ngram_top_k": ngram_top_k,
         "build": build,
-        "shards": entries,
+        "shards": [{**entry, "path": f"{generation}/{entry['path']}"} for entry in entries],
     }
 
 
