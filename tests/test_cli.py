@@ -281,7 +281,7 @@ def test_state_dir_carries_what_drafters_learned_to_the_next_run(model, tmp_path
     ("empty", "not a drafter state file (not an .npz archive)"),
     ("truncated", "not a drafter state file (not an .npz archive)"),
     ("garbage", "not a drafter state file (not an .npz archive)"),
-    ("out of vocabulary", "array 'table' holds token id 520128418, outside the model's vocabulary [0, 49152)"),
+    ("out of vocabulary", "array 'table' holds token id 520128418, outside the vocabulary [0, 49152)"),
     ("float", "array 'table' is float32, expected integers or booleans"),
     ("shape", "array 'table' has shape (10, 8), expected (49152, 8)"),
 ])

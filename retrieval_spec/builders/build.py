@@ -48,13 +48,14 @@ from tqdm import tqdm
 from retrieval_spec.builders.corpus import JSONL_SUFFIXES, Corpus, Record
 from retrieval_spec.builders.parallel_map import Backend, WorkerDied, make_backend
 from retrieval_spec.builders.publish import Staging
-from retrieval_spec.builders.shard import ShardBuffer, check_token_ids
+from retrieval_spec.builders.shard import ShardBuffer
 from retrieval_spec.datastore.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SHARD_FILES,
     Tokenizer,
     TokenizerFingerprint,
+    check_token_ids,
     token_dtype,
     tokenizer_fingerprint,
 )
@@ -392,7 +393,7 @@ def tokenize_slice(
         for document in _tokenize(records, tokenizer, options.batch_size):
             if len(document.tokens) == 0:
                 continue
-            check_token_ids(document.tokens, options.vocab_size, document.source)
+            check_token_ids(document.tokens, options.vocab_size, document.source or "a document")
             document.tokens.astype(dtype).tofile(out)
             lengths.append(len(document.tokens))
             sources.append(document.source)
@@ -446,7 +447,7 @@ def _write_chunks(
         lengths, total = [], 0
         with open(tokens_path, "wb") as out:
             for record in itertools.chain([first], records):
-                check_token_ids(record.tokens, vocab_size, record.source)
+                check_token_ids(record.tokens, vocab_size, record.source or "a document")
                 record.tokens.astype(dtype).tofile(out)
                 lengths.append(len(record.tokens))
                 total += len(record.tokens)

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval_spec.datastore.ngram_table import MAX_VOCAB_SIZE
-from retrieval_spec.errors import DatastoreFormatError
+from retrieval_spec.errors import DatastoreFormatError, InputError, RetrievalSpecError
 from retrieval_spec.files import replace_atomically
 
 FORMAT_NAME = "retrieval-spec-datastore"
@@ -94,6 +94,24 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> TokenizerFingerprint:
 def token_dtype(vocab_size: int) -> np.dtype:
     """Big-endian uint16 when every id and the separator fit in 16 bits, else big-endian uint32."""
     return np.dtype(">u2") if vocab_size < 0xFFFF else np.dtype(">u4")
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, what: str, *, lowest: int = 0,
+                    error: type[RetrievalSpecError] = InputError, hint: str = "") -> None:
+    """Raise ``error`` unless every id of ``ids`` (any shape) lies in ``[lowest, vocab_size)``.
+
+    Args:
+        what: names the ids in the message (``file:line``, ``file: array 'table'``).
+        lowest: 0, or -1 where -1 stands for no token (padding in saved drafter state).
+        hint: what to do about it, appended to the message.
+    """
+    if not ids.size:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < lowest or high >= vocab_size:
+        bad = low if low < lowest else high
+        raise error(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})"
+                    + (f"; {hint}" if hint else ""))
 
 
 def separator(dtype: np.dtype) -> int:

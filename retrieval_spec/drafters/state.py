@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ..datastore.manifest import check_token_ids
 from ..errors import DatastoreFormatError, TokenizerMismatchError
 from ..files import open_atomically
 
@@ -60,7 +61,10 @@ def read_state(
     if shapes is not None:
         _check_shapes(target, arrays, shapes)
     if vocab_size is not None:
-        check_token_ids(target, arrays, vocab_size)
+        for name, array in arrays.items():
+            if array.dtype.kind in "iu":
+                check_token_ids(array, vocab_size, f"{target}: array {name!r}", lowest=NO_TOKEN,
+                                error=DatastoreFormatError, hint="the file is damaged, delete it")
     return arrays, meta
 
 
@@ -86,17 +90,6 @@ def _read(target: Path, tokenizer: str) -> tuple[dict[str, np.ndarray], dict]:
         if array.dtype.kind not in "iub":
             raise DatastoreFormatError(f"{target}: array {name!r} is {array.dtype}, expected integers or booleans")
     return arrays, meta
-
-
-def check_token_ids(target: Path, arrays: Mapping[str, np.ndarray], vocab_size: int) -> None:
-    """Raise :class:`DatastoreFormatError` unless every integer array holds ids in ``[0, vocab_size)`` or -1."""
-    for name, array in arrays.items():
-        if array.dtype.kind in "iu" and array.size:
-            low, high = int(array.min()), int(array.max())
-            if low < NO_TOKEN or high >= vocab_size:
-                bad = low if low < NO_TOKEN else high
-                raise DatastoreFormatError(f"{target}: array {name!r} holds token id {bad}, outside the model's "
-                                           f"vocabulary [0, {vocab_size}); the file is damaged, delete it")
 
 
 def _check_shapes(target: Path, arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Shape]) -> None:
