@@ -531,8 +531,8 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
 @click.option("--verify", "full", is_flag=True, help="Also check the full sha256 of every file (reads everything).")
 def index_info(index, full):
     """Print an index's manifest summary as JSON: counts, sizes, tokenizer, shards, build time."""
-    from .datastore.reader import describe, verify
+    from .datastore.reader import check_integrity, describe
 
     if full:
-        verify(index)
+        check_integrity(index)
     click.echo(json.dumps(describe(index), indent=2))

@@ -18,7 +18,7 @@ import pytest
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.builders.publish import LOCK, MARKER, BuildLock
 from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint
-from retrieval_spec.datastore.reader import Datastore, verify
+from retrieval_spec.datastore.reader import Datastore, check_integrity
 from retrieval_spec.errors import InputError, OutputError
 
 FINGERPRINT = TokenizerFingerprint("fake/char", 3, "0" * 64)
@@ -157,7 +157,7 @@ def test_two_builds_into_one_output_never_lose_the_index(tmp_path: Path, monkeyp
         assert winners, outcomes
         for number, outcome in outcomes.items():
             assert number in winners or "another build (pid" in outcome, outcome
-        verify(index)
+        check_integrity(index)
         assert Datastore.open(index).num_tokens in {len(documents[number]) for number in winners}
         assert names(index) == ["gen-", MANIFEST]
 
@@ -190,7 +190,7 @@ def test_two_build_processes_into_one_output_never_lose_the_index(tmp_path: Path
         results = [(process.wait(), process.stdout.read()) for process in processes]
         assert sorted(code for code, _ in results) in ([0, 0], [0, 2]), results
         assert all(code == 0 or "another build (pid" in output for code, output in results)
-        verify(index)
+        check_integrity(index)
         assert names(index) == ["gen-", MANIFEST]
 
 
@@ -241,7 +241,7 @@ def test_a_build_stopped_at_any_stage_leaves_a_verifying_index(tmp_path: Path, s
         assert result.returncode == -signal.SIGKILL, result.stderr
     else:
         assert result.returncode != 0 and result.stderr.rstrip().endswith("KeyboardInterrupt"), result.stderr
-    verify(index)
+    check_integrity(index)
     datastore = Datastore.open(index)
     assert datastore.num_tokens == (1000 if stage == "cleaning up" else 3)
     if stage != "cleaning up":
