@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from .files import replace_atomically
 from .kernels import FORMS, cpu_name
-from .models import cache_dir
+from .models import disk_cache_dir
 from .sizing import CostCurve
 from .tree import DraftTree
 from .verify import RowDraft, Sampler, Verifier
@@ -109,4 +109,4 @@ def _curve_path(model: PreTrainedModel, probe: CostProbe) -> Path:
             *([probe.batch] if probe.batch > 1 else []),
         ]
     )
-    return cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return disk_cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

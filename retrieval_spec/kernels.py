@@ -8,7 +8,7 @@ two rows). Which form wins depends on the machine, the BLAS library and the shap
 up to 8, then 12, 16, 24, 32, 48, 64) because a timing is dear: both forms of every weight, the vocabulary head
 included, about 1.3 s on Qwen2.5-0.5B here (a 38-node tree's first step took 1.75 s against 0.43 s), and a tree of
 any size from 2 to 64 rows may come. For the same reason the choices are stored on disk per machine, torch version
-and thread count (beside the cost curves, ``models.cache_dir``): a process that had to time every bucket again would
+and thread count (beside cost curves, ``models.disk_cache_dir``): a process that had to time every bucket again would
 pay up to 13 timings (about 10 s on Qwen2.5-0.5B) within its first replies, so each machine pays them once. A
 single row (a plain step) and inputs longer than ``MAX_ROWS`` (prefills) always run torch's own ``linear``, so
 plain decoding's arithmetic is untouched; the two forms round differently in the last bits, as the T-row and
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import replace_atomically
-from .models import cache_dir
+from .models import disk_cache_dir
 
 MAX_ROWS = 64
 FORMS = "torch's linear or W·xT, timed per shape"  # in a cached cost curve's key: a curve timed before is stale
@@ -123,7 +123,7 @@ def cpu_name() -> str:
 
 def _choices_path(threads: int) -> Path:
     key = json.dumps([cpu_name(), platform.machine(), torch.__version__, threads, FORMS])
-    return cache_dir() / "kernels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return disk_cache_dir() / "kernels" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _stored_choices(threads: int) -> dict[tuple, bool]:

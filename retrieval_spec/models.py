@@ -54,8 +54,9 @@ EMBEDDED_MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where converted models and measured cost curves live (``$RETRIEVAL_SPEC_CACHE`` overrides)."""
+def disk_cache_dir() -> Path:
+    """The folder on disk where converted models, measured cost curves and kernel choices live (not the KV cache);
+    ``$RETRIEVAL_SPEC_CACHE`` overrides it."""
     root = os.environ.get("RETRIEVAL_SPEC_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval-spec"
     )
@@ -170,7 +171,7 @@ def _gguf_parts(spec: EmbeddedModel) -> list[Path]:
 
 def _converted_path(spec: EmbeddedModel) -> Path:
     """Return the cached fp32 checkpoint of an embedded model, converting it on first use."""
-    target = cache_dir() / "models" / spec.name
+    target = disk_cache_dir() / "models" / spec.name
     if (target / "config.json").is_file():
         return target
     parts = _gguf_parts(spec)
