@@ -1,4 +1,4 @@
-"""The Hugging Face switch (retrieval_spec.hf): model.generate, pipeline and custom_generate run this engine and
+"""The Hugging Face switch (retrieval_spec.integrations.hf): model.generate, pipeline and custom_generate run this engine and
 return what transformers' own generate returns."""
 
 from __future__ import annotations
@@ -213,6 +213,7 @@ def test_custom_generate_folder_runs_the_engine(tiny):
     engine = hf.enable(tiny, VocabStub(), cost_curve=FREE)  # an enabled engine serves custom_generate calls too
     out = type(tiny).generate(tiny, ids, max_new_tokens=12, custom_generate=hf.CUSTOM_GENERATE, trust_remote_code=True)
     assert torch.equal(out, expected) and engine.last_result is not None
+
 
 
 # --- the real model: text, chat templates, pipeline ------------------------------------------------------------

@@ -33,13 +33,13 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .config import GenerationConfig
-from .datastore.manifest import tokenizer_fingerprint
-from .datastore.reader import Datastore
-from .drafters.registry import load_state, make_drafters, save_state
-from .errors import InputError, UnsupportedOptionError
-from .generate import BatchResult, SpeculativeGenerator
-from .sizing import CostCurve
+from ..config import GenerationConfig
+from ..datastore.manifest import tokenizer_fingerprint
+from ..datastore.reader import Datastore
+from ..drafters.registry import load_state, make_drafters, save_state
+from ..errors import InputError, UnsupportedOptionError
+from ..generate import BatchResult, SpeculativeGenerator
+from ..sizing import CostCurve
 
 CUSTOM_GENERATE = str(Path(__file__).resolve().with_name("hf_generate"))
 """The folder of ``custom_generate/generate.py``: ``model.generate(custom_generate=..., trust_remote_code=True)``."""
