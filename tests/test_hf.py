@@ -215,6 +215,15 @@ def test_custom_generate_folder_runs_the_engine(tiny):
     assert torch.equal(out, expected) and engine.last_result is not None
 
 
+def test_disable_leaves_no_attribute_of_ours_on_the_model(tiny):
+    before = dict(vars(tiny))
+    ids = torch.tensor([repeating(8, 1)[0]])
+    tiny.generate(ids, max_new_tokens=4, custom_generate=hf.CUSTOM_GENERATE, trust_remote_code=True)
+    hf.enable(tiny, VocabStub(), cost_curve=FREE)
+    tiny.generate(ids, max_new_tokens=4)
+    hf.disable(tiny)
+    assert vars(tiny).keys() == before.keys() and all(vars(tiny)[key] is before[key] for key in before)
+
 
 # --- the real model: text, chat templates, pipeline ------------------------------------------------------------
 

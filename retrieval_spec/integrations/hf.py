@@ -220,9 +220,13 @@ def enable(
 def disable(model: PreTrainedModel) -> list[str]:
     """Give ``model`` back transformers' own ``generate``; with ``state_dir``, save what the drafters learned.
 
+    Leaves no attribute of ours on the model: the engine :func:`enable` attached and the one ``custom_generate``
+    built (it keeps no state) both go.
+
     Returns:
         the state files written (none without ``state_dir``, or when the model was not enabled).
     """
+    model.__dict__.pop(_DEFAULT_ENGINE, None)
     engine: Engine | None = model.__dict__.pop(_ENGINE, None)
     if engine is None:
         return []
