@@ -93,6 +93,9 @@ def test_lengths_and_config_merge_follow_generate(tiny):
     ]
     for kwargs in calls:
         assert torch.equal(tiny.generate(ids, **kwargs), transformers_generate(tiny, ids, **kwargs)), kwargs
+    near_the_end = torch.tensor([(repeating(2, 1)[0] * 100)[:500]])  # 512 positions: 12 new tokens, not 20
+    assert torch.equal(tiny.generate(near_the_end), transformers_generate(tiny, near_the_end))
+    assert tiny.generate(near_the_end).shape[1] == 512
     tiny.generation_config.max_new_tokens = 4  # the model's own defaults count too
     assert tiny.generate(ids).shape[1] == ids.shape[1] + 4
 

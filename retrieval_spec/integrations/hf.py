@@ -136,7 +136,7 @@ class Engine:
         """
         streamer = arguments.get("streamer")
         try:
-            call = _translate(model, arguments, self.tokenizer)
+            call = _translate(model, arguments, self.tokenizer, self.generator.verifier.layout.context_limit)
         except UnsupportedOptionError:
             if self.fallback:
                 rest = {k: v for k, v in arguments.items() if not (k == "custom_generate" and _is_ours(v))}
@@ -303,8 +303,12 @@ class _Call:
     stop_tokenizer: PreTrainedTokenizerBase | None
 
 
-def _translate(model: PreTrainedModel, arguments: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> _Call:
-    """Read a ``generate()`` call as transformers does; refuse what the engine cannot honour exactly."""
+def _translate(model: PreTrainedModel, arguments: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None,
+               context_limit: int | None) -> _Call:
+    """Read a ``generate()`` call as transformers does; refuse what the engine cannot honour exactly.
+
+    ``context_limit`` is the model's (``families.attention_layout(model).context_limit``): a call that sets no
+    length gets ``generate()``'s 20 new tokens, cut to it."""
     args = {k: v for k, v in arguments.items() if k != "trust_remote_code"}
     refused = [name for name in _REFUSED_ARGUMENTS if _given(args.pop(name, None))]
     custom = args.pop("custom_generate", None)
@@ -356,8 +360,7 @@ def _translate(model: PreTrainedModel, arguments: dict[str, Any], tokenizer: Pre
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens
     elif has_default_max_length:  # generate(): 20 new tokens, within the model's positions
-        limit = getattr(model.config, "max_position_embeddings", None)
-        max_new_tokens = min(config.max_length + length, limit or config.max_length + length) - length
+        max_new_tokens = min(config.max_length + length, context_limit or config.max_length + length) - length
     else:
         max_new_tokens = config.max_length - length
     if max_new_tokens < 1:
