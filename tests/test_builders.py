@@ -53,12 +53,7 @@ class CharTokenizer:
         return "".join(inverse[i] for i in ids)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_fsync():
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "fsync", lambda descriptor: None)
-        yield
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,15 +22,7 @@ from retrieval_spec.datastore.suffix_array import SuffixArray, build_suffix_arra
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
 
 FINGERPRINT = TokenizerFingerprint(name="fake/tokenizer", vocab_size=4, sha256="a" * 64)
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_fsync():
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "fsync", lambda descriptor: None)
-        yield
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 documents_strategy = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=25), min_size=1, max_size=12)

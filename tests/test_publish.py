@@ -23,12 +23,7 @@ from retrieval_spec.errors import InputError, OutputError
 
 FINGERPRINT = TokenizerFingerprint("fake/char", 3, "0" * 64)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def no_fsync(monkeypatch: pytest.MonkeyPatch):
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    monkeypatch.setattr(os, "fsync", lambda descriptor: None)
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 def build(out: Path, tokens: list[int], **kwargs) -> None:
