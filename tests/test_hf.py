@@ -1,5 +1,5 @@
-"""The Hugging Face switch (retrieval_spec.integrations.hf): model.generate, pipeline and custom_generate run this engine and
-return what transformers' own generate returns."""
+"""The Hugging Face switch (retrieval_spec.integrations.hf): model.generate, pipeline and custom_generate run this
+engine and return what transformers' own generate returns."""
 
 from __future__ import annotations
 

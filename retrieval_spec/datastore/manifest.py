@@ -16,8 +16,8 @@ make byte order equal token order, so suffixes compare as plain ``bytes``.
 
 Opening checks every manifest field (:func:`read_manifest`), each file's size and a checksum of its first and
 last :data:`SAMPLE_BYTES` (cheap: catches truncation, damaged Parquet footers and most edits); readers check
-what they read (``Datastore.open`` says what, when); :func:`~retrieval_spec.datastore.reader.check_integrity` compares
-the full sha256 and checks every file's contents.
+what they read (``Datastore.open`` says what, when); :func:`~retrieval_spec.datastore.reader.check_integrity`
+compares the full sha256 and checks every file's contents.
 """
 
 from __future__ import annotations
