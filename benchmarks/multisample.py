@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench, write_json
-from retrieval_spec.api import make_drafters
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.models import load_model
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from common import ROOT
-from retrieval_spec.api import make_drafters
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.replay import CostClock, Recording, ReplayVerifier

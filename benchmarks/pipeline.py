@@ -24,6 +24,7 @@ from transformers import pipeline
 
 from common import ROOT, spec_bench, write_chart, write_json
 from retrieval_spec import hf
+from retrieval_spec.drafters.registry import METHODS
 from retrieval_spec.models import load_model
 
 
@@ -38,7 +39,7 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--method", default="auto", help="drafting method of the switched runs (see api.METHODS)")
+    parser.add_argument("--method", default="auto", choices=list(METHODS), help="drafting method of the switched runs")
     parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
     parser.add_argument("--limit", type=int, default=4, help="prompts per category")
     parser.add_argument("--categories", help="comma-separated subset of categories")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, write_json
-from retrieval_spec.api import make_drafters
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.replay import CostClock, Recording, ReplayVerifier

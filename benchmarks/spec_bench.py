@@ -31,12 +31,12 @@ import torch
 from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench, write_chart, write_json
-from retrieval_spec.api import make_drafters
 from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curve, store_cost_curve
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.linear_forms import cpu_name
 from retrieval_spec.models import load_model
@@ -84,9 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="pld",
-                        help="comma-separated methods of ours (see api.METHODS); NAME@2 runs a second, independent "
-                             "instance of NAME: how far two identical methods differ per category is the noise "
-                             "floor of any per-category comparison in the run")
+                        help="comma-separated methods of ours (retrieval_spec.drafters.registry.METHODS); NAME@2 "
+                             "runs a second, independent instance of NAME: how far two identical methods differ per "
+                             "category is the noise floor of any per-category comparison in the run")
     parser.add_argument("--limit", type=int, default=4, help="prompts per category")
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from retrieval_spec.api import make_drafters
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.models import chat_prompt, load_model
 

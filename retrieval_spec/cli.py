@@ -14,13 +14,15 @@ import os
 import re
 import sys
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
 from tqdm import tqdm
 
+from .config import GenerationConfig
+from .drafters.registry import METHODS, load_state, make_drafters, save_state
 from .errors import InputError, OutputError, RetrievalSpecError
 from .files import JsonlWriter, check_input_file, check_output_directory, check_output_file, read_text
 
@@ -32,6 +34,8 @@ MAX_NEW_TOKENS = 1 << 20  # the model's context bounds it further, checked once 
 # Below 1e-3 sampling is greedy decoding in all but name, and near 1e-37 logits / temperature overflow float32.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MAX_SHARD_TOKENS = 1 << 30  # a shard's suffix sort peaks near 20 bytes a token: 20 GiB
+# An option left out decodes as the library does: GenerationConfig's defaults, never restated here.
+DEFAULTS = {field.name: field.default for field in fields(GenerationConfig)}
 
 
 class _Group(click.Group):
@@ -221,17 +225,14 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
 @click.option("--question", callback=_utf8, help="With --rag: the question to answer from the index's passages.")
 @click.option("--passages", "num_passages", default=5, show_default=True, type=click.IntRange(1, 100),
               help="With --rag: passages retrieved into the prompt (--top-k is the sampler's).")
-@click.option("--method", type=click.Choice(["ar", "pld", "rest", "recycle", "lookahead", "auto"]), default="auto",
-              show_default=True,
-              help="ar: plain decoding; pld: copy from prompt, references and output (prompt lookup / LLMA); "
-                   "rest: copy from a corpus datastore (--index); recycle: the model's own earlier top-k "
-                   "predictions; lookahead: n-grams from a Jacobi window run in the same forward; "
-                   "auto: every available source fused in one tree.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="auto", show_default=True,
+              help="; ".join(f"{method.name}: {method.description}" for method in METHODS.values()) + ".")
 @click.option("--index", "index_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A datastore built by `retrieval-spec build-index` with this model's tokenizer.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, MAX_NEW_TOKENS),
-              help="Stop after this many new tokens.")
-@click.option("--tree-budget", default=64, show_default=True, type=click.IntRange(0, MAX_TREE_BUDGET),
+@click.option("--max-new-tokens", default=DEFAULTS["max_new_tokens"], show_default=True,
+              type=click.IntRange(1, MAX_NEW_TOKENS), help="Stop after this many new tokens.")
+@click.option("--tree-budget", default=DEFAULTS["tree_budget"], show_default=True,
+              type=click.IntRange(0, MAX_TREE_BUDGET),
               help="Most draft nodes verified per step; the measured cost curve usually picks fewer.")
 @click.option("--reference", "references", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A document the output may copy from (repeatable), e.g. the retrieved passages.")
@@ -239,11 +240,12 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
               help="Stop once the output contains this string (repeatable).")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Wrap each prompt in the model's chat template as a user message.")
-@click.option("--temperature", default=0.0, show_default=True, type=_Finite(0, MAX_TEMPERATURE), callback=_temperature,
+@click.option("--temperature", default=DEFAULTS["temperature"], show_default=True, type=_Finite(0, MAX_TEMPERATURE),
+              callback=_temperature,
               help="0 decodes greedily; above 0 samples, with exactly the model's own distribution.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
+@click.option("--top-k", default=DEFAULTS["top_k"], show_default=True, type=click.IntRange(0, 2**31 - 1),
               help="Sample among the k most likely tokens (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=_Finite(0, 1, min_open=True),
+@click.option("--top-p", default=DEFAULTS["top_p"], show_default=True, type=_Finite(0, 1, min_open=True),
               help="Sample from the smallest set with this probability.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1),
               help="Seed of the sampler: the same seed gives the same output (up to floating point). Prompt i of "
@@ -302,8 +304,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     from transformers import TextStreamer
 
     from . import rag as grounded
-    from .api import make_drafters
-    from .config import GenerationConfig
     from .generate import SpeculativeGenerator
     from .models import chat_prompt, load_model
 
@@ -324,7 +324,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
         datastore = Datastore.open(index_path, expected_fingerprint=tokenizer_fingerprint(tokenizer))
     drafters = make_drafters(method, model.config.vocab_size, datastore)
     if state_dir is not None:
-        from .api import load_state
         from .datastore.manifest import tokenizer_fingerprint
 
         vocab_sha256 = tokenizer_fingerprint(tokenizer).sha256
@@ -379,8 +378,6 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
                     click.echo(json.dumps({**extra, "stats": result.stats.to_dict()} if extra else
                                           result.stats.to_dict()), err=True)
     if state_dir is not None:
-        from .api import save_state
-
         try:
             save_state(drafters, state_dir, vocab_sha256)
         except OSError as error:
@@ -428,7 +425,8 @@ def _records(task: str, prompt: str | None, question: str | None, input_path: Pa
 
 @main.command()
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model to run.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, MAX_NEW_TOKENS))
+@click.option("--max-new-tokens", default=DEFAULTS["max_new_tokens"], show_default=True,
+              type=click.IntRange(1, MAX_NEW_TOKENS))
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a report.")
 def demo(model_name, max_new_tokens, threads, as_json):
@@ -533,8 +531,8 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
 @click.option("--verify", "full", is_flag=True, help="Also check the full sha256 of every file (reads everything).")
 def index_info(index, full):
     """Print an index's manifest summary as JSON: counts, sizes, tokenizer, shards, build time."""
-    from .datastore.reader import describe, verify
+    from .datastore.reader import check_integrity, describe
 
     if full:
-        verify(index)
+        check_integrity(index)
     click.echo(json.dumps(describe(index), indent=2))

@@ -20,7 +20,7 @@ import torch
 
 from .files import replace_atomically
 from .linear_forms import FORMS, cpu_name
-from .models import cache_dir
+from .models import disk_cache_dir
 from .sizing import CostCurve
 from .tree import DraftTree
 from .verifier import PhaseTimer, RowDraft
@@ -124,4 +124,4 @@ def _curve_path(verifier: ModelVerifier, probe: CostProbe) -> Path:
             *([probe.batch] if probe.batch > 1 else []),
         ]
     )
-    return cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return disk_cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

@@ -6,13 +6,13 @@ from importlib import resources
 
 import numpy as np
 
-from .api import make_drafters
 from .config import GenerationConfig
+from .drafters.registry import make_drafters
 from .generate import SpeculativeGenerator
 from .models import chat_prompt, load_model
 
 
-def run_demo(model_name: str = "smollm2-135m", max_new_tokens: int = 128) -> dict:
+def run_demo(model_name: str = "smollm2-135m", max_new_tokens: int = GenerationConfig.max_new_tokens) -> dict:
     """Decode the same summary request plainly and with prompt lookup; report both and their ratio."""
     model, tokenizer = load_model(model_name)
     article = resources.files("retrieval_spec").joinpath("data/article.txt").read_text(encoding="utf-8")

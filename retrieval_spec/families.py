@@ -3,8 +3,9 @@
 Tree verification hands the model a 4-D attention mask and one position id per node. A transformers model
 honours both only if every layer is softmax attention over a key/value cache (full, or over a sliding window,
 which the mask then carries), its attention kernel accepts an arbitrary mask, and, where full and sliding layers
-are mixed, it takes one mask per layer type. Anything else — recurrent or linear-attention layers, chunked
-attention, encoder-decoders, flash-attention kernels — is refused here, by name, before a token is decoded.
+are mixed, it takes one mask per layer type (a probe of three two-token forwards finds out). Anything else —
+recurrent or linear-attention layers, chunked attention, encoder-decoders, flash-attention kernels — is refused
+here, by name, before a token is decoded.
 
 The families of ``VERIFIED`` are proven token-for-token equal to ``generate()`` by ``tests/test_model_zoo.py``;
 any other decoder that passes these checks is verified once at start-up against plain forwards
@@ -114,10 +115,35 @@ def attention_layout(model: Any) -> AttentionLayout:
 
 
 def _takes_masks_per_layer_type(model: Any) -> bool:
-    """Whether the decoder accepts ``attention_mask={"full_attention": ..., "sliding_attention": ...}``."""
+    """Whether the decoder applies ``attention_mask={"full_attention": ..., "sliding_attention": ...}`` per layer type.
+
+    A behavioural probe rather than a reading of its source: two random hidden states go through the decoder
+    three times, with the 4-D additive masks the verifier builds — causal in both layer types, then hiding the
+    first state from the second in the full layers only, then in the sliding layers only. A decoder that takes a
+    mask per layer type answers the two hiding runs differently from the causal one; a decoder that takes a
+    single mask refuses the dict or applies one of its masks to every layer, and one of the runs comes out equal.
+    """
+    import torch
+
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    width = model.get_input_embeddings().embedding_dim
+    states = torch.randn(1, 2, width, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    masked = torch.finfo(dtype).min
+    causal = torch.tensor([[0.0, masked], [0.0, 0.0]], dtype=dtype, device=device)[None, None]  # (1, 1, 2, 2)
+    alone = torch.tensor([[0.0, masked], [masked, 0.0]], dtype=dtype, device=device)[None, None]
+    positions = torch.arange(2, device=device)[None]
+
+    def second_state(full: torch.Tensor, sliding: torch.Tensor) -> torch.Tensor:
+        out = decoder(inputs_embeds=states, attention_mask={"full_attention": full, "sliding_attention": sliding},
+                      position_ids=positions, use_cache=False)
+        return out.last_hidden_state[0, 1]
+
     try:
-        source = inspect.getsource(type(decoder).forward)
-    except (OSError, TypeError):
+        with torch.inference_mode():
+            seen = second_state(causal, causal)
+            unseen_in_full, unseen_in_sliding = second_state(alone, causal), second_state(causal, alone)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError):  # the dict was refused
         return False
-    return "attention_mask, dict)" in source
+    return not torch.equal(seen, unseen_in_full) and not torch.equal(seen, unseen_in_sliding)

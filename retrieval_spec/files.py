@@ -1,13 +1,17 @@
-"""Files a user names, and writing results to them.
+"""Files a user names, writing results to them, and the one way a file of ours is replaced.
 
 Inputs must be readable regular files of UTF-8 text; outputs writable (or creatable) places that are not an
 input. The checks run before any work starts and create nothing, so that a run that cannot write its result
 fails in its first second rather than after its last prompt; :class:`JsonlWriter` then writes results line by
 line as they finish.
+
+Every file the package replaces whole — a datastore manifest, drafter state, cached cost curves and kernel
+choices — goes through :func:`open_atomically`: temporary file, fsync, rename, fsync of the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -16,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from retrieval_spec.errors import InputError, OutputError
 
@@ -105,8 +109,8 @@ def _kind(mode: int) -> str:
 def commit_delay() -> None:
     """Sleep ``$RETRIEVAL_SPEC_COMMIT_DELAY`` seconds (unset: not at all) just before an atomic replace.
 
-    A test hook, read by index builds and drafter-state writes: concurrency tests set it so that concurrent
-    writers overlap at their commit every time instead of once in many runs.
+    A test hook, read by every :func:`open_atomically` and by index publishes: concurrency tests set it so that
+    concurrent writers overlap at their commit every time instead of once in many runs.
     """
     delay = os.environ.get("RETRIEVAL_SPEC_COMMIT_DELAY")
     if delay:
@@ -170,14 +174,53 @@ class JsonlWriter:
             self._file.close()
 
 
-def replace_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, so readers see the old file or the new one,
-    never a part (the last of two writers wins); its folder is created. Raises OSError, leaving no temporary."""
+@contextlib.contextmanager
+def open_atomically(path: Path, temporary_directory: Path | None = None) -> Iterator[BinaryIO]:
+    """A binary file that replaces ``path`` as a whole when the ``with`` block ends without an error.
+
+    The data goes to a temporary file of a name no other writer uses, in ``temporary_directory`` (on the same
+    file system; default: beside ``path``, whose folder is created); then the file is flushed and fsynced,
+    renamed over ``path`` and the folder fsynced. Readers see the old file or the new one, never a part, also
+    after a crash; of two writers the last to rename wins. On an error nothing is renamed and no temporary file
+    is left.
+
+    Raises:
+        OSError: the file cannot be written, synced or renamed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = (temporary_directory or path.parent) / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        commit_delay()
+        os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+    fsync_directory(path.parent)
+
+
+def replace_atomically(path: Path, data: str | bytes, temporary_directory: Path | None = None) -> None:
+    """Replace ``path`` by ``data`` (text is written as UTF-8) as :func:`open_atomically` does."""
+    with open_atomically(path, temporary_directory) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of a folder (files created, renamed or removed in it) survive a crash."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder below ``directory`` and the folder itself, so that renaming it publishes
+    contents that survive a crash."""
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(Path(folder))

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from .errors import InputError, ModelNotFoundError
+from .files import fsync_directory, fsync_tree
 
 hf_logging.disable_progress_bar()  # loading a converted checkpoint takes 0.5 s: no bar on stderr
 
@@ -53,8 +54,9 @@ EMBEDDED_MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where converted models and measured cost curves live (``$RETRIEVAL_SPEC_CACHE`` overrides)."""
+def disk_cache_dir() -> Path:
+    """The folder on disk where converted models, measured cost curves and kernel choices live (not the KV cache);
+    ``$RETRIEVAL_SPEC_CACHE`` overrides it."""
     root = os.environ.get("RETRIEVAL_SPEC_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval-spec"
     )
@@ -169,7 +171,7 @@ def _gguf_parts(spec: EmbeddedModel) -> list[Path]:
 
 def _converted_path(spec: EmbeddedModel) -> Path:
     """Return the cached fp32 checkpoint of an embedded model, converting it on first use."""
-    target = cache_dir() / "models" / spec.name
+    target = disk_cache_dir() / "models" / spec.name
     if (target / "config.json").is_file():
         return target
     parts = _gguf_parts(spec)
@@ -211,9 +213,11 @@ def _converted_path(spec: EmbeddedModel) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "gguf").unlink(missing_ok=True)
+        fsync_tree(out)  # a crash after the rename leaves a whole checkpoint, never one of empty files
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
+        fsync_directory(target.parent)
     return target
 
 

@@ -12,7 +12,8 @@ stores a faiss inner-product index next to the token datastore::
           passages.parquet            # passage_id, doc_id (as in Datastore.documents()), source, text
           vectors.faiss               # passage_id -> normalized embedding; IndexFlatIP, or HNSW when large
 
-The dense manifest is replaced atomically, like the datastore's; it records the sha256 of the datastore
+``dense/`` is published as the datastore is (:class:`~retrieval_spec.builders.publish.Staging`: one build at a
+time, the manifest's atomic replacement is the commit); the dense manifest records the sha256 of the datastore
 manifest it was built against, so a datastore rebuilt without ``--dense`` is not silently paired with stale
 passages. Retrieved passages are what the prompt cites and what the prompt-lookup drafter copies from.
 """
@@ -20,11 +21,8 @@ passages. Retrieved passages are what the prompt cites and what the prompt-looku
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,18 +36,11 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .builders.corpus import Corpus, Record
-from .datastore.manifest import (
-    GENERATION_PREFIX,
-    MANIFEST,
-    STAGING_PREFIX,
-    FileEntry,
-    check_file,
-    fsync_directory,
-    read_versioned_json,
-    write_manifest,
-)
-from .errors import DatastoreFormatError, InputError, ModelNotFoundError
+from .builders.publish import Staging
+from .datastore.manifest import MANIFEST, FileEntry, check_file, read_versioned_json
 from .config import GenerationConfig
+from .errors import DatastoreFormatError, InputError, ModelNotFoundError
+from .files import fsync_tree
 from .generate import GenerationResult, SpeculativeGenerator
 from .models import chat_prompt
 
@@ -250,39 +241,24 @@ class DenseIndex:
             "text": pa.array(texts, type=pa.string()),
         })
         dense = index / DENSE
-        dense.mkdir(exist_ok=True)
-        generation = f"{GENERATION_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        staging = dense / f"{STAGING_PREFIX}{generation}"
-        staging.mkdir()
-        try:
-            pq.write_table(table, staging / PASSAGES)
-            faiss.write_index(searcher, str(staging / VECTORS))
-            for name in (PASSAGES, VECTORS):
-                _fsync(staging / name)
-            files = {name: asdict(FileEntry.of(staging / name)) for name in (PASSAGES, VECTORS)}
-            fsync_directory(staging)
-            staging.rename(dense / generation)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        fsync_directory(dense)
-        manifest = {
-            "format": DENSE_FORMAT,
-            "format_version": DENSE_FORMAT_VERSION,
-            "model": embedder.name,
-            "dim": embedder.dim,
-            "count": len(rows),
-            "index_kind": kind,
-            "generation": generation,
-            "files": files,
-            "datastore_manifest_sha256": _sha256(index / MANIFEST),
-            "build": {"seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "passage_words": list(PASSAGE_WORDS)},
-        }
-        write_manifest(dense, manifest)
-        for entry in dense.iterdir():
-            if entry.name != generation and entry.name.startswith((GENERATION_PREFIX, STAGING_PREFIX)):
-                shutil.rmtree(entry, ignore_errors=True)
+        with Staging(dense, force=True, format_name=DENSE_FORMAT) as staging:
+            pq.write_table(table, staging.directory / PASSAGES)
+            faiss.write_index(searcher, str(staging.directory / VECTORS))
+            fsync_tree(staging.directory)
+            manifest = {
+                "format": DENSE_FORMAT,
+                "format_version": DENSE_FORMAT_VERSION,
+                "model": embedder.name,
+                "dim": embedder.dim,
+                "count": len(rows),
+                "index_kind": kind,
+                "generation": staging.generation,
+                "files": {name: asdict(FileEntry.of(staging.directory / name)) for name in (PASSAGES, VECTORS)},
+                "datastore_manifest_sha256": _sha256(index / MANIFEST),
+                "build": {"seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                          "passage_words": list(PASSAGE_WORDS)},
+            }
+            staging.commit(manifest)
         return cls._load(dense, manifest, embedder)
 
     @classmethod
@@ -457,8 +433,3 @@ def _passages(documents: Iterable[Record]) -> Iterator[tuple[int, int, str, str]
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())

@@ -56,6 +56,15 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(scope="module")
+def no_fsync():
+    """For modules whose tests build indexes but do not test durability against power loss (``pytestmark =
+    pytest.mark.usefixtures("no_fsync")``): fsync costs ~40 ms a build."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", lambda descriptor: None)
+        yield
+
+
 def tiny_config(kind: str):
     """A 2-4 layer config of a causal-LM family, vocabulary 96. Sliding windows (8 tokens) are shorter than the
     prompts plus outputs the tests decode, and hybrid families mix sliding and full layers."""

@@ -11,9 +11,9 @@ from conftest import StubTokenizer, plain_greedy, tiny_model
 from test_lossless_tiny import FREE, prompts
 from test_sampling import PROMPT, SEED_BASE, VOCAB, RandomTreeDrafter, chi_square_p, exact_joint
 from test_sampling import model as sampling_model  # noqa: F401  (fixture)
-from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.cross_path import CrossPathDrafter
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.tree import Source, StepFeedback
 

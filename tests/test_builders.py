@@ -53,12 +53,7 @@ class CharTokenizer:
         return "".join(inverse[i] for i in ids)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def no_fsync():
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "fsync", lambda descriptor: None)
-        yield
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -172,8 +167,10 @@ def test_a_missing_input_is_refused(tmp_path: Path):
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path: Path):
     fingerprint = TokenizerFingerprint(name="t", vocab_size=10, sha256="0" * 64)
-    with pytest.raises(InputError, match=r"token id 10 outside the vocabulary \[0, 10\)"):
+    with pytest.raises(InputError, match=r"a document holds token id 10, outside the vocabulary \[0, 10\)"):
         build_index_from_tokens([np.array([1, 10])], tmp_path / "index", fingerprint, progress=False)
+    with pytest.raises(InputError, match=r"a document holds token id -1, outside the vocabulary \[0, 10\)"):
+        build_index_from_tokens([np.array([1, -1])], tmp_path / "index", fingerprint, progress=False)
 
 
 def test_documents_are_split_into_shards(tmp_path: Path):

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,8 @@ from click.testing import CliRunner, Result
 from retrieval_spec import files as files_module
 from retrieval_spec import models
 from retrieval_spec.builders.build import build_index_from_tokens
-from retrieval_spec.cli import main
+from retrieval_spec.cli import demo, generate, main
+from retrieval_spec.config import GenerationConfig
 from retrieval_spec.datastore.manifest import MANIFEST, NGRAMS, SUFFIX_ARRAY, TOKENS, FileEntry, TokenizerFingerprint
 from retrieval_spec.datastore.suffix_array import build_suffix_array
 from retrieval_spec.errors import OutputError
@@ -38,6 +39,16 @@ def refused(result: Result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def test_options_left_out_decode_with_the_library_s_defaults():
+    defaults = {field.name: field.default for field in fields(GenerationConfig)}
+    for command in (generate, demo):
+        parsed = command.make_context(command.name, []).params
+        given = {name: value for name, value in parsed.items() if name in defaults}
+        assert given == {name: defaults[name] for name in given}, command.name
+    assert set(generate.make_context("generate", []).params) >= {"max_new_tokens", "tree_budget", "temperature",
+                                                                 "top_k", "top_p", "seed", "stop_strings"}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -270,7 +281,7 @@ def test_state_dir_carries_what_drafters_learned_to_the_next_run(model, tmp_path
     ("empty", "not a drafter state file (not an .npz archive)"),
     ("truncated", "not a drafter state file (not an .npz archive)"),
     ("garbage", "not a drafter state file (not an .npz archive)"),
-    ("out of vocabulary", "array 'table' holds token id 520128418, outside the model's vocabulary [0, 49152)"),
+    ("out of vocabulary", "array 'table' holds token id 520128418, outside the vocabulary [0, 49152)"),
     ("float", "array 'table' is float32, expected integers or booleans"),
     ("shape", "array 'table' has shape (10, 8), expected (49152, 8)"),
 ])

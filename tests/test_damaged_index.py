@@ -1,5 +1,5 @@
 """Damaged and hostile indexes: refused naming the file, on open or on first read, before any token id outside
-the vocabulary or any position outside a stream leaves the datastore; ``verify`` names every damaged file."""
+the vocabulary or any position outside a stream leaves the datastore; ``check_integrity`` names every damaged file."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from retrieval_spec.datastore.manifest import (
     FileEntry,
     TokenizerFingerprint,
 )
-from retrieval_spec.datastore.reader import Datastore, describe, verify
+from retrieval_spec.datastore.reader import Datastore, check_integrity, describe
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
 
 VOCAB = 50
@@ -207,22 +207,22 @@ def test_a_document_table_pointing_outside_the_stream_is_refused(index: Path):
         Datastore.open(index).locate(np.array([5]))
 
 
-def test_verify_names_every_damaged_file(index: Path):
+def test_check_integrity_names_every_damaged_file(index: Path):
     flip_middle(shard_file(index, TOKENS))
     flip_middle(shard_file(index, NGRAMS))
     with pytest.raises(DatastoreFormatError, match=r"2 damaged file\(s\)") as raised:
-        verify(index)
+        check_integrity(index)
     message = str(raised.value)
     assert "\n" not in message
     assert f"{TOKENS}: sha256 differs" in message and f"{NGRAMS}: sha256 differs" in message
     assert SUFFIX_ARRAY not in message and DOCUMENTS not in message
 
 
-def test_verify_checks_contents_a_resealed_manifest_vouches_for(index: Path):
+def test_check_integrity_checks_contents_a_resealed_manifest_vouches_for(index: Path):
     path = shard_file(index, TOKENS)
     tokens = np.fromfile(path, dtype=">u2")
     tokens[len(tokens) // 2] = 60_000
     tokens.tofile(path)
     reseal(index, TOKENS)
     with pytest.raises(DatastoreFormatError, match=r"1 damaged file\(s\): .*tokens\.bin: holds token id 60000"):
-        verify(index)
+        check_integrity(index)

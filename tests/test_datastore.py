@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,20 +17,12 @@ from hypothesis import strategies as st
 from retrieval_spec.builders.build import build_index_from_tokens, merge_indexes
 from retrieval_spec.datastore import ngram_table
 from retrieval_spec.datastore.manifest import MANIFEST, SAMPLE_BYTES, TOKENS, TokenizerFingerprint
-from retrieval_spec.datastore.reader import Datastore, describe, verify
+from retrieval_spec.datastore.reader import Datastore, check_integrity, describe
 from retrieval_spec.datastore.suffix_array import SuffixArray, build_suffix_array
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
 
 FINGERPRINT = TokenizerFingerprint(name="fake/tokenizer", vocab_size=4, sha256="a" * 64)
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_fsync():
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "fsync", lambda descriptor: None)
-        yield
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 documents_strategy = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=25), min_size=1, max_size=12)
@@ -266,7 +257,7 @@ def test_open_refuses_an_altered_or_missing_file(index: Path, name: str):
         Datastore.open(index)
 
 
-def test_verify_finds_an_edit_that_open_does_not_sample(index: Path):
+def test_check_integrity_finds_an_edit_that_open_does_not_sample(index: Path):
     path = shard_file(index, TOKENS)
     data = bytearray(path.read_bytes())
     assert len(data) > 2 * SAMPLE_BYTES
@@ -274,11 +265,11 @@ def test_verify_finds_an_edit_that_open_does_not_sample(index: Path):
     path.write_bytes(bytes(data))
     Datastore.open(index)
     with pytest.raises(DatastoreFormatError, match=r"tokens\.bin: sha256"):
-        verify(index)
+        check_integrity(index)
 
 
-def test_verify_accepts_an_intact_index(index: Path):
-    verify(index)
+def test_check_integrity_accepts_an_intact_index(index: Path):
+    check_integrity(index)
 
 
 def test_open_refuses_another_format_version(index: Path):

@@ -1,5 +1,5 @@
-"""The Hugging Face switch (retrieval_spec.hf): model.generate, pipeline and custom_generate run this engine and
-return what transformers' own generate returns."""
+"""The Hugging Face switch (retrieval_spec.integrations.hf): model.generate, pipeline and custom_generate run this
+engine and return what transformers' own generate returns."""
 
 from __future__ import annotations
 
@@ -93,6 +93,9 @@ def test_lengths_and_config_merge_follow_generate(tiny):
     ]
     for kwargs in calls:
         assert torch.equal(tiny.generate(ids, **kwargs), transformers_generate(tiny, ids, **kwargs)), kwargs
+    near_the_end = torch.tensor([(repeating(2, 1)[0] * 100)[:500]])  # 512 positions: 12 new tokens, not 20
+    assert torch.equal(tiny.generate(near_the_end), transformers_generate(tiny, near_the_end))
+    assert tiny.generate(near_the_end).shape[1] == 512
     tiny.generation_config.max_new_tokens = 4  # the model's own defaults count too
     assert tiny.generate(ids).shape[1] == ids.shape[1] + 4
 
@@ -213,6 +216,16 @@ def test_custom_generate_folder_runs_the_engine(tiny):
     engine = hf.enable(tiny, VocabStub(), cost_curve=FREE)  # an enabled engine serves custom_generate calls too
     out = type(tiny).generate(tiny, ids, max_new_tokens=12, custom_generate=hf.CUSTOM_GENERATE, trust_remote_code=True)
     assert torch.equal(out, expected) and engine.last_result is not None
+
+
+def test_disable_leaves_no_attribute_of_ours_on_the_model(tiny):
+    before = dict(vars(tiny))
+    ids = torch.tensor([repeating(8, 1)[0]])
+    tiny.generate(ids, max_new_tokens=4, custom_generate=hf.CUSTOM_GENERATE, trust_remote_code=True)
+    hf.enable(tiny, VocabStub(), cost_curve=FREE)
+    tiny.generate(ids, max_new_tokens=4)
+    hf.disable(tiny)
+    assert vars(tiny).keys() == before.keys() and all(vars(tiny)[key] is before[key] for key in before)
 
 
 # --- the real model: text, chat templates, pipeline ------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_torch_is_its_own_after_a_drafted_generate_and_after_hf_enable_generate_
     code calling it with keywords (LoRA, vision towers) then failed."""
     from conftest import StubTokenizer, tiny_model
     from retrieval_spec import hf
-    from retrieval_spec.api import make_drafters
+    from retrieval_spec.drafters.registry import make_drafters
     from retrieval_spec.config import GenerationConfig
     from retrieval_spec.generate import SpeculativeGenerator
 

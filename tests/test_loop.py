@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import OracleDrafter, replay_engine
-from retrieval_spec.api import make_drafters
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.base import Drafter
 from retrieval_spec.sizing import CostCurve

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_config, tiny_model
-from retrieval_spec.api import make_drafters
 from retrieval_spec.cli import main
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
 

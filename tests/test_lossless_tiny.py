@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from conftest import OracleDrafter, StubTokenizer, plain_greedy, tiny_model
-from retrieval_spec.api import make_drafters
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
 
@@ -88,10 +87,12 @@ def test_no_drafter_is_plain_decoding_forward_for_forward(model):
     """Twenty tokens take twenty forwards, as in ``generate()``: the prefill's gives the first token (a separate
     prefill would cost every reply one forward more: 8% of a 13-token answer)."""
     prompt = prompts(3, 1)[0]
+    generator = SpeculativeGenerator(model, StubTokenizer(), [])
+    generator.generate(prompt, GenerationConfig(max_new_tokens=2))  # the cost curve is probed (or read) first
     forwards = []
     hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
     try:
-        result = SpeculativeGenerator(model, StubTokenizer(), []).generate(prompt, GenerationConfig(max_new_tokens=20))
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=20))
     finally:
         hook.remove()
     np.testing.assert_array_equal(result.tokens, plain_greedy(model, prompt, 20))

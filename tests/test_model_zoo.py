@@ -16,8 +16,8 @@ import transformers as tf
 
 import retrieval_spec.families as families
 from conftest import StubTokenizer, plain_greedy, tiny_model
-from retrieval_spec.api import make_drafters
 from retrieval_spec.drafters.lookahead import LookaheadDrafter
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.errors import UnsupportedModelError
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
@@ -138,3 +138,28 @@ def test_a_family_whose_tree_forward_differs_is_refused_by_its_self_check(monkey
     monkeypatch.setattr(families, "VERIFIED", frozenset())
     with pytest.raises(UnsupportedModelError, match="different logits under a tree mask"):
         SpeculativeGenerator(model, StubTokenizer(), make_drafters("pld"))
+
+
+@pytest.mark.parametrize("kind", ZOO)
+def test_the_probe_finds_a_mask_per_layer_type_exactly_where_layers_are_mixed(kind):
+    assert families.attention_layout(tiny_model(kind)).per_layer_type == (kind in ("qwen2-sliding", "gemma2", "gemma3"))
+
+
+@pytest.mark.parametrize("single", ["full_attention", "sliding_attention", "refused"])
+def test_a_mixed_decoder_that_takes_a_single_mask_is_refused(monkeypatch, single):
+    """The same hybrid decoder, made to take one mask: every layer given the same one, or a dict refused."""
+    model = tiny_model("gemma2")
+    decoder = model.get_decoder()
+    forward = decoder.forward
+
+    @functools.wraps(forward)
+    def one_mask(*args, attention_mask=None, **kwargs):
+        if isinstance(attention_mask, dict):
+            if single == "refused":
+                raise TypeError("attention_mask must be a tensor")
+            attention_mask = {name: attention_mask[single] for name in attention_mask}
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", one_mask)
+    with pytest.raises(UnsupportedModelError, match="takes a single attention mask"):
+        families.attention_layout(model)

@@ -18,17 +18,12 @@ import pytest
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.builders.publish import LOCK, MARKER, BuildLock
 from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint
-from retrieval_spec.datastore.reader import Datastore, verify
+from retrieval_spec.datastore.reader import Datastore, check_integrity
 from retrieval_spec.errors import InputError, OutputError
 
 FINGERPRINT = TokenizerFingerprint("fake/char", 3, "0" * 64)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def no_fsync(monkeypatch: pytest.MonkeyPatch):
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    monkeypatch.setattr(os, "fsync", lambda descriptor: None)
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 def build(out: Path, tokens: list[int], **kwargs) -> None:
@@ -157,7 +152,7 @@ def test_two_builds_into_one_output_never_lose_the_index(tmp_path: Path, monkeyp
         assert winners, outcomes
         for number, outcome in outcomes.items():
             assert number in winners or "another build (pid" in outcome, outcome
-        verify(index)
+        check_integrity(index)
         assert Datastore.open(index).num_tokens in {len(documents[number]) for number in winners}
         assert names(index) == ["gen-", MANIFEST]
 
@@ -190,7 +185,7 @@ def test_two_build_processes_into_one_output_never_lose_the_index(tmp_path: Path
         results = [(process.wait(), process.stdout.read()) for process in processes]
         assert sorted(code for code, _ in results) in ([0, 0], [0, 2]), results
         assert all(code == 0 or "another build (pid" in output for code, output in results)
-        verify(index)
+        check_integrity(index)
         assert names(index) == ["gen-", MANIFEST]
 
 
@@ -241,7 +236,7 @@ def test_a_build_stopped_at_any_stage_leaves_a_verifying_index(tmp_path: Path, s
         assert result.returncode == -signal.SIGKILL, result.stderr
     else:
         assert result.returncode != 0 and result.stderr.rstrip().endswith("KeyboardInterrupt"), result.stderr
-    verify(index)
+    check_integrity(index)
     datastore = Datastore.open(index)
     assert datastore.num_tokens == (1000 if stage == "cleaning up" else 3)
     if stage != "cleaning up":
@@ -249,3 +244,35 @@ def test_a_build_stopped_at_any_stage_leaves_a_verifying_index(tmp_path: Path, s
     build(index, [0, 1], force=True)
     assert names(index) == ["gen-", MANIFEST] and Datastore.open(index).num_tokens == 2
 
+
+
+class FakeEmbedder:
+    """Unit vectors from a text's hash: what DenseIndex.build needs of an embedder, without the model."""
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    dim = 8
+
+    def embed(self, texts) -> np.ndarray:
+        vectors = np.stack([np.random.default_rng(len(text)).standard_normal(self.dim) for text in texts])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_dense_index_is_published_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A rebuild replaces the previous generation; one that fails before its commit keeps it and leaves nothing."""
+    pytest.importorskip("faiss")
+    from retrieval_spec.builders.corpus import Record
+    from retrieval_spec.rag import DENSE, DenseIndex
+
+    index = tmp_path / "index"
+    build(index, [1, 2])
+    documents = [Record("First document. " * 30, "a.txt", ""), Record("Second one. " * 40, "b.txt", "")]
+    first = DenseIndex.build(index, documents, embedder=FakeEmbedder(), progress=False)
+    second = DenseIndex.build(index, documents[:1], embedder=FakeEmbedder(), progress=False)
+    assert names(index / DENSE) == ["gen-", MANIFEST] and len(first) == 2 and len(second) == 1
+    assert not (index / DENSE / first.manifest["generation"]).exists()
+
+    monkeypatch.setattr("retrieval_spec.builders.publish.write_manifest", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        DenseIndex.build(index, documents, embedder=FakeEmbedder(), progress=False)
+    assert names(index / DENSE) == ["gen-", MANIFEST]
+    assert len(DenseIndex.open(index, embedder=FakeEmbedder())) == 1

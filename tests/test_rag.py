@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import plain_greedy, spec_bench_rows
-from retrieval_spec.api import make_drafters
 from retrieval_spec.builders.build import build_index
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
 from retrieval_spec.datastore.reader import Datastore
+from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.errors import DatastoreFormatError, InputError
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,14 +17,7 @@ from retrieval_spec.drafters.rest import RestDrafter, match_prior
 from retrieval_spec.tree import DraftTree, Source
 
 FINGERPRINT = TokenizerFingerprint(name="fake", vocab_size=6, sha256="f" * 64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_fsync():
-    """Durability against power loss is not under test here, and fsync costs ~40 ms a build."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "fsync", lambda descriptor: None)
-        yield
+pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 
 def open_datastore(documents: list[list[int]], path: Path, shard_tokens: int = 1 << 20) -> Datastore:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval_spec.api import load_state, save_state
 from retrieval_spec.drafters.history import OutputHistoryDrafter
 from retrieval_spec.drafters.lookahead import LookaheadDrafter
 from retrieval_spec.drafters.recycling import RecyclingDrafter
+from retrieval_spec.drafters.registry import load_state, save_state
 from retrieval_spec.drafters.state import read_state, write_state
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
 
@@ -75,7 +75,7 @@ def test_arrays_of_other_types_shapes_or_ids_are_refused(tmp_path: Path):
     with pytest.raises(DatastoreFormatError, match=r"array 'other' is missing"):
         read_state(path, 1, "tok", shapes={"other": (None,)})
     path = saved(tmp_path / "s.npz", table=np.array([[3, 520_128_418]], np.int32))
-    with pytest.raises(DatastoreFormatError, match=r"array 'table' holds token id 520128418, outside the model"):
+    with pytest.raises(DatastoreFormatError, match=r"array 'table' holds token id 520128418, outside the vocabulary"):
         read_state(path, 1, "tok", vocab_size=VOCAB)
     path = saved(tmp_path / "s.npz", table=np.array([[-1, 99]], np.int32))  # -1: no token, allowed
     read_state(path, 1, "tok", vocab_size=VOCAB)

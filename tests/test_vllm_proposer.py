@@ -333,7 +333,8 @@ def test_load_model_finds_the_runner_that_holds_the_proposer():
 
 @pytest.mark.parametrize("settings, message", [
     ({"methd": "pld"}, "unknown setting"),
-    ({"method": "recycle"}, "unknown drafter"),
+    ({"method": "recycle"}, "vLLM does not give"),
+    ({"method": "pld+nope"}, "unknown drafter"),
     ({"method": "pld+rest"}, "needs retrieval_spec.index"),
     ({"min_path_prob": 2.0}, "min_path_prob"),
     ({"cost_ms": [40, -1]}, "cost_ms"),

@@ -48,13 +48,14 @@ from tqdm import tqdm
 from retrieval_spec.builders.corpus import JSONL_SUFFIXES, Corpus, Record
 from retrieval_spec.builders.parallel_map import Backend, WorkerDied, make_backend
 from retrieval_spec.builders.publish import Staging
-from retrieval_spec.builders.shard import ShardBuffer, check_token_ids
+from retrieval_spec.builders.shard import ShardBuffer
 from retrieval_spec.datastore.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     SHARD_FILES,
     Tokenizer,
     TokenizerFingerprint,
+    check_token_ids,
     token_dtype,
     tokenizer_fingerprint,
 )
@@ -314,7 +315,7 @@ def merge_indexes(indexes: Sequence[str | Path], out: str | Path, *, force: bool
             "merged_from": [str(d.path) for d in datastores],
         }
         top_k = max(int(d.manifest["ngram_top_k"]) for d in datastores)
-        manifest = _manifest(first.fingerprint, first.token_dtype, entries, build, top_k)
+        manifest = _manifest(first.fingerprint, first.token_dtype, entries, build, top_k, staging.generation)
         staging.commit(manifest)
     return _summary(out, manifest, started)
 
@@ -392,7 +393,7 @@ def tokenize_slice(
         for document in _tokenize(records, tokenizer, options.batch_size):
             if len(document.tokens) == 0:
                 continue
-            check_token_ids(document.tokens, options.vocab_size, document.source)
+            check_token_ids(document.tokens, options.vocab_size, document.source or "a document")
             document.tokens.astype(dtype).tofile(out)
             lengths.append(len(document.tokens))
             sources.append(document.source)
@@ -446,7 +447,7 @@ def _write_chunks(
         lengths, total = [], 0
         with open(tokens_path, "wb") as out:
             for record in itertools.chain([first], records):
-                check_token_ids(record.tokens, vocab_size, record.source)
+                check_token_ids(record.tokens, vocab_size, record.source or "a document")
                 record.tokens.astype(dtype).tofile(out)
                 lengths.append(len(record.tokens))
                 total += len(record.tokens)
@@ -552,7 +553,7 @@ def _build(
             "workers": backend.workers,
             "backend": backend.name,
         }
-        manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K)
+        manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K, staging.generation)
         staging.commit(manifest)
     return _summary(out, manifest, started, driver.skipped_lines, driver.skipped_files, backend)
 
@@ -784,7 +785,9 @@ def _manifest(
     entries: list[dict[str, Any]],
     build: dict[str, Any],
     ngram_top_k: int,
+    generation: str,
 ) -> dict[str, Any]:
+    """The manifest of shards written under a staging directory published as ``generation``."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -794,7 +797,7 @@ def _manifest(
         "num_documents": sum(entry["num_documents"] for entry in entries),
         "ngram_top_k": ngram_top_k,
         "build": build,
-        "shards": entries,
+        "shards": [{**entry, "path": f"{generation}/{entry['path']}"} for entry in entries],
     }
 
 

@@ -1,11 +1,12 @@
 """Atomic, exclusive publication of an index: readers see the old index or the new one, never a mix or a half;
 one build writes into a directory at a time, and a build deletes only what builds wrote.
 
-A build takes the directory's lock (:class:`BuildLock`), writes its shards into ``index/.tmp-gen-<id>/`` next
+A build takes the directory's lock (:class:`BuildLock`), writes its files into ``index/.tmp-gen-<id>/`` next
 to a marker file saying a build wrote them, renames that to ``index/gen-<id>/`` and then replaces
-``index/manifest.json``, which names the shards, by an atomic rename: that rename is the commit. A build
+``index/manifest.json``, which names the generation, by an atomic rename: that rename is the commit. A build
 killed at any point before it leaves the previous manifest and the files it names untouched; after it, the
-previous generation is deleted.
+previous generation is deleted. The same publication serves a datastore (its manifest names each shard as
+``gen-<id>/shard-00000``) and the dense passage index beside it (its manifest has a ``generation`` field).
 
 What a build may delete: the generations the directory's own manifest names, and generations or staging
 directories that hold the marker (leftovers of killed builds). Everything else in the directory is kept, and
@@ -31,11 +32,10 @@ from retrieval_spec.datastore.manifest import (
     GENERATION_PREFIX,
     MANIFEST,
     STAGING_PREFIX,
-    fsync_directory,
     write_manifest,
 )
 from retrieval_spec.errors import InputError
-from retrieval_spec.files import check_output_directory, commit_delay
+from retrieval_spec.files import check_output_directory, commit_delay, fsync_directory
 
 LOCK = ".build.lock"
 MARKER = ".retrieval-spec-build"  # inside every staging directory, and so in every generation, a build writes
@@ -86,15 +86,22 @@ class Staging:
     """A build in progress inside the index directory; a context manager that discards it unless committed.
 
     Attributes:
-        directory: where to write the new shards (``directory / "shard-00000"``, ...).
+        directory: where to write the new files (``directory / "shard-00000"``, ...).
+        generation: the name ``directory`` is published under; the manifest names the files through it.
     """
 
-    def __init__(self, index: Path, *, force: bool) -> None:
+    def __init__(self, index: Path, *, force: bool, format_name: str = FORMAT_NAME) -> None:
         """Check ``index``, create it if needed, take its lock and create the staging directory.
+
+        Args:
+            index: the directory to publish into.
+            force: replace an index already there.
+            format_name: the ``format`` of the manifests this build writes (and may replace).
 
         Raises:
             InputError: ``index`` holds an index and ``force`` is false; it holds a ``manifest.json`` that is not
-                one of ours, or entries no build wrote without an index of ours; another build holds its lock.
+                one of ``format_name``, or entries no build wrote without an index of ours; another build holds
+                its lock.
             OutputError: ``index`` cannot be created or written.
         """
         check_output_directory(index, "index directory")
@@ -105,7 +112,7 @@ class Staging:
         self._lock: BuildLock | None = None
         try:
             self._lock = BuildLock(index)
-            _check_ownership(index, force)
+            _check_ownership(index, force, format_name)
             self.generation = f"{GENERATION_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
             self.directory = index / f"{STAGING_PREFIX}{self.generation}"
             self.directory.mkdir()
@@ -116,7 +123,7 @@ class Staging:
             raise
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Publish the shards written under :attr:`directory`; ``manifest["shards"][i]["path"]`` are their names.
+        """Publish what was written under :attr:`directory` as :attr:`generation`, with ``manifest`` naming it.
 
         Then delete the previous generation and leftovers of killed builds (see the module docstring).
         """
@@ -126,8 +133,6 @@ class Staging:
         self.directory.rename(self.index / self.generation)
         self.directory = self.index / self.generation  # still discarded on exit until the manifest names it
         fsync_directory(self.index)
-        for shard in manifest["shards"]:
-            shard["path"] = f"{self.generation}/{shard['path']}"
         # The temporary manifest lives in the new generation: a build killed before the rename leaves nothing
         # outside a directory that is already ours to delete.
         write_manifest(self.index, manifest, temporary_directory=self.index / self.generation)
@@ -157,11 +162,11 @@ class Staging:
                 pass
 
 
-def _check_ownership(index: Path, force: bool) -> None:
+def _check_ownership(index: Path, force: bool, format_name: str) -> None:
     """Refuse a directory that holds something a build of ours did not write, unless it holds our index."""
     manifest = index / MANIFEST
     if manifest.exists():
-        if not _is_our_manifest(manifest):
+        if not _is_our_manifest(manifest, format_name):
             raise InputError(f"{manifest}: not a retrieval-spec index manifest; build-index writes only into a new "
                              "or empty directory or over an index it built: choose another output directory")
         if not force:
@@ -174,26 +179,27 @@ def _check_ownership(index: Path, force: bool) -> None:
                          "build-index writes only into a new or empty directory or over an index it built")
 
 
-def _is_our_manifest(path: Path) -> bool:
-    """Whether ``path`` is a JSON object of our format name (of any version: an older index may be replaced)."""
+def _is_our_manifest(path: Path, format_name: str) -> bool:
+    """Whether ``path`` is a JSON object of ``format_name`` (of any version: an older index may be replaced)."""
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+    return isinstance(manifest, dict) and manifest.get("format") == format_name
 
 
 def _generations_named(index: Path) -> set[str]:
-    """Names of the generation directories the index's current manifest points into (none if unreadable)."""
+    """Names of the generation directories the index's current manifest points into (none if unreadable): the
+    folders of a datastore's shard paths, or a dense index's ``generation``."""
     try:
         manifest = json.loads((index / MANIFEST).read_text(encoding="utf-8"))
-        paths = [shard["path"] for shard in manifest["shards"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        paths = [shard["path"] for shard in manifest.get("shards", [])] + [manifest.get("generation")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     names = set()
     for path in paths:
         parts = PurePosixPath(path).parts if isinstance(path, str) else ()
-        if len(parts) == 2 and parts[0].startswith(GENERATION_PREFIX):
+        if len(parts) in (1, 2) and parts[0].startswith(GENERATION_PREFIX):
             names.add(parts[0])
     return names
 

@@ -19,12 +19,12 @@ from retrieval_spec.datastore.manifest import (
     SUFFIX_ARRAY,
     TOKENS,
     FileEntry,
-    fsync_directory,
+    check_token_ids,
     separator,
 )
 from retrieval_spec.datastore.ngram_table import count_continuations
 from retrieval_spec.datastore.suffix_array import build_suffix_array
-from retrieval_spec.errors import InputError
+from retrieval_spec.files import fsync_directory
 
 
 class ShardBuffer:
@@ -47,7 +47,7 @@ class ShardBuffer:
 
     def add(self, tokens: np.ndarray, source: str, meta: str) -> None:
         """Append a document of (m,) token ids, m >= 1, each in ``[0, vocab_size)``."""
-        check_token_ids(tokens, self.vocab_size, source)
+        check_token_ids(tokens, self.vocab_size, source or "a document")
         self._documents.append(tokens.astype(self.dtype, copy=False))  # 2 or 4 bytes a token while buffered
         self._sources.append(source)
         self._metas.append(meta)
@@ -88,14 +88,6 @@ class ShardBuffer:
             "suffix_array_dtype": suffix_dtype,
             "files": {name: asdict(FileEntry.of(directory / name)) for name in SHARD_FILES},
         }
-
-
-def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
-    """Raise :class:`InputError` unless every id of a non-empty (m,) document is in ``[0, vocab_size)``."""
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise InputError(f"{source or 'a document'}: token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
 def _write_array(path: Path, array: np.ndarray) -> None:

@@ -16,16 +16,14 @@ make byte order equal token order, so suffixes compare as plain ``bytes``.
 
 Opening checks every manifest field (:func:`read_manifest`), each file's size and a checksum of its first and
 last :data:`SAMPLE_BYTES` (cheap: catches truncation, damaged Parquet footers and most edits); readers check
-what they read (``Datastore.open`` says what, when); :func:`~retrieval_spec.datastore.reader.verify` compares
-the full sha256 and checks every file's contents.
+what they read (``Datastore.open`` says what, when); :func:`~retrieval_spec.datastore.reader.check_integrity`
+compares the full sha256 and checks every file's contents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn, Protocol
@@ -34,7 +32,8 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval_spec.datastore.ngram_table import MAX_VOCAB_SIZE
-from retrieval_spec.errors import DatastoreFormatError
+from retrieval_spec.errors import DatastoreFormatError, InputError, RetrievalSpecError
+from retrieval_spec.files import replace_atomically
 
 FORMAT_NAME = "retrieval-spec-datastore"
 FORMAT_VERSION = 1
@@ -95,6 +94,24 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> TokenizerFingerprint:
 def token_dtype(vocab_size: int) -> np.dtype:
     """Big-endian uint16 when every id and the separator fit in 16 bits, else big-endian uint32."""
     return np.dtype(">u2") if vocab_size < 0xFFFF else np.dtype(">u4")
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, what: str, *, lowest: int = 0,
+                    error: type[RetrievalSpecError] = InputError, hint: str = "") -> None:
+    """Raise ``error`` unless every id of ``ids`` (any shape) lies in ``[lowest, vocab_size)``.
+
+    Args:
+        what: names the ids in the message (``file:line``, ``file: array 'table'``).
+        lowest: 0, or -1 where -1 stands for no token (padding in saved drafter state).
+        hint: what to do about it, appended to the message.
+    """
+    if not ids.size:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < lowest or high >= vocab_size:
+        bad = low if low < lowest else high
+        raise error(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})"
+                    + (f"; {hint}" if hint else ""))
 
 
 def separator(dtype: np.dtype) -> int:
@@ -260,22 +277,6 @@ def read_versioned_json(path: Path, format_name: str, format_version: int, rebui
 
 
 def write_manifest(index: Path, manifest: dict[str, Any], temporary_directory: Path | None = None) -> None:
-    """Replace ``index/manifest.json`` atomically: write a temporary file, fsync, rename, fsync the directory.
-
-    The temporary file is written in ``temporary_directory`` (on the same file system; default ``index``).
-    """
-    staging = (temporary_directory or index) / f"{STAGING_PREFIX}{uuid.uuid4().hex}-{MANIFEST}"
-    with open(staging, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, index / MANIFEST)
-    fsync_directory(index)
-
-
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Replace ``index/manifest.json`` atomically (:func:`~retrieval_spec.files.open_atomically`), its temporary
+    file written in ``temporary_directory`` (on the same file system; default ``index``)."""
+    replace_atomically(index / MANIFEST, json.dumps(manifest, indent=1), temporary_directory)

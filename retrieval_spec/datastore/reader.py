@@ -114,7 +114,7 @@ class Datastore:
 
         So a damaged file is refused (:class:`DatastoreFormatError` naming it) before any id outside the
         vocabulary leaves the datastore; damage that stays within the vocabulary can only make drafts worse,
-        never the output different. :func:`verify` checks every byte.
+        never the output different. :func:`check_integrity` checks every byte.
 
         Raises:
             DatastoreFormatError: a missing, truncated or altered file, a malformed manifest, or another
@@ -455,7 +455,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
 
 
-def verify(path: str | Path) -> None:
+def check_integrity(path: str | Path) -> None:
     """Check every byte of an index: each file's sha256 against the manifest, then its contents (token ids
     within the vocabulary, suffix array entries within the stream, the Parquet tables as on first read).
 

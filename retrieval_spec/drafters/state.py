@@ -13,16 +13,15 @@ boolean arrays hold flags. Nothing else is saved.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from ..datastore.manifest import check_token_ids
 from ..errors import DatastoreFormatError, TokenizerMismatchError
-from ..files import commit_delay
+from ..files import open_atomically
 
 NO_TOKEN = -1  # the one integer value besides token ids that a state array may hold
 
@@ -31,18 +30,9 @@ Shape = tuple[int | str | None, ...]  # per axis: its exact length, a name that 
 
 def write_state(target: Path, arrays: dict[str, np.ndarray], format_version: int, tokenizer: str, **meta) -> None:
     """Write ``arrays`` and their metadata to ``target`` atomically (its directory is created)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     header = json.dumps({"format_version": format_version, "tokenizer": tokenizer, **meta})
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(header), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        commit_delay()
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_atomically(target) as f:
+        np.savez(f, meta=np.array(header), **arrays)
 
 
 def read_state(
@@ -71,7 +61,10 @@ def read_state(
     if shapes is not None:
         _check_shapes(target, arrays, shapes)
     if vocab_size is not None:
-        check_token_ids(target, arrays, vocab_size)
+        for name, array in arrays.items():
+            if array.dtype.kind in "iu":
+                check_token_ids(array, vocab_size, f"{target}: array {name!r}", lowest=NO_TOKEN,
+                                error=DatastoreFormatError, hint="the file is damaged, delete it")
     return arrays, meta
 
 
@@ -97,17 +90,6 @@ def _read(target: Path, tokenizer: str) -> tuple[dict[str, np.ndarray], dict]:
         if array.dtype.kind not in "iub":
             raise DatastoreFormatError(f"{target}: array {name!r} is {array.dtype}, expected integers or booleans")
     return arrays, meta
-
-
-def check_token_ids(target: Path, arrays: Mapping[str, np.ndarray], vocab_size: int) -> None:
-    """Raise :class:`DatastoreFormatError` unless every integer array holds ids in ``[0, vocab_size)`` or -1."""
-    for name, array in arrays.items():
-        if array.dtype.kind in "iu" and array.size:
-            low, high = int(array.min()), int(array.max())
-            if low < NO_TOKEN or high >= vocab_size:
-                bad = low if low < NO_TOKEN else high
-                raise DatastoreFormatError(f"{target}: array {name!r} holds token id {bad}, outside the model's "
-                                           f"vocabulary [0, {vocab_size}); the file is damaged, delete it")
 
 
 def _check_shapes(target: Path, arrays: Mapping[str, np.ndarray], shapes: Mapping[str, Shape]) -> None:

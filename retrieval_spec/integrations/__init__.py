@@ -1,4 +1,6 @@
-"""Faces of the torch-free core inside other serving engines (``integrations.vllm``: a vLLM proposer).
+"""Every face of the engine inside another one: ``integrations.hf`` (transformers' ``generate`` and ``pipeline``,
+also as ``from retrieval_spec import hf``) and ``integrations.vllm`` (a vLLM speculative proposer).
 
-Nothing here is imported by the rest of the package; each module imports its engine only when the engine calls it.
+Nothing else in the package imports them. ``vllm`` imports neither torch nor vllm (vLLM calls it inside its own
+process); ``hf`` imports transformers, the library it plugs into.
 """

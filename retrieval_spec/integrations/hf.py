@@ -33,13 +33,13 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .api import load_state, make_drafters, save_state
-from .datastore.manifest import tokenizer_fingerprint
-from .datastore.reader import Datastore
-from .errors import InputError, UnsupportedOptionError
-from .config import GenerationConfig
-from .generate import BatchResult, SpeculativeGenerator
-from .sizing import CostCurve
+from ..config import GenerationConfig
+from ..datastore.manifest import tokenizer_fingerprint
+from ..datastore.reader import Datastore
+from ..drafters.registry import load_state, make_drafters, save_state
+from ..errors import InputError, UnsupportedOptionError
+from ..generate import BatchResult, SpeculativeGenerator
+from ..sizing import CostCurve
 
 CUSTOM_GENERATE = str(Path(__file__).resolve().with_name("hf_generate"))
 """The folder of ``custom_generate/generate.py``: ``model.generate(custom_generate=..., trust_remote_code=True)``."""
@@ -136,7 +136,7 @@ class Engine:
         """
         streamer = arguments.get("streamer")
         try:
-            call = _translate(model, arguments, self.tokenizer)
+            call = _translate(model, arguments, self.tokenizer, self.generator.verifier.layout.context_limit)
         except UnsupportedOptionError:
             if self.fallback:
                 rest = {k: v for k, v in arguments.items() if not (k == "custom_generate" and _is_ours(v))}
@@ -195,7 +195,7 @@ def enable(
     Args:
         model: a causal LM of a supported family (``retrieval_spec.families``).
         tokenizer: its tokenizer (stop strings, the index's and the state's fingerprint).
-        method: drafting method, a key of ``retrieval_spec.api.METHODS``.
+        method: drafting method, a key of ``retrieval_spec.drafters.registry.METHODS``.
         index: a corpus datastore directory (``retrieval-spec build-index``) for ``rest`` and ``auto``.
         state_dir: load what the drafters learned from here now, save it back on :func:`disable`.
         fallback: send calls with options the engine cannot honour to transformers' own ``generate`` instead of
@@ -220,9 +220,13 @@ def enable(
 def disable(model: PreTrainedModel) -> list[str]:
     """Give ``model`` back transformers' own ``generate``; with ``state_dir``, save what the drafters learned.
 
+    Leaves no attribute of ours on the model: the engine :func:`enable` attached and the one ``custom_generate``
+    built (it keeps no state) both go.
+
     Returns:
         the state files written (none without ``state_dir``, or when the model was not enabled).
     """
+    model.__dict__.pop(_DEFAULT_ENGINE, None)
     engine: Engine | None = model.__dict__.pop(_ENGINE, None)
     if engine is None:
         return []
@@ -299,8 +303,12 @@ class _Call:
     stop_tokenizer: PreTrainedTokenizerBase | None
 
 
-def _translate(model: PreTrainedModel, arguments: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> _Call:
-    """Read a ``generate()`` call as transformers does; refuse what the engine cannot honour exactly."""
+def _translate(model: PreTrainedModel, arguments: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None,
+               context_limit: int | None) -> _Call:
+    """Read a ``generate()`` call as transformers does; refuse what the engine cannot honour exactly.
+
+    ``context_limit`` is the model's (``families.attention_layout(model).context_limit``): a call that sets no
+    length gets ``generate()``'s 20 new tokens, cut to it."""
     args = {k: v for k, v in arguments.items() if k != "trust_remote_code"}
     refused = [name for name in _REFUSED_ARGUMENTS if _given(args.pop(name, None))]
     custom = args.pop("custom_generate", None)
@@ -352,8 +360,7 @@ def _translate(model: PreTrainedModel, arguments: dict[str, Any], tokenizer: Pre
     if config.max_new_tokens is not None:
         max_new_tokens = config.max_new_tokens
     elif has_default_max_length:  # generate(): 20 new tokens, within the model's positions
-        limit = getattr(model.config, "max_position_embeddings", None)
-        max_new_tokens = min(config.max_length + length, limit or config.max_length + length) - length
+        max_new_tokens = min(config.max_length + length, context_limit or config.max_length + length) - length
     else:
         max_new_tokens = config.max_length - length
     if max_new_tokens < 1:
