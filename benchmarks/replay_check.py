@@ -39,13 +39,8 @@ from retrieval_spec.verify import ModelVerifier
 
 def gains(generator: SpeculativeGenerator, prompts: list[np.ndarray], max_new_tokens: int) -> list[list[int]]:
     """Per prompt, decoded in turn: the tokens gained at every step."""
-    steps = []
-    for prompt in prompts:
-        per_step: list[int] = []
-        generator.generate(prompt, GenerationConfig(max_new_tokens=max_new_tokens),
-                           on_tokens=lambda row, tokens: per_step.append(len(tokens)))
-        steps.append(per_step)
-    return steps
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    return [generator.generate(prompt, config).stats.step_tokens for prompt in prompts]
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -49,17 +50,28 @@ class GenerationStats:
     ``commit`` (the cache keeps the accepted entries), ``observe`` (the drafters and the sizer learn).
     """
 
-    new_tokens: int = 0
-    steps: int = 0
+    step_tokens: list[int] = field(default_factory=list)  # tokens gained by each step, in order
     drafted_nodes: int = 0
     phase_ms: dict[str, float] = field(default_factory=dict)
     prefill_ms: float = 0.0  # the first step: the prompt's forward, which also verifies the first tree
     total_ms: float = 0.0
     seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
     paused_steps: int = 0  # steps decoded plainly because drafting had stopped paying (SpeedGuard)
-    tokens_per_step: dict[int, int] = field(default_factory=dict)  # histogram: tokens gained in a step -> steps
     accepted_by_source: dict[str, int] = field(default_factory=dict)  # drafted tokens accepted, per source
     drafted_by_source: dict[str, int] = field(default_factory=dict)  # drafted nodes verified, per source
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_tokens)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(self.step_tokens)
+
+    @property
+    def tokens_per_step(self) -> dict[int, int]:
+        """Histogram: tokens gained in a step -> steps."""
+        return dict(sorted(Counter(self.step_tokens).items()))
 
     @property
     def mean_accepted(self) -> float:
@@ -87,15 +99,13 @@ class GenerationStats:
     def count_step(self, feedback: StepFeedback, timer: PhaseTimer, first: bool) -> None:
         """Add one verification step: its tree, what it gained and (after the first) its phase times."""
         tree, new_tokens = feedback.tree, feedback.new_tokens
-        self.steps += 1
-        self.new_tokens += len(new_tokens)
+        self.step_tokens.append(len(new_tokens))
         self.drafted_nodes += len(tree) - 1
         if first:
             self.prefill_ms = timer.total()
         else:
             for phase, ms in timer.ms.items():
                 self.phase_ms[phase] = self.phase_ms.get(phase, 0.0) + ms
-        self.tokens_per_step[len(new_tokens)] = self.tokens_per_step.get(len(new_tokens), 0) + 1
         for node in feedback.accepted_nodes[1 : len(new_tokens)]:
             name = Source(int(tree.sources[node])).name.lower()
             self.accepted_by_source[name] = self.accepted_by_source.get(name, 0) + 1
@@ -120,7 +130,7 @@ class GenerationStats:
             **({"seed": list(self.seed) if isinstance(self.seed, tuple) else self.seed} if self.seed is not None
                else {}),
             "paused_steps": self.paused_steps,
-            "tokens_per_step": {str(k): v for k, v in sorted(self.tokens_per_step.items())},
+            "tokens_per_step": {str(k): v for k, v in self.tokens_per_step.items()},
             "accepted_by_source": dict(sorted(self.accepted_by_source.items())),
             "drafted_by_source": dict(sorted(self.drafted_by_source.items())),
         }

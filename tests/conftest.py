@@ -116,10 +116,10 @@ def plain_greedy(model, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
     """Reference output: Hugging Face's own greedy generate."""
     import torch
 
-    ids = torch.as_tensor(prompt[None], dtype=torch.long)
+    ids = torch.as_tensor(prompt[None], dtype=torch.long, device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          min_new_tokens=0, do_sample=False)
-    return out[0, len(prompt):].numpy().astype(np.int32)
+    return out[0, len(prompt):].cpu().numpy().astype(np.int32)
 
 
 @pytest.fixture(autouse=True)

@@ -163,3 +163,20 @@ def test_a_mixed_decoder_that_takes_a_single_mask_is_refused(monkeypatch, single
     monkeypatch.setattr(decoder, "forward", one_mask)
     with pytest.raises(UnsupportedModelError, match="takes a single attention mask"):
         families.attention_layout(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("method", ["pld", "auto"])
+def test_every_family_decodes_exactly_as_generate_on_cuda(model, method):
+    """The same check on a CUDA device: masks built there, the cache there, one transfer a step."""
+    model = model.to("cuda")
+    try:
+        prompts = zoo_prompts(len(method))
+        expected = [plain_greedy(model, p, 30) for p in prompts]
+        generator = SpeculativeGenerator(model, StubTokenizer(), make_drafters(method, 96), cost_curve=FLAT)
+        batch = generator.generate_batch(prompts, GenerationConfig(max_new_tokens=30, tree_budget=16))
+        for i, (row, plain) in enumerate(zip(batch.rows, expected)):
+            np.testing.assert_array_equal(row.tokens, plain, err_msg=f"batched row {i}")
+    finally:
+        model.to("cpu")
