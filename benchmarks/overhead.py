@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from common import ROOT
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
-from retrieval_spec.replay import CostClock, Recording, ReplayVerifier
+from retrieval_spec.replay import Recording, ReplayVerifier
 from retrieval_spec.sizing import CostCurve
 
 HOST_PHASES = ("draft", "size", "accept", "commit", "observe")  # the replay's "mask" and "forward" are not ours
@@ -44,12 +45,12 @@ def recordings(path: Path, model: str) -> list[Recording]:
     return [recording for _, recording in Recording.read_jsonl(path)]
 
 
-def measure(method: str, records: list[Recording], batch: int, nodes: int, vocab_size: int) -> dict:
+def measure(method: str, records: list[Recording], batch: int, nodes: int, vocab_size: int, clock) -> dict:
     """Host milliseconds per step of ``method`` decoding every recording, ``batch`` rows at a time."""
     curve = CostCurve.flat(nodes)
-    clock = CostClock()
-    verifier = ReplayVerifier(records, curve, clock, vocab_size)
-    generator = SpeculativeGenerator(verifier, None, make_drafters(method, vocab_size), cost_curve=curve)
+    verifier = ReplayVerifier(records, curve, None, vocab_size)  # no cost clock: the loop times itself
+    generator = SpeculativeGenerator(verifier, None, make_drafters(method, vocab_size), cost_curve=curve,
+                                     clock=clock)
     phases: dict[str, float] = defaultdict(float)
     steps = tokens = row_steps = 0
     for start in range(0, len(records) - batch + 1, batch):
@@ -77,14 +78,18 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=64, help="tree budget, on a curve flat up to this size")
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--vocab-size", type=int, default=49152, help="the recorded model's vocabulary size")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: what a user waits for (on a quiet machine); cpu: this thread's CPU time, which "
+                             "other processes on a busy machine do not inflate")
     parser.add_argument("--out", type=Path, help="also write the lines to this JSONL file")
     args = parser.parse_args()
     records = recordings(args.records or ROOT / "results" / f"plain_{args.model}.jsonl", args.model)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     lines = []
     for method in args.methods.split(","):
         for batch in map(int, args.batch.split(",")):
-            measure(method, records[: max(batch, 1)], batch, args.nodes, args.vocab_size)  # warm-up
-            lines.append(measure(method, records, batch, args.nodes, args.vocab_size))
+            measure(method, records[: max(batch, 1)], batch, args.nodes, args.vocab_size, clock)  # warm-up
+            lines.append({**measure(method, records, batch, args.nodes, args.vocab_size, clock), "clock": args.clock})
             print(json.dumps(lines[-1]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tree import DraftTree, children_lists
+from .tree import DraftTree
 
 
 def accept(tree: DraftTree, node_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,15 +40,14 @@ def accept(tree: DraftTree, node_tokens: np.ndarray) -> tuple[np.ndarray, np.nda
     >>> [a.tolist() for a in accept(t, np.array([1, 9, 5, 5]))]
     [[0, 1], [1, 9]]
     """
-    kids = children_lists(tree.parents)
+    parents, tokens = tree.parents, tree.tokens
     node, path = 0, [0]
     while True:
-        want = node_tokens[node]
-        nxt = next((c for c in kids[node] if tree.tokens[c] == want), None)
-        if nxt is None:
+        nxt = np.flatnonzero((parents == node) & (tokens == node_tokens[node]))  # siblings are distinct: 0 or 1
+        if not len(nxt):
             break
-        node = nxt
+        node = int(nxt[0])
         path.append(node)
     accepted = np.array(path, dtype=np.int32)
-    new_tokens = np.append(tree.tokens[accepted[1:]], node_tokens[node]).astype(np.int32)
+    new_tokens = np.append(tokens[accepted[1:]], node_tokens[node]).astype(np.int32)
     return accepted, new_tokens

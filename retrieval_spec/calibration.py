@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tree import DraftTree, Source, depths
+from .tree import DraftTree, Source
 
 MATCH_EDGES = np.array([1, 2, 3, 4, 6, 9, 16, 32])  # matched length buckets: 0, 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+
 DEPTH_EDGES = np.array([2, 3, 4, 5, 7, 10, 17])  # depth buckets: 1, 2, 3, 4, 5-6, 7-9, 10-16, 17+
@@ -58,8 +58,21 @@ class AcceptanceModel:
     def __init__(self, config: CalibrationConfig = CalibrationConfig()) -> None:
         self.config = config
         sizes = np.cumprod(config.shape)
-        self.hits = [np.zeros(size) for size in sizes]
-        self.trials = [np.zeros(size) for size in sizes]
+        # Counts are kept divided by ``_scale``, the product of every decay so far: an update multiplies one
+        # number instead of every cell, and adds 1 / _scale where it counts.
+        self._hits = [np.zeros(size) for size in sizes]
+        self._trials = [np.zeros(size) for size in sizes]
+        self._scale = 1.0
+
+    @property
+    def hits(self) -> list[np.ndarray]:
+        """Per level of the backoff, coarsest first, the decayed hits of every cell."""
+        return [level * self._scale for level in self._hits]
+
+    @property
+    def trials(self) -> list[np.ndarray]:
+        """Per level of the backoff, coarsest first, the decayed trials of every cell."""
+        return [level * self._scale for level in self._trials]
 
     def features(self, tree: DraftTree, whole_last_step: bool = False,
                  recent: RecentSuccess | None = None) -> np.ndarray:
@@ -77,7 +90,7 @@ class AcceptanceModel:
             tree.sources.astype(np.int64),
             np.minimum((conditional * buckets).astype(np.int64), buckets - 1),
             np.digitize(tree.matches, MATCH_EDGES),
-            np.digitize(depths(tree.parents), DEPTH_EDGES),
+            np.digitize(tree.depths, DEPTH_EDGES),
             np.full(len(tree), int(whole_last_step)),
             np.zeros(len(tree), dtype=np.int64) if recent is None else recent.buckets(tree.sources),
         ], axis=1)
@@ -86,8 +99,8 @@ class AcceptanceModel:
         """(n,) learned probability that each node is accepted when its parent is."""
         weight = self.config.prior_weight
         rate = (features[:, 1] + 0.5) / self.config.estimate_buckets  # the drafter's own estimate: the prior
-        for cells, hits, trials in zip(self._cells(features), self.hits, self.trials):
-            rate = (hits[cells] + weight * rate) / (trials[cells] + weight)
+        for cells, hits, trials in zip(self._cells(features), self._hits, self._trials):
+            rate = (hits[cells] * self._scale + weight * rate) / (trials[cells] * self._scale + weight)
         return rate
 
     def rescore(self, tree: DraftTree, features: np.ndarray) -> DraftTree:
@@ -100,16 +113,16 @@ class AcceptanceModel:
         alternative beside a reliable copy is priced at what it adds. Siblings keep this order (best first),
         which is the order :func:`~retrieval_spec.tree.best_first` gives them.
         """
-        rates = self.rates(features)
-        scores = np.ones(len(tree), dtype=np.float32)
-        free = np.ones(len(tree))  # per parent: the probability that every child ranked so far failed
-        order = np.lexsort((np.arange(len(tree)), -rates, tree.parents))  # by parent, then best rate first
-        for i in order[order > 0]:  # grouped by parent index, and a parent's index is below its children's
-            parent = tree.parents[i]
+        rates = self.rates(features).tolist()
+        parents = tree.parents.tolist()
+        scores, free = [1.0] * len(tree), [1.0] * len(tree)  # free: per parent, every child ranked so far failed
+        order = np.lexsort((np.arange(len(tree)), -np.array(rates), tree.parents))  # by parent, best rate first
+        for i in order[1:].tolist():  # grouped by parent index, and a parent's index is below its children's
+            parent = parents[i]
             scores[i] = scores[parent] * free[parent] * rates[i]
             free[parent] *= 1.0 - rates[i]
-        return DraftTree(tokens=tree.tokens, parents=tree.parents, scores=scores, sources=tree.sources,
-                         matches=tree.matches)
+        return DraftTree.trusted(tree.tokens, tree.parents, np.array(scores, dtype=np.float32), tree.sources,
+                                 tree.matches)
 
     def update(self, features: np.ndarray, tested: np.ndarray, hits: np.ndarray) -> None:
         """Count outcomes of nodes whose parent was accepted.
@@ -120,29 +133,31 @@ class AcceptanceModel:
                 fate is known, and it is the one :meth:`rescore` prices).
             hits: (n,) bool, nodes that were (or, unverified, would have been) accepted; a subset of ``tested``.
         """
-        for level_hits, level_trials in zip(self.hits, self.trials):
-            level_hits *= self.config.decay
-            level_trials *= self.config.decay
+        self._scale *= self.config.decay
+        if self._scale < 1e-150:  # fold the scale back into the counts before it underflows
+            for level in (*self._hits, *self._trials):
+                level *= self._scale
+            self._scale = 1.0
         if not tested.any():
             return
         tried = features[tested]
-        won = (hits & tested)[tested].astype(np.float64)
-        for cells, level_hits, level_trials in zip(self._cells(tried), self.hits, self.trials):
-            np.add.at(level_trials, cells, 1.0)
+        won = (hits & tested)[tested].astype(np.float64) / self._scale
+        for cells, level_hits, level_trials in zip(self._cells(tried), self._hits, self._trials):
+            np.add.at(level_trials, cells, 1.0 / self._scale)
             np.add.at(level_hits, cells, won)
 
     def summary(self) -> dict:
         """Per source seen: decayed trials and acceptance rate, overall, by matched length and by depth (JSON)."""
-        shape = self.config.shape
-        by_match = (self.hits[2].reshape(shape[:3]).sum(1), self.trials[2].reshape(shape[:3]).sum(1))
-        by_depth = (self.hits[3].reshape(shape[:4]).sum((1, 2)), self.trials[3].reshape(shape[:4]).sum((1, 2)))
+        shape, hits, trials = self.config.shape, self.hits, self.trials
+        by_match = (hits[2].reshape(shape[:3]).sum(1), trials[2].reshape(shape[:3]).sum(1))
+        by_depth = (hits[3].reshape(shape[:4]).sum((1, 2)), trials[3].reshape(shape[:4]).sum((1, 2)))
         match_labels = _bucket_labels(MATCH_EDGES, zero="none")
         depth_labels = _bucket_labels(DEPTH_EDGES, first=1)
         out = {}
-        for source in np.flatnonzero(self.trials[0] >= 1):
+        for source in np.flatnonzero(trials[0] >= 1):
             out[Source(int(source)).name.lower()] = {
-                "trials": round(float(self.trials[0][source]), 1),
-                "rate": round(float(self.hits[0][source] / self.trials[0][source]), 3),
+                "trials": round(float(trials[0][source]), 1),
+                "rate": round(float(hits[0][source] / trials[0][source]), 3),
                 "by_matched_length": _rates(by_match[0][source], by_match[1][source], match_labels),
                 "by_depth": _rates(by_depth[0][source], by_depth[1][source], depth_labels),
             }

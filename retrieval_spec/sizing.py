@@ -9,6 +9,7 @@ speed guard.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -42,8 +43,9 @@ class CostCurve:
     @property
     def plain_ms(self) -> float:
         """What a step that verifies no draft costs: one node, or a larger size where that is cheaper."""
-        return float(self._envelope()[0])
+        return float(self._envelope[0])
 
+    @functools.cached_property
     def _envelope(self) -> np.ndarray:
         """(m,) cost of each measured size if it may be padded up to any larger measured size."""
         return np.minimum.accumulate(self.ms[::-1])[::-1]
@@ -66,8 +68,8 @@ class CostCurve:
         """Cost of verifying ``num_nodes`` nodes (padded as :meth:`padded_size`) relative to one plain step."""
         interpolated = np.interp(num_nodes, self.sizes, self.ms)
         at_least = np.searchsorted(self.sizes, num_nodes, side="left")
-        padded = np.append(self._envelope(), np.inf)[np.minimum(at_least, len(self.sizes))]
-        return np.minimum(interpolated, padded) / self._envelope()[0]
+        padded = np.append(self._envelope, np.inf)[np.minimum(at_least, len(self.sizes))]
+        return np.minimum(interpolated, padded) / self._envelope[0]
 
 
 def best_size(scores: np.ndarray, curve: CostCurve, fixed: int = 1) -> int:

@@ -11,7 +11,7 @@ ancestors and itself only.
 from __future__ import annotations
 
 import enum
-import heapq
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -81,12 +81,32 @@ class DraftTree:
             if len(np.unique(edges)) != n - 1:
                 raise ValueError("DraftTree siblings must carry distinct tokens")
 
+    @classmethod
+    def trusted(cls, tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, sources: np.ndarray,
+                matches: np.ndarray | None = None) -> DraftTree:
+        """A tree from arrays that already satisfy every invariant, unchecked: for this module's own transforms of
+        valid trees (a head, a selection, a merge, a rescoring), which keep them by construction. Drafters build
+        theirs with the checked constructor."""
+        tree = object.__new__(cls)
+        for name, value in (("tokens", tokens), ("parents", parents), ("scores", scores), ("sources", sources),
+                            ("matches", np.zeros(len(tokens), np.int32) if matches is None else matches)):
+            object.__setattr__(tree, name, value)
+        return tree
+
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @functools.cached_property
+    def depths(self) -> np.ndarray:
+        """(n,) int32 depth of every node (root = 0), computed once per tree."""
+        return depths(self.parents)
+
     def head(self, n: int) -> DraftTree:
         """The first ``n`` nodes (all when fewer): a tree, since parents always come before their children."""
-        return self.select(np.arange(min(n, len(self)), dtype=np.int64))
+        if n >= len(self):
+            return self
+        return DraftTree.trusted(self.tokens[:n], self.parents[:n], self.scores[:n], self.sources[:n],
+                                 self.matches[:n])
 
     def select(self, keep: np.ndarray) -> DraftTree:
         """The sub-tree of nodes ``keep`` ((k,) increasing indices, root first, closed under ancestors)."""
@@ -94,18 +114,15 @@ class DraftTree:
         new_index[keep] = np.arange(len(keep), dtype=np.int32)
         parents = self.parents[keep].copy()
         parents[1:] = new_index[parents[1:]]
-        return DraftTree(tokens=self.tokens[keep], parents=parents, scores=self.scores[keep],
-                         sources=self.sources[keep], matches=self.matches[keep])
+        return DraftTree.trusted(self.tokens[keep], parents, self.scores[keep], self.sources[keep],
+                                 self.matches[keep])
 
     @staticmethod
     def empty(root: int) -> DraftTree:
         """The tree with the root alone: nothing to propose."""
-        return DraftTree(
-            tokens=np.array([root], dtype=np.int32),
-            parents=np.array([-1], dtype=np.int32),
-            scores=np.array([1.0], dtype=np.float32),
-            sources=np.array([Source.ROOT], dtype=np.uint8),
-        )
+        return DraftTree.trusted(np.array([root], dtype=np.int32), np.array([-1], dtype=np.int32),
+                                 np.array([1.0], dtype=np.float32), np.array([Source.ROOT], dtype=np.uint8),
+                                 np.zeros(1, dtype=np.int32))
 
     @staticmethod
     def chain(tokens: np.ndarray, source: Source = Source.ROOT) -> DraftTree:
@@ -152,12 +169,8 @@ class DraftTree:
         parents_array = np.array(parents, dtype=np.int32)
         for i in range(1, len(scores_array)):
             scores_array[i] = min(scores_array[i], scores_array[parents_array[i]])
-        return DraftTree(
-            tokens=np.array(tokens, dtype=np.int32),
-            parents=parents_array,
-            scores=scores_array,
-            sources=np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
-        )
+        return DraftTree.trusted(np.array(tokens, dtype=np.int32), parents_array, scores_array,
+                                 np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8))
 
 
 def trie_from_continuations(
@@ -209,13 +222,9 @@ def trie_from_continuations(
     parents_array = np.array(parents, dtype=np.int32)
     scores = np.array(mass, dtype=np.float64) / total
     scores[1:] *= reach[depths(parents_array)[1:] - 1]
-    return DraftTree(
-        tokens=np.array(tokens, dtype=np.int32),
-        parents=parents_array,
-        scores=np.minimum(scores, 1.0).astype(np.float32),
-        sources=np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
-        matches=np.array(longest, dtype=np.int32),
-    )
+    return DraftTree.trusted(np.array(tokens, dtype=np.int32), parents_array, np.minimum(scores, 1.0).astype(np.float32),
+                             np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
+                             np.array(longest, dtype=np.int32))
 
 
 def depths(parents: np.ndarray) -> np.ndarray:
@@ -230,10 +239,11 @@ def depths(parents: np.ndarray) -> np.ndarray:
     >>> depths(np.array([-1, 0, 1], dtype=np.int32)).tolist()
     [0, 1, 2]
     """
-    out = np.zeros(len(parents), dtype=np.int32)
-    for i in range(1, len(parents)):
-        out[i] = out[parents[i]] + 1
-    return out
+    parent_of = parents.tolist()
+    out = [0] * len(parent_of)
+    for i in range(1, len(out)):  # parents come first
+        out[i] = out[parent_of[i]] + 1
+    return np.array(out, dtype=np.int32)
 
 
 def ancestor_mask(parents: np.ndarray) -> np.ndarray:
@@ -250,17 +260,9 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
     """
     n = len(parents)
     mask = np.eye(n, dtype=bool)
-    for i in range(1, n):
-        mask[i] |= mask[parents[i]]
+    for i, parent in enumerate(parents.tolist()[1:], 1):  # parents come first: their rows are complete
+        mask[i] |= mask[parent]
     return mask
-
-
-def children_lists(parents: np.ndarray) -> list[list[int]]:
-    """For every node, its children in index order."""
-    out: list[list[int]] = [[] for _ in range(len(parents))]
-    for i in range(1, len(parents)):
-        out[parents[i]].append(i)
-    return out
 
 
 def merge(trees: Sequence[DraftTree]) -> DraftTree:
@@ -278,32 +280,29 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     tokens, parents, scores, sources, matches = [root], [-1], [1.0], [int(trees[0].sources[0])], [0]
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
-        mapped = np.zeros(len(tree), dtype=np.int64)
+        mapped = [0] * len(tree)
+        tree_parents, tree_tokens = tree.parents.tolist(), tree.tokens.tolist()
+        tree_scores, tree_sources, tree_matches = tree.scores.tolist(), tree.sources.tolist(), tree.matches.tolist()
         for i in range(1, len(tree)):
-            key = (int(mapped[tree.parents[i]]), int(tree.tokens[i]))
+            key = (mapped[tree_parents[i]], tree_tokens[i])
             node = index.get(key)
-            score = float(tree.scores[i])
+            score = tree_scores[i]
             if node is None:
-                node = len(tokens)
-                index[key] = node
+                node = index[key] = len(tokens)
                 tokens.append(key[1])
                 parents.append(key[0])
                 scores.append(min(score, scores[key[0]]))
-                sources.append(int(tree.sources[i]))
-                matches.append(int(tree.matches[i]))
+                sources.append(tree_sources[i])
+                matches.append(tree_matches[i])
             else:
-                matches[node] = max(matches[node], int(tree.matches[i]))
+                matches[node] = max(matches[node], tree_matches[i])
                 if score > scores[node]:
                     scores[node] = min(score, scores[key[0]])
-                    sources[node] = int(tree.sources[i])
+                    sources[node] = tree_sources[i]
             mapped[i] = node
-    return DraftTree(
-        tokens=np.array(tokens, dtype=np.int32),
-        parents=np.array(parents, dtype=np.int32),
-        scores=np.array(scores, dtype=np.float32),
-        sources=np.array(sources, dtype=np.uint8),
-        matches=np.array(matches, dtype=np.int32),
-    )
+    return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
+                             np.array(scores, dtype=np.float32), np.array(sources, dtype=np.uint8),
+                             np.array(matches, dtype=np.int32))
 
 
 def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
@@ -328,9 +327,9 @@ def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
 def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) -> tuple[DraftTree, np.ndarray]:
     """Keep the root and the ``max_nodes`` highest-scoring other nodes, closed under ancestors.
 
-    Scores never rise from parent to child, so expanding a frontier best-first (ties: shallower, then
-    lower index) yields an ancestor-closed set. The result is re-indexed in that expansion order, which
-    is topological and sorts non-root nodes by non-increasing score.
+    Scores never rise from parent to child, so ordering the nodes by score (ties: shallower, then lower index)
+    puts every node after its ancestors: a head of that order is ancestor-closed, topological, and sorts the
+    non-root nodes by non-increasing score. The result is re-indexed in that order.
 
     Args:
         tree: the candidate tree.
@@ -340,25 +339,16 @@ def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) ->
     Returns:
         the kept tree, and (k,) int64 the kept nodes' indices in ``tree``.
     """
-    kids = children_lists(tree.parents)
-    depth = depths(tree.parents)
-    order = [0]
-    frontier = [(-float(tree.scores[c]), int(depth[c]), c) for c in kids[0]]
-    heapq.heapify(frontier)
-    while frontier and len(order) <= max_nodes:
-        _, d, node = heapq.heappop(frontier)
-        if max_depth is not None and d > max_depth:
-            continue
-        order.append(node)
-        for c in kids[node]:
-            heapq.heappush(frontier, (-float(tree.scores[c]), int(depth[c]), c))
-    keep = np.array(order, dtype=np.int64)
+    depth = tree.depths
+    order = np.lexsort((np.arange(len(tree)), depth, -tree.scores.astype(np.float64)))
+    if max_depth is not None:
+        order = order[depth[order] <= max_depth]
+    keep = order[: max_nodes + 1].astype(np.int64)
     new_index = np.full(len(tree), -1, dtype=np.int32)
     new_index[keep] = np.arange(len(keep), dtype=np.int32)
     parents = tree.parents[keep].copy()
     parents[1:] = new_index[parents[1:]]
-    kept = DraftTree(tokens=tree.tokens[keep], parents=parents, scores=tree.scores[keep], sources=tree.sources[keep],
-                     matches=tree.matches[keep])
+    kept = DraftTree.trusted(tree.tokens[keep], parents, tree.scores[keep], tree.sources[keep], tree.matches[keep])
     return kept, keep
 
 

@@ -150,6 +150,14 @@ def spec_bench_rows(per_category: int, categories: tuple[str, ...]) -> list[dict
     return picked
 
 
+def children_lists(parents: np.ndarray) -> list[list[int]]:
+    """For every node of a tree, its children in index order."""
+    out: list[list[int]] = [[] for _ in range(len(parents))]
+    for i in range(1, len(parents)):
+        out[parents[i]].append(i)
+    return out
+
+
 class StubTokenizer:
     """Just enough tokenizer for token-id prompts: decoding prints the ids."""
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import tiny_model
+from conftest import children_lists, tiny_model
 from test_lossless_tiny import prompts
 from retrieval_spec.acceptance import accept
-from retrieval_spec.tree import DraftTree, Source, children_lists, trie_from_continuations
+from retrieval_spec.tree import DraftTree, Source, trie_from_continuations
 from retrieval_spec.verifier import PhaseTimer, RowDraft
 from retrieval_spec.verify import ModelVerifier
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import StubTokenizer
+from conftest import children_lists, StubTokenizer
 from retrieval_spec.drafters.base import Drafter
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.sizing import CostCurve
-from retrieval_spec.tree import Source, children_lists, trie_from_continuations
+from retrieval_spec.tree import Source, trie_from_continuations
 from retrieval_spec.verify import Sampler
 
 VOCAB = 8

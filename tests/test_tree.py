@@ -84,6 +84,31 @@ def test_best_first_keeps_an_ancestor_closed_top_set(tree, budget):
         assert tree.scores[dropped].max() <= kept.scores[1:].min() + 1e-7
 
 
+def heap_best_first(tree: DraftTree, max_nodes: int, max_depth: int | None) -> list[int]:
+    """The definition best_first implements: expand a frontier from the root, best score first (ties: shallower,
+    then lower index), skipping nodes deeper than ``max_depth``."""
+    import heapq
+
+    kids = {i: [c for c in range(len(tree)) if tree.parents[c] == i] for i in range(len(tree))}
+    depth = depths(tree.parents)
+    order, frontier = [0], [(-float(tree.scores[c]), int(depth[c]), c) for c in kids[0]]
+    heapq.heapify(frontier)
+    while frontier and len(order) <= max_nodes:
+        _, d, node = heapq.heappop(frontier)
+        if max_depth is not None and d > max_depth:
+            continue
+        order.append(node)
+        for c in kids[node]:
+            heapq.heappush(frontier, (-float(tree.scores[c]), int(depth[c]), c))
+    return order
+
+
+@settings(max_examples=80)
+@given(trees(), st.integers(0, 30), st.one_of(st.none(), st.integers(0, 6)))
+def test_best_first_is_the_frontier_expansion(tree, budget, max_depth):
+    assert best_first(tree, budget, max_depth)[1].tolist() == heap_best_first(tree, budget, max_depth)
+
+
 @settings(max_examples=60)
 @given(st.lists(trees(12), min_size=1, max_size=3))
 def test_merge_holds_every_path_of_every_tree(parts):

@@ -34,15 +34,15 @@ class NgramIndex:
             self.text = grown
         self.text[old:new] = tokens
         self.length = new
-        text = self.text
+        low = max(0, old - self.max_ngram + 1)  # the earliest token a new n-gram can start at
+        window, index = self.text[low:new].tolist(), self._index
         for end in range(old + 1, new + 1):
-            for n in range(self.min_ngram, self.max_ngram + 1):
-                if end - n < 0:
+            for n in range(1, min(self.max_ngram, end) + 1):
+                gram = window[end - n - low : end - low]
+                if gram[0] == SEPARATOR:  # growing to the left: every longer n-gram holds it too
                     break
-                gram = text[end - n : end]
-                if SEPARATOR in gram:
-                    break
-                self._index.setdefault(tuple(gram.tolist()), []).append(end)
+                if n >= self.min_ngram:
+                    index.setdefault(tuple(gram), []).append(end)
 
     def matches(self, context: np.ndarray, max_matches: int, longest: int = 0) -> tuple[list[int], list[int]]:
         """Where the text continued after the context's suffixes, longest match first, most recent first.

@@ -10,8 +10,8 @@ most ``max_pairs`` rows of k.
 
 from __future__ import annotations
 
+import functools
 import heapq
-import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,41 +72,41 @@ class RecyclingDrafter(Drafter):
         return self.table[token] if self.known[token] else None
 
     def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
+        """Walk the shape's nodes most likely first (:func:`shape_order`), filling each with its rank in its
+        parent's successors; a node whose parent has none, or that repeats a sibling, is left out with its
+        subtree."""
         root = int(context[-1])
         before = int(context[-2]) if len(context) > 1 else -1
         self._before_root[request] = before
-        if budget <= 0 or self.successors(before, root) is None:
+        first = self.successors(before, root)
+        if budget <= 0 or first is None:
             return DraftTree.empty(root)
-        probs = self.config.rank_probs
-        tokens, parents, scores, node_depth = [root], [-1], [1.0], [0]
-        frontier: list[tuple[float, int, int, int]] = []  # (-score, order, parent, token): most likely first
-        order = itertools.count()
-
-        def expand(node: int) -> None:
-            depth, token = node_depth[node], tokens[node]
-            row = self.successors(tokens[parents[node]] if node else before, token)
-            if depth >= len(self.config.shape) or row is None:
-                return
-            seen = set()
-            for rank, child in enumerate(row[: self.config.shape[depth]].tolist()):
-                if child not in seen:  # warm-started rows may repeat their last token
-                    seen.add(child)
-                    heapq.heappush(frontier, (-scores[node] * probs[rank], next(order), node, child))
-
-        expand(0)
-        while frontier and len(tokens) <= budget:
-            negative, _, parent, token = heapq.heappop(frontier)
-            tokens.append(token)
+        order_parents, order_ranks, order_scores = shape_order(self.config.shape, self.config.rank_probs)
+        node_of = [0] + [-1] * (len(order_parents) - 1)  # shape node -> tree node (-1: left out)
+        rows: dict[int, list[int] | None] = {0: first.tolist()}  # tree node -> its successors
+        siblings: dict[int, set[int]] = {}
+        tokens, parents, scores = [root], [-1], [1.0]
+        for slot in range(1, len(order_parents)):
+            if len(tokens) > budget:
+                break
+            parent = node_of[order_parents[slot]]
+            if parent < 0:
+                continue
+            if parent not in rows:
+                row = self.successors(tokens[parents[parent]] if parent else before, tokens[parent])
+                rows[parent] = None if row is None else row.tolist()
+            row = rows[parent]
+            if row is None or row[order_ranks[slot]] in siblings.setdefault(parent, set()):
+                continue  # warm-started rows may repeat their last token
+            child = row[order_ranks[slot]]
+            siblings[parent].add(child)
+            node_of[slot] = len(tokens)
+            tokens.append(child)
             parents.append(parent)
-            scores.append(-negative)
-            node_depth.append(node_depth[parent] + 1)
-            expand(len(tokens) - 1)
-        return DraftTree(
-            tokens=np.array(tokens, dtype=np.int32),
-            parents=np.array(parents, dtype=np.int32),
-            scores=np.array(scores, dtype=np.float32),
-            sources=np.array([Source.ROOT] + [self.source] * (len(tokens) - 1), dtype=np.uint8),
-        )
+            scores.append(order_scores[slot])
+        return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
+                                 np.array(scores, dtype=np.float32),
+                                 np.array([Source.ROOT] + [self.source] * (len(tokens) - 1), dtype=np.uint8))
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         """Overwrite the rows of every node whose top-k the verifier reported (``feedback.top_nodes``), and of its
@@ -159,3 +159,26 @@ class RecyclingDrafter(Drafter):
         arrays, _ = read_state(directory / self.state_file, FORMAT_VERSION, tokenizer_sha256,
                                shapes={"table": (rows, self.config.k), "known": (rows,)}, vocab_size=vocab_size)
         self.table, self.known = arrays["table"].astype(np.int32), arrays["known"].astype(bool)
+
+
+@functools.cache
+def shape_order(shape: tuple[int, ...], rank_probs: tuple[float, ...]) -> tuple[list[int], list[int], list[float]]:
+    """Every node of the full tree of ``shape`` (``shape[d]`` children under each node at depth ``d``), most likely
+    first (the product of the ranks' probabilities along its path; ties: the order a frontier expansion meets
+    them): per node its parent's position in this order (-1 for the root), its rank among its siblings, and
+    its score. Each drafted tree is a selection of a head of this order."""
+    parents, ranks, scores, depth = [-1], [0], [1.0], [0]
+    frontier = [(-rank_probs[rank], rank, 0, rank) for rank in range(shape[0])]  # (-score, tie, parent, rank)
+    heapq.heapify(frontier)
+    tie = len(frontier)
+    while frontier:
+        negative, _, parent, rank = heapq.heappop(frontier)
+        parents.append(parent)
+        ranks.append(rank)
+        scores.append(-negative)
+        depth.append(depth[parent] + 1)
+        if depth[-1] < len(shape):
+            for child_rank in range(shape[depth[-1]]):
+                heapq.heappush(frontier, (negative * rank_probs[child_rank], tie, len(parents) - 1, child_rank))
+                tie += 1
+    return parents, ranks, scores
