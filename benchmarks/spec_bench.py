@@ -67,13 +67,22 @@ def agreeing_prefix(ours: np.ndarray, plain: np.ndarray) -> int:
 
 
 def table(report: dict, methods: list[str]) -> str:
-    lines = ["| category | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    """The run's markdown: what it ran on (CPU or GPU, threads, the cost curve every learning method started from),
+    then per category and method the speedup over plain ``generate()``, over our loop drafting nothing (``ar``,
+    when it ran), tokens per step and the drafting + verification ms per step."""
+    curve = report.get("starting_cost_curve")
+    lines = [f"{report['model']} {report['dtype']} on {report['device']} ({report['cpu']}, "
+             f"{report['torch_threads']} threads); cost curve at the start (nodes: ms): "
+             + (", ".join(f"{k}: {v:.0f}" for k, v in zip(curve["sizes"], curve["ms"])) if curve else report["cost"]),
+             "", "| category | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for category, row in report["categories"].items():
         cells = []
         for method in methods:
             r = row[method]
             cell = f"{r['speedup']:.2f}x"
             if "mean_accepted" in r:
+                if "ar" in row and method != "ar":
+                    cell += f" · {r['speedup'] / row['ar']['speedup']:.2f}x ar"
                 cell += f" · {r['mean_accepted']:.2f} tok/step · {r['draft_ms_per_step']:.1f}+{r['verify_ms_per_step']:.0f} ms"
             cells.append(cell)
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
