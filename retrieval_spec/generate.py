@@ -333,6 +333,7 @@ class SpeculativeGenerator:
             self.fuser.observe(row.request, outcome.feedback)
         timer.lap("observe")
         sizing.learn(plan, timer, [(row.index, len(o.feedback.new_tokens)) for row, o in zip(alive, outcomes)])
+        timer.lap("observe")  # the sizer's learning, too
         return outcomes, timer
 
     def _draft(self, alive: list[_Row], budget: int, sizing: BatchSizing,
