@@ -21,10 +21,18 @@ from typing import Any, Callable, Iterator
 import click
 from tqdm import tqdm
 
+from . import strict_json
 from .config import GenerationConfig
 from .drafters.registry import METHODS, load_state, make_drafters, save_state
 from .errors import InputError, OutputError, RetrievalSpecError
-from .files import JsonlWriter, check_input_file, check_output_directory, check_output_file, read_text
+from .files import (
+    JsonlWriter,
+    check_input_file,
+    check_output_directory,
+    check_output_file,
+    disk_cache_dir,
+    read_text,
+)
 
 # Bounds of options, each one a machine can hold.
 MAX_THREADS = os.cpu_count() or 1  # more threads than cores only slows torch down (1000 did not finish in 300 s)
@@ -296,7 +304,10 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     if task == "rag" and index_path is None:
         raise InputError("--rag needs --index: a directory built with `retrieval-spec build-index --dense`")
     if output_path is not None:
-        check_output_file(output_path, "--output", inputs=[input_path, *references])
+        model_directory = Path(model_name) if Path(model_name).is_dir() else None  # else an embedded model's name
+        check_output_file(output_path, "--output", inputs=[input_path, *references],
+                          folders=[("index", index_path), ("state directory", state_dir),
+                                   ("model directory", model_directory), ("cache", disk_cache_dir())])
     if state_dir is not None:
         check_output_directory(state_dir, "--state-dir")
     reference_texts = [read_text(path, "--reference") for path in references]

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from .errors import InputError, ModelNotFoundError
-from .files import fsync_directory, fsync_tree
+from .files import disk_cache_dir, fsync_directory, fsync_tree
 
 hf_logging.disable_progress_bar()  # loading a converted checkpoint takes 0.5 s: no bar on stderr
 
@@ -52,15 +52,6 @@ EMBEDDED_MODELS = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
-
-
-def disk_cache_dir() -> Path:
-    """The folder on disk where converted models, measured cost curves and kernel choices live (not the KV cache);
-    ``$RETRIEVAL_SPEC_CACHE`` overrides it."""
-    root = os.environ.get("RETRIEVAL_SPEC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval-spec"
-    )
-    return Path(root)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -82,7 +82,7 @@ def test_an_index_of_another_format_version_is_ours_to_replace(tmp_path: Path):
 def test_leftovers_of_a_killed_first_build_are_ours_to_delete(tmp_path: Path):
     leftover = tmp_path / "index" / ".tmp-gen-20240101T000000-deadbeef"
     (leftover / "shard-00000").mkdir(parents=True)
-    (leftover / MARKER).write_text("{}")
+    (leftover / MARKER).write_text(json.dumps({"writer": "retrieval-spec build", "pid": 1, "host": "x"}))
     (tmp_path / "index" / LOCK).write_text(json.dumps({"pid": 999_999_999, "host": "x", "started": "then"}))
     build(tmp_path / "index", [1, 2])
     assert names(tmp_path / "index") == ["gen-", MANIFEST]
