@@ -180,14 +180,7 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
                 raise InputError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise InputError(f"{where}: not usable JSON (nested too deeply)") from None
-            except ValueError as e:  # e.g. an integer of more digits than Python converts
-                raise InputError(f"{where}: not usable JSON ({e})") from None
+            record = strict_json.loads(line, where)
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
             prompt = next((value for value in map(record.get, fields) if value), None)

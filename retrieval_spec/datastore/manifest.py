@@ -31,6 +31,7 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 import pyarrow as pa
 
+from retrieval_spec import strict_json
 from retrieval_spec.datastore.ngram_table import MAX_VOCAB_SIZE
 from retrieval_spec.errors import DatastoreFormatError, InputError, RetrievalSpecError
 from retrieval_spec.files import replace_atomically
@@ -260,12 +261,14 @@ def read_versioned_json(path: Path, format_name: str, format_version: int, rebui
     """Parse a JSON manifest and check its ``format`` and ``format_version`` fields.
 
     Raises:
-        DatastoreFormatError: not JSON, another format, or another version (the message ends with ``rebuild_hint``).
+        DatastoreFormatError: not JSON (or JSON that :func:`~retrieval_spec.strict_json.parse` refuses), another
+            format, or another version (the message ends with ``rebuild_hint``).
     """
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatastoreFormatError(f"{path}: not valid JSON ({error})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatastoreFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    manifest = strict_json.loads(text, str(path), DatastoreFormatError)
     if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         raise DatastoreFormatError(f"{path}: not a {format_name} manifest")
     version = manifest.get("format_version")

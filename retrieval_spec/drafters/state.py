@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .. import strict_json
 from ..datastore.manifest import check_token_ids
 from ..errors import DatastoreFormatError, TokenizerMismatchError
 from ..files import open_atomically
@@ -77,7 +78,7 @@ def _read(target: Path, tokenizer: str) -> tuple[dict[str, np.ndarray], dict]:
             raise DatastoreFormatError(f"{target}: not a drafter state file (not an .npz archive); delete it or "
                                        "point --state-dir elsewhere")
         with np.load(target, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
+            meta = strict_json.loads(str(data["meta"]), f"{target}: its metadata", DatastoreFormatError)
             arrays = {name: data[name] for name in data.files if name != "meta"}
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise DatastoreFormatError(f"{target}: not a readable drafter state ({type(e).__name__}: {e}); delete it "
