@@ -257,6 +257,23 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
             fail(f"{total} is {manifest[total]}, its shards hold {expected}")
 
 
+def inside(folder: Path, relative: str, names: tuple[str, ...] = ()) -> Path:
+    """``folder / relative``, a path read from ``folder``'s manifest, once checked to stay inside ``folder`` with
+    every symbolic link resolved (in ``folder`` itself too), as each of ``names`` in it does.
+
+    Raises:
+        DatastoreFormatError: it, or one of ``names`` in it, leads outside ``folder`` (an absolute path,
+            ``..``, or a link to elsewhere).
+    """
+    base = folder.resolve()
+    for path in (relative, *(f"{relative}/{name}" for name in names)):
+        resolved = (folder / path).resolve()
+        if resolved == base or not resolved.is_relative_to(base):
+            raise DatastoreFormatError(f"{folder / MANIFEST}: {path!r} leads outside {folder} (to {resolved}); the "
+                                       "manifest or the folder was altered, rebuild the index")
+    return folder / relative
+
+
 def read_versioned_json(path: Path, format_name: str, format_version: int, rebuild_hint: str) -> dict[str, Any]:
     """Parse a JSON manifest and check its ``format`` and ``format_version`` fields.
 
