@@ -503,18 +503,20 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
 
     check_output_directory(out, "-o/--output")
     tokenizer = load_tokenizer(model_name)
+    extras = {}
+    if dense:  # published with the token index in one commit
+        from .rag import DENSE, dense_corpus, dense_writer
+
+        documents = dense_corpus(out, list(inputs), tokenizer, text_field=text_field, skip_bad_lines=skip_bad_lines)
+        extras[DENSE] = dense_writer(documents, kind=dense_kind, progress=not quiet)
     summary = build(list(inputs), out, tokenizer, text_field=text_field, shard_tokens=shard_tokens,
                     force=force, skip_bad_lines=skip_bad_lines, progress=not quiet, workers=workers,
-                    ray_address=ray_address)
+                    ray_address=ray_address, extras=extras)
     report = {"path": str(summary.path), "tokens": summary.tokens, "documents": summary.documents,
               "shards": summary.shards, "seconds": round(summary.seconds, 3), "skipped_lines": summary.skipped_lines,
               "skipped_files": summary.skipped_files, "workers": summary.workers, "backend": summary.backend}
     if dense:
-        from .rag import build_dense_index
-
-        index = build_dense_index(out, list(inputs), tokenizer, text_field=text_field, skip_bad_lines=skip_bad_lines,
-                                  kind=dense_kind, progress=not quiet)
-        report["dense"] = {key: index.manifest[key] for key in ("model", "dim", "count", "index_kind")}
+        report["dense"] = {key: summary.extras[DENSE][key] for key in ("model", "dim", "count", "index_kind")}
     if as_json:
         click.echo(json.dumps(report))
         return

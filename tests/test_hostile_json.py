@@ -146,8 +146,10 @@ def test_state_metadata_nested_too_deeply_is_refused_by_generate(tmp_path: Path,
     assert checksums(tmp_path) == before
 
 
-def test_a_folder_1200_levels_deep_is_read_like_any_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(models, "load_tokenizer", lambda name: CharTokenizer())
+@pytest.fixture
+def deep_folder(tmp_path: Path):
+    """``docs/d/d/.../d/note.txt``, 1,200 folders deep, and ``docs/top.txt``; removed without recursion after the
+    test (pytest's own cleanup, shutil.rmtree, recurses once per level and would fail on it)."""
     deep = tmp_path / "docs"
     deep.mkdir()
     for _ in range(1200):  # Path.mkdir(parents=True) would recurse as deep itself
@@ -155,7 +157,18 @@ def test_a_folder_1200_levels_deep_is_read_like_any_other(tmp_path: Path, monkey
         deep.mkdir()
     (deep / "note.txt").write_text("deep down")
     (tmp_path / "docs" / "top.txt").write_text("on top")
-    result = run("build-index", str(tmp_path / "docs"), "-o", str(tmp_path / "idx"), "--quiet", "--workers", "1",
+    yield tmp_path / "docs"
+    (deep / "note.txt").unlink()
+    (tmp_path / "docs" / "top.txt").unlink()
+    while deep != tmp_path:
+        deep.rmdir()
+        deep = deep.parent
+
+
+def test_a_folder_1200_levels_deep_is_read_like_any_other(tmp_path: Path, deep_folder: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: CharTokenizer())
+    result = run("build-index", str(deep_folder), "-o", str(tmp_path / "idx"), "--quiet", "--workers", "1",
                  "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["documents"] == 2
