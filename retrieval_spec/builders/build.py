@@ -55,6 +55,7 @@ from retrieval_spec.datastore.manifest import (
     SHARD_FILES,
     Tokenizer,
     TokenizerFingerprint,
+    as_token_ids,
     check_token_ids,
     token_dtype,
     tokenizer_fingerprint,
@@ -466,7 +467,8 @@ def _write_chunks(
 ) -> Iterator[Chunk]:
     """The driver's side of a build from token arrays: write them into chunks of about ``chunk_tokens``."""
     numbers = itertools.count()
-    records = (_Document(np.asarray(tokens), "", "") for tokens in documents)
+    records = (_Document(as_token_ids(tokens, vocab_size, f"document {number}"), "", "")
+               for number, tokens in enumerate(documents))
     records = (record for record in records if len(record.tokens))
     while (first := next(records, None)) is not None:
         number = next(numbers)
@@ -474,7 +476,6 @@ def _write_chunks(
         lengths, total = [], 0
         with open(tokens_path, "wb") as out:
             for record in itertools.chain([first], records):
-                check_token_ids(record.tokens, vocab_size, record.source or "a document")
                 record.tokens.astype(dtype).tofile(out)
                 lengths.append(len(record.tokens))
                 total += len(record.tokens)

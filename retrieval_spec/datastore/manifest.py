@@ -115,6 +115,26 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, what: str, *, lowest: int 
                     + (f"; {hint}" if hint else ""))
 
 
+def as_token_ids(value: Any, vocab_size: int, what: str) -> np.ndarray:
+    """``value`` (an array, list, tensor) as a 1-D integer array of ids in ``[0, vocab_size)``.
+
+    Raises:
+        InputError: naming ``what``: another shape, values that are not integers (floats would be truncated),
+            or an id outside the vocabulary.
+    """
+    try:
+        ids = np.asarray(value)
+    except ValueError:  # a ragged nesting of lists
+        ids = np.empty((0, 0))
+    if ids.ndim != 1:
+        raise InputError(f"{what} must be a 1-D sequence of token ids, got {type(value).__name__} of shape "
+                         f"{ids.shape}")
+    if ids.size and ids.dtype.kind not in "iu":
+        raise InputError(f"{what} holds {ids.dtype} values, expected integer token ids")
+    check_token_ids(ids, vocab_size, what)
+    return ids
+
+
 def separator(dtype: np.dtype) -> int:
     """The document separator of a token stream: the largest value of its dtype."""
     return int(np.iinfo(dtype).max)
