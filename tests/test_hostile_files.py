@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,15 +169,37 @@ def test_an_output_in_what_the_run_reads_or_writes_is_refused(
     assert checksums(tmp_path) == before
 
 
-def test_temporaries_of_a_writer_killed_before_its_rename_go_with_the_next_save(tmp_path: Path):
+KILLED_SAVE = """
+import sys
+from pathlib import Path
+from retrieval_spec.drafters.lookahead import LookaheadDrafter
+
+print("saving", flush=True)
+LookaheadDrafter().save(Path(sys.argv[1]), "0" * 64)  # held before its rename by RETRIEVAL_SPEC_COMMIT_DELAY
+"""
+
+
+def test_temporaries_of_a_save_killed_before_its_rename_go_with_the_next_save(tmp_path: Path):
     from retrieval_spec.drafters.lookahead import LookaheadDrafter
 
-    dead = subprocess.Popen(["true"])
-    dead.wait()  # its pid now names no process
-    abandoned = tmp_path / f".lookahead_pool.npz.{dead.pid}.0123abcd.tmp"
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                   "RETRIEVAL_SPEC_COMMIT_DELAY": "60"}
+    saving = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], env=environment,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert saving.stdout.readline() == "saving\n"
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".lookahead_pool.npz.*.tmp")):
+            assert time.monotonic() < deadline and saving.poll() is None
+            time.sleep(0.05)
+    finally:
+        saving.kill()  # kill -9 between writing the temporary file and renaming it
+        saving.wait()
+    abandoned = next(tmp_path.glob(".lookahead_pool.npz.*.tmp"))
     alive = tmp_path / f".lookahead_pool.npz.{os.getppid()}.4567cdef.tmp"  # a writer still running
-    other = tmp_path / f".recycling.npz.{dead.pid}.89abcdef.tmp"  # another file's: its own save removes it
-    for path in (abandoned, alive, other):
+    other = tmp_path / f".recycling.npz.{saving.pid}.89abcdef.tmp"  # another file's: its own save removes it
+    for path in (alive, other):
         path.write_bytes(b"half")
     LookaheadDrafter().save(tmp_path, "0" * 64)
+    assert not abandoned.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "lookahead_pool.npz"])

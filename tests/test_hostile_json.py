@@ -122,11 +122,12 @@ def test_a_lone_surrogate_in_generate_input_is_named_by_line(tmp_path: Path):
     assert checksums(tmp_path) == before
 
 
-def test_state_metadata_nested_too_deeply_is_refused_by_the_vllm_proposer(tmp_path: Path):
+@pytest.mark.parametrize("depth", [20_000, 100_000])  # within the metadata's size limit, and beyond it
+def test_state_metadata_nested_too_deeply_is_refused_by_the_vllm_proposer(tmp_path: Path, depth: int):
     from retrieval_spec.integrations.vllm import RetrievalProposer
     from test_vllm_proposer import FINGERPRINT, vllm_config
 
-    np.savez(tmp_path / "output_history.npz", meta=np.array("[" * 20_000 + "]" * 20_000),
+    np.savez(tmp_path / "output_history.npz", meta=np.array("[" * depth + "]" * depth),
              text=np.zeros(3, np.int32))
     before = checksums(tmp_path)
     with pytest.raises(DatastoreFormatError, match="output_history.npz"):

@@ -161,10 +161,13 @@ def crafted(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def under_limit(crafted: Path) -> dict[str, dict]:
-    """What loading each crafted file gives in a process limited to MEMORY_LIMIT_MB more than its modules."""
+    """What loading each crafted file gives in a process limited to MEMORY_LIMIT_MB more than its modules (which
+    changes none of them)."""
+    before = checksums(crafted)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(UNDER_LIMIT), str(crafted), str(MEMORY_LIMIT_MB)],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert checksums(crafted) == before
     return json.loads(result.stdout)
 
 
