@@ -15,34 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from retrieval_spec import models
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.builders.publish import LOCK
-from retrieval_spec.cli import main
 from retrieval_spec.datastore.manifest import MANIFEST, TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore
 from test_builders import CharTokenizer
+from test_cli import refused, run
 
 pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 
 FINGERPRINT = TokenizerFingerprint("fake/char", 40, "0" * 64)
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def refused(result: Result, *fragments: str) -> str:
-    """Assert a one-line refusal with exit code 2 and no traceback; return the line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def checksums(root: Path) -> dict[str, str]:

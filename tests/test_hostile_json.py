@@ -17,7 +17,8 @@ from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.errors import DatastoreFormatError
 from retrieval_spec.strict_json import JsonProblem, parse
 from test_builders import CharTokenizer
-from test_hostile_files import checksums, refused, run
+from test_cli import refused, run
+from test_hostile_files import checksums
 
 pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here
 

@@ -24,7 +24,8 @@ from retrieval_spec.datastore import ngram_table
 from retrieval_spec.datastore.manifest import MANIFEST, NGRAMS, FileEntry, TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore, check_integrity
 from retrieval_spec.errors import DatastoreFormatError
-from test_hostile_files import checksums, refused, run
+from test_cli import refused, run
+from test_hostile_files import checksums
 from test_publish import FakeEmbedder
 
 pytestmark = pytest.mark.usefixtures("no_fsync")  # conftest: durability is not under test here

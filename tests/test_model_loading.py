@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import plain_greedy, tiny_config
-from test_hostile_files import checksums, refused, run
+from test_cli import refused, run
+from test_hostile_files import checksums
 
 WORDS = ["[UNK]", "hi", "there", "the", "a", "cat", "sat", "on", "mat"] + [f"w{n}" for n in range(87)]  # 96
 

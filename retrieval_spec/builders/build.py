@@ -15,10 +15,11 @@ processes or Ray tasks):
    n-gram table and document table. A worker holds one shard at a time: about 20 bytes per token while its
    suffix array is sorted.
 5. Reduce (in the driver): write the extras (``build-index --dense``'s passages) beside the shards, list
-   them all in one manifest and publish atomically (:mod:`retrieval_spec.builders.publish`). The n-gram tables stay per shard and are merged by the reader,
-   once per process (``Datastore.top_next_tokens``: 0.1-0.25 s at 1M tokens in 1 to 64 shards,
-   ``benchmarks/README.md``). A merged table written here would save only that, would tie the shards
-   together (``merge_indexes`` reuses them as they are), and would be as lossy: each shard keeps its own top-k.
+   them all in one manifest and publish atomically (:mod:`retrieval_spec.builders.publish`). The n-gram
+   tables stay per shard and are merged by the reader, once per process (``Datastore.top_next_tokens``:
+   0.1-0.25 s at 1M tokens in 1 to 64 shards, ``benchmarks/README.md``). A merged table written here would
+   save only that, would tie the shards together (``merge_indexes`` reuses them as they are), and would be
+   as lossy: each shard keeps its own top-k.
 
 Every task writes only under the staging directory inside the index directory, which every worker must reach
 at the same path; publishing is the only step that touches the published index. A task whose worker dies is
