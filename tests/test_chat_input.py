@@ -8,28 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
 from retrieval_spec import models
 from retrieval_spec.chat import parse_messages, render_messages
-from retrieval_spec.cli import main
 from retrieval_spec.errors import InputError
+from test_cli import refused, run  # the CLI's one-line refusal, asserted as its own tests assert it
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
         {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Rewrite that in capitals."}]
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def refused(result: Result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_a_chat_keeps_its_roles_and_contents_in_order_and_drops_other_keys():
