@@ -114,9 +114,14 @@ def agreeing_prefix(ours: np.ndarray, plain: np.ndarray) -> int:
 
 
 def table(report: dict, methods: list[str]) -> str:
-    """Per category: prompts, then per method its speedup over plain (and over ``ar`` when it ran), tokens per
-    step and draft + verify ms per step."""
-    lines = ["| category | prompts | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    """What the run measured on (device, CPU, threads, the cost curve every learning method started from), then
+    per category: prompts, and per method its speedup over plain (and over ``ar`` when it ran), tokens per step
+    and draft + verify ms per step."""
+    curve = report.get("starting_cost_curve")
+    lines = [f"{report['model']} {report['dtype']} on {report['device']} ({report['cpu']}, "
+             f"{report['torch_threads']} threads); cost curve at the start (nodes: ms): "
+             + (", ".join(f"{k}: {v:.0f}" for k, v in zip(curve["sizes"], curve["ms"])) if curve else report["cost"]),
+             "", "| category | prompts | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for category, row in report["categories"].items():
         cells = []
         for method in methods:

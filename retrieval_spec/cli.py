@@ -21,11 +21,19 @@ from typing import Any, Callable, Iterator
 import click
 from tqdm import tqdm
 
+from . import strict_json
 from .chat import parse_messages, render_messages
 from .config import GenerationConfig
 from .drafters.registry import METHODS, load_state, make_drafters, save_state
 from .errors import InputError, OutputError, RetrievalSpecError
-from .files import JsonlWriter, check_input_file, check_output_directory, check_output_file, read_text
+from .files import (
+    JsonlWriter,
+    check_input_file,
+    check_output_directory,
+    check_output_file,
+    disk_cache_dir,
+    read_text,
+)
 
 # Bounds of options, each one a machine can hold.
 MAX_THREADS = os.cpu_count() or 1  # more threads than cores only slows torch down (1000 did not finish in 300 s)
@@ -177,14 +185,7 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
                 raise InputError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise InputError(f"{where}: not usable JSON (nested too deeply)") from None
-            except ValueError as e:  # e.g. an integer of more digits than Python converts
-                raise InputError(f"{where}: not usable JSON ({e})") from None
+            record = strict_json.loads(line, where)
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
             record_id = str(record.get("id", record.get("question_id", lineno)))
@@ -310,7 +311,10 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     if task == "rag" and index_path is None:
         raise InputError("--rag needs --index: a directory built with `retrieval-spec build-index --dense`")
     if output_path is not None:
-        check_output_file(output_path, "--output", inputs=[input_path, *references])
+        model_directory = Path(model_name) if Path(model_name).is_dir() else None  # else an embedded model's name
+        check_output_file(output_path, "--output", inputs=[input_path, *references],
+                          folders=[("index", index_path), ("state directory", state_dir),
+                                   ("model directory", model_directory), ("cache", disk_cache_dir())])
     if state_dir is not None:
         check_output_directory(state_dir, "--state-dir")
     reference_texts = [read_text(path, "--reference") for path in references]
@@ -517,18 +521,20 @@ def build_index(inputs, out, model_name, text_field, shard_tokens, force, skip_b
 
     check_output_directory(out, "-o/--output")
     tokenizer = load_tokenizer(model_name)
+    extras = {}
+    if dense:  # published with the token index in one commit
+        from .rag import DENSE, dense_corpus, dense_writer
+
+        documents = dense_corpus(out, list(inputs), tokenizer, text_field=text_field, skip_bad_lines=skip_bad_lines)
+        extras[DENSE] = dense_writer(documents, kind=dense_kind, progress=not quiet)
     summary = build(list(inputs), out, tokenizer, text_field=text_field, shard_tokens=shard_tokens,
                     force=force, skip_bad_lines=skip_bad_lines, progress=not quiet, workers=workers,
-                    ray_address=ray_address)
+                    ray_address=ray_address, extras=extras)
     report = {"path": str(summary.path), "tokens": summary.tokens, "documents": summary.documents,
               "shards": summary.shards, "seconds": round(summary.seconds, 3), "skipped_lines": summary.skipped_lines,
               "skipped_files": summary.skipped_files, "workers": summary.workers, "backend": summary.backend}
     if dense:
-        from .rag import build_dense_index
-
-        index = build_dense_index(out, list(inputs), tokenizer, text_field=text_field, skip_bad_lines=skip_bad_lines,
-                                  kind=dense_kind, progress=not quiet)
-        report["dense"] = {key: index.manifest[key] for key in ("model", "dim", "count", "index_kind")}
+        report["dense"] = {key: summary.extras[DENSE][key] for key in ("model", "dim", "count", "index_kind")}
     if as_json:
         click.echo(json.dumps(report))
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,9 @@ def cached_cost_curve(verifier: ModelVerifier, probe: CostProbe = CostProbe()) -
             return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache file is measured again
+    if sys.stderr.isatty():  # many rows take minutes to probe: say what the wait is for (scripts read no chatter)
+        print(f"retrieval-spec: measuring the cost of verifying up to {max(probe.sizes)} tokens in each of "
+              f"{probe.batch} row(s) on this machine, once (cached in {path.parent})", file=sys.stderr, flush=True)
     curve = measure_cost_curve(verifier, probe)
     store_cost_curve(verifier, probe, curve)
     return curve

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -41,25 +42,38 @@ def check_input_file(path: Path, what: str) -> None:
 
 
 def read_text(path: Path, what: str) -> str:
-    """The UTF-8 text of a regular file; :class:`InputError` naming the file and the first bad byte otherwise."""
+    """The UTF-8 text of a regular file (without a byte-order mark); :class:`InputError` naming the file and the
+    first bad byte otherwise."""
     check_input_file(path, what)
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark in front is not text
     except UnicodeDecodeError as error:
         raise InputError(f"{what} {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def check_output_file(path: Path, what: str, inputs: Iterable[Path | None] = ()) -> None:
-    """Raise :class:`OutputError` unless ``path`` can be created or overwritten and is none of ``inputs``.
+def check_output_file(
+    path: Path, what: str, inputs: Iterable[Path | None] = (), folders: Iterable[tuple[str, Path | None]] = ()
+) -> None:
+    """Raise :class:`OutputError` unless ``path`` can be created or overwritten, is none of ``inputs`` and lies in
+    none of ``folders``.
 
-    An input is recognised however it is reached (same path, symbolic or hard link), so that no input is
-    truncated while it is still to be read.
+    Args:
+        inputs: files the run reads.
+        folders: ``(what it is, folder)`` pairs: folders the run reads or writes (an index, a state directory, a
+            model, the cache), whose files the results must not replace.
+
+    An input or a folder is recognised however it is reached (same path, symbolic links anywhere in either
+    path, hard links), so that nothing is truncated while it is still to be read or written.
     """
     for source in inputs:
         if source is not None and _same_file(path, source):
             raise OutputError(f"{what} {path} is the input file {source}: the input would be overwritten before "
                               "it is read; write the results to another file")
+    for name, folder in folders:
+        if folder is not None and _lies_in(path, folder):
+            raise OutputError(f"{what} {path} lies in the {name} {folder}, which this run reads or writes: the "
+                              "results would destroy it; write them outside it")
     if path.is_dir():
         raise OutputError(f"{what} {path}: is a directory, expected a file name")
     if path.exists():
@@ -85,6 +99,36 @@ def _check_creatable(directory: Path, what: str, target: Path) -> None:
         raise OutputError(f"{what} {target}: cannot be created, {base} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {target}: cannot be written, directory {base} is not writable")
+
+
+def _lies_in(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it once every link is resolved, or is a hard link of a file
+    under it."""
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real.is_relative_to(base):
+        return True
+    try:
+        status = path.stat()
+    except OSError:
+        return False  # not there yet: nothing to share an inode with
+    if status.st_nlink < 2 or not base.is_dir():
+        return False
+    for directory, _, names in os.walk(base):
+        for name in names:
+            with contextlib.suppress(OSError):
+                other = os.stat(os.path.join(directory, name))
+                if (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino):
+                    return True
+    return False
+
+
+def disk_cache_dir() -> Path:
+    """The folder on disk where converted models, measured cost curves and kernel choices live (not the KV cache);
+    ``$RETRIEVAL_SPEC_CACHE`` overrides it."""
+    root = os.environ.get("RETRIEVAL_SPEC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval-spec"
+    )
+    return Path(root)
 
 
 def _same_file(first: Path, second: Path) -> bool:
@@ -184,13 +228,19 @@ def open_atomically(path: Path, temporary_directory: Path | None = None) -> Iter
     after a crash; of two writers the last to rename wins. On an error nothing is renamed and no temporary file
     is left.
 
+    The temporary file is created exclusively (never through a link someone put at its name), and temporary
+    files of ``path`` that a writer killed before its rename left behind (their process is gone) are removed.
+
     Raises:
         OSError: the file cannot be written, synced or renamed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (temporary_directory or path.parent) / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    directory = temporary_directory or path.parent
+    _remove_abandoned_temporaries(directory, path.name)
+    tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(descriptor, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -199,6 +249,32 @@ def open_atomically(path: Path, temporary_directory: Path | None = None) -> Iter
     finally:
         tmp.unlink(missing_ok=True)
     fsync_directory(path.parent)
+
+
+def _remove_abandoned_temporaries(directory: Path, name: str) -> None:
+    """Remove the temporary files of :func:`open_atomically` for ``name`` whose writer's process is gone (killed
+    between creating and renaming it). A writer on another host sharing the folder is taken for gone only
+    when no process of this host has its pid."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return  # not listable: the write that follows says why
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and not _process_exists(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid we can ask about: not ours to judge
+    return True
 
 
 def replace_atomically(path: Path, data: str | bytes, temporary_directory: Path | None = None) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from .acceptance import accept
 from .config import GenerationConfig, Seed
+from .datastore.manifest import as_token_ids
 from .drafters.base import Drafter
 from .drafters.cross_path import CrossPathDrafter
 from .errors import InputError
@@ -222,7 +223,7 @@ class SpeculativeGenerator:
 
     def encode(self, prompt: str | np.ndarray) -> np.ndarray:
         """Token ids of a prompt as given (no special tokens added: chat templates carry their own)."""
-        return encode(self.tokenizer, prompt)
+        return encode(self.tokenizer, prompt, vocab_size=self.verifier.vocab_size)
 
     def generate(
         self,
@@ -286,7 +287,7 @@ class SpeculativeGenerator:
               references: Sequence[str | np.ndarray], seeds: Sequence[Seed] | None
               ) -> tuple[list[_Row], _Ends, list[np.ndarray]]:
         """The batch's rows, what ends them and the references' ids, every input checked."""
-        ids = [self.encode(p) for p in prompts]
+        ids = encode_each(self.tokenizer, prompts, "prompt", self.verifier.vocab_size)
         for prompt_ids in ids:
             check_fits(self.verifier.context_limit, len(prompt_ids), config.max_new_tokens)
         if seeds is not None and len(seeds) != len(ids):
@@ -298,7 +299,8 @@ class SpeculativeGenerator:
         greedy = config.temperature == 0
         rows = [_Row(b, next(self._requests), prompt, config,
                      None if greedy else _row_seed(config, seeds, b, len(ids))) for b, prompt in enumerate(ids)]
-        return rows, ends, [self.encode(r) for r in references if len(r)]
+        return rows, ends, encode_each(self.tokenizer, references, "reference", self.verifier.vocab_size,
+                                       skip_empty=True)
 
     def _step(self, alive: list[_Row], config: GenerationConfig, sizing: BatchSizing, ends: _Ends,
               first: bool) -> tuple[list[_Outcome], PhaseTimer]:
@@ -333,6 +335,7 @@ class SpeculativeGenerator:
             self.fuser.observe(row.request, outcome.feedback)
         timer.lap("observe")
         sizing.learn(plan, timer, [(row.index, len(o.feedback.new_tokens)) for row, o in zip(alive, outcomes)])
+        timer.lap("observe")  # the sizer's learning, too
         return outcomes, timer
 
     def _draft(self, alive: list[_Row], budget: int, sizing: BatchSizing,
@@ -467,19 +470,35 @@ def _row_seed(config: GenerationConfig, seeds: Sequence[Seed] | None, index: int
     return (*(config.seed if isinstance(config.seed, tuple) else (config.seed,)), index)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase | None, prompt: str | np.ndarray) -> np.ndarray:
+def encode(tokenizer: PreTrainedTokenizerBase | None, prompt: str | np.ndarray, what: str = "the prompt",
+           vocab_size: int | None = None) -> np.ndarray:
     """(p,) int32 token ids of a text prompt as given (no special tokens added: chat templates carry their own),
-    or of ids passed through; InputError when empty, or text without a tokenizer."""
-    if isinstance(prompt, str) and tokenizer is None:
-        raise InputError("a text prompt needs the model's tokenizer; pass token ids")
-    ids = (
-        np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32)
-        if isinstance(prompt, str)
-        else np.asarray(prompt, dtype=np.int32)
-    )
+    or of token ids passed through: a 1-D sequence of integers (below ``vocab_size`` when given).
+
+    Raises:
+        InputError: naming ``what``: empty, text without a tokenizer, ids of another shape or type (floats would
+            be truncated), or outside the vocabulary.
+    """
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InputError(f"{what} is text, which needs the model's tokenizer; pass token ids")
+        prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = as_token_ids(prompt, vocab_size or 2**31, what)
     if len(ids) == 0:
-        raise InputError("the prompt is empty")
-    return ids
+        raise InputError(f"{what} is empty")
+    return ids.astype(np.int32)
+
+
+def encode_each(tokenizer: PreTrainedTokenizerBase | None, texts: Sequence[str | np.ndarray], what: str,
+                vocab_size: int | None = None, skip_empty: bool = False) -> list[np.ndarray]:
+    """:func:`encode` each of ``texts`` (a list or tuple; one text or array of ids is one), named ``what`` and its
+    number in messages; with ``skip_empty``, empty ones are left out rather than refused."""
+    if isinstance(texts, (str, np.ndarray)):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise InputError(f"{what}s must be a list of texts or token-id arrays, got {type(texts).__name__}")
+    return [encode(tokenizer, text, f"{what} {number}", vocab_size) for number, text in enumerate(texts)
+            if not (skip_empty and isinstance(text, (str, list, tuple, np.ndarray)) and len(text) == 0)]
 
 
 def check_fits(context_limit: int | None, prompt_len: int, max_new_tokens: int) -> None:

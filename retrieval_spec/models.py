@@ -9,17 +9,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from .errors import InputError, ModelNotFoundError
-from .files import fsync_directory, fsync_tree
+from .files import disk_cache_dir, fsync_directory, fsync_tree
 
 hf_logging.disable_progress_bar()  # loading a converted checkpoint takes 0.5 s: no bar on stderr
 
@@ -54,14 +57,12 @@ EMBEDDED_MODELS = {
 }
 
 
-def disk_cache_dir() -> Path:
-    """The folder on disk where converted models, measured cost curves and kernel choices live (not the KV cache);
-    ``$RETRIEVAL_SPEC_CACHE`` overrides it."""
-    root = os.environ.get("RETRIEVAL_SPEC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "retrieval-spec"
-    )
-    return Path(root)
-
+# What loading a damaged or hostile checkpoint raises: transformers' own errors for a bad config.json (OSError,
+# ValueError), a damaged safetensors file (SafetensorError), a pickle checkpoint that is more than plain weights
+# (UnpicklingError: weights_only refuses to run its code) or a damaged one (RuntimeError, EOFError, BadZipFile),
+# a tokenizer.json of another shape (KeyError).
+LOAD_ERRORS = (OSError, ValueError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile,
+               SafetensorError)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -102,7 +103,8 @@ def load_model(
 
     Raises:
         ModelNotFoundError: neither a known name nor a directory with a ``config.json``, or a directory whose
-            configuration, tokenizer or weights cannot be loaded.
+            configuration, tokenizer or weights cannot be loaded (damaged files, a pickle checkpoint that holds
+            more than weights: :data:`LOAD_ERRORS`), naming the directory.
         InputError: an unknown dtype, or a device this machine does not have.
     """
     if isinstance(dtype, str):
@@ -114,8 +116,8 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError) as error:  # what transformers raises for a bad config.json or weights
-        raise ModelNotFoundError(f"{path}: cannot load the model ({error})") from None
+    except LOAD_ERRORS as error:
+        raise ModelNotFoundError(f"{path}: cannot load the model ({_first_line(error)})") from None
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -129,11 +131,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = _model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as error:  # what transformers raises for a bad config.json or tokenizer file
-        raise ModelNotFoundError(f"{path}: cannot load the tokenizer ({error})") from None
+    except LOAD_ERRORS as error:
+        raise ModelNotFoundError(f"{path}: cannot load the tokenizer ({_first_line(error)})") from None
     if name_or_path in EMBEDDED_MODELS:
         tokenizer.name_or_path = name_or_path
     return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    """What went wrong, in the first line of the message (torch's pickle refusal runs to a page of advice)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def model_path(name_or_path: str) -> Path:

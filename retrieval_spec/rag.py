@@ -2,26 +2,30 @@
 
 ``build-index --dense`` cuts every document into passages of about 100-200 words on paragraph and sentence
 boundaries, embeds them with all-MiniLM-L6-v2 (mean pooling, L2 norm, as sentence-transformers does) and
-stores a faiss inner-product index next to the token datastore::
+stores a faiss inner-product index in the datastore's generation, beside its shards::
 
     index/
-      manifest.json                   # the token datastore's manifest
-      dense/
-        manifest.json                 # model, dim, count, index kind, files, and which datastore build it indexes
-        gen-<build id>/
+      manifest.json                   # the datastore's manifest; its "dense" record: model, dim, count, index
+                                      # kind, files, and "path": "gen-<build id>/dense"
+      gen-<build id>/
+        shard-00000/ ...
+        dense/
           passages.parquet            # passage_id, doc_id (as in Datastore.documents()), source, text
           vectors.faiss               # passage_id -> normalized embedding; IndexFlatIP, or HNSW when large
 
-``dense/`` is published as the datastore is (:class:`~retrieval_spec.builders.publish.Staging`: one build at a
-time, the manifest's atomic replacement is the commit); the dense manifest records the sha256 of the datastore
-manifest it was built against, so a datastore rebuilt without ``--dense`` is not silently paired with stale
-passages. Retrieved passages are what the prompt cites and what the prompt-lookup drafter copies from.
+The token index and its passages are one publication (:func:`~retrieval_spec.builders.build.build_index`'s
+``extras``): one manifest names both, so readers see the old pair or the new one, never a new token index
+beside stale passages, also when a build fails or is killed in its dense phase. Adding passages to an index
+built without them publishes it again (:func:`~retrieval_spec.builders.build.add_extra`). Opening checks the
+record's path stays inside the index, the files' sizes and checksums, the passage table and the faiss file's
+structure (every size it declares against the bytes it holds) before faiss reads it. Retrieved passages are
+what the prompt cites and what the prompt-lookup drafter copies from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
+import struct
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -35,9 +39,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .builders.build import ExtraWriter, add_extra
 from .builders.corpus import Corpus, Record
-from .builders.publish import Staging
-from .datastore.manifest import MANIFEST, FileEntry, check_file, read_versioned_json
+from .datastore.manifest import MANIFEST, FileEntry, check_file, inside, read_manifest
+from .datastore.reader import damaged, read_parquet
 from .config import GenerationConfig
 from .errors import DatastoreFormatError, InputError, ModelNotFoundError
 from .files import fsync_tree
@@ -59,6 +64,9 @@ HNSW_THRESHOLD = 100_000
 HNSW_NEIGHBORS = 32
 HNSW_EF_SEARCH = 64
 INDEX_KINDS = ("auto", "flat", "hnsw")
+MAX_DIM = 1 << 16
+PASSAGE_SCHEMA = pa.schema([("passage_id", pa.int64()), ("doc_id", pa.int64()), ("source", pa.string()),
+                            ("text", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,8 @@ class DenseIndex:
         embedder: Embedder | None = None,
         progress: bool = True,
     ) -> DenseIndex:
-        """Cut ``documents`` into passages, embed them and publish ``index/dense/``, replacing any earlier one.
+        """Cut ``documents`` into passages, embed them and publish them with the datastore at ``index``, replacing
+        any earlier ones (the datastore is published again: one commit).
 
         Args:
             index: a datastore directory built from the same documents, in the same order (``build_index``).
@@ -209,104 +218,60 @@ class DenseIndex:
             InputError: ``index`` holds no datastore, no passage was found, or ``kind`` is unknown.
             ModelNotFoundError: the embedding model is not installed.
         """
-        import faiss
-
-        started = time.perf_counter()
         index = Path(index)
-        if kind not in INDEX_KINDS:
-            raise InputError(f"unknown dense index kind {kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
         if not (index / MANIFEST).is_file():
             raise InputError(f"{index}: holds no datastore; build the token index first (build_index)")
-        rows = list(_passages(documents))
-        if not rows:
-            raise InputError(f"{index}: the documents hold no text to cut into passages")
         embedder = embedder or default_embedder()
-        texts = [row[3] for row in rows]
-        vectors = np.concatenate([
-            embedder.embed(texts[start : start + 256])
-            for start in tqdm(range(0, len(texts), 256), unit="batch", disable=not progress,
-                              desc=f"embedding {len(texts)} passages")
-        ])
-        if kind == "auto":
-            kind = "hnsw" if len(rows) > HNSW_THRESHOLD else "flat"
-        if kind == "flat":
-            searcher = faiss.IndexFlatIP(embedder.dim)
-        else:
-            searcher = faiss.IndexHNSWFlat(embedder.dim, HNSW_NEIGHBORS, faiss.METRIC_INNER_PRODUCT)
-        searcher.add(vectors)
-        table = pa.table({
-            "passage_id": pa.array(np.arange(len(rows), dtype=np.int64)),
-            "doc_id": pa.array([row[1] for row in rows], type=pa.int64()),
-            "source": pa.array([row[2] for row in rows], type=pa.string()),
-            "text": pa.array(texts, type=pa.string()),
-        })
-        dense = index / DENSE
-        with Staging(dense, force=True, format_name=DENSE_FORMAT) as staging:
-            pq.write_table(table, staging.directory / PASSAGES)
-            faiss.write_index(searcher, str(staging.directory / VECTORS))
-            fsync_tree(staging.directory)
-            manifest = {
-                "format": DENSE_FORMAT,
-                "format_version": DENSE_FORMAT_VERSION,
-                "model": embedder.name,
-                "dim": embedder.dim,
-                "count": len(rows),
-                "index_kind": kind,
-                "generation": staging.generation,
-                "files": {name: asdict(FileEntry.of(staging.directory / name)) for name in (PASSAGES, VECTORS)},
-                "datastore_manifest_sha256": _sha256(index / MANIFEST),
-                "build": {"seconds": time.perf_counter() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                          "passage_words": list(PASSAGE_WORDS)},
-            }
-            staging.commit(manifest)
-        return cls._load(dense, manifest, embedder)
+        add_extra(index, DENSE, dense_writer(documents, kind=kind, embedder=embedder, progress=progress))
+        return cls.open(index, embedder)
 
     @classmethod
     def open(cls, index: str | Path, embedder: Embedder | None = None) -> DenseIndex:
-        """Open the dense part of a datastore directory, checking its manifest and files.
+        """Open the passages of a datastore directory, checking its manifest and files.
 
         Raises:
             InputError: the index was built without ``--dense``.
-            DatastoreFormatError: a missing or altered file, another format version or embedding model, or
-                passages built for an earlier build of the datastore.
+            DatastoreFormatError: a missing, altered or malformed file or record, a path leading outside the
+                index, another format version or embedding model.
         """
-        index = Path(index)
-        dense = index / DENSE
-        path = dense / MANIFEST
-        if not path.is_file():
-            raise InputError(f"{index}: has no dense passage index; rebuild it with `retrieval-spec build-index "
-                             "--dense` to use --rag")
-        manifest = read_versioned_json(path, DENSE_FORMAT, DENSE_FORMAT_VERSION, "rebuild with --dense")
-        if manifest.get("model") != EMBEDDING_MODEL:
-            raise DatastoreFormatError(f"{path}: embedded with {manifest.get('model')!r}, this retrieval-spec "
-                                       f"embeds questions with {EMBEDDING_MODEL!r}; rebuild with --dense")
-        if (index / MANIFEST).is_file() and manifest.get("datastore_manifest_sha256") != _sha256(index / MANIFEST):
-            raise DatastoreFormatError(f"{path}: built for an earlier build of the datastore in {index}; rebuild "
-                                       "the index with --dense")
-        return cls._load(dense, manifest, embedder)
-
-    @classmethod
-    def _load(cls, dense: Path, manifest: dict[str, Any], embedder: Embedder | None) -> DenseIndex:
         import faiss
 
+        index = Path(index)
+        datastore = read_manifest(index)
+        record = datastore.get(DENSE)
+        if record is None:
+            raise InputError(f"{index}: has no dense passage index; rebuild it with `retrieval-spec build-index "
+                             "--dense` to use --rag")
+        where = f"{index / MANIFEST}: the {DENSE!r} record"
         try:
-            directory = dense / manifest["generation"]
-            files = {name: FileEntry(**manifest["files"][name]) for name in (PASSAGES, VECTORS)}
-            count, dim = int(manifest["count"]), int(manifest["dim"])
+            if (record["format"], record["format_version"]) != (DENSE_FORMAT, DENSE_FORMAT_VERSION):
+                raise DatastoreFormatError(f"{where} is of format {record['format']!r} version "
+                                           f"{record['format_version']!r}; rebuild with --dense")
+            if record["model"] != EMBEDDING_MODEL:
+                raise DatastoreFormatError(f"{where}: embedded with {record['model']!r}, this retrieval-spec embeds "
+                                           f"questions with {EMBEDDING_MODEL!r}; rebuild with --dense")
+            files = {name: FileEntry(**record["files"][name]) for name in (PASSAGES, VECTORS)}
+            count, dim, relative = record["count"], record["dim"], record["path"]
+            if type(count) is not int or type(dim) is not int or count < 1 or not 0 < dim <= MAX_DIM:
+                raise DatastoreFormatError(f"{where}: count {count!r} and dim {dim!r} must be positive integers")
+            directory = inside(index, relative if isinstance(relative, str) else "", (PASSAGES, VECTORS))
         except (KeyError, TypeError, ValueError) as error:
-            raise DatastoreFormatError(f"{dense / MANIFEST}: malformed ({error!r})") from None
+            raise DatastoreFormatError(f"{where} is malformed ({error!r}); rebuild with --dense") from None
         for name, entry in files.items():
-            if not (directory / name).is_file():
-                raise DatastoreFormatError(f"{directory / name}: missing")
             check_file(directory / name, entry)
-        passages = pq.read_table(directory / PASSAGES)
-        vectors = faiss.read_index(str(directory / VECTORS))
-        if passages.num_rows != count or vectors.ntotal != count or vectors.d != dim:
-            raise DatastoreFormatError(f"{dense}: {passages.num_rows} passages and {vectors.ntotal} vectors of "
-                                       f"dimension {vectors.d}, the manifest records {count} of dimension {dim}")
+        passages = _read_passages(directory / PASSAGES, count, datastore["num_documents"])
+        data = (directory / VECTORS).read_bytes()
+        _check_faiss(directory / VECTORS, data, count, dim)
+        try:
+            vectors = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except (RuntimeError, MemoryError) as error:
+            raise damaged(directory / VECTORS, f"not readable by faiss ({' '.join(str(error).split())})") from None
+        if vectors.ntotal != count or vectors.d != dim or vectors.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise damaged(directory / VECTORS, f"{vectors.ntotal} vectors of dimension {vectors.d}, the manifest "
+                                                f"records {count} of dimension {dim} compared by inner product")
         if isinstance(vectors, faiss.IndexHNSW):
             vectors.hnsw.efSearch = HNSW_EF_SEARCH
-        return cls(dense, manifest, passages, vectors, embedder)
+        return cls(directory, record, passages, vectors, embedder)
 
     def search(self, question: str, top_k: int = 5) -> list[Passage]:
         """The ``top_k`` passages most similar to ``question``, best first.
@@ -338,13 +303,73 @@ def build_dense_index(
     kind: str = "auto",
     progress: bool = True,
 ) -> DenseIndex:
-    """The dense step of ``build-index --dense``: read the inputs given to ``build_index`` again and index them.
+    """Add passages to a datastore built from ``inputs`` without them: read the inputs again and index them.
 
     Arguments as :func:`retrieval_spec.builders.build.build_index` (the same ``tokenizer`` renders chat records).
+    ``build-index --dense`` builds both at once instead (:func:`dense_writer` as an extra of the build).
     """
-    corpus = Corpus(inputs, lambda messages: tokenizer.apply_chat_template(messages, tokenize=False),
-                    text_field=text_field, skip_bad_lines=skip_bad_lines, exclude=[index])
-    return DenseIndex.build(index, corpus, kind=kind, progress=progress)
+    return DenseIndex.build(index, dense_corpus(index, inputs, tokenizer, text_field=text_field,
+                                                skip_bad_lines=skip_bad_lines), kind=kind, progress=progress)
+
+
+def dense_corpus(index: str | Path, inputs: Sequence[str | Path], tokenizer: PreTrainedTokenizerBase, *,
+                 text_field: str = "text", skip_bad_lines: bool = False) -> Corpus:
+    """The documents of ``inputs`` as ``build_index`` reads them into ``index`` (chats rendered by ``tokenizer``)."""
+    return Corpus(inputs, lambda messages: tokenizer.apply_chat_template(messages, tokenize=False),
+                  text_field=text_field, skip_bad_lines=skip_bad_lines, exclude=[index])
+
+
+def dense_writer(documents: Iterable[Record], *, kind: str = "auto", embedder: Embedder | None = None,
+                 progress: bool = True) -> ExtraWriter:
+    """An extra of a datastore build (``build_index(extras={DENSE: ...})``) that cuts ``documents`` into passages,
+    embeds them and writes their table and faiss index; arguments as :meth:`DenseIndex.build`.
+
+    Raises (when run):
+        InputError: no passage was found, or ``kind`` is unknown.
+    """
+    if kind not in INDEX_KINDS:
+        raise InputError(f"unknown dense index kind {kind!r}; choose one of: {', '.join(INDEX_KINDS)}")
+
+    def write(directory: Path) -> dict[str, Any]:
+        import faiss
+
+        started = time.perf_counter()
+        rows = list(_passages(documents))
+        if not rows:
+            raise InputError("the documents hold no text to cut into passages")
+        encoder = embedder or default_embedder()
+        texts = [row[3] for row in rows]
+        vectors = np.concatenate([
+            encoder.embed(texts[start : start + 256])
+            for start in tqdm(range(0, len(texts), 256), unit="batch", disable=not progress,
+                              desc=f"embedding {len(texts)} passages")
+        ])
+        chosen = ("hnsw" if len(rows) > HNSW_THRESHOLD else "flat") if kind == "auto" else kind
+        if chosen == "flat":
+            searcher = faiss.IndexFlatIP(encoder.dim)
+        else:
+            searcher = faiss.IndexHNSWFlat(encoder.dim, HNSW_NEIGHBORS, faiss.METRIC_INNER_PRODUCT)
+        searcher.add(vectors)
+        pq.write_table(pa.table({
+            "passage_id": pa.array(np.arange(len(rows), dtype=np.int64)),
+            "doc_id": pa.array([row[1] for row in rows], type=pa.int64()),
+            "source": pa.array([row[2] for row in rows], type=pa.string()),
+            "text": pa.array(texts, type=pa.string()),
+        }, schema=PASSAGE_SCHEMA), directory / PASSAGES)
+        faiss.write_index(searcher, str(directory / VECTORS))
+        fsync_tree(directory)
+        return {
+            "format": DENSE_FORMAT,
+            "format_version": DENSE_FORMAT_VERSION,
+            "model": encoder.name,
+            "dim": encoder.dim,
+            "count": len(rows),
+            "index_kind": chosen,
+            "files": {name: asdict(FileEntry.of(directory / name)) for name in (PASSAGES, VECTORS)},
+            "build": {"seconds": time.perf_counter() - started, "passage_words": list(PASSAGE_WORDS)},
+        }
+
+    return write
 
 
 def rag_prompt(tokenizer: PreTrainedTokenizerBase, question: str, passages: Sequence[Passage]) -> str:
@@ -431,5 +456,67 @@ def _passages(documents: Iterable[Record]) -> Iterator[tuple[int, int, str, str]
         doc_id += 1
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _read_passages(path: Path, count: int, num_documents: int) -> pa.Table:
+    """The passage table: ``count`` rows of :data:`PASSAGE_SCHEMA`, numbered in order, each of a document of the
+    datastore."""
+    table = read_parquet(path, count)
+    if not table.schema.equals(PASSAGE_SCHEMA):
+        raise damaged(path, f"columns {table.schema.names} of types {table.schema.types}, expected "
+                             f"{PASSAGE_SCHEMA.names} of types {PASSAGE_SCHEMA.types}")
+    ids, documents = table["passage_id"].to_numpy(), table["doc_id"].to_numpy()
+    if table.num_rows != count or table["source"].null_count or table["text"].null_count:
+        raise damaged(path, f"{table.num_rows} passages (nulls among them?), the manifest records {count}")
+    if not np.array_equal(ids, np.arange(count)) or documents.min() < 0 or documents.max() >= num_documents:
+        raise damaged(path, f"passage ids not 0..{count - 1}, or a document id outside the datastore's "
+                             f"{num_documents} documents")
+    return table
+
+
+def _check_faiss(path: Path, data: bytes, count: int, dim: int) -> None:
+    """Refuse a faiss file unless it is an IndexFlatIP, or an IndexHNSWFlat over one, of ``count`` vectors of
+    ``dim`` floats whose every declared array fits in the file (faiss allocates what a file declares before it
+    reads it: a 300-byte file declaring 10**9 floats took 4 GB)."""
+    reader = _FaissReader(path, data)
+    if reader.take(4) == b"IHNf":
+        reader.header(count, dim)
+        for item_size in (8, 4, 4, 8, 4):  # assign_probas, cum_nneighbor_per_level, levels, offsets, neighbors
+            reader.skip_array(item_size)
+        reader.take(20)  # entry point, max level, efConstruction, efSearch, a dummy
+        reader.expect(b"IxFI")
+    else:
+        reader.offset = 0
+        reader.expect(b"IxFI")
+    reader.header(count, dim)
+    if reader.skip_array(4) != count * dim or reader.offset != len(data):
+        raise damaged(path, f"its vectors are not {count} x {dim} floats")
+
+
+class _FaissReader:
+    """Walks the fields of a faiss file (little-endian, as faiss writes them), refusing what does not fit."""
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path, self.data, self.offset = path, data, 0
+
+    def take(self, size: int) -> bytes:
+        if size < 0 or self.offset + size > len(self.data):
+            raise damaged(self.path, f"truncated at byte {self.offset} (a field of {size} bytes declared)")
+        self.offset += size
+        return self.data[self.offset - size : self.offset]
+
+    def expect(self, magic: bytes) -> None:
+        if self.take(len(magic)) != magic:
+            raise damaged(self.path, f"not a faiss index of the kinds retrieval-spec writes (no {magic!r} at byte "
+                                      f"{self.offset - len(magic)})")
+
+    def header(self, count: int, dim: int) -> None:
+        """An index's header: d, ntotal, two dummies, is_trained, metric type (inner product: no argument)."""
+        d, ntotal, _, _, _, metric = struct.unpack("<iqqq?i", self.take(33))
+        if (d, ntotal, metric) != (dim, count, 0):
+            raise damaged(self.path, f"{ntotal} vectors of dimension {d} (metric {metric}), the manifest records "
+                                      f"{count} of dimension {dim} (inner product)")
+
+    def skip_array(self, item_size: int) -> int:
+        """Skip a length-prefixed array of ``item_size``-byte items; its length."""
+        (length,) = struct.unpack("<Q", self.take(8))
+        self.take(length * item_size)
+        return length

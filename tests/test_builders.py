@@ -167,9 +167,9 @@ def test_a_missing_input_is_refused(tmp_path: Path):
 
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path: Path):
     fingerprint = TokenizerFingerprint(name="t", vocab_size=10, sha256="0" * 64)
-    with pytest.raises(InputError, match=r"a document holds token id 10, outside the vocabulary \[0, 10\)"):
+    with pytest.raises(InputError, match=r"document 0 holds token id 10, outside the vocabulary \[0, 10\)"):
         build_index_from_tokens([np.array([1, 10])], tmp_path / "index", fingerprint, progress=False)
-    with pytest.raises(InputError, match=r"a document holds token id -1, outside the vocabulary \[0, 10\)"):
+    with pytest.raises(InputError, match=r"document 0 holds token id -1, outside the vocabulary \[0, 10\)"):
         build_index_from_tokens([np.array([1, -1])], tmp_path / "index", fingerprint, progress=False)
 
 

@@ -144,3 +144,53 @@ def test_ray_tasks_return_results_errors_and_dead_workers_like_local_ones(monkey
         backend.close(abort=False)
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert not ray.is_initialized()  # started here, so shut down here
+
+
+DRIVER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from retrieval_spec.builders.parallel_map import LocalProcesses
+from test_parallel_map import write_pid_then_sleep
+
+backend = LocalProcesses(2)
+futures = [backend.submit(write_pid_then_sleep, f"{sys.argv[1]}/worker-{n}", 120) for n in range(2)]
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_local_workers_end_when_their_driver_is_killed(tmp_path: Path):
+    """After ``kill -9`` of a build's driver, its workers end too, rather than go on writing into the staging
+    directory of a build that no longer runs."""
+    import signal
+    import subprocess
+
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), str(Path(__file__).parent)],
+                              env=environment)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("worker-*"))) < 2 or not all(p.read_text() for p in tmp_path.glob("worker-*")):
+            assert time.monotonic() < deadline and driver.poll() is None, "the workers never started"
+            time.sleep(0.1)
+        workers = [int(path.read_text()) for path in tmp_path.glob("worker-*")]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, workers)), "a worker outlived its driver"
+    finally:
+        driver.kill()
+        for worker in filter(_running, workers):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for a parent to reap it does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -82,7 +82,7 @@ def test_an_index_of_another_format_version_is_ours_to_replace(tmp_path: Path):
 def test_leftovers_of_a_killed_first_build_are_ours_to_delete(tmp_path: Path):
     leftover = tmp_path / "index" / ".tmp-gen-20240101T000000-deadbeef"
     (leftover / "shard-00000").mkdir(parents=True)
-    (leftover / MARKER).write_text("{}")
+    (leftover / MARKER).write_text(json.dumps({"writer": "retrieval-spec build", "pid": 1, "host": "x"}))
     (tmp_path / "index" / LOCK).write_text(json.dumps({"pid": 999_999_999, "host": "x", "started": "then"}))
     build(tmp_path / "index", [1, 2])
     assert names(tmp_path / "index") == ["gen-", MANIFEST]
@@ -257,22 +257,49 @@ class FakeEmbedder:
         return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def test_the_dense_index_is_published_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A rebuild replaces the previous generation; one that fails before its commit keeps it and leaves nothing."""
+def test_the_dense_index_is_published_with_the_datastore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Passages live in the datastore's generation and are published with it, by one commit: adding them again
+    replaces the generation; a publish that fails before its commit keeps the previous one and leaves nothing."""
     pytest.importorskip("faiss")
     from retrieval_spec.builders.corpus import Record
-    from retrieval_spec.rag import DENSE, DenseIndex
+    from retrieval_spec.rag import DenseIndex
 
     index = tmp_path / "index"
-    build(index, [1, 2])
+    build_index_from_tokens([np.array([1, 2]), np.array([2, 1])], index, FINGERPRINT, progress=False)
     documents = [Record("First document. " * 30, "a.txt", ""), Record("Second one. " * 40, "b.txt", "")]
     first = DenseIndex.build(index, documents, embedder=FakeEmbedder(), progress=False)
     second = DenseIndex.build(index, documents[:1], embedder=FakeEmbedder(), progress=False)
-    assert names(index / DENSE) == ["gen-", MANIFEST] and len(first) == 2 and len(second) == 1
-    assert not (index / DENSE / first.manifest["generation"]).exists()
+    assert names(index) == ["gen-", MANIFEST] and len(first) == 2 and len(second) == 1
+    assert not first.path.exists() and second.path.parent == next(index.glob("gen-*"))
+    assert Datastore.open(index).num_tokens == 4 and check_integrity(index) is None
 
     monkeypatch.setattr("retrieval_spec.builders.publish.write_manifest", lambda *args, **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         DenseIndex.build(index, documents, embedder=FakeEmbedder(), progress=False)
-    assert names(index / DENSE) == ["gen-", MANIFEST]
+    assert names(index) == ["gen-", MANIFEST]
     assert len(DenseIndex.open(index, embedder=FakeEmbedder())) == 1
+
+
+def test_a_build_whose_dense_phase_fails_keeps_the_previous_index_and_its_passages(tmp_path: Path):
+    """One publish for a whole build: a --dense build that fails after its shards are written (or is killed
+    then) leaves the previous token index beside its own passages, both usable, and nothing of its own."""
+    pytest.importorskip("faiss")
+    from retrieval_spec.builders.corpus import Record
+    from retrieval_spec.rag import DENSE, DenseIndex, dense_writer
+
+    index = tmp_path / "index"
+    documents = [Record("First document. " * 30, "a.txt", "")]
+    build_index_from_tokens([np.array([1, 2])], index, FINGERPRINT, progress=False,
+                            extras={DENSE: dense_writer(documents, embedder=FakeEmbedder(), progress=False)})
+    before = DenseIndex.open(index, embedder=FakeEmbedder())
+
+    def failing(folder: Path) -> dict:
+        (folder / "vectors.faiss").write_bytes(b"half written")
+        raise InputError("the embedding model ran out of memory")
+
+    with pytest.raises(InputError, match="ran out of memory"):
+        build_index_from_tokens([np.array([2, 2, 1])], index, FINGERPRINT, progress=False, force=True,
+                                extras={DENSE: failing})
+    assert names(index) == ["gen-", MANIFEST] and Datastore.open(index).num_tokens == 2
+    after = DenseIndex.open(index, embedder=FakeEmbedder())
+    assert after.path == before.path and len(after) == 1

@@ -19,6 +19,7 @@ from retrieval_spec.drafters.state import read_state, write_state
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
 
 VOCAB = 100
+TABLE = {"table": (VOCAB, 2)}  # what saved() writes by default
 
 
 def saved(path: Path, **arrays: np.ndarray) -> Path:
@@ -43,15 +44,15 @@ def test_a_file_that_is_not_a_state_file_is_refused_naming_it(tmp_path: Path, co
     path.write_bytes(content)
     with pytest.raises(DatastoreFormatError, match=r"recycling\.npz: not a drafter state file \(not an \.npz archive\); "
                                                    "delete it or point --state-dir elsewhere"):
-        read_state(path, 1, "tok")
+        read_state(path, 1, "tok", shapes=TABLE)
 
 
 def test_pickled_objects_are_never_loaded(tmp_path: Path):
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array('{"format_version": 1, "tokenizer": "tok"}'), table=np.array([{"a": 1}]))
     (tmp_path / "s.npz").write_bytes(buffer.getvalue())
-    with pytest.raises(DatastoreFormatError, match=r"s\.npz: not a readable drafter state \(ValueError: .*pickle"):
-        read_state(tmp_path / "s.npz", 1, "tok")
+    with pytest.raises(DatastoreFormatError, match=r"s\.npz: array 'table' is object, expected integers or booleans"):
+        read_state(tmp_path / "s.npz", 1, "tok", shapes={"table": ("n",)}, limits={"n": 1})
 
 
 def test_metadata_that_is_not_an_object_is_refused(tmp_path: Path):
@@ -59,36 +60,42 @@ def test_metadata_that_is_not_an_object_is_refused(tmp_path: Path):
     np.savez(buffer, meta=np.array("[1, 2]"))
     (tmp_path / "s.npz").write_bytes(buffer.getvalue())
     with pytest.raises(DatastoreFormatError, match=r"s\.npz: its metadata is not a JSON object"):
-        read_state(tmp_path / "s.npz", 1, "tok")
+        read_state(tmp_path / "s.npz", 1, "tok", shapes=TABLE)
 
 
 def test_arrays_of_other_types_shapes_or_ids_are_refused(tmp_path: Path):
     path = saved(tmp_path / "s.npz", table=np.full((VOCAB, 2), 0.5))
     with pytest.raises(DatastoreFormatError, match=r"array 'table' is float64, expected integers or booleans"):
-        read_state(path, 1, "tok")
+        read_state(path, 1, "tok", shapes=TABLE)
     path = saved(tmp_path / "s.npz", table=np.zeros((VOCAB, 3), np.int32))
     with pytest.raises(DatastoreFormatError, match=r"array 'table' has shape \(100, 3\), expected \(100, 2\)"):
         read_state(path, 1, "tok", shapes={"table": (VOCAB, 2)})
     path = saved(tmp_path / "s.npz", keys=np.zeros(3, np.int32), grams=np.zeros((4, 2, 3), np.int32))
-    with pytest.raises(DatastoreFormatError, match=r"array 'grams' has shape \(4, 2, 3\), expected \(3, any, 3\)"):
-        read_state(path, 1, "tok", shapes={"keys": ("n",), "grams": ("n", None, 3)})
+    pool = {"keys": ("n",), "grams": ("n", "g", 3)}
+    with pytest.raises(DatastoreFormatError, match=r"'grams' has shape \(4, 2, 3\), expected \(3, at most 9, 3\)"):
+        read_state(path, 1, "tok", shapes=pool, limits={"n": 9, "g": 9})
+    with pytest.raises(DatastoreFormatError, match=r"array 'keys' has shape \(3,\), expected \(at most 2\)"):
+        read_state(path, 1, "tok", shapes=pool, limits={"n": 2, "g": 9})
     with pytest.raises(DatastoreFormatError, match=r"array 'other' is missing"):
-        read_state(path, 1, "tok", shapes={"other": (None,)})
+        read_state(path, 1, "tok", shapes={"other": (1,), **pool}, limits={"n": 9, "g": 9})
+    with pytest.raises(DatastoreFormatError, match=r"holds array\(s\) \['grams'\] besides \['keys'\]"):
+        read_state(path, 1, "tok", shapes={"keys": ("n",)}, limits={"n": 9})
     path = saved(tmp_path / "s.npz", table=np.array([[3, 520_128_418]], np.int32))
+    rows = {"shapes": {"table": ("rows", 2)}, "limits": {"rows": VOCAB}}
     with pytest.raises(DatastoreFormatError, match=r"array 'table' holds token id 520128418, outside the vocabulary"):
-        read_state(path, 1, "tok", vocab_size=VOCAB)
+        read_state(path, 1, "tok", vocab_size=VOCAB, **rows)
     path = saved(tmp_path / "s.npz", table=np.array([[-1, 99]], np.int32))  # -1: no token, allowed
-    read_state(path, 1, "tok", vocab_size=VOCAB)
+    read_state(path, 1, "tok", vocab_size=VOCAB, **rows)
     with pytest.raises(DatastoreFormatError, match=r"holds token id -2"):
-        read_state(saved(path, table=np.array([-2], np.int32)), 1, "tok", vocab_size=VOCAB)
+        read_state(saved(path, table=np.array([[-2, 0]], np.int32)), 1, "tok", vocab_size=VOCAB, **rows)
 
 
 def test_another_version_or_tokenizer_is_refused(tmp_path: Path):
     path = saved(tmp_path / "s.npz")
     with pytest.raises(DatastoreFormatError, match="format version 1, expected 2"):
-        read_state(path, 2, "tok")
+        read_state(path, 2, "tok", shapes=TABLE)
     with pytest.raises(TokenizerMismatchError, match="saved for tokenizer 'tok', not 'other'"):
-        read_state(path, 1, "other")
+        read_state(path, 1, "other", shapes=TABLE)
 
 
 def test_a_drafter_refuses_a_truncated_file_through_read_state(tmp_path: Path):

@@ -14,11 +14,12 @@ processes or Ray tasks):
 4. Map (:func:`build_shard`): read a shard's documents from the chunks and write its token stream, suffix array,
    n-gram table and document table. A worker holds one shard at a time: about 20 bytes per token while its
    suffix array is sorted.
-5. Reduce (in the driver): list the shards in a manifest and publish atomically
-   (:mod:`retrieval_spec.builders.publish`). The n-gram tables stay per shard and are merged by the reader,
-   once per process (``Datastore.top_next_tokens``: 0.1-0.25 s at 1M tokens in 1 to 64 shards,
-   ``benchmarks/README.md``). A merged table written here would save only that, would tie the shards
-   together (``merge_indexes`` reuses them as they are), and would be as lossy: each shard keeps its own top-k.
+5. Reduce (in the driver): write the extras (``build-index --dense``'s passages) beside the shards, list
+   them all in one manifest and publish atomically (:mod:`retrieval_spec.builders.publish`). The n-gram
+   tables stay per shard and are merged by the reader, once per process (``Datastore.top_next_tokens``:
+   0.1-0.25 s at 1M tokens in 1 to 64 shards, ``benchmarks/README.md``). A merged table written here would
+   save only that, would tie the shards together (``merge_indexes`` reuses them as they are), and would be
+   as lossy: each shard keeps its own top-k.
 
 Every task writes only under the staging directory inside the index directory, which every worker must reach
 at the same path; publishing is the only step that touches the published index. A task whose worker dies is
@@ -38,7 +39,7 @@ from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +56,7 @@ from retrieval_spec.datastore.manifest import (
     SHARD_FILES,
     Tokenizer,
     TokenizerFingerprint,
+    as_token_ids,
     check_token_ids,
     token_dtype,
     tokenizer_fingerprint,
@@ -103,6 +105,7 @@ class BuildSummary:
         skipped_files: files in input directories skipped because they are not UTF-8 text.
         workers: tasks that ran at once.
         backend: what ran them: ``in-process``, ``local`` (worker processes) or ``ray``.
+        extras: the manifest records of the extras published with the shards (``build_index(extras=...)``).
     """
 
     path: Path
@@ -114,6 +117,12 @@ class BuildSummary:
     skipped_files: int = 0
     workers: int = 1
     backend: str = "in-process"
+    extras: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+# Writes an extra index into the folder it is given (inside the build's staging generation) and returns its
+# manifest record; see build_index(extras=...).
+ExtraWriter = Callable[[Path], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ def build_index(
     workers: int | None = 1,
     ray_address: str | None = None,
     slice_bytes: int = DEFAULT_SLICE_BYTES,
+    extras: Mapping[str, ExtraWriter] | None = None,
 ) -> BuildSummary:
     """Tokenize a corpus and write it as a datastore at ``out``.
 
@@ -213,6 +223,10 @@ def build_index(
         ray_address: run the tasks on Ray: ``"local"`` starts it here (or joins ``RAY_ADDRESS``), else an
             address for ``ray.init``. ``out`` must then be reachable at the same path from every node.
         slice_bytes: input bytes per tokenization task (does not change the index).
+        extras: indexes built beside the shards and published with them in one commit (readers see the old
+            index and its extras or the new ones, never a mix): ``{name: write}``, where ``write(folder)`` fills
+            ``folder`` (``gen-<id>/<name>`` once published) and returns its manifest record, kept in the
+            manifest under ``name`` with ``"path"`` added. A write that fails fails the build.
 
     Raises:
         InputError: a missing input, a malformed line (naming ``file:line``), an existing index without
@@ -249,6 +263,7 @@ def build_index(
         progress=progress,
         workers=workers,
         ray_address=ray_address,
+        extras=extras,
     )
 
 
@@ -262,6 +277,7 @@ def build_index_from_tokens(
     progress: bool = True,
     workers: int | None = 1,
     ray_address: str | None = None,
+    extras: Mapping[str, ExtraWriter] | None = None,
 ) -> BuildSummary:
     """Write already tokenized documents ((m,) integer arrays, ids below ``fingerprint.vocab_size``) as a datastore.
 
@@ -278,6 +294,7 @@ def build_index_from_tokens(
         progress=progress,
         workers=workers,
         ray_address=ray_address,
+        extras=extras,
     )
 
 
@@ -301,14 +318,7 @@ def merge_indexes(indexes: Sequence[str | Path], out: str | Path, *, force: bool
             )
     out = Path(out)
     with Staging(out, force=force) as staging:
-        entries = []
-        for datastore in datastores:
-            for shard, entry in zip(datastore.shards, datastore.manifest["shards"]):
-                target = staging.directory / f"shard-{len(entries):05d}"
-                target.mkdir()
-                for name in SHARD_FILES:
-                    _link_or_copy(shard.path / name, target / name)
-                entries.append({**entry, "path": target.name})
+        entries = _link_shards(datastores, staging.directory)
         build = {
             "seconds": time.perf_counter() - started,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -318,6 +328,25 @@ def merge_indexes(indexes: Sequence[str | Path], out: str | Path, *, force: bool
         manifest = _manifest(first.fingerprint, first.token_dtype, entries, build, top_k, staging.generation)
         staging.commit(manifest)
     return _summary(out, manifest, started)
+
+
+def add_extra(index: str | Path, name: str, write: ExtraWriter) -> dict[str, Any]:
+    """Publish ``index`` again with an extra index ``name`` written by ``write`` (as ``build_index(extras=...)``
+    takes it), replacing one of that name, in one commit; its shards are hard-linked into the new generation
+    (copied across file systems). Returns the extra's manifest record.
+
+    Raises:
+        DatastoreFormatError: ``index`` is not a datastore, or fails its checks.
+    """
+    index = Path(index)
+    with Staging(index, force=True) as staging:  # the lock first: no build replaces the shards being linked
+        datastore = Datastore.open(index)
+        record = _write_extra(staging, name, write)
+        entries = _link_shards([datastore], staging.directory)
+        manifest = {**datastore.manifest, name: record,
+                    "shards": [{**entry, "path": f"{staging.generation}/{entry['path']}"} for entry in entries]}
+        staging.commit(manifest)
+    return record
 
 
 def plan_slices(corpus: Corpus, slice_bytes: int) -> list[tuple[Piece, ...]]:
@@ -439,7 +468,8 @@ def _write_chunks(
 ) -> Iterator[Chunk]:
     """The driver's side of a build from token arrays: write them into chunks of about ``chunk_tokens``."""
     numbers = itertools.count()
-    records = (_Document(np.asarray(tokens), "", "") for tokens in documents)
+    records = (_Document(as_token_ids(tokens, vocab_size, f"document {number}"), "", "")
+               for number, tokens in enumerate(documents))
     records = (record for record in records if len(record.tokens))
     while (first := next(records, None)) is not None:
         number = next(numbers)
@@ -447,7 +477,6 @@ def _write_chunks(
         lengths, total = [], 0
         with open(tokens_path, "wb") as out:
             for record in itertools.chain([first], records):
-                check_token_ids(record.tokens, vocab_size, record.source or "a document")
                 record.tokens.astype(dtype).tofile(out)
                 lengths.append(len(record.tokens))
                 total += len(record.tokens)
@@ -515,6 +544,7 @@ def _build(
     progress: bool,
     workers: int | None,
     ray_address: str | None,
+    extras: Mapping[str, ExtraWriter] | None = None,
 ) -> BuildSummary:
     """Run the maps and the reduce: tokenize ``slices`` on the workers, or write ``documents`` into chunks here.
 
@@ -554,8 +584,10 @@ def _build(
             "backend": backend.name,
         }
         manifest = _manifest(fingerprint, dtype, entries, build, NGRAM_TOP_K, staging.generation)
+        for name, write in (extras or {}).items():
+            manifest[name] = _write_extra(staging, name, write)
         staging.commit(manifest)
-    return _summary(out, manifest, started, driver.skipped_lines, driver.skipped_files, backend)
+    return _summary(out, manifest, started, driver.skipped_lines, driver.skipped_files, backend, extras)
 
 
 class _Driver:
@@ -744,6 +776,7 @@ def _summary(
     skipped_lines: int = 0,
     skipped_files: int = 0,
     backend: Backend | None = None,
+    extras: Mapping[str, ExtraWriter] | None = None,
 ) -> BuildSummary:
     return BuildSummary(
         path=out,
@@ -755,6 +788,7 @@ def _summary(
         skipped_files=skipped_files,
         workers=backend.workers if backend else 1,
         backend=backend.name if backend else "in-process",
+        extras={name: manifest[name] for name in extras or {}},
     )
 
 
@@ -799,6 +833,27 @@ def _manifest(
         "build": build,
         "shards": [{**entry, "path": f"{generation}/{entry['path']}"} for entry in entries],
     }
+
+
+def _write_extra(staging: Staging, name: str, write: ExtraWriter) -> dict[str, Any]:
+    """Run an extra's writer into ``staging``'s folder ``name``; its manifest record, with its published path."""
+    folder = staging.directory / name
+    folder.mkdir()
+    return {**write(folder), "path": f"{staging.generation}/{name}"}
+
+
+def _link_shards(datastores: Sequence[Datastore], directory: Path) -> list[dict[str, Any]]:
+    """Link (or copy) the shards of ``datastores``, in order, into ``directory`` as ``shard-00000``, ...; their
+    manifest entries with ``path`` the new shard folder's name."""
+    entries = []
+    for datastore in datastores:
+        for shard, entry in zip(datastore.shards, datastore.manifest["shards"]):
+            target = directory / f"shard-{len(entries):05d}"
+            target.mkdir()
+            for name in SHARD_FILES:
+                _link_or_copy(shard.path / name, target / name)
+            entries.append({**entry, "path": target.name})
+    return entries
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -3,9 +3,11 @@
 JSONL (``.jsonl`` or ``.ndjson``, in any case): one document per non-blank line, a JSON object with a text
 field (``text`` unless configured), or a chat as ``messages`` (``[{"role", "content"}]``) or ShareGPT
 ``conversations`` (``[{"from", "value"}]``), rendered with the tokenizer's chat template. Every other field is
-kept, as JSON, in the document table. Any other file is one document of UTF-8 text. Directories are walked
-recursively in name order, hidden entries and symbolic links to directories skipped; files there that are
-not UTF-8 text or cannot be read (and folders that cannot be listed) are skipped and counted.
+kept, as JSON, in the document table; JSON that :mod:`retrieval_spec.strict_json` refuses (nested too deeply,
+lone surrogate escapes) is a malformed line. Any other file is one document of UTF-8 text (a byte-order mark
+is dropped). Directories are walked in name order, depth first, however deep, hidden entries and symbolic links
+to directories skipped; files there that are not UTF-8 text or cannot be read (and folders that cannot be
+listed) are skipped and counted.
 
 A document longer than :data:`MAX_DOCUMENT_CHARS` characters is cut into consecutive documents of at most
 that size, after a newline or before a space where there is one, so that tokenizing a document (about 140
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
+from retrieval_spec import strict_json
 from retrieval_spec.errors import InputError
 from retrieval_spec.files import check_input_file
 
@@ -126,19 +129,20 @@ class Corpus:
         return self._read(path, in_directory=in_directory)
 
     def _files_under(self, directory: Path, excluded: set[tuple[int, int]]) -> Iterator[Path]:
-        """Regular files under ``directory`` in name order; see the module docstring for what is skipped."""
-        try:
-            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
-        except OSError:
-            self.skipped_files += 1
-            return
-        for entry in entries:
+        """Regular files under ``directory`` in name order, depth first, walked without recursion (a folder
+        thousands of levels deep is read like any other); see the module docstring for what is skipped."""
+        stack = [self._entries(directory)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
             if entry.name.startswith("."):
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
                     if _identity(entry.stat(follow_symlinks=False)) not in excluded:
-                        yield from self._files_under(Path(entry.path), excluded)
+                        stack.append(self._entries(Path(entry.path)))
                 elif entry.is_symlink() and entry.is_dir():
                     continue
                 elif stat.S_ISREG(entry.stat().st_mode):
@@ -147,6 +151,15 @@ class Corpus:
                     self.skipped_files += 1
             except OSError:  # a dangling link, or an entry gone or unreadable since the listing
                 self.skipped_files += 1
+
+    def _entries(self, directory: Path) -> Iterator[os.DirEntry]:
+        """The entries of a folder in name order; none (and one more skipped) when it cannot be listed."""
+        try:
+            with os.scandir(directory) as entries:
+                return iter(sorted(entries, key=lambda entry: entry.name))
+        except OSError:
+            self.skipped_files += 1
+            return iter(())
 
     def unreadable(self, path: Path, in_directory: bool, why: str) -> None:
         """A file that cannot be read: skipped and counted when found in an input folder, else refused naming it.
@@ -163,7 +176,7 @@ class Corpus:
             yield from self._jsonl(path, in_directory=in_directory)
             return
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
         except UnicodeDecodeError as error:
             self.unreadable(path, in_directory, f"not UTF-8 text ({error.reason} at byte {error.start})")
             return
@@ -200,15 +213,11 @@ class Corpus:
 
     def _record(self, line: bytes, where: str) -> Record:
         try:
-            record = json.loads(line)
+            record = strict_json.parse(line.decode("utf-8"))
         except UnicodeDecodeError as error:
             raise _BadLine(f"not UTF-8 ({error.reason})") from None
-        except json.JSONDecodeError as error:
-            raise _BadLine(f"not valid JSON ({error.msg} at column {error.colno})") from None
-        except RecursionError:
-            raise _BadLine("not usable JSON (nested too deeply)") from None
-        except ValueError as error:  # e.g. an integer of more digits than Python converts
-            raise _BadLine(f"not usable JSON ({error})") from None
+        except strict_json.JsonProblem as error:
+            raise _BadLine(str(error)) from None
         if not isinstance(record, dict):
             raise _BadLine(f"expected a JSON object, got {type(record).__name__}")
         if self.text_field in record:

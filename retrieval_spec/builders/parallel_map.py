@@ -13,13 +13,22 @@ add a dependency (``ray[data]``) and a second notion of "block" without anything
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Protocol
 
 from retrieval_spec.errors import BuildError
+
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
+DRIVER_POLL_SECONDS = 0.5
 
 
 class WorkerDied(Exception):
@@ -91,7 +100,8 @@ class LocalProcesses:
     One pool per process, rather than one pool of ``workers`` processes: a process that dies breaks its pool,
     and every task of a broken pool fails with it, so only with one task per pool is the task that killed
     its worker the only one charged an attempt. Spawned rather than forked: the parent may hold threads
-    (tqdm's monitor, a tokenizer's thread pool) and torch, which a fork copies in an undefined state.
+    (tqdm's monitor, a tokenizer's thread pool) and torch, which a fork copies in an undefined state. Each
+    process exits when the driver does (:func:`_die_with_driver`).
     """
 
     name = "local"
@@ -148,7 +158,29 @@ class LocalProcesses:
 
 
 def _one_process_pool() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_driver,
+                               initargs=(os.getpid(),))
+
+
+def _die_with_driver(driver: int) -> None:
+    """In a worker, first thing: exit as soon as the driver process is gone, however it ended (``kill -9``
+    included), so that no task writes on into the staging directory of a build nobody runs any more.
+
+    On Linux the kernel kills the worker when the driver's thread that started it ends (``PR_SET_PDEATHSIG``);
+    everywhere a daemon thread also checks every :data:`DRIVER_POLL_SECONDS` that the driver is still its parent.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != driver:  # it died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == driver:
+            time.sleep(DRIVER_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-driver", daemon=True).start()
 
 
 def _terminate_workers(pool: ProcessPoolExecutor) -> None:

@@ -8,22 +8,27 @@ killed at any point before it leaves the previous manifest and the files it name
 previous generation is deleted. The same publication serves a datastore (its manifest names each shard as
 ``gen-<id>/shard-00000``) and the dense passage index beside it (its manifest has a ``generation`` field).
 
-What a build may delete: the generations the directory's own manifest names, and generations or staging
-directories that hold the marker (leftovers of killed builds). Everything else in the directory is kept, and
-a directory holding anything else is refused unless it holds an index of ours: an unrelated
-``manifest.json``, or a folder that happens to be called ``gen-2024``, is never touched.
+What a build may delete: generations and staging directories whose marker, a file a build writes into its
+staging directory, names them (the previous generation, leftovers of killed builds). What a manifest names is
+not enough: a manifest is data anyone can edit. Everything else in the directory is kept, and a directory
+holding anything else is refused unless it holds an index of ours: an unrelated ``manifest.json``, a folder
+that happens to be called ``gen-2024``, or a ``.build.lock`` that holds something other than a lock is never
+touched. Files of ours are opened without following symbolic links and created exclusively where they are
+new, so a crafted directory (a tarball's) cannot make a build write through a link to another file.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -34,11 +39,13 @@ from retrieval_spec.datastore.manifest import (
     STAGING_PREFIX,
     write_manifest,
 )
+from retrieval_spec import strict_json
 from retrieval_spec.errors import InputError
 from retrieval_spec.files import check_output_directory, commit_delay, fsync_directory
 
 LOCK = ".build.lock"
 MARKER = ".retrieval-spec-build"  # inside every staging directory, and so in every generation, a build writes
+WRITER = "retrieval-spec build"  # the marker's "writer"
 
 
 class BuildLock:
@@ -48,6 +55,8 @@ class BuildLock:
     time for the message a second build gets. The kernel drops an ``flock`` when its holder exits, however it
     exits (``kill -9`` included), so the lock of a dead build is stale by construction and the next build
     takes it over: no pid to probe, no pid reuse, no race between two builds breaking the same stale lock.
+    A lock file is ours by its content (empty, or a holder record): anything else there is refused, never
+    overwritten or removed.
 
     Attributes:
         path: the lock file.
@@ -56,11 +65,12 @@ class BuildLock:
     def __init__(self, index: Path) -> None:
         """
         Raises:
-            InputError: another live build holds the lock (its pid, host and start time in the message).
+            InputError: another live build holds the lock (its pid, host and start time in the message), or the
+                lock's path holds something that is not a lock of ours (a link, a folder, a file of the user's).
         """
         self.path = index / LOCK
         while True:
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            descriptor = _open_lock(self.path)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -71,14 +81,20 @@ class BuildLock:
             if _is_linked_at(descriptor, self.path):
                 break
             os.close(descriptor)  # its holder released and unlinked it between our open and our flock: again
+        if _read_holder(descriptor) is None and os.fstat(descriptor).st_size:
+            os.close(descriptor)
+            raise InputError(f"{self.path}: holds something that is not a build lock; build-index never "
+                             "overwrites a file it did not write: move it away or choose another output directory")
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(descriptor, 0)
         os.write(descriptor, json.dumps(holder).encode())
         self._descriptor = descriptor
 
     def release(self) -> None:
-        """Unlink the lock file, then unlock it (in that order: a waiting build then locks a fresh file)."""
-        self.path.unlink(missing_ok=True)
+        """Unlink the lock file, then unlock it (in that order: a waiting build then locks a fresh file); a file
+        put in its place meanwhile is not ours and stays."""
+        if _is_linked_at(self._descriptor, self.path):
+            self.path.unlink(missing_ok=True)
         os.close(self._descriptor)
 
 
@@ -116,8 +132,11 @@ class Staging:
             self.generation = f"{GENERATION_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
             self.directory = index / f"{STAGING_PREFIX}{self.generation}"
             self.directory.mkdir()
-            marker = {"writer": "retrieval-spec build", "pid": os.getpid(), "host": socket.gethostname()}
-            (self.directory / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+            marker = {"writer": WRITER, "generation": self.generation, "pid": os.getpid(),
+                      "host": socket.gethostname()}
+            descriptor = os.open(self.directory / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                f.write(json.dumps(marker))
         except BaseException:
             self._close()
             raise
@@ -125,11 +144,11 @@ class Staging:
     def commit(self, manifest: dict[str, Any]) -> None:
         """Publish what was written under :attr:`directory` as :attr:`generation`, with ``manifest`` naming it.
 
-        Then delete the previous generation and leftovers of killed builds (see the module docstring).
+        Then delete the previous generation and leftovers of killed builds: what their markers name (see the
+        module docstring).
         """
         fsync_directory(self.directory)
         commit_delay()
-        previous = _generations_named(self.index)
         self.directory.rename(self.index / self.generation)
         self.directory = self.index / self.generation  # still discarded on exit until the manifest names it
         fsync_directory(self.index)
@@ -138,7 +157,7 @@ class Staging:
         write_manifest(self.index, manifest, temporary_directory=self.index / self.generation)
         self._committed = True
         for entry in self.index.iterdir():
-            if entry.name != self.generation and (entry.name in previous or _is_marked(entry)):
+            if entry.name != self.generation and _is_marked(entry):
                 _remove(entry)
 
     def __enter__(self) -> Staging:
@@ -182,50 +201,83 @@ def _check_ownership(index: Path, force: bool, format_name: str) -> None:
 def _is_our_manifest(path: Path, format_name: str) -> bool:
     """Whether ``path`` is a JSON object of ``format_name`` (of any version: an older index may be replaced)."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = strict_json.parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, or JSON we refuse (JsonProblem)
         return False
     return isinstance(manifest, dict) and manifest.get("format") == format_name
 
 
-def _generations_named(index: Path) -> set[str]:
-    """Names of the generation directories the index's current manifest points into (none if unreadable): the
-    folders of a datastore's shard paths, or a dense index's ``generation``."""
-    try:
-        manifest = json.loads((index / MANIFEST).read_text(encoding="utf-8"))
-        paths = [shard["path"] for shard in manifest.get("shards", [])] + [manifest.get("generation")]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
-    names = set()
-    for path in paths:
-        parts = PurePosixPath(path).parts if isinstance(path, str) else ()
-        if len(parts) in (1, 2) and parts[0].startswith(GENERATION_PREFIX):
-            names.add(parts[0])
-    return names
-
-
 def _is_marked(entry: Path) -> bool:
-    """A generation or staging directory holding the marker that every build writes into its staging."""
-    return (
-        entry.name.startswith((GENERATION_PREFIX, STAGING_PREFIX))
-        and not entry.is_symlink()
-        and (entry / MARKER).is_file()
-    )
+    """A generation or staging directory (not a link) holding the marker a build wrote into it, naming it."""
+    if not entry.name.startswith((GENERATION_PREFIX, STAGING_PREFIX)):
+        return False
+    try:
+        if not stat.S_ISDIR(entry.lstat().st_mode):
+            return False
+        descriptor = os.open(entry / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        marker = _json_of(descriptor) if _is_regular(descriptor) else None
+    finally:
+        os.close(descriptor)
+    generation = entry.name.removeprefix(STAGING_PREFIX)
+    # Markers written before they named their generation are read as naming theirs.
+    return (isinstance(marker, dict) and marker.get("writer") == WRITER
+            and marker.get("generation", generation) == generation)
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file for reading and writing, without following a link at its name.
+
+    Raises:
+        InputError: a link, a folder or anything else than a regular file is there.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        kind = "a symbolic link" if error.errno == errno.ELOOP else "not a regular file"
+        raise InputError(f"{path}: {kind}, not a build lock; build-index never writes through it: move it away or "
+                         "choose another output directory") from None
+    if not _is_regular(descriptor):
+        os.close(descriptor)
+        raise InputError(f"{path}: not a regular file, not a build lock; build-index never writes through it: move "
+                         "it away or choose another output directory")
+    return descriptor
+
+
+def _is_regular(descriptor: int) -> bool:
+    return stat.S_ISREG(os.fstat(descriptor).st_mode)
+
+
+def _json_of(descriptor: int) -> Any:
+    """The JSON value of a small file of ours (its first 4 KiB), or None when it holds anything else."""
+    try:
+        return strict_json.parse(os.pread(descriptor, 4096, 0).decode("utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, or not JSON (JsonProblem)
+        return None
+
+
+def _read_holder(descriptor: int) -> dict[str, Any] | None:
+    """The holder record of a lock file (pid, host, start time), or None when it holds anything else."""
+    holder = _json_of(descriptor)
+    return holder if isinstance(holder, dict) and set(holder) == {"pid", "host", "started"} else None
 
 
 def _holder(descriptor: int) -> str:
     """"pid N on HOST, started T" from a lock file, as far as it can be read."""
-    try:
-        holder = json.loads(os.pread(descriptor, 4096, 0))
-        return f"pid {int(holder['pid'])} on {holder['host']}, started {holder['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    holder = _read_holder(descriptor)
+    if holder is None:
         return "pid unknown: it has just started"
+    return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
 
 
 def _is_linked_at(descriptor: int, path: Path) -> bool:
     """Whether the open file is still the one at ``path`` (a releasing build unlinks its lock file)."""
     try:
-        at_path = path.stat()
+        at_path = path.lstat()
     except FileNotFoundError:
         return False
     opened = os.fstat(descriptor)

@@ -31,6 +31,7 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 import pyarrow as pa
 
+from retrieval_spec import strict_json
 from retrieval_spec.datastore.ngram_table import MAX_VOCAB_SIZE
 from retrieval_spec.errors import DatastoreFormatError, InputError, RetrievalSpecError
 from retrieval_spec.files import replace_atomically
@@ -112,6 +113,26 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, what: str, *, lowest: int 
         bad = low if low < lowest else high
         raise error(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})"
                     + (f"; {hint}" if hint else ""))
+
+
+def as_token_ids(value: Any, vocab_size: int, what: str) -> np.ndarray:
+    """``value`` (an array, list, tensor) as a 1-D integer array of ids in ``[0, vocab_size)``.
+
+    Raises:
+        InputError: naming ``what``: another shape, values that are not integers (floats would be truncated),
+            or an id outside the vocabulary.
+    """
+    try:
+        ids = np.asarray(value)
+    except ValueError:  # a ragged nesting of lists
+        ids = np.empty((0, 0))
+    if ids.ndim != 1:
+        raise InputError(f"{what} must be a 1-D sequence of token ids, got {type(value).__name__} of shape "
+                         f"{ids.shape}")
+    if ids.size and ids.dtype.kind not in "iu":
+        raise InputError(f"{what} holds {ids.dtype} values, expected integer token ids")
+    check_token_ids(ids, vocab_size, what)
+    return ids
 
 
 def separator(dtype: np.dtype) -> int:
@@ -256,16 +277,35 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
             fail(f"{total} is {manifest[total]}, its shards hold {expected}")
 
 
+def inside(folder: Path, relative: str, names: tuple[str, ...] = ()) -> Path:
+    """``folder / relative``, a path read from ``folder``'s manifest, once checked to stay inside ``folder`` with
+    every symbolic link resolved (in ``folder`` itself too), as each of ``names`` in it does.
+
+    Raises:
+        DatastoreFormatError: it, or one of ``names`` in it, leads outside ``folder`` (an absolute path,
+            ``..``, or a link to elsewhere).
+    """
+    base = folder.resolve()
+    for path in (relative, *(f"{relative}/{name}" for name in names)):
+        resolved = (folder / path).resolve()
+        if resolved == base or not resolved.is_relative_to(base):
+            raise DatastoreFormatError(f"{folder / MANIFEST}: {path!r} leads outside {folder} (to {resolved}); the "
+                                       "manifest or the folder was altered, rebuild the index")
+    return folder / relative
+
+
 def read_versioned_json(path: Path, format_name: str, format_version: int, rebuild_hint: str) -> dict[str, Any]:
     """Parse a JSON manifest and check its ``format`` and ``format_version`` fields.
 
     Raises:
-        DatastoreFormatError: not JSON, another format, or another version (the message ends with ``rebuild_hint``).
+        DatastoreFormatError: not JSON (or JSON that :func:`~retrieval_spec.strict_json.parse` refuses), another
+            format, or another version (the message ends with ``rebuild_hint``).
     """
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatastoreFormatError(f"{path}: not valid JSON ({error})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatastoreFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    manifest = strict_json.loads(text, str(path), DatastoreFormatError)
     if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         raise DatastoreFormatError(f"{path}: not a {format_name} manifest")
     version = manifest.get("format_version")

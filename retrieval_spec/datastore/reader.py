@@ -30,11 +30,15 @@ from retrieval_spec.datastore.manifest import (
     FileEntry,
     TokenizerFingerprint,
     check_file,
+    inside,
     read_manifest,
     separator,
 )
 from retrieval_spec.datastore.suffix_array import SuffixArray
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
+
+# Columns of our tables hold at most 5 values a row (an n-gram row: order, two context ids, next, count).
+MAX_VALUES_PER_ROW = 5
 
 
 @dataclass(frozen=True)
@@ -267,7 +271,7 @@ class Datastore:
             # An occurrence ends before the stream's closing separator; anything else is a damaged file.
             if len(starts) and (starts.min() < 0 or starts.max() + match.length >= len(shard.index)):
                 bad = starts[(starts < 0) | (starts + match.length >= len(shard.index))][0]
-                raise _damaged(shard.path / SUFFIX_ARRAY, f"entry {int(bad)} is no occurrence of a "
+                raise damaged(shard.path / SUFFIX_ARRAY, f"entry {int(bad)} is no occurrence of a "
                                f"{match.length}-token match in a {len(shard.index)}-token stream")
             found.append(starts + shard.offset)
         return np.concatenate(found)
@@ -338,7 +342,7 @@ class Datastore:
 
         See :mod:`retrieval_spec.datastore.ngram_table` for the columns.
         """
-        tables = [_read_ngrams(shard.path / NGRAMS, self.vocab_size) for shard in self.shards]
+        tables = [_read_ngrams(shard.path / NGRAMS, self.vocab_size, len(shard.index)) for shard in self.shards]
         return ngram_table.merge_continuations(tables, self.manifest["ngram_top_k"])
 
     def top_next_tokens(self, k: int) -> np.ndarray:
@@ -367,7 +371,7 @@ def _open_shard(
     index: Path, number: int, entry: dict[str, Any], dtype: np.dtype, offset: int, first_document: int
 ) -> Shard:
     """Map one shard of a checked manifest (:func:`read_manifest`) after checking its files' sizes and samples."""
-    directory = index / entry["path"]
+    directory = inside(index, entry["path"], SHARD_FILES)
     for name in SHARD_FILES:
         check_file(directory / name, FileEntry(**entry["files"][name]))
     suffix_dtype = SUFFIX_ARRAY_DTYPES[entry["suffix_array_dtype"]]
@@ -380,44 +384,57 @@ def _map(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _damaged(path: Path, what: str) -> DatastoreFormatError:
+def damaged(path: Path, what: str) -> DatastoreFormatError:
     return DatastoreFormatError(f"{path}: {what}; the file is damaged, rebuild the index "
                                 "(`retrieval-spec index-info --verify` checks every file)")
 
 
 def _out_of_vocabulary(path: Path, tokens: np.ndarray, vocab_size: int, separator: int) -> DatastoreFormatError:
     bad = tokens[(tokens >= vocab_size) & (tokens != separator)]
-    return _damaged(path, f"holds token id {int(bad.flat[0])}, outside the vocabulary [0, {vocab_size})")
+    return damaged(path, f"holds token id {int(bad.flat[0])}, outside the vocabulary [0, {vocab_size})")
 
 
-def _read_parquet(path: Path) -> pa.Table:
-    """A whole Parquet file, its page checksums verified where it has them (every build since they exist)."""
+def read_parquet(path: Path, max_rows: int) -> pa.Table:
+    """A whole Parquet file, its page checksums verified where it has them (every build since they exist).
+
+    Its footer is read first: a file declaring more than ``max_rows`` rows (what its shard can hold, from the
+    manifest) is refused before any page is decompressed, as one whose columns hold more than
+    :data:`MAX_VALUES_PER_ROW` values a row.
+    """
     try:
+        metadata = pq.read_metadata(path)
+        if metadata.num_rows > max_rows:
+            raise damaged(path, f"{metadata.num_rows} rows, more than the {max_rows} its shard can hold")
+        values = sum(metadata.row_group(group).column(column).num_values
+                     for group in range(metadata.num_row_groups) for column in range(metadata.num_columns))
+        if values > MAX_VALUES_PER_ROW * max(metadata.num_rows, 1):
+            raise damaged(path, f"{values} values in {metadata.num_rows} rows")
         return pq.read_table(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as error:
-        raise _damaged(path, f"not readable as Parquet ({' '.join(str(error).split())})") from None
+        raise damaged(path, f"not readable as Parquet ({' '.join(str(error).split())})") from None
 
 
-def _read_ngrams(path: Path, vocab_size: int) -> pa.Table:
-    table = _read_parquet(path)
+def _read_ngrams(path: Path, vocab_size: int, stream_length: int) -> pa.Table:
+    """A shard's n-gram table: at most one row per window of each order of its ``stream_length``-token stream."""
+    table = read_parquet(path, len(ngram_table.ORDERS) * stream_length)
     try:
         ngram_table.check(table, vocab_size)
     except ValueError as error:
-        raise _damaged(path, str(error)) from None
+        raise damaged(path, str(error)) from None
     return table
 
 
 def _read_documents(path: Path, num_documents: int, stream_length: int) -> pa.Table:
     """A shard's document table: ``num_documents`` rows, each document inside the stream."""
-    table = _read_parquet(path)
+    table = read_parquet(path, num_documents)
     if not table.schema.equals(DOCUMENT_SCHEMA):
-        raise _damaged(path, f"columns {table.schema.names} of types {table.schema.types}, expected "
+        raise damaged(path, f"columns {table.schema.names} of types {table.schema.types}, expected "
                              f"{DOCUMENT_SCHEMA.names} of types {DOCUMENT_SCHEMA.types}")
     if table.num_rows != num_documents:
-        raise _damaged(path, f"{table.num_rows} documents, the manifest records {num_documents}")
+        raise damaged(path, f"{table.num_rows} documents, the manifest records {num_documents}")
     starts, lengths = table["start"].to_numpy(), table["length"].to_numpy()
     if starts.min() < 1 or lengths.min() < 1 or (starts + lengths).max() >= stream_length:
-        raise _damaged(path, f"a document lies outside the {stream_length}-token stream")
+        raise damaged(path, f"a document lies outside the {stream_length}-token stream")
     return table
 
 
@@ -467,7 +484,7 @@ def check_integrity(path: str | Path) -> None:
     vocab_size, dtype = manifest["tokenizer"]["vocab_size"], np.dtype(manifest["token_dtype"])
     problems = []
     for number, entry in enumerate(manifest["shards"]):
-        directory = path / entry["path"]
+        directory = inside(path, entry["path"], SHARD_FILES)
         for name in SHARD_FILES:
             try:
                 check_file(directory / name, FileEntry(**entry["files"][name]), full=True)
@@ -476,7 +493,7 @@ def check_integrity(path: str | Path) -> None:
                 elif name == SUFFIX_ARRAY:
                     _check_suffixes(directory / name, SUFFIX_ARRAY_DTYPES[entry["suffix_array_dtype"]])
                 elif name == NGRAMS:
-                    _read_ngrams(directory / name, vocab_size)
+                    _read_ngrams(directory / name, vocab_size, entry["stream_length"])
                 else:
                     _read_documents(directory / name, entry["num_documents"], entry["stream_length"])
             except DatastoreFormatError as error:
@@ -501,4 +518,4 @@ def _check_suffixes(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> None:
     for start in range(0, len(suffixes), chunk):
         part = suffixes[start : start + chunk]
         if part.min() < 0 or part.max() >= len(suffixes):
-            raise _damaged(path, f"holds entries outside [0, {len(suffixes)})")
+            raise damaged(path, f"holds entries outside [0, {len(suffixes)})")

@@ -80,9 +80,10 @@ class OutputHistoryDrafter(Drafter):
         write_state(directory / FILE, {"text": text}, FORMAT_VERSION, tokenizer_sha256)
 
     def load(self, directory: Path, tokenizer_sha256: str, vocab_size: int) -> None:
-        """Replace the history by one saved with :meth:`save` for the same tokenizer (see ``read_state``)."""
-        arrays, _ = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256, shapes={"text": (None,)},
-                               vocab_size=vocab_size)
+        """Replace the history by one saved with :meth:`save` for the same tokenizer (see ``read_state``); one of
+        more than ``config.max_tokens`` tokens is refused before it is read."""
+        arrays, _ = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256, shapes={"text": ("tokens",)},
+                               limits={"tokens": self.config.max_tokens}, vocab_size=vocab_size)
         self.history = self._index(arrays["text"].astype(np.int32))
 
     def _index(self, text: np.ndarray) -> NgramIndex:

@@ -122,7 +122,7 @@ def make_drafters(method: str, vocab_size: int | None = None, datastore: Datasto
     Raises:
         InputError: unknown method, or a method without what it needs.
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     chosen = METHODS[method]
     drafters: list[Drafter] = []

@@ -38,6 +38,7 @@ from ..datastore.manifest import tokenizer_fingerprint
 from ..datastore.reader import Datastore
 from ..drafters.registry import load_state, make_drafters, save_state
 from ..errors import InputError, UnsupportedOptionError
+from ..files import check_output_directory
 from ..generate import BatchResult, SpeculativeGenerator
 from ..sizing import CostCurve
 
@@ -111,6 +112,8 @@ class Engine:
         self._tokenizer_sha256 = None
         if (self.index is not None or self.state_dir is not None) and tokenizer is None:
             raise InputError("an index or a state directory needs the model's tokenizer")
+        if self.state_dir is not None:  # saved to on disable(): refused now, not then
+            check_output_directory(self.state_dir, "state_dir")
         fingerprint = tokenizer_fingerprint(tokenizer) if tokenizer is not None and (index or state_dir) else None
         datastore = None if self.index is None else Datastore.open(self.index, fingerprint)
         vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)

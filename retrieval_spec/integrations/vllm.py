@@ -40,11 +40,13 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field, fields
+from os import PathLike
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from ..config import as_integer, as_number, as_tuple
 from ..datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
 from ..datastore.reader import Datastore
 from ..drafters.registry import DRAFTERS, load_state, save_state
@@ -91,11 +93,22 @@ class ProposerSettings:
     cost_ms: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        key = CONFIG_KEY
+        if not isinstance(self.method, str):
+            raise InputError(f"{key}.method must be a string, got {self.method!r} ({type(self.method).__name__})")
+        for name in ("index", "state_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, PathLike)):
+                raise InputError(f"{key}.{name} must be a path, got {value!r} ({type(value).__name__})")
+        object.__setattr__(self, "save_every", as_integer(f"{key}.save_every", self.save_every, low=1))
+        object.__setattr__(self, "max_nodes", as_integer(f"{key}.max_nodes", self.max_nodes, low=1))
+        object.__setattr__(self, "min_path_prob", as_number(f"{key}.min_path_prob", self.min_path_prob))
+        if self.cost_ms is not None:
+            object.__setattr__(self, "cost_ms", tuple(as_number(f"{key}.cost_ms", ms)
+                                                      for ms in as_tuple(f"{key}.cost_ms", self.cost_ms)))
         names = self.drafter_names()
         if "rest" in names and self.index is None:
             raise InputError(f"{CONFIG_KEY}.method {self.method!r} uses rest, which needs {CONFIG_KEY}.index")
-        if self.save_every < 1 or self.max_nodes < 1:
-            raise InputError(f"{CONFIG_KEY}.save_every and {CONFIG_KEY}.max_nodes must be positive")
         if not 0.0 <= self.min_path_prob <= 1.0:
             raise InputError(f"{CONFIG_KEY}.min_path_prob must lie in [0, 1], got {self.min_path_prob}")
         if self.cost_ms is not None and (not self.cost_ms or min(self.cost_ms) <= 0):
@@ -123,14 +136,16 @@ class ProposerSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> ProposerSettings:
-        """Settings from ``additional_config["retrieval_spec"]``, refusing unknown keys by name."""
+        """Settings from ``additional_config["retrieval_spec"]``, refusing unknown keys and mistyped values by
+        name."""
+        if values is not None and not isinstance(values, Mapping):
+            raise InputError(f"additional_config[{CONFIG_KEY!r}] must be a mapping of settings, got "
+                             f"{type(values).__name__}")
         values = dict(values or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
             raise InputError(f"additional_config[{CONFIG_KEY!r}]: unknown setting(s) {unknown}; known: {sorted(known)}")
-        if values.get("cost_ms") is not None:
-            values["cost_ms"] = tuple(float(ms) for ms in values["cost_ms"])
         return cls(**values)
 
     def cost_curve(self, num_speculative_tokens: int) -> CostCurve:
@@ -269,7 +284,10 @@ class RetrievalProposer:
         model_config = vllm_config.model_config
         self.num_speculative_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
         self.max_model_len = int(model_config.max_model_len)
-        self.settings = ProposerSettings.from_mapping((vllm_config.additional_config or {}).get(CONFIG_KEY))
+        additional = vllm_config.additional_config or {}
+        if not isinstance(additional, Mapping):
+            raise InputError(f"additional_config must be a mapping, got {type(additional).__name__}")
+        self.settings = ProposerSettings.from_mapping(additional.get(CONFIG_KEY))
         self.cost_curve = self.settings.cost_curve(self.num_speculative_tokens)
         if fingerprint is None and (self.settings.index or self.settings.state_dir):
             fingerprint = _tokenizer_fingerprint(model_config)
