@@ -21,12 +21,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common import ROOT, write_chart, write_json
+from common import ROOT, SPLITS, take, write_chart, write_json
 from retrieval_spec.chat import render_messages
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curve, store_cost_curve
@@ -236,21 +237,7 @@ class Harness:
                 tokens, seconds, stats = result.tokens, result.stats.total_ms / 1e3, result.stats
             outputs[method] = tokens
             for bucket in (self.totals[case.category][method], self.totals["overall"][method]):
-                bucket["prompts"] += 1
-                bucket["seconds"] += seconds
-                bucket["tokens"] += len(tokens)
-                if stats is not None:
-                    bucket["steps"] += stats.steps
-                    bucket["draft_ms"] += stats.draft_ms
-                    bucket["verify_ms"] += stats.verify_ms
-                    bucket["observe_ms"] += stats.observe_ms
-                    for phase, ms in stats.phase_ms.items():
-                        bucket["phase_" + phase] += ms
-                    bucket["paused_steps"] += stats.paused_steps
-                    for source, count in stats.accepted_by_source.items():
-                        bucket["accepted_" + source] += count
-                    for source, count in stats.drafted_by_source.items():
-                        bucket["drafted_" + source] += count
+                count(bucket, len(tokens), seconds, [] if stats is None else [stats])
         for method in self.ours if not self.temperature else ():
             same = np.array_equal(outputs[method], outputs["plain"])
             if not same and self.exact:
@@ -299,6 +286,50 @@ class Harness:
         if self.mismatches:
             print(f"MISMATCHES against plain greedy: {self.mismatches}", file=sys.stderr)
             sys.exit(1)
+
+
+def count(bucket: dict, tokens: int, seconds: float, stats: Sequence) -> None:
+    """Add one decoding to a totals bucket: its tokens and seconds, and the step counters of its rows' stats
+    (none for a baseline; a batch's rows each count their own steps)."""
+    bucket["prompts"] += 1
+    bucket["seconds"] += seconds
+    bucket["tokens"] += tokens
+    for row in stats:
+        bucket["steps"] += row.steps
+        bucket["draft_ms"] += row.draft_ms
+        bucket["verify_ms"] += row.verify_ms
+        bucket["observe_ms"] += row.observe_ms
+        for phase, ms in row.phase_ms.items():
+            bucket["phase_" + phase] += ms
+        bucket["paused_steps"] += row.paused_steps
+        for source, accepted in row.accepted_by_source.items():
+            bucket["accepted_" + source] += accepted
+        for source, drafted in row.drafted_by_source.items():
+            bucket["drafted_" + source] += drafted
+
+
+def workload_arguments(parser: argparse.ArgumentParser, items: str) -> None:
+    """``--split`` and ``--limit`` of a workload benchmark whose data holds ``items``."""
+    parser.add_argument("--split", choices=SPLITS, default="measure",
+                        help="measure: the held-out items, what the tables report; tune: the quarter kept for tuning "
+                             "(data/<workload>/SOURCES.md)")
+    parser.add_argument("--limit", type=int, help=f"at most this many {items} per category (default: all)")
+    parser.add_argument("--categories", help="comma-separated subset of the categories (default: all)")
+
+
+def select(rows: Iterable[dict], args, category: Callable[[dict], str] = lambda row: row["category"]) -> list[dict]:
+    """The rows of ``--split`` and ``--categories``, at most ``--limit`` per category, in file order."""
+    wanted = set(args.categories.split(",")) if args.categories else None
+    return take((row for row in rows if wanted is None or category(row) in wanted), args.split, args.limit, category)
+
+
+def run_cases(bench: Harness, cases: Iterable[Case], desc: str, total: int | None = None, warm: bool = True) -> None:
+    """Warm every method up on the first case (unless ``warm`` is false), then run them all (cases may be made as
+    they are asked for)."""
+    for i, case in enumerate(tqdm(cases, desc=desc, total=total)):
+        if i == 0 and warm:
+            bench.warm_up(case.ids)
+        bench.run(case)
 
 
 def default_out(args, benchmark: str) -> Path:
