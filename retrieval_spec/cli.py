@@ -158,7 +158,7 @@ def main() -> None:
 
     \b
     Quick start:
-      retrieval-spec demo                                  # plain vs prompt lookup on a bundled article
+      retrieval-spec demo                                  # plain vs auto on a code edit of a bundled file
       retrieval-spec generate --prompt "Summarize: ..."    # print a continuation
       retrieval-spec generate --input prompts.jsonl --output out.jsonl --json-stats
     """
@@ -452,10 +452,10 @@ def _records(task: str, prompt: str | None, question: str | None, input_path: Pa
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a report.")
 def demo(model_name, max_new_tokens, threads, as_json):
-    """Summarise a bundled article with plain decoding and with prompt lookup, and compare.
+    """Ask for a bundled function back with a parameter renamed, by plain generate() and by `auto`, and compare.
 
-    Runs both in this process, checks the outputs are identical, and reports the speedup and the mean
-    number of tokens each verification step gained.
+    Runs both in this process, checks the outputs are identical, and reports the speedup, the mean number of
+    tokens each verification step gained and which drafting source supplied the accepted tokens.
     """
     _setup_threads(threads)
     from .demo import run_demo
@@ -464,13 +464,20 @@ def demo(model_name, max_new_tokens, threads, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(report["summary"].strip())
-    click.echo("")
-    for name in ("plain", "pld"):
-        r = report[name]
-        click.echo(f"{name:>6}: {r['tokens_per_second']:6.1f} tok/s, {r['mean_accepted']:.2f} tokens/step, "
-                   f"{r['new_tokens']} tokens")
-    click.echo(f"speedup of pld over plain: {report['speedup']:.2f}x; identical output: {report['identical']}")
+    auto = report["auto"]
+    click.echo(f"{report['edit']}\n\n{report['text'].strip()}\n")
+    click.echo(f" plain: {report['plain']['tokens_per_second']:6.1f} tok/s, {report['plain']['new_tokens']} tokens "
+               "(transformers' generate)")
+    click.echo(f"  auto: {auto['tokens_per_second']:6.1f} tok/s, {auto['new_tokens']} tokens, "
+               f"{auto['mean_accepted']:.2f} tokens/step")
+    drafted = sum(auto["accepted_by_source"].values())
+    sources = ", ".join(f"{source} {count}" for source, count in
+                        sorted(auto["accepted_by_source"].items(), key=lambda item: -item[1]) if count)
+    click.echo(f"accepted drafted tokens by source: {sources or 'none'}; {auto['new_tokens'] - drafted} tokens "
+               "from the model itself (one a step)")
+    click.echo(f"speedup of auto over plain: {report['speedup']:.2f}x; identical output: {report['identical']}")
+    if not report["identical"]:
+        raise SystemExit(1)
 
 
 @main.command("build-index")
