@@ -172,3 +172,63 @@ def test_take_limits_each_category_in_file_order():
     assert [r["n"] for r in take(rows, "measure", limit=1)] == [0, 2]
     with pytest.raises(ValueError):
         take(rows, "train")
+
+
+# --- The benchmark scripts' own logic (no model) -----------------------------------------------------------------
+
+
+def options(split: str = "measure", limit: int | None = None, categories: str | None = None):
+    from argparse import Namespace
+
+    return Namespace(split=split, limit=limit, categories=categories)
+
+
+def test_select_keeps_the_split_the_categories_and_a_limit_per_category():
+    from harness import select
+
+    rows = [{"id": i, "category": c, "split": s} for i, (c, s) in enumerate(
+        [("a", "measure"), ("a", "tune"), ("b", "measure"), ("a", "measure"), ("c", "measure"), ("b", "measure")])]
+    assert [r["id"] for r in select(rows, options())] == [0, 2, 3, 4, 5]
+    assert [r["id"] for r in select(rows, options(limit=1))] == [0, 2, 4]
+    assert [r["id"] for r in select(rows, options(categories="b,c"))] == [2, 4, 5]
+    assert [r["id"] for r in select(rows, options(split="tune"))] == [1]
+
+
+def test_count_adds_each_rows_step_counters_and_a_baseline_only_its_tokens_and_seconds():
+    from types import SimpleNamespace
+
+    from harness import count
+
+    row = SimpleNamespace(steps=4, draft_ms=1.0, verify_ms=8.0, observe_ms=0.5, phase_ms={"draft": 1.0},
+                          paused_steps=1, accepted_by_source={"pld": 6}, drafted_by_source={"pld": 9})
+    bucket = defaultdict(float)
+    count(bucket, 10, 0.5, [row, row])  # a batch of two rows
+    count(bucket, 7, 0.25, [])  # a baseline
+    assert dict(bucket) == {"prompts": 2, "seconds": 0.75, "tokens": 17, "steps": 8, "draft_ms": 2.0,
+                            "verify_ms": 16.0, "observe_ms": 1.0, "phase_draft": 2.0, "paused_steps": 2,
+                            "accepted_pld": 12, "drafted_pld": 18}
+
+
+def test_repeated_traffic_keeps_or_drops_whole_groups_with_both_passes():
+    from repeated import groups
+
+    rows = read_jsonl(DATA / "repeated" / "traffic.jsonl")
+    kept = groups(rows, options(limit=1))
+    by_group = defaultdict(set)
+    for row in kept:
+        by_group[row["group"]].add((row["pass"], row["step"]))
+        assert row["split"] == "measure"
+    assert sorted({row["set"] for row in kept}) == ["agent", "extraction", "questions"] and len(by_group) == 3
+    for group, requests in by_group.items():
+        assert requests == {(row["pass"], row["step"]) for row in rows if row["group"] == group}  # every request
+    assert [row["id"] for row in kept] == [row["id"] for row in rows if row["group"] in by_group]  # in send order
+
+
+def test_long_docs_without_the_corpus_says_what_to_run_and_skips(monkeypatch, tmp_path, capsys):
+    import long_docs
+
+    monkeypatch.setattr(long_docs, "CORPUS", tmp_path / "missing")
+    monkeypatch.setattr(sys, "argv", ["long_docs.py", "--limit", "1"])
+    long_docs.main()  # returns: no model loaded, no index built
+    assert "make workloads" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
