@@ -59,6 +59,9 @@ class Case:
     references: tuple[str, ...] = ()
 
 
+WARM_UP_PROMPT = "Name three colours."  # in no benchmark's data
+
+
 def chat_ids(tokenizer, messages: str | Sequence[dict]) -> np.ndarray:
     """(p,) int32 ids of one user message (a string) or a chat (``{"role", "content"}`` dicts) in the template."""
     if isinstance(messages, str):
@@ -74,13 +77,14 @@ def harness_arguments(parser: argparse.ArgumentParser, methods: str = "ar,pld,au
                         help="comma-separated methods of ours (retrieval_spec.drafters.registry.METHODS; `ar` is our "
                              "loop drafting nothing); NAME@2 runs a second, independent instance of NAME: how far two "
                              "identical methods differ per category is the noise floor of any per-category comparison")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-hf-pld", action="store_true", help="skip transformers' prompt lookup baseline")
     parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
-    parser.add_argument("--budget", type=int, default=64, help="most draft nodes per step (GenerationConfig.tree_budget)")
+    parser.add_argument("--budget", type=int, default=GenerationConfig.tree_budget,
+                        help="most draft nodes per step (GenerationConfig.tree_budget)")
     parser.add_argument("--cost", default="learned",
                         help="learned: the cached or probed curve, then learned from real steps (the default engine); "
                              "flat: verification as cheap at 64 nodes as at 1 (a GPU-like curve), fixed; "
@@ -209,9 +213,11 @@ class Harness:
         self.drafters[method] = drafters
         return SpeculativeGenerator(self.model, self.tokenizer, drafters, cost_curve=self.fixed_curve)
 
-    def warm_up(self, ids: np.ndarray) -> None:
-        """Eight tokens of every method: lazy initialisation, and each generator's cost model learned from the
-        same starting curve."""
+    def warm_up(self) -> None:
+        """Eight tokens of every method on a prompt no benchmark measures (a measured one would leave eight tokens
+        of its answer in the output history a method drafts from): lazy initialisation, and each generator's cost
+        model learned from the same starting curve."""
+        ids = chat_ids(self.tokenizer, WARM_UP_PROMPT)
         hf_generate(self.model, ids, 8)
         for generator in self.generators.values():
             if self.start_curve is not None:
@@ -324,11 +330,11 @@ def select(rows: Iterable[dict], args, category: Callable[[dict], str] = lambda 
 
 
 def run_cases(bench: Harness, cases: Iterable[Case], desc: str, total: int | None = None, warm: bool = True) -> None:
-    """Warm every method up on the first case (unless ``warm`` is false), then run them all (cases may be made as
+    """Warm every method up before the first case (unless ``warm`` is false), then run them all (cases may be made as
     they are asked for)."""
     for i, case in enumerate(tqdm(cases, desc=desc, total=total)):
         if i == 0 and warm:
-            bench.warm_up(case.ids)
+            bench.warm_up()
         bench.run(case)
 
 

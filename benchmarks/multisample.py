@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="GSM8K problems (Spec-Bench math_reasoning; default: all of the split)")
     parser.add_argument("--samples", default="8", help="comma-separated N")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="JSON path (default results/multisample_<model>.json)")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import pipeline
 
 from common import ROOT, spec_bench, write_chart, write_json
+from retrieval_spec.config import GenerationConfig
 from retrieval_spec import hf
 from retrieval_spec.drafters.registry import METHODS
 from retrieval_spec.models import load_model
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
     parser.add_argument("--limit", type=int, default=4, help="prompts per category")
     parser.add_argument("--categories", help="comma-separated subset of categories")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--out", type=Path, help="JSON path (default results/pipeline_<model>.json)")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from common import ROOT, prompt_ids, spec_bench
+from retrieval_spec.config import GenerationConfig
 from retrieval_spec.models import load_model
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=8, help="prompts per category")
     parser.add_argument("--skip", type=int, default=3,
                         help="first prompts of each category left out (spec_bench.py measures them)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)

@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=Path, default=ROOT / "results" / "plain_smollm2-135m.jsonl")
     parser.add_argument("--methods", default="pld")
-    parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=GenerationConfig.tree_budget)
     parser.add_argument("--vocab-size", type=int, default=49152, help="the recorded model's vocabulary size")
     parser.add_argument("--cost", help="what a forward of k nodes costs: flat (a GPU-like curve: 64 nodes cost one "
                                        "step), a JSON file {sizes, ms}, or (default) SmolLM2 on a 2-core CPU")

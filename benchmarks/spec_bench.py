@@ -51,7 +51,7 @@ def main() -> None:
         for generator in bench.generators.values():
             generator.sizer.max_branch_overhead = args.branch_overhead
     rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
-    bench.warm_up(prompt_ids(bench.tokenizer, rows[0]))
+    bench.warm_up()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.load else None
     try:
         for row in tqdm(rows, desc="spec-bench"):
