@@ -85,9 +85,13 @@ def main() -> None:
     args = parser.parse_args()
     records = recordings(args.records or ROOT / "results" / f"plain_{args.model}.jsonl", args.model)
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    batches = [int(batch) for batch in args.batch.split(",")]
+    if max(batches) > len(records):
+        parser.error(f"--batch {max(batches)} needs as many recordings; {len(records)} are stored (record more: "
+                     f"python benchmarks/record_plain.py --limit 2 --skip 3)")
     lines = []
     for method in args.methods.split(","):
-        for batch in map(int, args.batch.split(",")):
+        for batch in batches:
             measure(method, records[: max(batch, 1)], batch, args.nodes, args.vocab_size, clock)  # warm-up
             lines.append({**measure(method, records, batch, args.nodes, args.vocab_size, clock), "clock": args.clock})
             print(json.dumps(lines[-1]), flush=True)
