@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .files import replace_atomically
+from .files import disk_cache_dir, replace_atomically
 from .linear_forms import FORMS, cpu_name
-from .models import disk_cache_dir
 from .sizing import CostCurve
 from .tree import DraftTree
 from .verifier import PhaseTimer, RowDraft

@@ -13,7 +13,7 @@ removes it on the way out. Nothing of torch is replaced: outside the scope, for 
 every layer and ``torch.nn.functional.linear`` are torch's own.
 
 Choices: one per (weight shape, dtype, row bucket, thread count), timed when a model is first wrapped, never
-inside a forward, and stored per machine and torch version beside the cost curves (``models.disk_cache_dir``), so that
+inside a forward, and stored per machine and torch version beside the cost curves (``files.disk_cache_dir``), so that
 every process on a machine rounds alike. Rows are bucketed (every count up to 8, then 12, 16, 24, 32, 48, 64): a
 row count shares the choice of the next bucket. One row (a plain step) and more than ``MAX_ROWS`` rows (prefills)
 always run torch's form, so plain decoding's arithmetic is untouched; the two forms round differently in the last
@@ -37,8 +37,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .files import replace_atomically
-from .models import disk_cache_dir
+from .files import disk_cache_dir, replace_atomically
 
 MAX_ROWS = 64
 ROW_BUCKETS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, MAX_ROWS)

@@ -6,7 +6,7 @@ to a marker file saying a build wrote them, renames that to ``index/gen-<id>/`` 
 ``index/manifest.json``, which names the generation, by an atomic rename: that rename is the commit. A build
 killed at any point before it leaves the previous manifest and the files it names untouched; after it, the
 previous generation is deleted. The same publication serves a datastore (its manifest names each shard as
-``gen-<id>/shard-00000``) and the dense passage index beside it (its manifest has a ``generation`` field).
+``gen-<id>/shard-00000``), with the dense passage index of a ``--dense`` build inside the same generation.
 
 What a build may delete: generations and staging directories whose marker, a file a build writes into its
 staging directory, names them (the previous generation, leftovers of killed builds). What a manifest names is
@@ -106,18 +106,17 @@ class Staging:
         generation: the name ``directory`` is published under; the manifest names the files through it.
     """
 
-    def __init__(self, index: Path, *, force: bool, format_name: str = FORMAT_NAME) -> None:
+    def __init__(self, index: Path, *, force: bool) -> None:
         """Check ``index``, create it if needed, take its lock and create the staging directory.
 
         Args:
             index: the directory to publish into.
             force: replace an index already there.
-            format_name: the ``format`` of the manifests this build writes (and may replace).
 
         Raises:
             InputError: ``index`` holds an index and ``force`` is false; it holds a ``manifest.json`` that is not
-                one of ``format_name``, or entries no build wrote without an index of ours; another build holds
-                its lock.
+                a datastore's (``FORMAT_NAME``), or entries no build wrote without an index of ours; another build
+                holds its lock.
             OutputError: ``index`` cannot be created or written.
         """
         check_output_directory(index, "index directory")
@@ -128,7 +127,7 @@ class Staging:
         self._lock: BuildLock | None = None
         try:
             self._lock = BuildLock(index)
-            _check_ownership(index, force, format_name)
+            _check_ownership(index, force)
             self.generation = f"{GENERATION_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
             self.directory = index / f"{STAGING_PREFIX}{self.generation}"
             self.directory.mkdir()
@@ -181,11 +180,11 @@ class Staging:
                 pass
 
 
-def _check_ownership(index: Path, force: bool, format_name: str) -> None:
+def _check_ownership(index: Path, force: bool) -> None:
     """Refuse a directory that holds something a build of ours did not write, unless it holds our index."""
     manifest = index / MANIFEST
     if manifest.exists():
-        if not _is_our_manifest(manifest, format_name):
+        if not _is_our_manifest(manifest):
             raise InputError(f"{manifest}: not a retrieval-spec index manifest; build-index writes only into a new "
                              "or empty directory or over an index it built: choose another output directory")
         if not force:
@@ -198,13 +197,13 @@ def _check_ownership(index: Path, force: bool, format_name: str) -> None:
                          "build-index writes only into a new or empty directory or over an index it built")
 
 
-def _is_our_manifest(path: Path, format_name: str) -> bool:
-    """Whether ``path`` is a JSON object of ``format_name`` (of any version: an older index may be replaced)."""
+def _is_our_manifest(path: Path) -> bool:
+    """Whether ``path`` is a datastore manifest (``FORMAT_NAME``, of any version: an older index may be replaced)."""
     try:
         manifest = strict_json.parse(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # unreadable, not UTF-8, or JSON we refuse (JsonProblem)
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == format_name
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 
 def _is_marked(entry: Path) -> bool:

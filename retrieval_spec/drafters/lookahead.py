@@ -139,7 +139,7 @@ class LookaheadDrafter(Drafter):
         arrays, meta = read_state(directory / FILE, FORMAT_VERSION, tokenizer_sha256, vocab_size=vocab_size,
                                   shapes={"keys": ("keys",), "grams": ("keys", "guesses", self.config.ngram - 1)},
                                   limits={"keys": self.config.max_keys, "guesses": self.config.guesses})
-        if meta.get("ngram") != self.config.ngram or "keys" not in arrays or "grams" not in arrays:
+        if meta.get("ngram") != self.config.ngram:
             raise DatastoreFormatError(
                 f"{directory / FILE}: n-gram size {meta.get('ngram')}, expected {self.config.ngram}")
         self.pool = OrderedDict()
