@@ -156,6 +156,7 @@ class TreeCache:
             accepted: per row, (m_b,) increasing node indices, root first, of the tree it last verified (the
                 nodes occupy appended slots ``width + node``).
         """
+        layers = self._layers()
         counts = np.array([len(a) for a in accepted], dtype=np.int64)
         new_lengths = self.lengths + counts
         same_start = bool(np.all(self.lengths == self.width))
@@ -167,34 +168,35 @@ class TreeCache:
                 source[b] = self.width + nodes[-1]  # filler for slots past the row's new length: stale
                 source[b, : len(nodes)] = self.width + nodes
             target = self.lengths[:, None] + np.arange(most)
-            device = self._device()
+            device = _device(layers)
             row = torch.arange(len(accepted), device=device)[:, None]
             source_t = torch.as_tensor(source, device=device)
             target_t = torch.as_tensor(target, device=device)
-            for layer in self._layers():
+            for layer in layers:
                 for buffer in (layer.buffer_keys, layer.buffer_values):
                     buffer[row, :, target_t] = buffer[row, :, source_t]
         self.lengths = new_lengths
         self.width = int(new_lengths.max(initial=0))
-        self._truncate()
+        self._truncate(layers)
 
     def rollback(self) -> None:
         """Drop every slot the last forward appended (a probe's, or a step that will not be committed)."""
-        self._truncate()
+        self._truncate(self._layers())
 
     @torch.inference_mode()
     def keep_rows(self, rows: np.ndarray) -> None:
         """Keep only the given rows (indices into the current batch), in that order."""
         self.lengths = self.lengths[rows]
         self.width = int(self.lengths.max(initial=0))
-        index = torch.as_tensor(rows, dtype=torch.long, device=self._device())
+        layers = self._layers()
+        index = torch.as_tensor(rows, dtype=torch.long, device=_device(layers))
         prefix = bool(np.array_equal(rows, np.arange(len(rows))))
-        for layer in self._layers():
+        for layer in layers:
             layer.keep_rows(index, prefix)
-        self._truncate()
+        self._truncate(layers)
 
-    def _truncate(self) -> None:
-        for layer in self._layers():
+    def _truncate(self, layers: list[SlotLayer]) -> None:
+        for layer in layers:
             layer.filled = self.width
 
     def _layers(self) -> list[SlotLayer]:
@@ -205,6 +207,7 @@ class TreeCache:
                 layers[i] = SlotLayer.holding(layer.keys, layer.values, layer.keys.shape[2] + HEADROOM)
         return [layer for layer in layers if isinstance(layer, SlotLayer)]
 
-    def _device(self) -> torch.device:
-        layers = self._layers()
-        return layers[0].buffer_keys.device if layers else torch.device("cpu")
+
+def _device(layers: list[SlotLayer]) -> torch.device:
+    """Where the cache's buffers live (the CPU before any forward filled them)."""
+    return layers[0].buffer_keys.device if layers else torch.device("cpu")

@@ -359,10 +359,9 @@ class ModelVerifier:
     def _largest_tree_difference(self) -> float:
         """Largest difference, relative to the logits' scale, between a small tree's logits and plain forwards':
         the tree verified after a cached prompt, and the same tree in the prompt's prefill."""
-        vocab = int(self.model.config.get_text_config(decoder=True).vocab_size)
         rng = np.random.default_rng(0)
-        prompt = rng.integers(0, vocab, 12).astype(np.int32)
-        tree = DraftTree(tokens=np.append(prompt[-1:], rng.integers(0, vocab, 3)).astype(np.int32),
+        prompt = rng.integers(0, self.vocab_size, 12).astype(np.int32)
+        tree = DraftTree(tokens=np.append(prompt[-1:], rng.integers(0, self.vocab_size, 3)).astype(np.int32),
                          parents=np.array([-1, 0, 0, 2], dtype=np.int32),
                          scores=np.ones(4, dtype=np.float32), sources=np.zeros(4, dtype=np.uint8))
         self.reset([prompt])

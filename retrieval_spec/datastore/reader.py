@@ -402,14 +402,15 @@ def read_parquet(path: Path, max_rows: int) -> pa.Table:
     :data:`MAX_VALUES_PER_ROW` values a row.
     """
     try:
-        metadata = pq.read_metadata(path)
-        if metadata.num_rows > max_rows:
-            raise damaged(path, f"{metadata.num_rows} rows, more than the {max_rows} its shard can hold")
-        values = sum(metadata.row_group(group).column(column).num_values
-                     for group in range(metadata.num_row_groups) for column in range(metadata.num_columns))
-        if values > MAX_VALUES_PER_ROW * max(metadata.num_rows, 1):
-            raise damaged(path, f"{values} values in {metadata.num_rows} rows")
-        return pq.read_table(path, page_checksum_verification=True)
+        with pq.ParquetFile(path, page_checksum_verification=True) as file:  # opened, its footer parsed, once
+            metadata = file.metadata
+            if metadata.num_rows > max_rows:
+                raise damaged(path, f"{metadata.num_rows} rows, more than the {max_rows} its shard can hold")
+            values = sum(metadata.row_group(group).column(column).num_values
+                         for group in range(metadata.num_row_groups) for column in range(metadata.num_columns))
+            if values > MAX_VALUES_PER_ROW * max(metadata.num_rows, 1):
+                raise damaged(path, f"{values} values in {metadata.num_rows} rows")
+            return file.read()
     except (pa.ArrowException, OSError) as error:
         raise damaged(path, f"not readable as Parquet ({' '.join(str(error).split())})") from None
 

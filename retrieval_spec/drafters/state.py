@@ -134,7 +134,7 @@ def _read_array(target: Path, archive: zipfile.ZipFile, members: Mapping[str, zi
         data = f.read(size)
     if len(data) != size:
         raise DatastoreFormatError(f"{target}: array {name!r} is truncated ({len(data)} of {size} bytes)")
-    array = np.frombuffer(bytearray(data), dtype=dtype)
+    array = np.frombuffer(data, dtype=dtype)  # read-only: every reader copies what it keeps
     return array.reshape(actual, order="F" if fortran_order else "C")
 
 
