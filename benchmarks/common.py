@@ -30,6 +30,7 @@ def split_of(key: str) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a UTF-8 JSONL file, blank lines skipped."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -56,7 +57,7 @@ def spec_bench(limit: int | None = None, categories: list[str] | None = None, pa
     The benchmarks measure the first rows of each category; tuning (``record_plain.py --skip 3``) uses later
     ones, so nothing is tuned on the prompts it is measured on.
     """
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     counts: dict[str, int] = {}
     picked = []
     for row in rows:
@@ -72,10 +73,10 @@ def spec_bench(limit: int | None = None, categories: list[str] | None = None, pa
 
 def prompt_ids(tokenizer, row: dict) -> np.ndarray:
     """The first turn of a row, in the model's chat template, as int32 token ids."""
+    from retrieval_spec.generate import encode
     from retrieval_spec.models import chat_prompt
 
-    text = chat_prompt(tokenizer, row["turns"][0])
-    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    return encode(tokenizer, chat_prompt(tokenizer, row["turns"][0]))
 
 
 def write_json(path: Path, data) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,11 @@ from retrieval_spec.chat import render_messages
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curve, store_cost_curve
 from retrieval_spec.datastore.manifest import tokenizer_fingerprint
+from retrieval_spec.demo import plain_generate as hf_generate
 from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.base import Drafter
 from retrieval_spec.drafters.registry import make_drafters
-from retrieval_spec.generate import SpeculativeGenerator
+from retrieval_spec.generate import SpeculativeGenerator, encode
 from retrieval_spec.linear_forms import cpu_name
 from retrieval_spec.models import load_model
 from retrieval_spec.sizing import CostCurve
@@ -66,8 +66,7 @@ def chat_ids(tokenizer, messages: str | Sequence[dict]) -> np.ndarray:
     """(p,) int32 ids of one user message (a string) or a chat (``{"role", "content"}`` dicts) in the template."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    text = render_messages(tokenizer, messages)
-    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    return encode(tokenizer, render_messages(tokenizer, messages))
 
 
 def harness_arguments(parser: argparse.ArgumentParser, methods: str = "ar,pld,auto") -> None:
@@ -93,22 +92,6 @@ def harness_arguments(parser: argparse.ArgumentParser, methods: str = "ar,pld,au
     parser.add_argument("--poison-curve", help="start the learned curve from a wrong cached one: flat, spike "
                                                "(one size 10x dearer), slow (everything 1.5x) or a JSON file")
     parser.add_argument("--out", type=Path, help="JSON path (default results/<benchmark>_<model>.json)")
-
-
-def hf_generate(model, ids: np.ndarray, max_new_tokens: int, **kwargs) -> tuple[np.ndarray, float]:
-    tensor = torch.as_tensor(ids[None], dtype=torch.long, device=model.device)
-    kwargs.setdefault("do_sample", False)
-    synchronize(model.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens, **kwargs)
-    synchronize(model.device)
-    return out[0, len(ids):].cpu().numpy(), time.perf_counter() - start
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def agreeing_prefix(ours: np.ndarray, plain: np.ndarray) -> int:
@@ -260,9 +243,9 @@ class Harness:
         totals, self.totals = self.totals, defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
         return totals
 
-    def report(self, totals: dict | None = None, **fields) -> dict:
+    def report(self, **fields) -> dict:
         """The run's settings, ``fields`` (the benchmark's own), mismatches, agreement, what each generator
-        learned, and per category and method :func:`summarize` of ``totals`` (default: this pass's)."""
+        learned, and per category and method :func:`summarize` of the totals."""
         args = self.args
         curve = self.start_curve
         report = {"model": args.model, "device": str(self.model.device), "cpu": cpu_name(), "dtype": args.dtype,
@@ -277,7 +260,7 @@ class Harness:
                                                "agreeing_prefix_share": round(c["prefix"] / max(c["tokens"], 1), 4)}
                                            for m, c in self.agreement.items()},
                   "tuning": {m: g.tuning_report() for m, g in self.generators.items()}}
-        report["categories"] = summarize(self.totals if totals is None else totals, self.methods)
+        report["categories"] = summarize(self.totals, self.methods)
         return report
 
     def finish(self, report: dict, out: Path, title: str) -> None:

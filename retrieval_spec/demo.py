@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .config import GenerationConfig
+from .costs import synchronize
 from .drafters.registry import make_drafters
 from .generate import SpeculativeGenerator, encode
 from .models import chat_prompt, load_model
@@ -43,11 +44,14 @@ def run_demo(model_name: str = "smollm2-135m", max_new_tokens: int = GenerationC
     }
 
 
-def plain_generate(model, ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, float]:
-    """(n,) new token ids of transformers' greedy ``generate()`` and its wall seconds."""
+def plain_generate(model, ids: np.ndarray, max_new_tokens: int, **kwargs) -> tuple[np.ndarray, float]:
+    """(n,) new token ids of transformers' ``generate()`` (greedy unless ``kwargs`` say otherwise: they are
+    ``generate()``'s) and its wall seconds, CUDA synchronised. The benchmarks' baseline too."""
     tensor = torch.as_tensor(ids[None], dtype=torch.long, device=model.device)
+    kwargs.setdefault("do_sample", False)
+    synchronize(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), do_sample=False,
-                             max_new_tokens=max_new_tokens)
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens, **kwargs)
+    synchronize(model.device)
     return out[0, len(ids):].cpu().numpy(), time.perf_counter() - start

@@ -109,7 +109,8 @@ class DraftTree:
                                  self.matches[:n])
 
     def select(self, keep: np.ndarray) -> DraftTree:
-        """The sub-tree of nodes ``keep`` ((k,) increasing indices, root first, closed under ancestors)."""
+        """The sub-tree of nodes ``keep`` ((k,) indices, root first, closed under ancestors, every parent before
+        its children), re-indexed in that order."""
         new_index = np.full(len(self), -1, dtype=np.int32)
         new_index[keep] = np.arange(len(keep), dtype=np.int32)
         parents = self.parents[keep].copy()
@@ -344,12 +345,7 @@ def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) ->
     if max_depth is not None:
         order = order[depth[order] <= max_depth]
     keep = order[: max_nodes + 1].astype(np.int64)
-    new_index = np.full(len(tree), -1, dtype=np.int32)
-    new_index[keep] = np.arange(len(keep), dtype=np.int32)
-    parents = tree.parents[keep].copy()
-    parents[1:] = new_index[parents[1:]]
-    kept = DraftTree.trusted(tree.tokens[keep], parents, tree.scores[keep], tree.sources[keep], tree.matches[keep])
-    return kept, keep
+    return tree.select(keep), keep
 
 
 @dataclass(frozen=True)
