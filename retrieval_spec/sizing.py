@@ -113,6 +113,35 @@ def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int =
     return int(np.argmax(expected / curve.relative(k + fixed)))
 
 
+def allocate(scores: Sequence[np.ndarray], cost: StepCost) -> np.ndarray:
+    """How many tokens of each row's chain to verify when the rows share one step of any total size (TETRIS).
+
+    A serving engine that verifies flattened per-request drafts (vLLM) pays for the step's total tokens, not for
+    the longest row. So the step keeps the ``B`` candidate tokens of the whole batch most likely to be accepted,
+    with ``B`` maximising the expected tokens of the step (one per row, plus the kept scores) per unit of its
+    cost (``cost.ms(rows + B)``). A row's scores never rise along its chain, so the kept tokens of each row are a
+    prefix of it, and a row whose candidates keep failing (low scores) gets none while others are long.
+
+    Args:
+        scores: per row, (m_b,) non-increasing estimated probabilities that the target accepts each prefix of
+            its chain.
+        cost: the step's cost in its total tokens.
+
+    Returns:
+        (rows,) int64, each in ``[0, m_b]``.
+
+    >>> allocate([np.array([.9, .8, .2]), np.array([.3])], StepCost.line(10.0, 2.0)).tolist()
+    [2, 0]
+    """
+    rows = len(scores)
+    flat = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores]) if rows else np.zeros(0)
+    owner = np.repeat(np.arange(rows), [len(s) for s in scores])
+    order = np.argsort(-flat, kind="stable")  # ties keep a row's own order: its kept tokens stay a prefix
+    expected = rows + np.concatenate([[0.0], np.cumsum(flat[order])])
+    kept = int(np.argmax(expected / cost.ms(rows + np.arange(len(flat) + 1))))
+    return np.bincount(owner[order[:kept]], minlength=rows)
+
+
 class CostModel:
     """The cost of verifying k nodes per row on this machine, learned from every real step; a probe is the prior.
 
@@ -444,3 +473,58 @@ class BatchSizing:
         """The batch ended: store the learned curve (for the next process) when a step taught it anything."""
         if self.model is not None and self.model.observed.any():
             self.sizer.costs.store_costs(self.rows, self.model.curve())
+
+
+class StepCost:
+    """The time of one serving-engine step as a line in the tokens it verifies: ``base_ms + per_token_ms * t``.
+
+    Learned from the engine's own steps (:meth:`observe`): of the last ``window`` steps, split into four groups
+    by their token counts, each group's ``quantile`` time (another process only ever adds time) at its median
+    token count, and the least-squares line through those points (slope at least 0). Until ``min_steps`` steps
+    with different token counts were seen, the step is priced flat: every draft looks free, as on a GPU far
+    from its compute bound.
+
+    Args:
+        window: recent steps kept.
+        min_steps: steps needed before the line is fitted.
+        quantile: of each group's times, the one taken as its cost.
+    """
+
+    def __init__(self, window: int = 64, min_steps: int = 8, quantile: float = 0.25) -> None:
+        self.window, self.min_steps, self.quantile = window, min_steps, quantile
+        self.tokens = np.zeros(window)
+        self.times = np.zeros(window)
+        self.observed = 0
+        self.base_ms, self.per_token_ms = 1.0, 0.0
+
+    @classmethod
+    def line(cls, base_ms: float, per_token_ms: float) -> StepCost:
+        """A fixed line (tests, and what a fitted model holds)."""
+        cost = cls()
+        cost.base_ms, cost.per_token_ms = float(base_ms), float(per_token_ms)
+        return cost
+
+    def ms(self, tokens: np.ndarray | int) -> np.ndarray:
+        """Estimated milliseconds of a step verifying ``tokens`` tokens in all."""
+        return self.base_ms + self.per_token_ms * np.asarray(tokens, dtype=np.float64)
+
+    def observe(self, tokens: int, ms: float) -> None:
+        """A step verified ``tokens`` tokens (drafts and one per request) in ``ms`` milliseconds."""
+        if not (ms > 0 and np.isfinite(ms)) or tokens < 1:
+            return
+        slot = self.observed % self.window
+        self.tokens[slot], self.times[slot] = tokens, ms
+        self.observed += 1
+        seen = min(self.observed, self.window)
+        tokens_seen, times = self.tokens[:seen], self.times[:seen]
+        if seen < self.min_steps or np.ptp(tokens_seen) < 1:
+            return
+        groups = [g for g in np.array_split(np.argsort(tokens_seen, kind="stable"), 4) if len(g)]
+        x = np.array([np.median(tokens_seen[g]) for g in groups])
+        y = np.array([np.quantile(times[g], self.quantile) for g in groups])
+        if np.ptp(x) == 0:
+            return
+        slope, intercept = np.polyfit(x, y, 1)
+        self.per_token_ms = max(float(slope), 0.0)
+        self.base_ms = max(float(np.mean(y - self.per_token_ms * x)) if slope < 0 else float(intercept),
+                           0.05 * float(np.min(y)))

@@ -6,12 +6,15 @@
 rows condensed when a request leaves (the last row moves into the hole); ``sampled_token_ids`` a list of Python
 int lists, empty for a prefill chunk; greedy verification of each row's last draft against the output the target
 would give; finished requests dropped from ``requests`` before the next step; and, on a request's last step,
-tokens written past its real end (max_tokens, EOS), as vLLM's runner does.
+tokens written past its real end (max_tokens, EOS), as vLLM's runner does. Its clock advances by what each step
+would cost the engine: ``base_ms + per_token_ms`` for every token it verifies (flat by default, a GPU far from its
+compute bound).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,8 +45,11 @@ def vllm_config(k: int = 4, max_model_len: int = 256, **settings) -> SimpleNames
 class FakeVllm:
     """vLLM's model runner as the proposer sees it, with greedy verification against known outputs."""
 
-    def __init__(self, max_num_reqs: int = 8, max_model_len: int = 256) -> None:
+    def __init__(self, max_num_reqs: int = 8, max_model_len: int = 256, base_ms: float = 20.0,
+                 per_token_ms: float = 0.0) -> None:
         self.max_model_len = max_model_len
+        self.base_ms, self.per_token_ms = base_ms, per_token_ms
+        self.now = 0.0  # seconds
         self.token_ids_cpu = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
         self.num_tokens_no_spec = np.zeros(max_num_reqs, dtype=np.int32)
         self.input_batch = SimpleNamespace(req_ids=[], num_prompt_tokens=np.zeros(max_num_reqs, dtype=np.int32))
@@ -126,6 +132,7 @@ class FakeVllm:
             sampled.append(new.tolist())
             self.accepted += accepted
             self.drafted += len(draft)
+        self.now += (self.base_ms + self.per_token_ms * (len(sampled) + sum(map(len, self.drafts.values())))) / 1e3
         drafts = proposer.propose(sampled, self.num_tokens_no_spec, self.token_ids_cpu, slot_mappings=None)
         assert isinstance(drafts, list) and len(drafts) == len(sampled)
         for draft in drafts:
@@ -145,7 +152,7 @@ def runner_load_model(self) -> None:
 
 def proposer_for(engine: FakeVllm, k: int = 4, **settings) -> RetrievalProposer:
     config = vllm_config(k, engine.max_model_len, **settings)
-    return RetrievalProposer(config, batch=RunnerView(engine), fingerprint=FINGERPRINT)
+    return RetrievalProposer(config, batch=RunnerView(engine), fingerprint=FINGERPRINT, clock=lambda: engine.now)
 
 
 def copy_task(offset: int, length: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +344,10 @@ def test_load_model_finds_the_runner_that_holds_the_proposer():
     ({"method": "pld+nope"}, "unknown drafter"),
     ({"method": "pld+rest"}, "needs retrieval_spec.index"),
     ({"min_path_prob": 2.0}, "min_path_prob"),
-    ({"cost_ms": [40, -1]}, "cost_ms"),
+    ({"cost_ms": [40, -1], "allocate": "request"}, "cost_ms"),
+    ({"cost_ms": [40, 50]}, "needs allocate='request'"),
+    ({"allocate": "tetris"}, "allocate must be"),
+    ({"stats_file": 3}, "stats_file must be a path"),
 ])
 def test_bad_settings_are_refused_by_name(settings, message):
     with pytest.raises(InputError, match=message):
@@ -349,7 +359,7 @@ def test_a_measured_cost_curve_shortens_drafts():
     lengths = {}
     for cost_ms in (None, [40, 80, 120, 160, 200]):  # None: flat, vLLM on a GPU
         engine = FakeVllm()
-        proposer = proposer_for(engine, method="pld", cost_ms=cost_ms)
+        proposer = proposer_for(engine, method="pld", allocate="request", cost_ms=cost_ms)
         engine.add("a", prompt, output)
         lengths[cost_ms is None] = [len(engine.step(proposer)["a"]) for _ in range(6)]
     assert sum(lengths[False]) < sum(lengths[True])
@@ -368,3 +378,55 @@ def test_vllm_loads_the_proposer_by_its_dotted_name():
     for _ in range(5):
         engine.step(proposer)
     assert engine.accepted > 0
+
+
+def serve(proposer_settings: dict, tasks: list[tuple[np.ndarray, np.ndarray]], per_token_ms: float) -> FakeVllm:
+    """Decode every task to its end in one batch on an engine whose steps cost 20 ms + ``per_token_ms`` a token."""
+    engine = FakeVllm(base_ms=20.0, per_token_ms=per_token_ms)
+    proposer = proposer_for(engine, method="pld", **proposer_settings)
+    for i, (prompt, output) in enumerate(tasks):
+        engine.add(f"r{i}", prompt, output)
+    while any(len(engine.output(r)) < len(engine.targets[r]) for r in engine.input_batch.req_ids):
+        engine.step(proposer)
+    engine.proposer = proposer
+    return engine
+
+
+def test_the_batch_budget_goes_to_the_requests_whose_drafts_are_accepted():
+    """TETRIS against fixed lengths: where a verified token costs a fifth of a step's base, drafting every request's
+    whole chain (its copies from a prompt that the output does not follow) costs more than it gains."""
+    tasks = [copy_task(100 + 50 * i, seed=i) for i in range(3)]
+    rng = np.random.default_rng(5)
+    for i in range(5):  # prompts that repeat, outputs that never follow them: drafts that keep failing
+        prompt = np.tile(np.arange(1, 9, dtype=np.int32) + 10 * i, 4)
+        tasks.append((prompt, np.column_stack([np.tile(prompt[:8], 5), rng.integers(500, 900, 40)]).ravel()))
+    steep = {name: serve({"allocate": name, "min_path_prob": 0.0}, tasks, per_token_ms=4.0)
+             for name in ("batch", "request")}  # request, without cost_ms: every chain whole (fixed lengths)
+    assert steep["batch"].proposer.step_cost.per_token_ms == pytest.approx(4.0, rel=0.1)
+    # Fewer drafted tokens, less time, as many accepted: the failing requests stopped drafting, the copies did not.
+    assert steep["batch"].drafted < 0.7 * steep["request"].drafted
+    assert steep["batch"].now < 0.9 * steep["request"].now
+    assert steep["batch"].accepted >= 0.9 * steep["request"].accepted
+
+
+def test_each_finished_request_reports_its_acceptance_by_source(tmp_path: Path):
+    engine = FakeVllm()
+    stats = tmp_path / "requests.jsonl"
+    proposer = proposer_for(engine, method="pld+history", stats_file=str(stats))
+    prompt, output = copy_task(100)
+    engine.add("chat-1-0123abcd", prompt, output)
+    engine.add("other", *copy_task(300, seed=3))
+    for _ in range(30):
+        engine.step(proposer)
+    accepted_before = engine.accepted
+    engine.finish("chat-1-0123abcd")
+    engine.step(proposer)
+    record = proposer.finished[-1]
+    assert record["request_id"] == "chat-1-0123abcd" and record["external_id"] == "chat-1"
+    assert record["prompt_tokens"] == len(prompt) and record["output_tokens"] == len(output)
+    assert 0 < record["accepted"] <= record["drafted"]
+    assert record["drafted"] == sum(s["drafted"] for s in record["by_source"].values())
+    assert record["accepted"] == sum(s["accepted"] for s in record["by_source"].values())
+    assert set(record["by_source"]) <= {"prompt", "history", "sibling"} and "prompt" in record["by_source"]
+    assert record["accepted"] <= accepted_before == proposer.stats.accepted
+    assert [json.loads(line) for line in stats.read_text().splitlines()] == [record]

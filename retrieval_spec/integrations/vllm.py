@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from os import PathLike
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -52,8 +54,8 @@ from ..datastore.reader import Datastore
 from ..drafters.registry import DRAFTERS, load_state, save_state
 from ..errors import InputError, RetrievalSpecError
 from ..fusion import TreeFuser
-from ..sizing import CostCurve, best_size
-from ..tree import DraftTree, StepFeedback
+from ..sizing import CostCurve, StepCost, allocate, best_size
+from ..tree import DraftTree, Source, StepFeedback
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,16 @@ class ProposerSettings:
             nearly never accepted are left out.
         max_nodes: candidates ranked per request and step (the calibration learns from all of them, the best
             path among them is proposed).
-        cost_ms: measured milliseconds of one engine step verifying 1, 2, ... tokens per request; the draft is
-            cut where a longer one no longer pays for itself. None (the default) is vLLM on a GPU: flat.
+        allocate: how a step's drafts are sized. ``batch`` (the default): across the batch, the candidate
+            tokens most likely to be accepted, as many as pay for the step's learned cost in its total tokens
+            (TETRIS; :func:`~retrieval_spec.sizing.allocate`, :class:`~retrieval_spec.sizing.StepCost`);
+            ``request``: each request on its own, by ``cost_ms``.
+        cost_ms: with ``allocate="request"``, measured milliseconds of one engine step verifying 1, 2, ...
+            tokens per request; the draft is cut where a longer one no longer pays for itself. None (the
+            default) is vLLM on a GPU: flat.
+        stats_file: a JSON Lines file to which one line per finished request is appended: its id (vLLM's
+            internal one, ``request_id``, and the id it was given, ``external_id``), tokens drafted and accepted,
+            overall and by source, and steps.
     """
 
     method: str = "auto"
@@ -90,13 +100,15 @@ class ProposerSettings:
     save_every: int = 16
     min_path_prob: float = 0.1
     max_nodes: int = 32
+    allocate: str = "batch"
     cost_ms: tuple[float, ...] | None = None
+    stats_file: str | None = None
 
     def __post_init__(self) -> None:
         key = CONFIG_KEY
         if not isinstance(self.method, str):
             raise InputError(f"{key}.method must be a string, got {self.method!r} ({type(self.method).__name__})")
-        for name in ("index", "state_dir"):
+        for name in ("index", "state_dir", "stats_file"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, PathLike)):
                 raise InputError(f"{key}.{name} must be a path, got {value!r} ({type(value).__name__})")
@@ -113,6 +125,11 @@ class ProposerSettings:
             raise InputError(f"{CONFIG_KEY}.min_path_prob must lie in [0, 1], got {self.min_path_prob}")
         if self.cost_ms is not None and (not self.cost_ms or min(self.cost_ms) <= 0):
             raise InputError(f"{CONFIG_KEY}.cost_ms must be positive milliseconds for 1, 2, ... tokens")
+        if self.allocate not in ("batch", "request"):
+            raise InputError(f"{CONFIG_KEY}.allocate must be 'batch' or 'request', got {self.allocate!r}")
+        if self.cost_ms is not None and self.allocate == "batch":
+            raise InputError(f"{CONFIG_KEY}.cost_ms sizes each request on its own: it needs allocate='request' "
+                             f"(allocate='batch' learns the cost of the engine's steps itself)")
 
     def drafter_names(self) -> tuple[str, ...]:
         """Names of :data:`~retrieval_spec.drafters.registry.DRAFTERS` that ``method`` runs, in its order.
@@ -239,6 +256,9 @@ class _Request:
     tree: DraftTree  # the candidates ranked at the last step; ``path`` indexes it
     path: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (m,) nodes last proposed
     done: bool = False  # its output ended: whatever the runner writes after that is not output
+    steps: int = 0  # calls that drafted for it
+    drafted: np.ndarray = field(default_factory=lambda: np.zeros(len(Source), dtype=np.int64))  # tokens, by source
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros(len(Source), dtype=np.int64))  # tokens, by source
 
 
 @dataclass
@@ -255,6 +275,23 @@ class ProposerStats:
     seconds: float = 0.0  # inside propose()
 
 
+def request_record(request: Hashable, state: _Request) -> dict:
+    """One finished request's acceptance, as JSON: ids, output tokens, steps, drafted and accepted by source.
+
+    vLLM runs a request under its own id, the one it was given plus ``-`` and 8 hex digits
+    (``InputProcessor.assign_request_id``): ``external_id`` is the one given, which ``RequestOutput.request_id``
+    carries.
+    """
+    name = str(request)
+    head, _, tail = name.rpartition("-")
+    external = head if head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail) else name
+    by_source = {Source(i).name.lower(): {"drafted": int(d), "accepted": int(a)}
+                 for i, (d, a) in enumerate(zip(state.drafted, state.accepted)) if d}
+    return {"request_id": name, "external_id": external, "prompt_tokens": state.prompt_len,
+            "output_tokens": state.seen - state.prompt_len, "steps": state.steps,
+            "drafted": int(state.drafted.sum()), "accepted": int(state.accepted.sum()), "by_source": by_source}
+
+
 class RetrievalProposer:
     """vLLM ``custom_class`` proposer: per request, the best path of the fused, calibrated draft tree.
 
@@ -263,12 +300,19 @@ class RetrievalProposer:
     back to the drafters and to the acceptance model, with how many of them the previous draft had right;
     the fused candidates are ranked; the proposed chain follows the best child from the root and stops at
     ``min(num_speculative_tokens, max_model_len - n - 1)`` tokens, where the cost curve says a longer chain
-    does not pay, or before a token under ``min_path_prob``. Requests that left ``runner.requests`` are
-    finished (their output joins the history drafter) at the start of the next call.
+    does not pay, or before a token under ``min_path_prob``. With ``allocate="batch"`` what pays is decided for
+    the whole batch at once (:func:`~retrieval_spec.sizing.allocate`), on the cost of the engine's steps learned
+    from the time between two calls (a call's drafts and one token per request are what the engine verifies
+    before the next call); every ``EXPLORE_EVERY``-th call drafts as if verification were free, so that the
+    cost of long drafts stays measured. Requests that left ``runner.requests`` are finished (their output joins
+    the history drafter, their figures :attr:`finished` and ``stats_file``) at the start of the next call.
     """
 
+    EXPLORE_EVERY = 16
+
     def __init__(self, vllm_config: Any, *, batch: BatchView | None = None,
-                 fingerprint: TokenizerFingerprint | None = None) -> None:
+                 fingerprint: TokenizerFingerprint | None = None, clock: Callable[[], float] = time.perf_counter
+                 ) -> None:
         """
         Args:
             vllm_config: vLLM's ``VllmConfig`` (or any object with its ``speculative_config``,
@@ -276,6 +320,7 @@ class RetrievalProposer:
             batch: where request ids come from; None: vLLM's runner, found in :meth:`load_model`.
             fingerprint: the served tokenizer's, to check an index and state files against; None: computed from
                 ``model_config.tokenizer`` with transformers, and only when ``index`` or ``state_dir`` is set.
+            clock: seconds, for the step cost and :attr:`stats`.
 
         Raises:
             InputError: bad settings. DatastoreFormatError, TokenizerMismatchError: an index or state file that
@@ -297,14 +342,20 @@ class RetrievalProposer:
         self.drafters = [DRAFTERS[name].build(vocab_size, datastore) for name in self.settings.drafter_names()]
         self.fuser = TreeFuser(self.drafters, vocab_size)
         self.state_dir = Path(self.settings.state_dir) if self.settings.state_dir else None
-        # With tensor parallelism every worker builds a proposer; one of them writes the state files.
-        self._writes_state = self.state_dir is not None and getattr(
-            getattr(vllm_config, "parallel_config", None), "rank", 0) == 0
+        # With tensor parallelism every worker builds a proposer; one of them writes the state and stats files.
+        self._writes_files = getattr(getattr(vllm_config, "parallel_config", None), "rank", 0) == 0
+        self._writes_state = self.state_dir is not None and self._writes_files
         loaded = load_state(self.drafters, self.state_dir, fingerprint.sha256, vocab_size) if self.state_dir else []
         self.batch = batch
+        self.clock = clock
         self.stats = ProposerStats()
+        self.step_cost = StepCost()
+        self.finished: deque[dict] = deque(maxlen=4096)  # the last requests' :func:`request_record`
+        self.stats_file = Path(self.settings.stats_file) if self.settings.stats_file else None
         self._requests: dict[Hashable, _Request] = {}
         self._finished_since_save = 0
+        self._returned_at: float | None = None  # when the last call returned
+        self._proposed_tokens = 0  # tokens the engine verifies after the last call: its drafts, one per row
         logger.info("retrieval-spec proposer: drafters %s, k=%d, index %s, state %s (loaded %s)",
                     "+".join(self.settings.drafter_names()), self.num_speculative_tokens, self.settings.index,
                     self.state_dir, loaded)
@@ -338,19 +389,29 @@ class RetrievalProposer:
         Returns:
             ``len(sampled_token_ids)`` lists of Python ints, each at most ``num_speculative_tokens`` long.
         """
-        started = time.perf_counter()
+        started = self.clock()
         if self.batch is None:
             raise RetrievalSpecError("RetrievalProposer.propose called before load_model() and without a batch view")
         self._reap()
         num_rows = len(sampled_token_ids)
         request_ids = self.batch.request_ids(num_rows)
-        drafts = [
-            self._propose_row(row, request_ids[row], sampled_token_ids[row], int(num_tokens_no_spec[row]),
-                              token_ids_cpu[row])
+        started_before = self.stats.started
+        chains = [
+            self._rank_row(row, request_ids[row], sampled_token_ids[row], int(num_tokens_no_spec[row]),
+                           token_ids_cpu[row])
             for row in range(num_rows)
         ]
+        # The engine's step since the last call verified what that call proposed; a prefill in it (a request
+        # started now, or a chunk still running) makes its time no measure of that.
+        clean = self.stats.started == started_before and all(map(len, sampled_token_ids))
+        if clean and self._returned_at is not None:
+            self.step_cost.observe(self._proposed_tokens, (started - self._returned_at) * 1e3)
+        lengths = self._lengths([scores for _, scores in chains])
+        drafts = [self._draft(state, length) for (state, _), length in zip(chains, lengths)]
+        self._proposed_tokens = sum(len(sampled) > 0 for sampled in sampled_token_ids) + int(sum(map(len, drafts)))
         self.stats.calls += 1
-        self.stats.seconds += time.perf_counter() - started
+        self._returned_at = self.clock()
+        self.stats.seconds += self._returned_at - started
         return drafts
 
     def save(self) -> list[str]:
@@ -369,10 +430,14 @@ class RetrievalProposer:
         self.stats.saves += 1
         return saved
 
-    def _propose_row(self, row: int, request: Hashable | None, sampled: Sequence[int], n: int,
-                     history: np.ndarray) -> list[int]:
+    def _rank_row(self, row: int, request: Hashable | None, sampled: Sequence[int], n: int,
+                  history: np.ndarray) -> tuple[_Request | None, np.ndarray]:
+        """Start or update the row's request and rank its candidates: its state (None: no draft for the row) and
+        the (m,) scores of its best chain, at most ``num_speculative_tokens`` and none under ``min_path_prob``
+        (``state.path`` holds the chain's nodes until :meth:`_draft` cuts it)."""
+        none = (None, np.zeros(0, dtype=np.float32))
         if request is None or not len(sampled) or n < 1:
-            return []
+            return none
         state = self._requests.get(request)
         if state is not None and n < state.seen:  # the id was reused for a new request: start over
             self._finish(request)
@@ -386,10 +451,29 @@ class RetrievalProposer:
         # Ranking with no room (depth <= 0) still resets the fuser's candidates for this request.
         ranked = self.fuser.rank(request, history[:n], self.settings.max_nodes if depth > 0 else 0, max(depth, 0))
         path = best_path(ranked)
-        path = path[: chain_length(ranked.scores[path], self.cost_curve, self.settings.min_path_prob)]
-        state.tree, state.path = ranked, path
-        self.stats.drafted += len(path)
-        return ranked.tokens[path].tolist()
+        scores = ranked.scores[path]
+        below = np.flatnonzero(scores < self.settings.min_path_prob)
+        cut = int(below[0]) if len(below) else len(path)
+        state.tree, state.path = ranked, path[:cut]
+        return state, scores[:cut]
+
+    def _lengths(self, scores: list[np.ndarray]) -> np.ndarray:
+        """How many tokens of each row's chain to propose (see :class:`ProposerSettings`' ``allocate``)."""
+        if self.settings.allocate == "request":
+            return np.array([best_size(s, self.cost_curve) if len(s) else 0 for s in scores], dtype=np.int64)
+        if self.stats.calls % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
+            return np.array([len(s) for s in scores], dtype=np.int64)
+        return allocate(scores, self.step_cost)
+
+    def _draft(self, state: _Request | None, length: int) -> list[int]:
+        """The row's draft: the head ``length`` of its chain, counted by source."""
+        if state is None:
+            return []
+        state.path = state.path[:length]
+        state.steps += 1
+        np.add.at(state.drafted, state.tree.sources[state.path], 1)
+        self.stats.drafted += len(state.path)
+        return state.tree.tokens[state.path].tolist()
 
     def _start(self, request: Hashable, row: int, n: int, num_sampled: int, history: np.ndarray) -> _Request:
         prompt_len = self.batch.prompt_length(row)
@@ -426,6 +510,7 @@ class RetrievalProposer:
         differ = np.flatnonzero(drafted[:comparable] != new_tokens[:comparable])
         accepted = int(differ[0]) if len(differ) else comparable
         self.stats.accepted += accepted
+        np.add.at(state.accepted, state.tree.sources[state.path[:accepted]], 1)
         nodes = np.concatenate([[0], state.path[:accepted]]).astype(np.int32)
         self.fuser.observe(request, StepFeedback(tree=state.tree, accepted_nodes=nodes, new_tokens=new_tokens))
 
@@ -437,7 +522,15 @@ class RetrievalProposer:
 
     def _finish(self, request: Hashable) -> None:
         self.fuser.finish(request)
-        del self._requests[request]
+        record = request_record(request, self._requests.pop(request))
+        self.finished.append(record)
+        if self.stats_file is not None and self._writes_files:
+            try:
+                with open(self.stats_file, "a", encoding="utf-8") as out:
+                    out.write(json.dumps(record) + "\n")
+            except OSError as e:
+                logger.warning("retrieval-spec proposer: could not append to %s: %s", self.stats_file, e)
+                self.stats_file = None
         self.stats.finished += 1
         self._finished_since_save += 1
 
@@ -461,22 +554,6 @@ def best_path(tree: DraftTree) -> np.ndarray:
         node = best[node]
         path.append(node)
     return np.array(path, dtype=np.int64)
-
-
-def chain_length(path_scores: np.ndarray, cost_curve: CostCurve, min_path_prob: float) -> int:
-    """How many tokens of a chain to propose.
-
-    ``path_scores`` ((m,), non-increasing) are the estimated probabilities that the target accepts each
-    prefix. The chain is cut where the cost curve says verifying more no longer raises expected tokens per
-    unit of time (:func:`~retrieval_spec.sizing.best_size`; a flat curve never cuts), then before the first
-    token under ``min_path_prob``.
-
-    >>> chain_length(np.array([.9, .5, .2, .05]), CostCurve.flat(5), 0.1)
-    3
-    """
-    keep = best_size(path_scores, cost_curve) if len(path_scores) else 0
-    below = np.flatnonzero(path_scores[:keep] < min_path_prob)
-    return int(below[0]) if len(below) else int(keep)
 
 
 def _tokenizer_fingerprint(model_config: Any) -> TokenizerFingerprint:
