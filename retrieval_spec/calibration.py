@@ -57,22 +57,32 @@ class AcceptanceModel:
 
     def __init__(self, config: CalibrationConfig = CalibrationConfig()) -> None:
         self.config = config
-        sizes = np.cumprod(config.shape)
-        # Counts are kept divided by ``_scale``, the product of every decay so far: an update multiplies one
-        # number instead of every cell, and adds 1 / _scale where it counts.
-        self._hits = [np.zeros(size) for size in sizes]
-        self._trials = [np.zeros(size) for size in sizes]
+        shape = np.array(config.shape, dtype=np.int64)
+        self._sizes = np.cumprod(shape)  # cells per level
+        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])  # where each level starts
+        # (6, 6): a node's flat cell at level l is sum_j features[j] * _place[l, j] + _offsets[l], where
+        # _place[l, j] is the product of the sizes of the features after j up to l (0 for j > l).
+        levels = len(shape)
+        self._place = np.array([[np.prod(shape[j + 1 : l + 1]) if j <= l else 0 for j in range(levels)]
+                                for l in range(levels)], dtype=np.int64)
+        # Counts of every level in one flat array, kept divided by ``_scale``, the product of every decay so far:
+        # an update multiplies one number instead of every cell, and adds 1 / _scale where it counts.
+        self._hits = np.zeros(int(self._sizes.sum()))
+        self._trials = np.zeros(int(self._sizes.sum()))
         self._scale = 1.0
 
     @property
     def hits(self) -> list[np.ndarray]:
         """Per level of the backoff, coarsest first, the decayed hits of every cell."""
-        return [level * self._scale for level in self._hits]
+        return self._levels(self._hits)
 
     @property
     def trials(self) -> list[np.ndarray]:
         """Per level of the backoff, coarsest first, the decayed trials of every cell."""
-        return [level * self._scale for level in self._trials]
+        return self._levels(self._trials)
+
+    def _levels(self, flat: np.ndarray) -> list[np.ndarray]:
+        return [flat[o : o + n] * self._scale for o, n in zip(self._offsets, self._sizes)]
 
     def features(self, tree: DraftTree, whole_last_step: bool = False,
                  recent: RecentSuccess | None = None) -> np.ndarray:
@@ -86,22 +96,31 @@ class AcceptanceModel:
         parent_scores = tree.scores[np.maximum(tree.parents, 0)]
         conditional = np.divide(tree.scores, parent_scores, out=np.zeros(len(tree)), where=parent_scores > 0)
         buckets = self.config.estimate_buckets
-        return np.stack([
-            tree.sources.astype(np.int64),
-            np.minimum((conditional * buckets).astype(np.int64), buckets - 1),
-            np.digitize(tree.matches, MATCH_EDGES),
-            np.digitize(tree.depths, DEPTH_EDGES),
-            np.full(len(tree), int(whole_last_step)),
-            np.zeros(len(tree), dtype=np.int64) if recent is None else recent.buckets(tree.sources),
-        ], axis=1)
+        out = np.empty((len(tree), 6), dtype=np.int64)
+        out[:, 0] = tree.sources
+        out[:, 1] = np.minimum(conditional * buckets, buckets - 1)  # truncated, as the floor of a non-negative
+        out[:, 2] = np.searchsorted(MATCH_EDGES, tree.matches, side="right")  # np.digitize, without its checks
+        out[:, 3] = np.searchsorted(DEPTH_EDGES, tree.depths, side="right")
+        out[:, 4] = int(whole_last_step)
+        out[:, 5] = 0 if recent is None else recent.buckets(tree.sources)
+        return out
 
     def rates(self, features: np.ndarray) -> np.ndarray:
-        """(n,) learned probability that each node is accepted when its parent is."""
+        """(n,) learned probability that each node is accepted when its parent is.
+
+        Level by level, coarsest first, ``rate = (hits + weight * rate) / (trials + weight)`` starting from the
+        drafter's own estimate: ``rate_l = a_l + b_l * rate_(l-1)``, computed for all levels at once as
+        ``sum_l a_l * prod_(m > l) b_m + prior * prod_m b_m``.
+        """
         weight = self.config.prior_weight
-        rate = (features[:, 1] + 0.5) / self.config.estimate_buckets  # the drafter's own estimate: the prior
-        for cells, hits, trials in zip(self._cells(features), self._hits, self._trials):
-            rate = (hits[cells] * self._scale + weight * rate) / (trials[cells] * self._scale + weight)
-        return rate
+        prior = (features[:, 1] + 0.5) / self.config.estimate_buckets  # the drafter's own estimate
+        cells = self._cells(features)
+        denominator = self._trials[cells] * self._scale + weight
+        a = self._hits[cells] * self._scale / denominator
+        b = weight / denominator  # (n, levels)
+        after = np.ones_like(b)  # after[:, l] = prod of b over the levels after l
+        after[:, :-1] = np.cumprod(b[:, :0:-1], axis=1)[:, ::-1]
+        return (a * after).sum(axis=1) + prior * (b[:, 0] * after[:, 0])
 
     def rescore(self, tree: DraftTree, features: np.ndarray) -> DraftTree:
         """The same tree with every score replaced by the learned probability of accepting its whole path.
@@ -135,16 +154,15 @@ class AcceptanceModel:
         """
         self._scale *= self.config.decay
         if self._scale < 1e-150:  # fold the scale back into the counts before it underflows
-            for level in (*self._hits, *self._trials):
-                level *= self._scale
+            self._hits *= self._scale
+            self._trials *= self._scale
             self._scale = 1.0
         if not tested.any():
             return
-        tried = features[tested]
+        cells = self._cells(features[tested])
         won = (hits & tested)[tested].astype(np.float64) / self._scale
-        for cells, level_hits, level_trials in zip(self._cells(tried), self._hits, self._trials):
-            np.add.at(level_trials, cells, 1.0 / self._scale)
-            np.add.at(level_hits, cells, won)
+        np.add.at(self._trials, cells.ravel(), 1.0 / self._scale)
+        np.add.at(self._hits, cells.ravel(), np.repeat(won, cells.shape[1]))
 
     def summary(self) -> dict:
         """Per source seen: decayed trials and acceptance rate, overall, by matched length and by depth (JSON)."""
@@ -163,13 +181,9 @@ class AcceptanceModel:
             }
         return out
 
-    def _cells(self, features: np.ndarray) -> list[np.ndarray]:
-        """Per level, coarsest first, the flat cell index of every row of ``features``."""
-        cells, index = [], np.zeros(len(features), dtype=np.int64)
-        for column, size in enumerate(self.config.shape):
-            index = index * size + features[:, column]
-            cells.append(index)
-        return cells
+    def _cells(self, features: np.ndarray) -> np.ndarray:
+        """(n, levels) int64: the flat cell of every row of ``features`` at each level, coarsest first."""
+        return features @ self._place.T + self._offsets
 
 
 class RecentSuccess:
@@ -203,9 +217,9 @@ class RecentSuccess:
 
     def buckets(self, sources: np.ndarray) -> np.ndarray:
         """(n,) int64 bucket of each node's source: 0 without a record, else 1 + its rate's bucket."""
-        trials = self.trials[sources]
-        rate = np.divide(self.hits[sources], trials, out=np.zeros(len(sources)), where=trials > 0)
-        return np.where(trials >= self.min_trials, 1 + np.digitize(rate, RECENT_EDGES), 0).astype(np.int64)
+        rate = np.divide(self.hits, self.trials, out=np.zeros(len(self.trials)), where=self.trials > 0)
+        per_source = np.where(self.trials >= self.min_trials, 1 + np.digitize(rate, RECENT_EDGES), 0)
+        return per_source.astype(np.int64)[sources]
 
 
 def _rates(hits: np.ndarray, trials: np.ndarray, labels: list[str]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from .drafters.cross_path import CrossPathDrafter
 from .errors import InputError
 from .fusion import TreeFuser
 from .sizing import BatchSizing, CostCurve, Sizer
-from .tree import Branch, DraftTree, Source, StepFeedback, depths
+from .tree import Branch, DraftTree, Source, StepFeedback
 from .verifier import PhaseTimer, RowDraft, RowResult, Verifier
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ class SpeculativeGenerator:
 
 def _row_draft(row: _Row, tree: DraftTree, branch: Branch | None) -> RowDraft:
     """A row's share of the step: its tree, branch, context and (sampling) the uniforms of its nodes' positions."""
-    uniforms = None if row.uniforms is None else row.uniforms[len(row.output) + depths(tree.parents)]
+    uniforms = None if row.uniforms is None else row.uniforms[len(row.output) + tree.depths]
     return RowDraft(tree, branch, row.context, uniforms)
 
 

@@ -25,7 +25,6 @@ import numpy as np
 from .config import GenerationConfig
 from .errors import InputError
 from .sizing import CostCurve
-from .tree import depths
 from .verifier import PhaseTimer, RowDraft, RowResult
 
 
@@ -152,7 +151,7 @@ class ReplayVerifier:
         recorded token at the same depth, which acceptance never reads (it descends along the path only)."""
         tree, output = row.tree, recording.output
         position = len(row.context) - len(recording.prompt)  # output tokens the context holds
-        depth = depths(tree.parents)
+        depth = tree.depths
         filled = position + depth - 1  # the output index a node's own token would fill (the root: already in)
         matches = (filled < len(output)) & (tree.tokens == output[np.clip(filled, 0, len(output) - 1)])
         on_path = np.ones(len(tree), dtype=bool)

@@ -31,7 +31,7 @@ from .families import AttentionLayout, attention_layout
 from .kv_cache import TreeCache
 from .linear_forms import FewRowLinear
 from .sizing import CostCurve
-from .tree import DraftTree, ancestor_mask, depths
+from .tree import DraftTree, ancestor_mask
 from .verifier import PhaseTimer, RowDraft, RowResult
 
 
@@ -185,7 +185,7 @@ class ModelVerifier:
             visible[:context, :context] = np.tri(context, dtype=bool)
             visible[context:, :context] = True
             visible[context:, context:] = ancestor_mask(tree.parents)
-            offsets = np.concatenate([np.arange(context), context + depths(tree.parents)])
+            offsets = np.concatenate([np.arange(context), context + tree.depths])
             positions, mask = self._attention(np.zeros(1, dtype=np.int64), 0, offsets[None], visible[None])
             extra = {"position_ids": positions, "attention_mask": mask}
         out = self.model(input_ids=torch.as_tensor(ids[None], device=self.device), past_key_values=cache,
@@ -285,7 +285,7 @@ class ModelVerifier:
             n = len(row.tree)
             tokens[b] = row.tree.tokens[0]
             tokens[b, :n] = row.tree.tokens
-            offsets[b, :n] = depths(row.tree.parents)
+            offsets[b, :n] = row.tree.depths
             visible[b, :n, :n] = ancestor_mask(row.tree.parents)
             if row.branch is not None:
                 m = len(row.branch)
