@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from retrieval_spec.sizing import CostCurve
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 SPEC_BENCH = DATA / "spec_bench" / "dev.jsonl"
@@ -77,6 +79,20 @@ def prompt_ids(tokenizer, row: dict) -> np.ndarray:
     from retrieval_spec.models import chat_prompt
 
     return encode(tokenizer, chat_prompt(tokenizer, row["turns"][0]))
+
+
+def read_curve(spec: str) -> CostCurve:
+    """A cost curve named on the command line: ``flat`` (64 nodes cost one step) or a JSON file ``{sizes, ms}``."""
+    if spec == "flat":
+        return CostCurve.flat(64)
+    data = json.loads(Path(spec).read_text())
+    return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line (UTF-8), the folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
 def write_json(path: Path, data) -> None:

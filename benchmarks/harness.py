@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import ROOT, SPLITS, take, write_chart, write_json
+from common import ROOT, SPLITS, read_curve, take, write_chart, write_json
 from retrieval_spec.chat import render_messages
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curve, store_cost_curve
@@ -126,12 +126,7 @@ def table(report: dict, methods: list[str]) -> str:
 
 def forced_cost_curve(args) -> CostCurve | None:
     """The fixed curve of ``--cost`` (None: the engine's learned curve)."""
-    if args.cost == "flat":
-        return CostCurve.flat(64)
-    if args.cost != "learned":
-        data = json.loads(Path(args.cost).read_text())
-        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
-    return None
+    return None if args.cost == "learned" else read_curve(args.cost)
 
 
 def starting_cost_curve(verifier, args) -> CostCurve:
@@ -148,11 +143,7 @@ def starting_cost_curve(verifier, args) -> CostCurve:
             "spike": CostCurve(sizes=true.sizes, ms=np.where(true.sizes == 8, 10 * true.ms, true.ms)),
             "slow": CostCurve(sizes=true.sizes, ms=1.5 * true.ms),
         }
-        if args.poison_curve in poisons:
-            start = poisons[args.poison_curve]
-        else:
-            data = json.loads(Path(args.poison_curve).read_text())
-            start = CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"]))
+        start = poisons[args.poison_curve] if args.poison_curve in poisons else read_curve(args.poison_curve)
     return start
 
 

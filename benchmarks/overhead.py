@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, write_jsonl
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
@@ -39,9 +39,7 @@ def recordings(path: Path, model: str) -> list[Recording]:
         from retrieval_spec.models import load_model
 
         loaded, tokenizer = load_model(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(line) + "\n" for line in record(loaded, tokenizer, spec_bench(1, skip=3),
-                                                                           128, 8)))
+        write_jsonl(path, record(loaded, tokenizer, spec_bench(1, skip=3), 128, 8))
     return [recording for _, recording in Recording.read_jsonl(path)]
 
 
@@ -96,8 +94,7 @@ def main() -> None:
             lines.append({**measure(method, records, batch, args.nodes, args.vocab_size, clock), "clock": args.clock})
             print(json.dumps(lines[-1]), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        write_jsonl(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from common import spec_bench
+from common import spec_bench, write_jsonl
 from retrieval_spec.integrations.vllm import RetrievalProposer
 from retrieval_spec.linear_forms import cpu_name
 from retrieval_spec.models import load_tokenizer
@@ -125,8 +125,7 @@ def main() -> None:
             print(json.dumps(line), flush=True)
             lines.append(line)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        write_jsonl(args.out, lines)
 
 
 if __name__ == "__main__":

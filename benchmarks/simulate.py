@@ -18,14 +18,13 @@ the curve; and the host milliseconds per step the engine itself spent (everythin
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, write_json
+from common import ROOT, read_curve, write_json
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
@@ -39,14 +38,9 @@ DEFAULT_CURVE = CostCurve(sizes=np.array([1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 3
                                        177.0]))
 
 
-def read_curve(spec: str | None) -> CostCurve:
-    """``flat`` (64 nodes cost one step), a JSON file ``{sizes, ms}``, or the default curve."""
-    if spec == "flat":
-        return CostCurve.flat(64)
-    if spec:
-        data = json.loads(Path(spec).read_text())
-        return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
-    return DEFAULT_CURVE
+def curve_of(spec: str | None) -> CostCurve:
+    """``flat``, a JSON file ``{sizes, ms}`` (:func:`common.read_curve`), or the default curve."""
+    return read_curve(spec) if spec else DEFAULT_CURVE
 
 
 def replay(method: str, records: list[tuple[dict, Recording]], curve: CostCurve, prior: CostCurve | None,
@@ -86,8 +80,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
     args = parser.parse_args()
     records = Recording.read_jsonl(args.records)
-    curve = read_curve(args.cost)
-    prior = None if args.learn is None else curve if args.learn == "same" else read_curve(args.learn)
+    curve = curve_of(args.cost)
+    prior = None if args.learn is None else curve if args.learn == "same" else curve_of(args.learn)
     report = {"cost": {"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist()}, "learn": args.learn, "methods": {}}
     for method in args.methods.split(","):
         totals = replay(method, records, curve, prior, args.budget, args.vocab_size)

