@@ -309,6 +309,7 @@ class RetrievalProposer:
     """
 
     EXPLORE_EVERY = 16
+    LOG_EVERY = 512  # calls between two log lines of the proposer's figures (INFO)
 
     def __init__(self, vllm_config: Any, *, batch: BatchView | None = None,
                  fingerprint: TokenizerFingerprint | None = None, clock: Callable[[], float] = time.perf_counter
@@ -412,7 +413,17 @@ class RetrievalProposer:
         self.stats.calls += 1
         self._returned_at = self.clock()
         self.stats.seconds += self._returned_at - started
+        if self.stats.calls % self.LOG_EVERY == 0:
+            logger.info("retrieval-spec proposer: %s", json.dumps(self.summary()))
         return drafts
+
+    def summary(self) -> dict:
+        """The proposer's figures since it started, as JSON: :class:`ProposerStats`, the mean milliseconds per
+        call, and the step cost it learned (``allocate="batch"``)."""
+        return {**{f.name: getattr(self.stats, f.name) for f in fields(self.stats)},
+                "propose_ms_per_call": round(1e3 * self.stats.seconds / max(1, self.stats.calls), 3),
+                "step_base_ms": round(self.step_cost.base_ms, 2),
+                "step_ms_per_token": round(self.step_cost.per_token_ms, 3)}
 
     def save(self) -> list[str]:
         """Save the drafters' learned state (the output history) into ``state_dir``; return the files written.
