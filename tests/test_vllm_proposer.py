@@ -404,7 +404,7 @@ def test_the_batch_budget_goes_to_the_requests_whose_drafts_are_accepted():
              for name in ("batch", "request")}  # request, without cost_ms: every chain whole (fixed lengths)
     summary = json.loads(json.dumps(steep["batch"].proposer.summary()))  # what the proposer logs
     assert summary["step_ms_per_token"] == pytest.approx(4.0, rel=0.1)
-    assert summary["drafted"] == steep["batch"].drafted and summary["calls"] > 0
+    assert summary["accepted"] == steep["batch"].accepted and summary["calls"] > 0
     # Fewer drafted tokens, less time, as many accepted: the failing requests stopped drafting, the copies did not.
     assert steep["batch"].drafted < 0.7 * steep["request"].drafted
     assert steep["batch"].now < 0.9 * steep["request"].now
