@@ -478,19 +478,19 @@ class BatchSizing:
 class StepCost:
     """The time of one serving-engine step as a line in the tokens it verifies: ``base_ms + per_token_ms * t``.
 
-    Learned from the engine's own steps (:meth:`observe`): of the last ``window`` steps, split into four groups
-    by their token counts, each group's ``quantile`` time (another process only ever adds time) at its median
-    token count, and the least-squares line through those points (slope at least 0). Until ``min_steps`` steps
-    with different token counts were seen, the step is priced flat: every draft looks free, as on a GPU far
-    from its compute bound.
+    Learned from the engine's own steps (:meth:`observe`): the least-squares line through the last ``window``
+    steps, fitted again through those at or under its ``quantile`` of residuals (another process only ever adds
+    time, so the quick steps say what a step costs), with a slope of at least 0. Until ``min_steps`` steps with
+    different token counts were seen, the step is priced flat: every draft looks free, as on a GPU far from its
+    compute bound.
 
     Args:
         window: recent steps kept.
         min_steps: steps needed before the line is fitted.
-        quantile: of each group's times, the one taken as its cost.
+        quantile: the share of the steps, quickest for their token counts first, that the line is fitted to.
     """
 
-    def __init__(self, window: int = 64, min_steps: int = 8, quantile: float = 0.25) -> None:
+    def __init__(self, window: int = 64, min_steps: int = 8, quantile: float = 0.5) -> None:
         self.window, self.min_steps, self.quantile = window, min_steps, quantile
         self.tokens = np.zeros(window)
         self.times = np.zeros(window)
@@ -519,12 +519,12 @@ class StepCost:
         tokens_seen, times = self.tokens[:seen], self.times[:seen]
         if seen < self.min_steps or np.ptp(tokens_seen) < 1:
             return
-        groups = [g for g in np.array_split(np.argsort(tokens_seen, kind="stable"), 4) if len(g)]
-        x = np.array([np.median(tokens_seen[g]) for g in groups])
-        y = np.array([np.quantile(times[g], self.quantile) for g in groups])
-        if np.ptp(x) == 0:
-            return
-        slope, intercept = np.polyfit(x, y, 1)
+        slope, intercept = np.polyfit(tokens_seen, times, 1)
+        residuals = times - (slope * tokens_seen + intercept)
+        quick = residuals <= np.quantile(residuals, self.quantile)
+        if np.ptp(tokens_seen[quick]) >= 1:
+            slope, intercept = np.polyfit(tokens_seen[quick], times[quick], 1)
         self.per_token_ms = max(float(slope), 0.0)
+        x, y = tokens_seen[quick], times[quick]
         self.base_ms = max(float(np.mean(y - self.per_token_ms * x)) if slope < 0 else float(intercept),
-                           0.05 * float(np.min(y)))
+                           0.05 * float(np.min(times)))

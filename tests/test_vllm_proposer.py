@@ -132,7 +132,8 @@ class FakeVllm:
             sampled.append(new.tolist())
             self.accepted += accepted
             self.drafted += len(draft)
-        self.now += (self.base_ms + self.per_token_ms * (len(sampled) + sum(map(len, self.drafts.values())))) / 1e3
+        verified = len(sampled) + sum(len(self.drafts.get(rid, [])) for rid in self.input_batch.req_ids)
+        self.now += (self.base_ms + self.per_token_ms * verified) / 1e3
         drafts = proposer.propose(sampled, self.num_tokens_no_spec, self.token_ids_cpu, slot_mappings=None)
         assert isinstance(drafts, list) and len(drafts) == len(sampled)
         for draft in drafts:
@@ -386,8 +387,10 @@ def serve(proposer_settings: dict, tasks: list[tuple[np.ndarray, np.ndarray]], p
     proposer = proposer_for(engine, method="pld", **proposer_settings)
     for i, (prompt, output) in enumerate(tasks):
         engine.add(f"r{i}", prompt, output)
-    while any(len(engine.output(r)) < len(engine.targets[r]) for r in engine.input_batch.req_ids):
+    while engine.input_batch.req_ids:
         engine.step(proposer)
+        for r in [r for r in engine.input_batch.req_ids if len(engine.output(r)) >= len(engine.targets[r])]:
+            engine.finish(r)
     engine.proposer = proposer
     return engine
 

@@ -298,18 +298,19 @@ class RetrievalProposer:
     Per row and step: a request seen for the first time starts (its prompt is the first
     ``input_batch.num_prompt_tokens[row]`` history tokens); the tokens appended since the last call are fed
     back to the drafters and to the acceptance model, with how many of them the previous draft had right;
-    the fused candidates are ranked; the proposed chain follows the best child from the root and stops at
-    ``min(num_speculative_tokens, max_model_len - n - 1)`` tokens, where the cost curve says a longer chain
-    does not pay, or before a token under ``min_path_prob``. With ``allocate="batch"`` what pays is decided for
-    the whole batch at once (:func:`~retrieval_spec.sizing.allocate`), on the cost of the engine's steps learned
-    from the time between two calls (a call's drafts and one token per request are what the engine verifies
-    before the next call); every ``EXPLORE_EVERY``-th call drafts as if verification were free, so that the
-    cost of long drafts stays measured. Requests that left ``runner.requests`` are finished (their output joins
+    the fused candidates are ranked; the proposed chain follows the best child from the root, at most
+    ``min(num_speculative_tokens, max_model_len - n - 1)`` tokens and none under ``min_path_prob``, and is cut
+    where a longer one does not pay: with ``allocate="batch"``, for the whole batch at once
+    (:func:`~retrieval_spec.sizing.allocate`), on the cost of the engine's steps learned from the time between
+    two calls (a call's drafts and one token per request are what the engine verifies before the next call;
+    every ``EXPLORE_EVERY``-th call drafts whole chains or, in turn, nothing, so that the cost of both ends stays
+    measured, even where every request always drafts as much as it may); with
+    ``allocate="request"``, per request on ``cost_ms``. Requests that left ``runner.requests`` are finished (their output joins
     the history drafter, their figures :attr:`finished` and ``stats_file``) at the start of the next call.
     """
 
     EXPLORE_EVERY = 16
-    LOG_EVERY = 512  # calls between two log lines of the proposer's figures (INFO)
+    LOG_EVERY = 512  # calls between two log lines of the proposer's figures (INFO; and when the worker exits)
 
     def __init__(self, vllm_config: Any, *, batch: BatchView | None = None,
                  fingerprint: TokenizerFingerprint | None = None, clock: Callable[[], float] = time.perf_counter
@@ -376,6 +377,10 @@ class RetrievalProposer:
             self.batch = RunnerView(runner)
         if self._writes_state:
             atexit.register(self.save)  # runs when the worker exits normally; the periodic saves cover the rest
+        atexit.register(self._log_summary)
+
+    def _log_summary(self) -> None:
+        logger.info("retrieval-spec proposer: %s", json.dumps(self.summary()))
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None, **kwargs: Any) -> list[list[int]]:
@@ -414,7 +419,7 @@ class RetrievalProposer:
         self._returned_at = self.clock()
         self.stats.seconds += self._returned_at - started
         if self.stats.calls % self.LOG_EVERY == 0:
-            logger.info("retrieval-spec proposer: %s", json.dumps(self.summary()))
+            self._log_summary()
         return drafts
 
     def summary(self) -> dict:
@@ -472,8 +477,9 @@ class RetrievalProposer:
         """How many tokens of each row's chain to propose (see :class:`ProposerSettings`' ``allocate``)."""
         if self.settings.allocate == "request":
             return np.array([best_size(s, self.cost_curve) if len(s) else 0 for s in scores], dtype=np.int64)
-        if self.stats.calls % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
-            return np.array([len(s) for s in scores], dtype=np.int64)
+        if self.stats.calls % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:  # whole chains, then none, in turn
+            whole = self.stats.calls // self.EXPLORE_EVERY % 2 == 0
+            return np.array([len(s) if whole else 0 for s in scores], dtype=np.int64)
         return allocate(scores, self.step_cost)
 
     def _draft(self, state: _Request | None, length: int) -> list[int]:
