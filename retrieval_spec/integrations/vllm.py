@@ -310,7 +310,7 @@ class RetrievalProposer:
     """
 
     EXPLORE_EVERY = 16
-    LOG_EVERY = 512  # calls between two log lines of the proposer's figures (INFO; and when the worker exits)
+    LOG_EVERY = 512  # calls between two log lines of the proposer's figures (INFO; and when the worker exits normally)
 
     def __init__(self, vllm_config: Any, *, batch: BatchView | None = None,
                  fingerprint: TokenizerFingerprint | None = None, clock: Callable[[], float] = time.perf_counter
