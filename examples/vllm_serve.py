@@ -161,8 +161,10 @@ def run_one(args: argparse.Namespace) -> None:
 
     name, concurrency = args.run_one, int(args.concurrency)
     speculative_config, additional_config = engine_settings(name, args)
-    stats_file = Path(additional_config.get("retrieval_spec", {}).get("stats_file", args.out / "none"))
-    stats_file.unlink(missing_ok=True)
+    stats_file = additional_config.get("retrieval_spec", {}).get("stats_file")  # ours only
+    if stats_file:
+        stats_file = Path(stats_file)
+        stats_file.unlink(missing_ok=True)
     llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, enforce_eager=True, seed=0,
               max_num_seqs=max(concurrency, 2), speculative_config=speculative_config,
               additional_config=additional_config, disable_log_stats=False)
@@ -176,10 +178,12 @@ def run_one(args: argparse.Namespace) -> None:
     outputs, latencies = closed_loop(llm.llm_engine, prompts, params, concurrency)
     seconds = time.perf_counter() - started
     after = spec_counters(llm)
-    # The proposer reports a request at its first call after the request left: one more step reports the last.
-    llm.generate(["Bye."], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-    records = [json.loads(line) for line in stats_file.read_text().splitlines()] if stats_file.is_file() else []
-    requests = [r for r in records if r["external_id"].startswith("q")]  # not the warm-up's
+    requests = []
+    if stats_file:
+        # Our proposer reports a request at its first call after the request left: one more step reports the last.
+        llm.generate(["Bye."], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+        records = [json.loads(line) for line in stats_file.read_text().splitlines()] if stats_file.is_file() else []
+        requests = [r for r in records if r["external_id"].startswith("q")]  # not the warm-up's
     result = {"run": name, "concurrency": concurrency, "speculative_config": speculative_config,
               "additional_config": additional_config, "seconds": seconds, "outputs": outputs,
               "latencies": latencies, "counters": {key: after[key] - before.get(key, 0.0) for key in after},

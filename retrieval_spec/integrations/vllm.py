@@ -476,7 +476,7 @@ class RetrievalProposer:
     def _lengths(self, scores: list[np.ndarray]) -> np.ndarray:
         """How many tokens of each row's chain to propose (see :class:`ProposerSettings`' ``allocate``)."""
         if self.settings.allocate == "request":
-            return np.array([best_size(s, self.cost_curve) if len(s) else 0 for s in scores], dtype=np.int64)
+            return np.array([best_size(s, self.cost_curve) for s in scores], dtype=np.int64)
         if self.stats.calls % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:  # whole chains, then none, in turn
             whole = self.stats.calls // self.EXPLORE_EVERY % 2 == 0
             return np.array([len(s) if whole else 0 for s in scores], dtype=np.int64)
