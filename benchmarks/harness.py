@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from common import ROOT, SPLITS, read_curve, take, write_chart, write_json
+from record_plain import plain_recording
 from retrieval_spec.chat import render_messages
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.costs import CostProbe, cached_cost_curve, measure_cost_curve, store_cost_curve
@@ -92,6 +93,10 @@ def harness_arguments(parser: argparse.ArgumentParser, methods: str = "ar,pld,au
     parser.add_argument("--poison-curve", help="start the learned curve from a wrong cached one: flat, spike "
                                                "(one size 10x dearer), slow (everything 1.5x) or a JSON file")
     parser.add_argument("--out", type=Path, help="JSON path (default results/<benchmark>_<model>.json)")
+    parser.add_argument("--record", type=Path, metavar="JSONL",
+                        help="also append each case's plain greedy output, the target's top 8 at every position and "
+                             "the references' ids to JSONL (an extra, untimed decode per case), for the model-free "
+                             "replay of benchmarks/simulate.py --records; run it on --split tune")
 
 
 def agreeing_prefix(ours: np.ndarray, plain: np.ndarray) -> int:
@@ -227,7 +232,19 @@ class Harness:
             counts["prompts"] += 1
             counts["prefix"] += agreeing_prefix(outputs[method], outputs["plain"])
             counts["tokens"] += len(outputs["plain"])
+        if self.args.record:
+            self.record(case)
         return outputs
+
+    def record(self, case: Case) -> None:
+        """Append ``case``'s recording (:func:`record_plain.plain_recording`, its id, category and references'
+        ids) to ``--record``."""
+        line = {"question_id": case.id, "category": case.category,
+                **plain_recording(self.model, case.ids, self.config.max_new_tokens, top_k=8),
+                "references": [encode(self.tokenizer, text).tolist() for text in case.references]}
+        self.args.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.args.record, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def take_totals(self) -> dict:
         """The totals so far, which start again from zero (a benchmark of several passes reports each)."""

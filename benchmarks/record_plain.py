@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -21,21 +22,22 @@ from retrieval_spec.config import GenerationConfig
 from retrieval_spec.models import load_model
 
 
+def plain_recording(model, ids: np.ndarray, max_new_tokens: int, top_k: int) -> dict:
+    """``prompt``, ``output`` (what ``model.generate(do_sample=False)`` produced) and ``top``, the target's ``top_k``
+    most likely tokens at every output position: one line of a recording file."""
+    prompt = torch.as_tensor(ids[None], dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        result = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                do_sample=False, output_logits=True, return_dict_in_generate=True)
+    top = torch.stack(result.logits)[:, 0].topk(top_k, dim=-1).indices
+    return {"prompt": ids.tolist(), "output": result.sequences[0, prompt.shape[1]:].tolist(), "top": top.tolist()}
+
+
 def record(model, tokenizer, rows: Iterable[dict], max_new_tokens: int, top_k: int) -> Iterator[dict]:
-    """Per Spec-Bench row, what ``model.generate(do_sample=False)`` produced and its top-k at every position."""
+    """Per Spec-Bench row its question id, category and :func:`plain_recording`."""
     for row in rows:
-        ids = torch.as_tensor(prompt_ids(tokenizer, row)[None], dtype=torch.long, device=model.device)
-        with torch.inference_mode():
-            result = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
-        top = torch.stack(result.logits)[:, 0].topk(top_k, dim=-1).indices
-        yield {
-            "question_id": row["question_id"],
-            "category": row["category"],
-            "prompt": ids[0].tolist(),
-            "output": result.sequences[0, ids.shape[1]:].tolist(),
-            "top": top.tolist(),
-        }
+        yield {"question_id": row["question_id"], "category": row["category"],
+               **plain_recording(model, prompt_ids(tokenizer, row), max_new_tokens, top_k)}
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, read_curve, write_json
+from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.generate import SpeculativeGenerator
@@ -44,18 +45,19 @@ def curve_of(spec: str | None) -> CostCurve:
 
 
 def replay(method: str, records: list[tuple[dict, Recording]], curve: CostCurve, prior: CostCurve | None,
-           budget: int, vocab_size: int) -> dict:
+           budget: int, vocab_size: int, datastore: Datastore | None = None) -> dict:
     """Decode every recording with ``method`` through the engine; per category the totals of steps, tokens,
     clock milliseconds and host milliseconds. ``prior``: learn from it (None: size by ``curve``, fixed)."""
     clock = CostClock()
     verifier = ReplayVerifier([r for _, r in records], curve, clock, vocab_size, prior=prior)
-    generator = SpeculativeGenerator(verifier, None, make_drafters(method, vocab_size),
+    generator = SpeculativeGenerator(verifier, None, make_drafters(method, vocab_size, datastore),
                                      cost_curve=curve if prior is None else None, clock=clock)
     totals: dict = defaultdict(lambda: defaultdict(float))
     for meta, recording in records:
         config = GenerationConfig(max_new_tokens=len(recording.output), tree_budget=budget, eos_token_ids=())
         clock_started, started = clock(), time.perf_counter()
-        result = generator.generate(recording.prompt, config)
+        references = [np.asarray(ids, dtype=np.int32) for ids in meta.get("references", ())]
+        result = generator.generate(recording.prompt, config, references=references)
         host_ms = (time.perf_counter() - started) * 1e3
         if not np.array_equal(result.tokens, recording.output):
             raise AssertionError(f"{method}: the replay of {meta.get('question_id')} differs from its recording")
@@ -77,6 +79,7 @@ def main() -> None:
                                        "step), a JSON file {sizes, ms}, or (default) SmolLM2 on a 2-core CPU")
     parser.add_argument("--learn", nargs="?", const="same", metavar="PRIOR",
                         help="learn the costs as the engine does, from PRIOR (a JSON curve; default: --cost's)")
+    parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "simulate.json")
     args = parser.parse_args()
     records = Recording.read_jsonl(args.records)
@@ -84,7 +87,8 @@ def main() -> None:
     prior = None if args.learn is None else curve if args.learn == "same" else curve_of(args.learn)
     report = {"cost": {"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist()}, "learn": args.learn, "methods": {}}
     for method in args.methods.split(","):
-        totals = replay(method, records, curve, prior, args.budget, args.vocab_size)
+        totals = replay(method, records, curve, prior, args.budget, args.vocab_size,
+                        Datastore.open(args.index) if args.index else None)
         report["methods"][method] = {
             category: {
                 "tokens_per_step": round(t["tokens"] / t["steps"], 3),

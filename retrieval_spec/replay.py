@@ -51,7 +51,8 @@ class Recording:
 
     @staticmethod
     def read_jsonl(path: Path) -> list[tuple[dict, Recording]]:
-        """The recordings of ``benchmarks/record_plain.py`` (lines with prompt, output, top and metadata)."""
+        """The recordings of ``benchmarks/record_plain.py`` or a benchmark's ``--record`` (lines with prompt,
+        output, top and metadata: the category, and ``references``, lists of token ids the decode may copy from)."""
         rows = []
         for line in Path(path).read_text().splitlines():
             record = json.loads(line)

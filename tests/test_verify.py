@@ -101,3 +101,42 @@ def test_results_carry_the_node_tokens_and_the_top_tokens_of_every_node():
         expected = plain_logits(model, node_sequence(context, tree, node))
         assert result.node_tokens[node] == int(expected.argmax())
         assert result.top_tokens[node].tolist() == expected.topk(5).indices.tolist()
+
+
+def test_a_tree_forward_on_the_cpu_runs_grouped_attention_and_leaves_the_environment_as_it_was(monkeypatch):
+    """A several-node forward on the CPU reaches SDPA with the key/value heads as they are (``enable_gqa``, no
+    copy per query head), a one-token forward as transformers chooses; the switch is gone after the call, and a
+    value the user set is neither used against their choice nor removed."""
+    import os
+
+    from retrieval_spec.verify import GQA_SWITCH
+
+    model = tiny_model("llama")  # 4 query heads on 2 key/value heads
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        calls.append((query.shape[2], key.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    rng = np.random.default_rng(1)
+    context = rng.integers(0, 96, 30).astype(np.int32)
+    verifier = ModelVerifier(model)
+    verifier.reset([context])  # the prefill: 29 tokens
+    assert calls and all(queries == 29 and heads == 2 and gqa for queries, heads, gqa in calls)
+    calls.clear()
+    row = RowDraft(random_tree(rng, context), None, context)
+    with torch.inference_mode():
+        logits = verifier._logits(*verifier._step_inputs([row], len(row.tree)))
+    assert calls and all(queries == len(row.tree) and heads == 2 and gqa for queries, heads, gqa in calls)
+    assert GQA_SWITCH not in os.environ
+    for node in range(len(row.tree)):
+        torch.testing.assert_close(logits[0, node].float(), plain_logits(model, node_sequence(context, row.tree, node)),
+                                   atol=1e-4, rtol=1e-4)
+    calls.clear()
+    verifier.cache.rollback()
+    monkeypatch.setenv(GQA_SWITCH, "0")
+    with torch.inference_mode():
+        verifier._logits(*verifier._step_inputs([row], len(row.tree)))
+    assert calls and not any(gqa for _, _, gqa in calls) and os.environ[GQA_SWITCH] == "0"
