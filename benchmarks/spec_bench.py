@@ -31,6 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness_arguments(parser, methods="pld")
     parser.add_argument("--limit", type=int, default=4, help="prompts per category")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first prompts of each category (tune on --skip 3, measure on the first 3)")
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="> 0: sample (top_k=0, top_p=1) in every method; outputs are then not compared")
@@ -50,7 +52,7 @@ def main() -> None:
     if args.branch_overhead is not None:
         for generator in bench.generators.values():
             generator.sizer.max_branch_overhead = args.branch_overhead
-    rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None)
+    rows = spec_bench(args.limit, args.categories.split(",") if args.categories else None, skip=args.skip)
     bench.warm_up()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.load else None
     try:
@@ -60,7 +62,8 @@ def main() -> None:
         if busy is not None:
             busy.kill()
     report = bench.report(lookahead=args.lookahead, branch_overhead=args.branch_overhead,
-                          temperature=args.temperature, limit_per_category=args.limit, load=args.load)
+                          temperature=args.temperature, limit_per_category=args.limit, skip=args.skip,
+                          load=args.load)
     bench.finish(report, default_out(args, "spec_bench"), "Spec-Bench dev")
 
 

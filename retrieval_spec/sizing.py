@@ -284,19 +284,24 @@ class SpeedGuard:
 
     While drafting, the row's gained tokens and its steps' wall time (drafting included, which no cost curve
     sees) are averaged exponentially over about ``window`` steps. From the ``judge_after``-th drafting step of a
-    stretch on, a step whose average speed is below one token per plain step stops drafting: the row decodes
-    plainly (no drafter is even asked) for ``pause`` steps, then drafts again to re-measure; each failed retry
-    doubles the pause, up to ``max_pause``, and a retry that pays resets it.
+    stretch on, a step whose average speed is below ``1 - tolerance`` tokens per plain step stops drafting: the
+    row decodes plainly (no drafter is even asked) for ``pause`` steps, then drafts again to re-measure; each failed
+    retry doubles the pause, up to ``max_pause``, and a retry that pays resets it.
 
     Args:
         window: horizon of the averages, in drafting steps.
         judge_after: drafting steps of a stretch before it can be stopped (the cost of a retry).
         pause: first plain stretch after drafting did not pay.
         max_pause: longest plain stretch.
+        tolerance: how far below plain speed drafting may run and go on: the price of looking. A stretch in
+            which the drafters find nothing worth verifying runs plain forwards plus the drafters' time (about
+            1% of a step); judged at plain speed exactly, such a stretch pauses, the pauses double, and the copy
+            that starts meanwhile (a quotation, a repeated block) is missed for up to ``max_pause`` steps.
     """
 
-    def __init__(self, window: int = 16, judge_after: int = 4, pause: int = 8, max_pause: int = 64) -> None:
-        self.window, self.judge_after = window, judge_after
+    def __init__(self, window: int = 16, judge_after: int = 4, pause: int = 8, max_pause: int = 64,
+                 tolerance: float = 0.03) -> None:
+        self.window, self.judge_after, self.tolerance = window, judge_after, tolerance
         self.first_pause, self.max_pause = pause, max_pause
         self.pause = pause
         self.tokens = self.ms = 0.0  # decayed sums over drafting steps
@@ -319,7 +324,7 @@ class SpeedGuard:
         self.drafting_steps += 1
         if self.drafting_steps < self.judge_after:
             return
-        if self.tokens / self.ms < 1.0 / plain_step_ms:
+        if self.tokens / self.ms < (1.0 - self.tolerance) / plain_step_ms:
             self.plain_left = self.pause
             self.pause = min(2 * self.pause, self.max_pause)
             self.tokens = self.ms = 0.0

@@ -98,6 +98,15 @@ def test_the_guard_stops_drafting_that_does_not_pay_and_keeps_drafting_that_does
     assert tokens / time == pytest.approx(2.0 / 1.3)  # never paused
 
 
+def test_the_guard_keeps_looking_while_the_drafters_cost_only_their_own_time():
+    """Steps in which nothing worth verifying was found: plain forwards plus about 1% of drafting. Pausing would save
+    that 1% and miss the copy that starts meanwhile; the guard goes on looking."""
+    guard = SpeedGuard()
+    for _ in range(200):
+        guard.record(1, 1.01, plain_step_ms=1.0)
+        assert guard.drafting
+
+
 def test_the_guard_retries_and_recovers_when_drafting_pays_again():
     guard = SpeedGuard()
     for _ in range(40):
