@@ -232,3 +232,27 @@ def test_long_docs_without_the_corpus_says_what_to_run_and_skips(monkeypatch, tm
     long_docs.main()  # returns: no model loaded, no index built
     assert "make workloads" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+
+
+def test_the_replay_of_a_recorded_workload_copies_from_its_references(tmp_path):
+    """A recording made with ``--record`` carries the case's references as token ids, and ``simulate.py`` hands them
+    to the engine: an answer quoted from a reference the prompt does not hold is copied from it."""
+    import numpy as np
+
+    from retrieval_spec.replay import Recording
+    from simulate import replay
+
+    from retrieval_spec.sizing import CostCurve
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(100, 1000, 64).tolist()
+    line = {"question_id": "q", "category": "questions", "prompt": [1, 2, 3] + reference[:4],
+            "output": reference[4:36], "top": [[t] for t in reference[4:36]], "references": [reference]}
+    path = tmp_path / "recorded.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    flat = CostCurve(sizes=np.array([1, 64]), ms=np.array([10.0, 10.0]))
+    records = Recording.read_jsonl(path)
+    with_references = replay("pld", records, flat, None, 64, 1000)["overall"]
+    without = replay("pld", [({**meta, "references": []}, r) for meta, r in records], flat, None, 64, 1000)["overall"]
+    assert with_references["tokens"] == without["tokens"] == 32
+    assert with_references["steps"] <= 4 < without["steps"]
