@@ -57,7 +57,7 @@ class GenerationStats:
     prefill_ms: float = 0.0  # the first step: the prompt's forward, which also verifies the first tree
     total_ms: float = 0.0
     seed: Seed | None = None  # the sampler's seed (None when greedy): pass it back to reproduce the row
-    paused_steps: int = 0  # steps decoded plainly because drafting had stopped paying (SpeedGuard)
+    paused_steps: int = 0  # steps that verified only confident drafts because drafting had stopped paying (SpeedGuard)
     accepted_by_source: dict[str, int] = field(default_factory=dict)  # drafted tokens accepted, per source
     drafted_by_source: dict[str, int] = field(default_factory=dict)  # drafted nodes verified, per source
 
@@ -307,7 +307,7 @@ class SpeculativeGenerator:
         """One step of every alive row; the ``first`` is the prompt's forward, which verifies the first trees.
         Returns each row's outcome (alive rows' order) and the step's phase times."""
         timer = PhaseTimer(self.clock)
-        # 1. Draft: every row's ranked candidates and look-ahead branch (none for a row the guard paused).
+        # 1. Draft: every row's ranked candidates and look-ahead branch (confident ones only where the guard paused).
         ranked, branches = self._draft(alive, config.tree_budget, sizing, first)
         timer.lap("draft")
         # 2. Size: one size for the batch (every row pays for the largest), padded, or a size to time.
@@ -340,15 +340,18 @@ class SpeculativeGenerator:
 
     def _draft(self, alive: list[_Row], budget: int, sizing: BatchSizing,
                first: bool) -> tuple[list[DraftTree], list[Branch | None]]:
-        """Every row's ranked candidates and its look-ahead branch: none where the row's guard paused drafting;
-        no branch in the first step (the prompt's forward), where it does not pay, or where a node of it would
-        lie beyond the positions the model can embed."""
+        """Every row's ranked candidates and its look-ahead branch: only the confident candidates where the row's
+        guard paused drafting (``BatchSizing.floor``); no branch there, in the first step (the prompt's forward),
+        where it does not pay, or where a node of it would lie beyond the positions the model can embed."""
         ranked, branches = [], []
         for i, row in enumerate(alive):
-            drafting = sizing.drafting(row.index)
-            row.stats.paused_steps += not drafting
-            ranked.append(self.fuser.rank(row.request, row.context, budget if drafting else 0, row.remaining - 1))
-            branch = None if first or not drafting else self.fuser.branch(row.request, row.context)
+            floor = sizing.floor(row.index)
+            row.stats.paused_steps += floor > 0
+            tree = self.fuser.rank(row.request, row.context, budget if floor <= 1 else 0, row.remaining - 1)
+            if floor > 0:  # scores are best first: the head of the candidates at least that likely
+                tree = tree.head(1 + int(np.count_nonzero(tree.scores[1:] >= floor)))
+            ranked.append(tree)
+            branch = None if first or floor > 0 else self.fuser.branch(row.request, row.context)
             if branch is not None and not (sizing.branch_pays(len(branch))
                                            and self.verifier.fits(i, int(branch.offsets.max(initial=0)))):
                 branch = None

@@ -10,6 +10,7 @@ speed guard.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -284,9 +285,11 @@ class SpeedGuard:
 
     While drafting, the row's gained tokens and its steps' wall time (drafting included, which no cost curve
     sees) are averaged exponentially over about ``window`` steps. From the ``judge_after``-th drafting step of a
-    stretch on, a step whose average speed is below ``1 - tolerance`` tokens per plain step stops drafting: the
-    row decodes plainly (no drafter is even asked) for ``pause`` steps, then drafts again to re-measure; each failed
-    retry doubles the pause, up to ``max_pause``, and a retry that pays resets it.
+    stretch on, a step whose average speed is below ``1 - tolerance`` tokens per plain step stops drafting: for
+    ``pause`` steps the row verifies only drafts at least ``confident`` likely (a copy well under way) — or, where
+    asking the drafters itself costs more than ``tolerance`` of a plain step (a slow datastore, a busy core), no
+    drafter is even asked — then drafts freely again to re-measure; each failed retry doubles the pause, up to
+    ``max_pause``, and a retry that pays resets it.
 
     Args:
         window: horizon of the averages, in drafting steps.
@@ -297,11 +300,17 @@ class SpeedGuard:
             which the drafters find nothing worth verifying runs plain forwards plus the drafters' time (about
             1% of a step); judged at plain speed exactly, such a stretch pauses, the pauses double, and the copy
             that starts meanwhile (a quotation, a repeated block) is missed for up to ``max_pause`` steps.
+        confident: the least path probability a paused row's drafts keep. What fails to pay is most often the
+            many guesses of middling odds (recycled tokens, a one-token match) that a cheap step affords; a
+            pause that dropped every draft dropped the copies too, which pay on any curve the sizer admits.
     """
 
     def __init__(self, window: int = 16, judge_after: int = 4, pause: int = 8, max_pause: int = 64,
-                 tolerance: float = 0.03) -> None:
+                 tolerance: float = 0.03, confident: float = 0.5) -> None:
         self.window, self.judge_after, self.tolerance = window, judge_after, tolerance
+        self.confident = confident
+        self.silent = False  # the pause asks no drafter (drafting alone cost more than ``tolerance``)
+        self.draft_ms = 0.0  # decayed sum of the drafting steps' drafting time, as ``ms``
         self.first_pause, self.max_pause = pause, max_pause
         self.pause = pause
         self.tokens = self.ms = 0.0  # decayed sums over drafting steps
@@ -310,24 +319,33 @@ class SpeedGuard:
 
     @property
     def drafting(self) -> bool:
-        """Whether this step drafts."""
+        """Whether this step drafts freely (else only drafts at least ``confident`` likely)."""
         return self.plain_left == 0
 
-    def record(self, tokens: int, step_ms: float, plain_step_ms: float) -> None:
-        """Count one step: ``tokens`` gained in ``step_ms``; a plain step would take ``plain_step_ms``."""
+    @property
+    def floor(self) -> float:
+        """The least path probability this step's drafts may have: 0 while drafting freely, ``inf`` in a pause
+        that asks no drafter."""
+        return 0.0 if self.drafting else math.inf if self.silent else self.confident
+
+    def record(self, tokens: int, step_ms: float, plain_step_ms: float, draft_ms: float = 0.0) -> None:
+        """Count one step: ``tokens`` gained in ``step_ms``, of which ``draft_ms`` asking the drafters; a plain step
+        would take ``plain_step_ms``."""
         if not self.drafting:
             self.plain_left -= 1
             return
         keep = 1.0 - 1.0 / self.window
         self.tokens = keep * self.tokens + tokens
         self.ms = keep * self.ms + step_ms
+        self.draft_ms = keep * self.draft_ms + draft_ms
         self.drafting_steps += 1
         if self.drafting_steps < self.judge_after:
             return
         if self.tokens / self.ms < (1.0 - self.tolerance) / plain_step_ms:
             self.plain_left = self.pause
             self.pause = min(2 * self.pause, self.max_pause)
-            self.tokens = self.ms = 0.0
+            self.silent = self.draft_ms > self.tolerance * self.ms  # asking alone took that share of the steps
+            self.tokens = self.ms = self.draft_ms = 0.0
             self.drafting_steps = 0
         elif self.drafting_steps == self.window:
             self.pause = self.first_pause
@@ -423,9 +441,9 @@ class BatchSizing:
     def curve(self) -> CostCurve:
         return self.sizer.fixed if self.model is None else self.model.curve()
 
-    def drafting(self, row: int) -> bool:
-        """Whether row ``row`` drafts this step (its guard has not paused it)."""
-        return self.guards is None or self.guards[row].drafting
+    def floor(self, row: int) -> float:
+        """The least path probability row ``row``'s drafts may have this step: 0 unless its guard paused it."""
+        return 0.0 if self.guards is None else self.guards[row].floor
 
     def branch_pays(self, nodes: int) -> bool:
         """Whether a look-ahead branch of ``nodes`` nodes is nearly free beside a bare step."""
@@ -472,7 +490,7 @@ class BatchSizing:
                 self.model.observe_plain_step(own_ms)
         plain_step_ms = self.model.plain_step_ms(self.model.curve().plain_ms + own_ms - forward_ms)
         for row, tokens in gained:
-            self.guards[row].record(tokens, step_ms, plain_step_ms)
+            self.guards[row].record(tokens, step_ms, plain_step_ms, timer.total("draft"))
 
     def finish(self) -> None:
         """The batch ended: store the learned curve (for the next process) when a step taught it anything."""

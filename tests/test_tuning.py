@@ -107,6 +107,20 @@ def test_the_guard_keeps_looking_while_the_drafters_cost_only_their_own_time():
         assert guard.drafting
 
 
+def test_a_paused_row_keeps_only_confident_drafts_unless_asking_is_what_costs():
+    guard = SpeedGuard(confident=0.6)
+    assert guard.floor == 0.0
+    for _ in range(guard.judge_after):
+        guard.record(1, 2.0, plain_step_ms=1.0)  # drafting at half of plain speed
+    assert not guard.drafting and guard.floor == 0.6
+    for _ in range(guard.first_pause):
+        guard.record(1, 1.0, plain_step_ms=1.0)
+    assert guard.drafting and guard.floor == 0.0
+    for _ in range(guard.judge_after):  # now asking the drafters is what costs (a slow datastore): ask none
+        guard.record(1, 2.0, plain_step_ms=1.0, draft_ms=0.9)
+    assert not guard.drafting and guard.floor == float("inf")
+
+
 def test_the_guard_retries_and_recovers_when_drafting_pays_again():
     guard = SpeedGuard()
     for _ in range(40):
