@@ -86,9 +86,9 @@ def main() -> None:
     curve = curve_of(args.cost)
     prior = None if args.learn is None else curve if args.learn == "same" else curve_of(args.learn)
     report = {"cost": {"sizes": curve.sizes.tolist(), "ms": curve.ms.tolist()}, "learn": args.learn, "methods": {}}
+    datastore = Datastore.open(args.index) if args.index else None
     for method in args.methods.split(","):
-        totals = replay(method, records, curve, prior, args.budget, args.vocab_size,
-                        Datastore.open(args.index) if args.index else None)
+        totals = replay(method, records, curve, prior, args.budget, args.vocab_size, datastore)
         report["methods"][method] = {
             category: {
                 "tokens_per_step": round(t["tokens"] / t["steps"], 3),

@@ -347,7 +347,7 @@ class SpeculativeGenerator:
         for i, row in enumerate(alive):
             floor = sizing.floor(row.index)
             row.stats.paused_steps += floor > 0
-            tree = self.fuser.rank(row.request, row.context, budget if floor <= 1 else 0, row.remaining - 1)
+            tree = self.fuser.rank(row.request, row.context, budget if np.isfinite(floor) else 0, row.remaining - 1)
             if floor > 0:  # scores are best first: the head of the candidates at least that likely
                 tree = tree.head(1 + int(np.count_nonzero(tree.scores[1:] >= floor)))
             ranked.append(tree)

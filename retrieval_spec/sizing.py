@@ -489,8 +489,9 @@ class BatchSizing:
             if plan.plain:
                 self.model.observe_plain_step(own_ms)
         plain_step_ms = self.model.plain_step_ms(self.model.curve().plain_ms + own_ms - forward_ms)
+        draft_ms = timer.total("draft")
         for row, tokens in gained:
-            self.guards[row].record(tokens, step_ms, plain_step_ms, timer.total("draft"))
+            self.guards[row].record(tokens, step_ms, plain_step_ms, draft_ms)
 
     def finish(self) -> None:
         """The batch ended: store the learned curve (for the next process) when a step taught it anything."""

@@ -47,9 +47,9 @@ def grouped_attention(device: torch.device, queries: int) -> Iterator[None]:
     whenever a mask is given, which it must be for several new tokens). The same arithmetic (equal logits), minus
     a copy of the whole cache per layer and step: on SmolLM2 (3 key/value heads for 9) at 1,200 cached tokens a
     2-node step took 55 ms with the copy and 45 without, a plain one-token step 44. Not on CUDA, where SDPA falls
-    back to its math kernel for a masked grouped call; nor for one token, whose query transformers already
-    folds onto the key/value heads. The switch is transformers' own environment variable, set for the call and
-    restored after it."""
+    back to its math kernel for a masked grouped call; nor for one token, which transformers already runs on
+    the key/value heads (``enable_gqa`` without a mask, its query folded onto them with one). The switch is
+    transformers' own environment variable, set for the call and restored after it."""
     if device.type != "cpu" or queries < 2 or GQA_SWITCH in os.environ:
         yield
         return

@@ -105,18 +105,19 @@ def test_results_carry_the_node_tokens_and_the_top_tokens_of_every_node():
 
 def test_a_tree_forward_on_the_cpu_runs_grouped_attention_and_leaves_the_environment_as_it_was(monkeypatch):
     """A several-node forward on the CPU reaches SDPA with the key/value heads as they are (``enable_gqa``, no
-    copy per query head), a one-token forward as transformers chooses; the switch is gone after the call, and a
-    value the user set is neither used against their choice nor removed."""
+    copy per query head), a one-token forward as transformers chooses (our switch unset); the switch is gone after
+    the call, and a value the user set is neither used against their choice nor removed."""
     import os
 
     from retrieval_spec.verify import GQA_SWITCH
 
     model = tiny_model("llama")  # 4 query heads on 2 key/value heads
-    calls = []
+    calls, switched = [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(query, key, *args, **kwargs):
         calls.append((query.shape[2], key.shape[1], kwargs.get("enable_gqa", False)))
+        switched.append(os.environ.get(GQA_SWITCH))
         return sdpa(query, key, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -134,6 +135,12 @@ def test_a_tree_forward_on_the_cpu_runs_grouped_attention_and_leaves_the_environ
     for node in range(len(row.tree)):
         torch.testing.assert_close(logits[0, node].float(), plain_logits(model, node_sequence(context, row.tree, node)),
                                    atol=1e-4, rtol=1e-4)
+    calls.clear()
+    verifier.cache.rollback()
+    plain = RowDraft(DraftTree.empty(int(context[-1])), None, context)
+    with torch.inference_mode():
+        verifier._logits(*verifier._step_inputs([plain], 1))
+    assert calls and switched[-len(calls):] == [None] * len(calls)  # left to transformers, which copies nothing
     calls.clear()
     verifier.cache.rollback()
     monkeypatch.setenv(GQA_SWITCH, "0")
