@@ -267,7 +267,12 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
 
 
 def merge(trees: Sequence[DraftTree]) -> DraftTree:
-    """Union of tries that share a root token; a node proposed twice keeps its best score and that source.
+    """Union of tries that share a root token.
+
+    A node's score is a path probability: its parent's times the drafter's conditional estimate of the node
+    (``score / parent's score`` in its own trie). A node proposed twice keeps the higher conditional estimate,
+    that drafter's source, and the longest match; the scores are then the products of the kept estimates along
+    each path, so a node's estimate never changes with the drafter that won its parent.
 
     Raises:
         ValueError: the trees have different roots.
@@ -278,7 +283,7 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root token")
-    tokens, parents, scores, sources, matches = [root], [-1], [1.0], [int(trees[0].sources[0])], [0]
+    tokens, parents, estimates, sources, matches = [root], [-1], [1.0], [int(trees[0].sources[0])], [0]
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
         mapped = [0] * len(tree)
@@ -286,21 +291,25 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
         tree_scores, tree_sources, tree_matches = tree.scores.tolist(), tree.sources.tolist(), tree.matches.tolist()
         for i in range(1, len(tree)):
             key = (mapped[tree_parents[i]], tree_tokens[i])
+            above = tree_scores[tree_parents[i]]
+            estimate = min(tree_scores[i] / above, 1.0) if above > 0 else 0.0
             node = index.get(key)
-            score = tree_scores[i]
             if node is None:
                 node = index[key] = len(tokens)
                 tokens.append(key[1])
                 parents.append(key[0])
-                scores.append(min(score, scores[key[0]]))
+                estimates.append(estimate)
                 sources.append(tree_sources[i])
                 matches.append(tree_matches[i])
             else:
                 matches[node] = max(matches[node], tree_matches[i])
-                if score > scores[node]:
-                    scores[node] = min(score, scores[key[0]])
+                if estimate > estimates[node]:
+                    estimates[node] = estimate
                     sources[node] = tree_sources[i]
             mapped[i] = node
+    scores = estimates  # parents come first: each path product is complete before its children's
+    for node in range(1, len(tokens)):
+        scores[node] = scores[parents[node]] * estimates[node]
     return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
                              np.array(scores, dtype=np.float32), np.array(sources, dtype=np.uint8),
                              np.array(matches, dtype=np.int32))

@@ -195,3 +195,17 @@ def test_merge_keeps_the_longest_match_behind_a_node_proposed_twice():
                          np.array([0, int(Source.RECYCLE)], np.uint8), np.array([0, 0], np.int32))
     merged = merge([copy, recycled])
     assert merged.sources[1] == Source.RECYCLE and merged.matches[1] == 12
+
+
+def test_merge_keeps_each_nodes_own_estimate_whichever_drafter_won_its_parent():
+    """A copy's node under a token that recycling also proposed (and scored higher) keeps the copy's conditional
+    estimate: its score is the merged parent's times the copy's 0.9, not the copy's path score under a parent
+    worth more (which read as an estimate of 0.3 / 0.8 and put a sure copy in a doubtful calibration cell)."""
+    copy = DraftTree(np.array([5, 1, 2], np.int32), np.array([-1, 0, 1], np.int32), np.array([1, .3, .27], np.float32),
+                     np.array([0, int(Source.PROMPT), int(Source.PROMPT)], np.uint8))
+    recycled = DraftTree(np.array([5, 1, 9], np.int32), np.array([-1, 0, 1], np.int32),
+                         np.array([1, .8, .08], np.float32), np.array([0, int(Source.RECYCLE), int(Source.RECYCLE)],
+                                                                         np.uint8))
+    merged = merge([copy, recycled])
+    assert merged.tokens.tolist() == [5, 1, 2, 9] and merged.sources[1] == Source.RECYCLE
+    np.testing.assert_allclose(merged.scores, [1, .8, .8 * .9, .8 * .1], rtol=1e-6)
