@@ -45,3 +45,34 @@ def test_a_copy_resumes_right_after_a_renamed_token():
     # Without resync, each edit costs the steps until an n-gram after it matches again; with it, one step.
     assert len(with_resync) < len(without)
     assert max(with_resync) > 10
+
+
+def test_the_ngram_index_agrees_with_a_scan_of_its_text():
+    """Matches (longest first, most recent first within a length, measured back up to ``longest``) and spans (cut
+    before a separator) equal a brute-force scan, the text appended in chunks with separators among them."""
+    from retrieval_spec.drafters.ngram_index import SEPARATOR, NgramIndex
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        text = rng.integers(0, 4, 300).astype(np.int32)
+        text[rng.random(300) < 0.03] = SEPARATOR
+        index = NgramIndex(1, 3, capacity=8)
+        for chunk in np.array_split(text, 7):
+            index.append(chunk)
+        context = np.concatenate([text[:5][text[:5] >= 0], rng.integers(0, 4, 1 + trial % 9)]).astype(np.int32)
+        starts, lengths = index.matches(context, 8, longest=12)
+        expected = []  # (length, end) of every suffix match of 1-3 tokens, measured back up to 12
+        for end in range(1, len(text) + 1):
+            n = next((n for n in (3, 2, 1) if n <= min(end, len(context))
+                      and np.array_equal(text[end - n : end], context[-n:])), 0)
+            if n and end < len(text):
+                window = min(12, end, len(context))
+                equal = text[end - window : end][::-1] == context[-window:][::-1]
+                expected.append((max(n, window if equal.all() else int(np.argmin(equal))), end))
+        by_index = sorted(expected, key=lambda m: (-min(m[0], 3), -m[1]))[:8]  # what the index finds first
+        wanted = sorted(by_index, key=lambda m: -m[0])
+        assert list(zip(lengths, starts)) == wanted
+        for start in starts:
+            stop = next((i for i in range(start, min(start + 10, len(text))) if text[i] == SEPARATOR),
+                        min(start + 10, len(text)))
+            assert index.span(start, 10).tolist() == text[start:stop].tolist()

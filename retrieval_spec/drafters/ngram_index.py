@@ -7,6 +7,8 @@ so far, sibling samples): a lookup costs a few dictionary probes however long th
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 SEPARATOR = -1  # never a token id: ends a copied span at a document boundary
@@ -24,6 +26,7 @@ class NgramIndex:
         self.text = np.zeros(max(capacity, 1), dtype=np.int32)
         self.length = 0
         self._index: dict[tuple[int, ...], list[int]] = {}
+        self._separators: list[int] = []  # positions of the separators, increasing
 
     def append(self, tokens: np.ndarray) -> None:
         """Extend the text and index every n-gram that now ends inside it."""
@@ -34,6 +37,7 @@ class NgramIndex:
             self.text = grown
         self.text[old:new] = tokens
         self.length = new
+        self._separators += (old + np.flatnonzero(self.text[old:new] == SEPARATOR)).tolist()
         low = max(0, old - self.max_ngram + 1)  # the earliest token a new n-gram can start at
         window, index = self.text[low:new].tolist(), self._index
         for end in range(old + 1, new + 1):
@@ -58,8 +62,9 @@ class NgramIndex:
         seen: set[int] = set()
         starts: list[int] = []
         lengths: list[int] = []
+        tail = tuple(context[-self.max_ngram :].tolist())
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
-            for start in reversed(self._index.get(tuple(context[-n:].tolist()), ())):
+            for start in reversed(self._index.get(tail[len(tail) - n :], ())):
                 if start < self.length and start not in seen:
                     seen.add(start)
                     starts.append(start)
@@ -77,14 +82,16 @@ class NgramIndex:
     def _match_length(self, start: int, known: int, context: np.ndarray, longest: int) -> int:
         """How many tokens before ``start`` equal the context's last ones (``known`` of them do), up to ``longest``."""
         window = min(longest, start, len(context))
-        if window <= known:
-            return known
+        if window <= known or self.text[start - known - 1] != context[len(context) - known - 1]:
+            return known  # most matches end where the index found them: no arrays for those
         before = self.text[start - window : start][::-1]
         equal = before == context[len(context) - window :][::-1]  # a separator never equals a token
         return window if equal.all() else int(np.argmin(equal))
 
     def span(self, start: int, depth: int) -> np.ndarray:
         """Up to ``depth`` tokens from ``start``, cut before the next separator."""
-        span = self.text[start : min(start + depth, self.length)]
-        cut = np.flatnonzero(span == SEPARATOR)
-        return span[: cut[0]] if len(cut) else span
+        after = bisect.bisect_left(self._separators, start)
+        end = min(start + depth, self.length)
+        if after < len(self._separators):
+            end = min(end, self._separators[after])
+        return self.text[start:end]
