@@ -272,7 +272,8 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     A node's score is a path probability: its parent's times the drafter's conditional estimate of the node
     (``score / parent's score`` in its own trie). A node proposed twice keeps the higher conditional estimate,
     that drafter's source, and the longest match; the scores are then the products of the kept estimates along
-    each path, so a node's estimate never changes with the drafter that won its parent.
+    each path, so a node's estimate never changes with the drafter that won its parent (up to the float32 rounding
+    of the scores).
 
     Raises:
         ValueError: the trees have different roots.

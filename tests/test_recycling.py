@@ -100,3 +100,12 @@ def test_a_known_pair_of_tokens_predicts_before_the_token_alone():
     assert drafter.propose("r", np.array([5, 3], np.int32), 2).tokens[1:].tolist() == [1, 2]
     assert drafter.propose("r", np.array([7, 3], np.int32), 2).tokens[1:].tolist() == [0, 9]
     assert len(drafter.pairs) <= 2  # bounded
+
+
+def test_a_table_that_knows_only_the_root_drafts_its_row_whatever_the_budget():
+    """Nothing below the first level can be filled: the walk stops there (the full shape has thousands of slots)."""
+    drafter = RecyclingDrafter(50)
+    drafter.table[7] = np.arange(10, 18)
+    drafter.known[7] = True
+    tree = drafter.propose(0, np.array([7], np.int32), 64)
+    assert tree.tokens.tolist() == [7, *range(10, 18)] and tree.parents.tolist() == [-1] + [0] * 8

@@ -209,3 +209,16 @@ def test_merge_keeps_each_nodes_own_estimate_whichever_drafter_won_its_parent():
     merged = merge([copy, recycled])
     assert merged.tokens.tolist() == [5, 1, 2, 9] and merged.sources[1] == Source.RECYCLE
     np.testing.assert_allclose(merged.scores, [1, .8, .8 * .9, .8 * .1], rtol=1e-6)
+
+
+def test_merge_picks_the_higher_estimate_not_the_higher_path_score():
+    """The copy reaches token 2 through a likelier parent (path 0.45, estimate 0.5); recycling through a less likely
+    one (path 0.27, estimate 0.9): the merged node is recycling's, priced at the merged parent times 0.9."""
+    copy = DraftTree(np.array([5, 1, 2], np.int32), np.array([-1, 0, 1], np.int32), np.array([1, .9, .45], np.float32),
+                     np.array([0, int(Source.PROMPT), int(Source.PROMPT)], np.uint8))
+    recycled = DraftTree(np.array([5, 1, 2], np.int32), np.array([-1, 0, 1], np.int32),
+                         np.array([1, .3, .27], np.float32), np.array([0, int(Source.RECYCLE), int(Source.RECYCLE)],
+                                                                         np.uint8))
+    merged = merge([copy, recycled])
+    assert merged.sources.tolist() == [0, int(Source.PROMPT), int(Source.RECYCLE)]
+    np.testing.assert_allclose(merged.scores, [1, .9, .9 * .9], rtol=1e-6)
