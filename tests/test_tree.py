@@ -197,16 +197,18 @@ def test_merge_keeps_the_longest_match_behind_a_node_proposed_twice():
     assert merged.sources[1] == Source.RECYCLE and merged.matches[1] == 12
 
 
+def chain(tokens: list[int], scores: list[float], source: Source) -> DraftTree:
+    """A one-path trie from the root ``tokens[0]``, its nodes proposed by ``source`` with these path scores."""
+    n = len(tokens)
+    return DraftTree(np.array(tokens, np.int32), np.arange(-1, n - 1, dtype=np.int32), np.array(scores, np.float32),
+                     np.array([0] + [int(source)] * (n - 1), np.uint8))
+
+
 def test_merge_keeps_each_nodes_own_estimate_whichever_drafter_won_its_parent():
     """A copy's node under a token that recycling also proposed (and scored higher) keeps the copy's conditional
     estimate: its score is the merged parent's times the copy's 0.9, not the copy's path score under a parent
     worth more (which read as an estimate of 0.3 / 0.8 and put a sure copy in a doubtful calibration cell)."""
-    copy = DraftTree(np.array([5, 1, 2], np.int32), np.array([-1, 0, 1], np.int32), np.array([1, .3, .27], np.float32),
-                     np.array([0, int(Source.PROMPT), int(Source.PROMPT)], np.uint8))
-    recycled = DraftTree(np.array([5, 1, 9], np.int32), np.array([-1, 0, 1], np.int32),
-                         np.array([1, .8, .08], np.float32), np.array([0, int(Source.RECYCLE), int(Source.RECYCLE)],
-                                                                         np.uint8))
-    merged = merge([copy, recycled])
+    merged = merge([chain([5, 1, 2], [1, .3, .27], Source.PROMPT), chain([5, 1, 9], [1, .8, .08], Source.RECYCLE)])
     assert merged.tokens.tolist() == [5, 1, 2, 9] and merged.sources[1] == Source.RECYCLE
     np.testing.assert_allclose(merged.scores, [1, .8, .8 * .9, .8 * .1], rtol=1e-6)
 
@@ -214,11 +216,6 @@ def test_merge_keeps_each_nodes_own_estimate_whichever_drafter_won_its_parent():
 def test_merge_picks_the_higher_estimate_not_the_higher_path_score():
     """The copy reaches token 2 through a likelier parent (path 0.45, estimate 0.5); recycling through a less likely
     one (path 0.27, estimate 0.9): the merged node is recycling's, priced at the merged parent times 0.9."""
-    copy = DraftTree(np.array([5, 1, 2], np.int32), np.array([-1, 0, 1], np.int32), np.array([1, .9, .45], np.float32),
-                     np.array([0, int(Source.PROMPT), int(Source.PROMPT)], np.uint8))
-    recycled = DraftTree(np.array([5, 1, 2], np.int32), np.array([-1, 0, 1], np.int32),
-                         np.array([1, .3, .27], np.float32), np.array([0, int(Source.RECYCLE), int(Source.RECYCLE)],
-                                                                         np.uint8))
-    merged = merge([copy, recycled])
+    merged = merge([chain([5, 1, 2], [1, .9, .45], Source.PROMPT), chain([5, 1, 2], [1, .3, .27], Source.RECYCLE)])
     assert merged.sources.tolist() == [0, int(Source.PROMPT), int(Source.RECYCLE)]
     np.testing.assert_allclose(merged.scores, [1, .9, .9 * .9], rtol=1e-6)
