@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tree import DraftTree, Source
+from .tree import DraftTree, Forest, Source
 
 MATCH_EDGES = np.array([1, 2, 3, 4, 6, 9, 16, 32])  # matched length buckets: 0, 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+
 DEPTH_EDGES = np.array([2, 3, 4, 5, 7, 10, 17])  # depth buckets: 1, 2, 3, 4, 5-6, 7-9, 10-16, 17+
@@ -61,11 +61,12 @@ class AcceptanceModel:
         shape = np.array(config.shape, dtype=np.int64)
         self._sizes = np.cumprod(shape)  # cells per level
         self._offsets = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])  # where each level starts
-        # (7, 7): a node's flat cell at level l is sum_j features[j] * _place[l, j] + _offsets[l], where
-        # _place[l, j] is the product of the sizes of the features after j up to l (0 for j > l).
+        # (7, 7): a node's flat cell at level l is sum_j features[j] * place[l, j] + _offsets[l], where
+        # place[l, j] is the product of the sizes of the features after j up to l (0 for j > l).
         levels = len(shape)
-        self._place = np.array([[np.prod(shape[j + 1 : l + 1]) if j <= l else 0 for j in range(levels)]
-                                for l in range(levels)], dtype=np.int64)
+        place = np.array([[np.prod(shape[j + 1 : l + 1]) if j <= l else 0 for j in range(levels)]
+                          for l in range(levels)], dtype=np.int64)
+        self._place_t = place.T.astype(np.float64)
         # Counts of every level in one flat array, kept divided by ``_scale``, the product of every decay so far:
         # an update multiplies one number instead of every cell, and adds 1 / _scale where it counts.
         self._hits = np.zeros(int(self._sizes.sum()))
@@ -85,26 +86,26 @@ class AcceptanceModel:
     def _levels(self, flat: np.ndarray) -> list[np.ndarray]:
         return [flat[o : o + n] * self._scale for o, n in zip(self._offsets, self._sizes)]
 
-    def features(self, tree: DraftTree, whole_last_step: bool = False,
-                 recent: RecentSuccess | None = None) -> np.ndarray:
-        """(n, 7) int64 cell of every node along each feature (the root's row is unused).
+    def features(self, forest: Forest, whole_last_step: np.ndarray, recent: np.ndarray) -> np.ndarray:
+        """(N, 7) int64 cell of every node of the forest along each feature (the roots' rows are unused).
 
         Args:
-            tree: drafts as proposed (scores are the drafters' own estimates).
-            whole_last_step: the request's previous step accepted every node of the path it took.
-            recent: the request's recent success per source (None: no evidence yet).
+            forest: every row's drafts as proposed (scores are the drafters' own estimates).
+            whole_last_step: (rows,) bool, the row's previous step accepted every node of the path it took.
+            recent: (rows, sources) int64, the row's :meth:`RecentSuccess.buckets` (zeros: no evidence yet).
         """
-        parent_scores = tree.scores[np.maximum(tree.parents, 0)]
-        conditional = np.divide(tree.scores, parent_scores, out=np.zeros(len(tree)), where=parent_scores > 0)
+        parent_scores = forest.scores[np.maximum(forest.parents, 0)]
+        conditional = np.divide(forest.scores, parent_scores, out=np.zeros(len(forest.tokens)),
+                                where=(parent_scores > 0) & (forest.parents >= 0))
         buckets = self.config.estimate_buckets
-        out = np.empty((len(tree), 7), dtype=np.int64)
-        out[:, 0] = tree.sources
+        out = np.empty((len(forest.tokens), 7), dtype=np.int64)
+        out[:, 0] = forest.sources
         out[:, 1] = np.minimum(conditional * buckets, buckets - 1)  # truncated, as the floor of a non-negative
-        out[:, 2] = np.searchsorted(MATCH_EDGES, tree.matches, side="right")  # np.digitize, without its checks
-        out[:, 3] = np.searchsorted(DEPTH_EDGES, tree.depths, side="right")
-        out[:, 4] = int(whole_last_step)
-        out[:, 5] = 0 if recent is None else recent.buckets(tree.sources)
-        out[:, 6] = contested(tree)
+        out[:, 2] = np.searchsorted(MATCH_EDGES, forest.matches, side="right")  # np.digitize, without its checks
+        out[:, 3] = np.searchsorted(DEPTH_EDGES, forest.depths, side="right")
+        out[:, 4] = np.asarray(whole_last_step, dtype=np.int64)[forest.rows]
+        out[:, 5] = recent[forest.rows, forest.sources]
+        out[:, 6] = contested(forest)
         return out
 
     def rates(self, features: np.ndarray) -> np.ndarray:
@@ -124,29 +125,34 @@ class AcceptanceModel:
         after[:, :-1] = np.cumprod(b[:, :0:-1], axis=1)[:, ::-1]
         return (a * after).sum(axis=1) + prior * (b[:, 0] * after[:, 0])
 
-    def rescore(self, tree: DraftTree, features: np.ndarray) -> DraftTree:
-        """The same tree with every score replaced by the learned probability of accepting its whole path.
+    def rescore(self, forest: Forest, features: np.ndarray) -> np.ndarray:
+        """(N,) float32: every node's learned probability of accepting its whole path (roots: 1).
 
         Siblings exclude each other (the target emits one token after their parent), so they are taken in
         order of their learned rates, and a sibling's rate counts only where every better one failed: its
         path probability is its parent's times ``rate * prod(1 - rate of each better sibling)``. The rates are
         learned that way too (:meth:`update` is told only of nodes no better sibling beat), so a recycled
         alternative beside a reliable copy is priced at what it adds. Siblings keep this order (best first),
-        which is the order :func:`~retrieval_spec.tree.best_first` gives them.
+        which is the order :func:`~retrieval_spec.tree.best_first` gives them. One pass over the whole forest.
         """
-        rates = self.rates(features).tolist()
-        parents = tree.parents.tolist()
-        scores, free = [1.0] * len(tree), [1.0] * len(tree)  # free: per parent, every child ranked so far failed
-        order = np.lexsort((np.arange(len(tree)), -np.array(rates), tree.parents))  # by parent, best rate first
-        for i in order[1:].tolist():  # grouped by parent index, and a parent's index is below its children's
-            parent = parents[i]
-            scores[i] = scores[parent] * free[parent] * rates[i]
-            free[parent] *= 1.0 - rates[i]
-        return DraftTree.trusted(tree.tokens, tree.parents, np.array(scores, dtype=np.float32), tree.sources,
-                                 tree.matches)
+        rates = self.rates(features)
+        node = np.flatnonzero(forest.parents >= 0)
+        if not len(node):
+            return np.ones(len(forest.tokens), dtype=np.float32)
+        order = node[np.lexsort((node, -rates[node], forest.parents[node]))]  # by parent, best rate first
+        # Per sibling group, the product of (1 - rate) over the better siblings, as an exclusive sum of logs.
+        fails = np.log1p(-np.minimum(rates[order], 1.0 - 1e-12))
+        before = np.cumsum(fails) - fails
+        group = forest.parents[order]
+        first = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+        before -= np.repeat(before[first], np.diff(np.append(first, len(order))))
+        local = np.ones(len(forest.tokens))
+        local[order] = np.exp(before) * rates[order]
+        return forest.path_products(local).astype(np.float32)
 
-    def update(self, features: np.ndarray, tested: np.ndarray, hits: np.ndarray) -> None:
-        """Count outcomes of nodes whose parent was accepted.
+    def update(self, features: np.ndarray, tested: np.ndarray, hits: np.ndarray, steps: int = 1) -> None:
+        """Count outcomes of nodes whose parent was accepted, from ``steps`` rows' steps at once (older evidence
+        decays once per step).
 
         Args:
             features: (n, 7) from :meth:`features`.
@@ -154,7 +160,7 @@ class AcceptanceModel:
                 fate is known, and it is the one :meth:`rescore` prices).
             hits: (n,) bool, nodes that were (or, unverified, would have been) accepted; a subset of ``tested``.
         """
-        self._scale *= self.config.decay
+        self._scale *= self.config.decay ** steps
         if self._scale < 1e-150:  # fold the scale back into the counts before it underflows
             self._hits *= self._scale
             self._trials *= self._scale
@@ -185,11 +191,11 @@ class AcceptanceModel:
 
     def _cells(self, features: np.ndarray) -> np.ndarray:
         """(n, levels) int64: the flat cell of every row of ``features`` at each level, coarsest first."""
-        return features @ self._place.T + self._offsets
+        return (features @ self._place_t).astype(np.int64) + self._offsets  # float: BLAS, exact below 2**53
 
 
-def contested(tree: DraftTree) -> np.ndarray:
-    """(n,) bool: whether a node's siblings include another drafter's, i.e. the drafters disagree about the token
+def contested(forest: Forest) -> np.ndarray:
+    """(N,) bool: whether a node's siblings include another drafter's, i.e. the drafters disagree about the token
     after its parent. Where a copy and a recycled guess disagree, the copy tends to win in copy-heavy text; the rates
     of either alone cannot say so. A/B on the real model (Spec-Bench's later prompts, one process): auto 1.26x ->
     1.27x ``generate()``, translation 1.66x -> 1.80x, extraction 2.75 -> 2.88 tokens per step; long documents' tune
@@ -197,15 +203,16 @@ def contested(tree: DraftTree) -> np.ndarray:
 
     >>> t = DraftTree.trusted(np.array([5, 1, 2, 3], np.int32), np.array([-1, 0, 0, 1], np.int32),
     ...                       np.ones(4, np.float32), np.array([0, 1, 4, 1], np.uint8))
-    >>> contested(t).tolist()
-    [False, True, True, False]
+    >>> contested(Forest.of([t, t])).tolist()
+    [False, True, True, False, False, True, True, False]
     """
-    out = np.zeros(len(tree), dtype=bool)
-    if len(tree) > 2:
-        parents = tree.parents[1:].astype(np.int64)
-        pairs = np.unique(parents * (max(Source) + 1) + tree.sources[1:])  # each (parent, source) once
-        sources_under = np.bincount(pairs // (max(Source) + 1), minlength=len(tree))
-        out[1:] = sources_under[parents] > 1
+    node = np.flatnonzero(forest.parents >= 0)
+    parents = forest.parents[node].astype(np.int64)
+    kinds = max(Source) + 1
+    pairs = np.unique(parents * kinds + forest.sources[node])  # each (parent, source) once
+    sources_under = np.bincount(pairs // kinds, minlength=len(forest.tokens))
+    out = np.zeros(len(forest.tokens), dtype=bool)
+    out[node] = sources_under[parents] > 1
     return out
 
 
@@ -231,18 +238,18 @@ class RecentSuccess:
         self.hits = np.zeros(max(Source) + 1)
         self.trials = np.zeros(max(Source) + 1)
 
-    def update(self, sources: np.ndarray, tested: np.ndarray, hits: np.ndarray) -> None:
-        """One step's outcomes: (n,) source of each candidate, whether its fate is known, whether it was right."""
+    def update(self, trials: np.ndarray, hits: np.ndarray) -> None:
+        """One step's outcomes: (sources,) how many candidates of each source had their fate known, and how many of
+        them were right."""
         self.hits *= self.decay
         self.trials *= self.decay
-        np.add.at(self.trials, sources[tested], 1.0)
-        np.add.at(self.hits, sources[tested & hits], 1.0)
+        self.trials += trials
+        self.hits += hits
 
-    def buckets(self, sources: np.ndarray) -> np.ndarray:
-        """(n,) int64 bucket of each node's source: 0 without a record, else 1 + its rate's bucket."""
+    def buckets(self) -> np.ndarray:
+        """(sources,) int64 bucket of each source: 0 without a record, else 1 + its rate's bucket."""
         rate = np.divide(self.hits, self.trials, out=np.zeros(len(self.trials)), where=self.trials > 0)
-        per_source = np.where(self.trials >= self.min_trials, 1 + np.digitize(rate, RECENT_EDGES), 0)
-        return per_source.astype(np.int64)[sources]
+        return np.where(self.trials >= self.min_trials, 1 + np.digitize(rate, RECENT_EDGES), 0).astype(np.int64)
 
 
 def _rates(hits: np.ndarray, trials: np.ndarray, labels: list[str]) -> dict[str, float]:

@@ -15,14 +15,14 @@ import numpy as np
 
 from .calibration import AcceptanceModel, RecentSuccess
 from .drafters.base import Drafter, RequestId
-from .tree import Branch, DraftTree, StepFeedback, best_first, merge, within_vocabulary
+from .tree import Branch, DraftTree, Forest, Source, StepFeedback, best_first, merge, within_vocabulary
 
 
 class TreeFuser:
     """Owns the drafters of one generator and the acceptance statistics they share, for every request.
 
-    Lifecycle per request: :meth:`start`; per step :meth:`rank`, :meth:`branch`, :meth:`observe`; then
-    :meth:`finish`.
+    Lifecycle per request: :meth:`start`; per step :meth:`rank` and :meth:`observe` (for every row of the batch at
+    once) and :meth:`branch`; then :meth:`finish`.
 
     Args:
         drafters: the sources fused; each serves every request.
@@ -50,23 +50,44 @@ class TreeFuser:
         for drafter in self.drafters:
             drafter.finish(request)
 
-    def rank(self, request: RequestId, context: np.ndarray, budget: int, max_depth: int | None = None) -> DraftTree:
-        """Every candidate after ``context`` (at most ``budget``), best first, rescored as acceptance probabilities.
+    def rank(self, requests: Sequence[RequestId], contexts: Sequence[np.ndarray], budgets: Sequence[int],
+             max_depths: Sequence[int]) -> list[DraftTree]:
+        """Per row, every candidate after its context (at most its budget), best first, rescored as acceptance
+        probabilities; the calibration runs once for the whole batch.
 
-        The tree to verify is a head of it, cut by the sizer. ``max_depth`` drops nodes that could only be accepted
-        beyond the token limit.
+        The tree each row verifies is a head of its candidates, cut by the sizer. A row's ``max_depth`` drops
+        nodes that could only be accepted beyond its token limit; a budget or ``max_depth`` of 0 ranks nothing.
         """
-        empty = DraftTree.empty(int(context[-1]))
-        self._ranked.pop(request, None)
-        if budget <= 0 or not self.drafters or max_depth == 0:
-            return empty
-        raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]), self.vocab_size)
-        if len(raw) == 1:
-            return empty
-        features = self.acceptance.features(raw, self._whole.get(request, False), self._recent.get(request))
-        ranked, keep = best_first(self.acceptance.rescore(raw, features), budget, max_depth)
-        if len(ranked) > 1:
-            self._ranked[request] = (ranked, features[keep])
+        ranked: list[DraftTree] = []
+        raws, rows = [], []
+        for i, (request, context, budget, max_depth) in enumerate(zip(requests, contexts, budgets, max_depths)):
+            self._ranked.pop(request, None)
+            raw = None
+            if budget > 0 and max_depth > 0 and self.drafters:
+                raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]),
+                                        self.vocab_size)
+            if raw is not None and len(raw) > 1:
+                raws.append(raw)
+                rows.append(i)
+            ranked.append(DraftTree.empty(int(context[-1])) if raw is None or len(raw) == 1 else raw)
+        if not rows:
+            return ranked
+        forest = Forest.of(raws)
+        recent = np.zeros((len(rows), max(Source) + 1), dtype=np.int64)
+        for j, i in enumerate(rows):
+            if requests[i] in self._recent:
+                recent[j] = self._recent[requests[i]].buckets()
+        whole = np.array([self._whole.get(requests[i], False) for i in rows])
+        features = self.acceptance.features(forest, whole, recent)
+        forest = forest.rescored(self.acceptance.rescore(forest, features))
+        trees, keep = best_first(forest, np.array([budgets[i] for i in rows]), np.array([max_depths[i] for i in rows]))
+        kept_features = features[keep]
+        start = 0
+        for i, tree in zip(rows, trees):
+            ranked[i] = tree
+            if len(tree) > 1:
+                self._ranked[requests[i]] = (tree, kept_features[start : start + len(tree)])
+            start += len(tree)
         return ranked
 
     def branch(self, request: RequestId, context: np.ndarray) -> Branch | None:
@@ -77,34 +98,49 @@ class TreeFuser:
                 return branch
         return None
 
-    def observe(self, request: RequestId, feedback: StepFeedback) -> None:
-        """Learn acceptance rates from the step and pass it on to every drafter.
+    def observe(self, requests: Sequence[RequestId], feedbacks: Sequence[StepFeedback]) -> None:
+        """Learn acceptance rates from one step of every row, then pass each row's step on to every drafter.
 
         The verified tree is the head of the ranked candidates, so candidates left out by the cost cut are
         scored too: a candidate whose parent was accepted would have been accepted iff it carries the token
         emitted after that parent. Learning therefore never starves when the cut drafts nothing. A candidate
         ranked below the sibling that won is not counted (``AcceptanceModel.rescore``).
         """
-        verified = feedback.tree
-        if len(verified) > 1:
-            last = feedback.accepted_nodes[-1]
-            self._whole[request] = bool(last > 0 and not np.any(verified.parents == last))
-        if request in self._ranked:
-            ranked, features = self._ranked[request]
-            accepted = feedback.accepted_nodes[: len(feedback.new_tokens)]
-            on_path = np.zeros(len(ranked), dtype=bool)
-            on_path[accepted] = True
-            emitted = np.full(len(ranked), -1, dtype=np.int64)  # the token emitted after each accepted node
-            emitted[accepted] = feedback.new_tokens[: len(accepted)]
-            parents = np.maximum(ranked.parents, 0)
-            tested = on_path[parents]
-            tested[0] = False
-            hits = tested & (ranked.tokens == emitted[parents])
-            # Siblings are ranked best first (lower index); one ranked below the hit never had its chance.
-            hit_child = np.full(len(ranked), len(ranked))
-            hit_child[parents[hits]] = np.flatnonzero(hits)
-            tested &= np.arange(len(ranked)) <= hit_child[parents]
-            self.acceptance.update(features, tested, hits)
-            self._recent.setdefault(request, RecentSuccess()).update(ranked.sources, tested, hits)
-        for drafter in self.drafters:
-            drafter.observe(request, feedback)
+        learned = []
+        for request, feedback in zip(requests, feedbacks):
+            verified = feedback.tree
+            if len(verified) > 1:
+                last = feedback.accepted_nodes[-1]
+                self._whole[request] = bool(last > 0 and not np.any(verified.parents == last))
+            if request in self._ranked:
+                learned.append((request, feedback, *self._ranked[request]))
+        if learned:
+            self._learn(learned)
+        for request, feedback in zip(requests, feedbacks):
+            for drafter in self.drafters:
+                drafter.observe(request, feedback)
+
+    def _learn(self, learned: list[tuple[RequestId, StepFeedback, DraftTree, np.ndarray]]) -> None:
+        """Count every ranked candidate whose fate the step told (its parent was accepted), for the whole batch."""
+        forest = Forest.of([ranked for _, _, ranked, _ in learned])
+        accepted = [f.accepted_nodes[: len(f.new_tokens)] for _, f, _, _ in learned]
+        on_path = np.zeros(len(forest.tokens), dtype=bool)
+        emitted = np.full(len(forest.tokens), -1, dtype=np.int64)  # the token emitted after each accepted node
+        nodes = np.concatenate([a + start for a, start in zip(accepted, forest.starts.tolist())]).astype(np.int64)
+        on_path[nodes] = True
+        emitted[nodes] = np.concatenate([f.new_tokens[: len(a)] for (_, f, _, _), a in zip(learned, accepted)])
+        has_parent = forest.parents >= 0
+        parents = np.where(has_parent, forest.parents, 0)
+        tested = on_path[parents] & has_parent
+        hits = tested & (forest.tokens == emitted[parents])
+        # Siblings are ranked best first (lower index); one ranked below the hit never had its chance.
+        hit_child = np.full(len(forest.tokens), len(forest.tokens))
+        hit_child[parents[hits]] = np.flatnonzero(hits)
+        tested &= np.arange(len(forest.tokens)) <= hit_child[parents]
+        self.acceptance.update(np.concatenate([features for *_, features in learned]), tested, hits, len(learned))
+        kinds = max(Source) + 1
+        cells = forest.rows * kinds + forest.sources
+        trials = np.bincount(cells[tested], minlength=len(learned) * kinds).reshape(-1, kinds)
+        won = np.bincount(cells[hits], minlength=len(learned) * kinds).reshape(-1, kinds)
+        for (request, *_), row_trials, row_won in zip(learned, trials, won):
+            self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)

@@ -332,7 +332,7 @@ class SpeculativeGenerator:
         # 6. Observe: the rows extend, the drafters and (from the step's times) the sizer learn.
         for row, outcome in zip(alive, outcomes):
             row.append(outcome.feedback.new_tokens)
-            self.fuser.observe(row.request, outcome.feedback)
+        self.fuser.observe([row.request for row in alive], [outcome.feedback for outcome in outcomes])
         timer.lap("observe")
         sizing.learn(plan, timer, [(row.index, len(o.feedback.new_tokens)) for row, o in zip(alive, outcomes)])
         timer.lap("observe")  # the sizer's learning, too
@@ -343,14 +343,15 @@ class SpeculativeGenerator:
         """Every row's ranked candidates and its look-ahead branch: only the confident candidates where the row's
         guard paused drafting (``BatchSizing.floor``); no branch there, in the first step (the prompt's forward),
         where it does not pay, or where a node of it would lie beyond the positions the model can embed."""
-        ranked, branches = [], []
-        for i, row in enumerate(alive):
-            floor = sizing.floor(row.index)
+        floors = [sizing.floor(row.index) for row in alive]
+        ranked = self.fuser.rank([row.request for row in alive], [row.context for row in alive],
+                                 [budget if np.isfinite(floor) else 0 for floor in floors],
+                                 [row.remaining - 1 for row in alive])
+        branches = []
+        for i, (row, floor) in enumerate(zip(alive, floors)):
             row.stats.paused_steps += floor > 0
-            tree = self.fuser.rank(row.request, row.context, budget if np.isfinite(floor) else 0, row.remaining - 1)
             if floor > 0:  # scores are best first: the head of the candidates at least that likely
-                tree = tree.head(1 + int(np.count_nonzero(tree.scores[1:] >= floor)))
-            ranked.append(tree)
+                ranked[i] = ranked[i].head(1 + int(np.count_nonzero(ranked[i].scores[1:] >= floor)))
             branch = None if first or floor > 0 else self.fuser.branch(row.request, row.context)
             if branch is not None and not (sizing.branch_pays(len(branch))
                                            and self.verifier.fits(i, int(branch.offsets.max(initial=0)))):

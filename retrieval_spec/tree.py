@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -120,10 +120,8 @@ class DraftTree:
 
     @staticmethod
     def empty(root: int) -> DraftTree:
-        """The tree with the root alone: nothing to propose."""
-        return DraftTree.trusted(np.array([root], dtype=np.int32), np.array([-1], dtype=np.int32),
-                                 np.array([1.0], dtype=np.float32), np.array([Source.ROOT], dtype=np.uint8),
-                                 np.zeros(1, dtype=np.int32))
+        """The tree with the root alone: nothing to propose (its arrays but ``tokens`` are shared, read-only)."""
+        return DraftTree.trusted(np.array([root], dtype=np.int32), *_ROOT_ALONE)
 
     @staticmethod
     def chain(tokens: np.ndarray, source: Source = Source.ROOT) -> DraftTree:
@@ -174,6 +172,16 @@ class DraftTree:
                                  np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8))
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+# parents, scores, sources and matches of a tree that is its root alone
+_ROOT_ALONE = (_read_only(np.array([-1], dtype=np.int32)), _read_only(np.array([1.0], dtype=np.float32)),
+               _read_only(np.array([Source.ROOT], dtype=np.uint8)), _read_only(np.zeros(1, dtype=np.int32)))
+
+
 def trie_from_continuations(
     root: int,
     continuations: Sequence[np.ndarray],
@@ -200,14 +208,15 @@ def trie_from_continuations(
     """
     if not continuations or max_nodes <= 0:
         return DraftTree.empty(root)
-    total = float(np.sum(weights))
-    reach = np.cumprod(depth_probs)
-    matched = [0] * len(continuations) if matches is None else list(matches)
-    tokens, parents, mass, longest = [root], [-1], [total], [0]
+    weight_list = np.asarray(weights, dtype=np.float64).tolist()
+    total = sum(weight_list)
+    reach = np.cumprod(depth_probs).tolist()
+    matched = [0] * len(continuations) if matches is None else [int(m) for m in matches]
+    tokens, parents, mass, longest, depth = [root], [-1], [total], [0], [0]
     children: dict[tuple[int, int], int] = {}
-    for i in np.argsort(-np.asarray(weights), kind="stable"):
-        node = 0
-        for token in continuations[i][: len(depth_probs)].tolist():
+    for i in sorted(range(len(weight_list)), key=lambda i: -weight_list[i]):  # stable: heaviest first
+        node, weight, match = 0, weight_list[i], matched[i]
+        for token in continuations[i][: len(reach)].tolist():
             child = children.get((node, token))
             if child is None:
                 if len(tokens) > max_nodes:
@@ -217,13 +226,14 @@ def trie_from_continuations(
                 parents.append(node)
                 mass.append(0.0)
                 longest.append(0)
-            mass[child] += float(weights[i])
-            longest[child] = max(longest[child], int(matched[i]))
+                depth.append(depth[node] + 1)
+            mass[child] += weight
+            if match > longest[child]:
+                longest[child] = match
             node = child
-    parents_array = np.array(parents, dtype=np.int32)
-    scores = np.array(mass, dtype=np.float64) / total
-    scores[1:] *= reach[depths(parents_array)[1:] - 1]
-    return DraftTree.trusted(np.array(tokens, dtype=np.int32), parents_array, np.minimum(scores, 1.0).astype(np.float32),
+    scores = [1.0] + [min(m / total * reach[d - 1], 1.0) for m, d in zip(mass[1:], depth[1:])]
+    return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
+                             np.array(scores, dtype=np.float32),
                              np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
                              np.array(longest, dtype=np.int32))
 
@@ -335,27 +345,124 @@ def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
     return tree.select(np.flatnonzero(~bad))
 
 
-def best_first(tree: DraftTree, max_nodes: int, max_depth: int | None = None) -> tuple[DraftTree, np.ndarray]:
-    """Keep the root and the ``max_nodes`` highest-scoring other nodes, closed under ancestors.
+def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> tuple[list[DraftTree], np.ndarray]:
+    """Per tree of ``forest``, keep the root and its ``max_nodes`` highest-scoring other nodes, closed under
+    ancestors.
 
-    Scores never rise from parent to child, so ordering the nodes by score (ties: shallower, then lower index)
+    Scores never rise from parent to child, so ordering a tree's nodes by score (ties: shallower, then lower index)
     puts every node after its ancestors: a head of that order is ancestor-closed, topological, and sorts the
-    non-root nodes by non-increasing score. The result is re-indexed in that order.
+    non-root nodes by non-increasing score. Each kept tree is re-indexed in that order. One sort for the forest.
 
     Args:
-        tree: the candidate tree.
-        max_nodes: how many non-root nodes to keep at most.
-        max_depth: drop nodes deeper than this (None: no limit).
+        forest: the candidate trees.
+        max_nodes: (rows,) how many non-root nodes to keep at most in each tree.
+        max_depth: (rows,) drop nodes deeper than this in each tree.
 
     Returns:
-        the kept tree, and (k,) int64 the kept nodes' indices in ``tree``.
+        the kept trees, and (k,) int64 the kept nodes' indices in ``forest`` (tree by tree, each in its kept order).
     """
-    depth = tree.depths
-    order = np.lexsort((np.arange(len(tree)), depth, -tree.scores.astype(np.float64)))
-    if max_depth is not None:
-        order = order[depth[order] <= max_depth]
-    keep = order[: max_nodes + 1].astype(np.int64)
-    return tree.select(keep), keep
+    order = np.lexsort((np.arange(len(forest.tokens)), forest.depths, -forest.scores.astype(np.float64),
+                        forest.rows))
+    order = order[forest.depths[order] <= np.asarray(max_depth)[forest.rows[order]]]
+    rows = forest.rows[order]
+    rank = np.arange(len(order)) - np.searchsorted(rows, rows)  # position within its tree (rows are sorted)
+    kept = rank <= np.asarray(max_nodes)[rows]
+    keep, rank, rows = order[kept].astype(np.int64), rank[kept].astype(np.int32), rows[kept]
+    new_index = np.full(len(forest.tokens), -1, dtype=np.int32)
+    new_index[keep] = rank
+    parents = np.where(forest.parents[keep] >= 0, new_index[forest.parents[keep]], -1).astype(np.int32)
+    tokens, scores = forest.tokens[keep], forest.scores[keep]
+    sources, matches = forest.sources[keep], forest.matches[keep]
+    ends = np.cumsum(np.bincount(rows, minlength=forest.num_trees)).tolist()
+    depth = forest.depths[keep]
+    trees = []
+    for a, b in zip([0, *ends[:-1]], ends):
+        tree = DraftTree.trusted(tokens[a:b], parents[a:b], scores[a:b], sources[a:b], matches[a:b])
+        tree.__dict__["depths"] = depth[a:b]  # known already: spares the cached property its loop
+        trees.append(tree)
+    return trees, keep
+
+
+@dataclass(frozen=True)
+class Forest:
+    """Several rows' trees laid end to end, so that per-node work on a batch is one array operation.
+
+    Attributes:
+        tokens, scores, sources, matches: (N,) the trees' arrays, concatenated.
+        parents: (N,) int32 parent of each node in the forest's numbering; -1 for every root.
+        rows: (N,) int64 which tree each node belongs to.
+        starts: (num_trees,) int64 where each tree's root sits.
+    """
+
+    tokens: np.ndarray
+    parents: np.ndarray
+    scores: np.ndarray
+    sources: np.ndarray
+    matches: np.ndarray
+    rows: np.ndarray
+    starts: np.ndarray
+
+    @staticmethod
+    def of(trees: Sequence[DraftTree]) -> Forest:
+        if len(trees) == 1:
+            tree = trees[0]
+            return Forest(tokens=tree.tokens, parents=tree.parents, scores=tree.scores, sources=tree.sources,
+                          matches=tree.matches, rows=np.zeros(len(tree), dtype=np.int64),
+                          starts=np.zeros(1, dtype=np.int64))
+        sizes = np.array([len(t) for t in trees], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        rows = np.repeat(np.arange(len(trees)), sizes)
+        parents = np.concatenate([t.parents for t in trees]).astype(np.int64)
+        parents = np.where(parents >= 0, parents + starts[rows], -1)
+        return Forest(tokens=np.concatenate([t.tokens for t in trees]), parents=parents.astype(np.int32),
+                      scores=np.concatenate([t.scores for t in trees]),
+                      sources=np.concatenate([t.sources for t in trees]),
+                      matches=np.concatenate([t.matches for t in trees]), rows=rows, starts=starts)
+
+    @property
+    def num_trees(self) -> int:
+        return len(self.starts)
+
+    def rescored(self, scores: np.ndarray) -> Forest:
+        """The same forest with ``scores`` ((N,) float32) in place of its own (its depths are kept)."""
+        forest = replace(self, scores=scores)
+        if "_jumps" in self.__dict__:
+            forest.__dict__["_jumps"] = self._jumps
+        return forest
+
+    @property
+    def depths(self) -> np.ndarray:
+        """(N,) int32 depth of every node in its tree (roots 0)."""
+        return self._jumps[0]
+
+    @functools.cached_property
+    def _jumps(self) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        """The depths, and the pointer-doubling passes that found them: per pass, the nodes that still had an
+        ancestor to reach and the one they jumped to (so that :meth:`path_products` replays them)."""
+        up = self.parents.astype(np.int64)
+        depth = (up >= 0).astype(np.int64)
+        jumps = []
+        while True:
+            live = np.flatnonzero(up >= 0)
+            if not len(live):
+                return depth.astype(np.int32), jumps
+            above = up[live]
+            jumps.append((live, above))
+            depth[live] += depth[above]
+            up[live] = up[above]
+
+    def path_products(self, values: np.ndarray) -> np.ndarray:
+        """(N,) float64: for every node the product of ``values`` over the node and its ancestors (roots
+        included), by pointer doubling: one pass per doubling of the deepest path.
+
+        >>> f = Forest.of([DraftTree.chain(np.arange(4)), DraftTree.chain(np.arange(2))])
+        >>> f.depths.tolist(), f.path_products(np.array([1, 2, 3, 4, 1, 5])).tolist()
+        ([0, 1, 2, 3, 0, 1], [1.0, 2.0, 6.0, 24.0, 1.0, 5.0])
+        """
+        product = np.asarray(values, dtype=np.float64).copy()
+        for live, above in self._jumps[1]:
+            product[live] *= product[above]
+        return product
 
 
 @dataclass(frozen=True)

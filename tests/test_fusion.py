@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import StepFeedback
+from retrieval_spec.tree import Forest, StepFeedback
 
 VOCAB = 500
 
@@ -23,14 +23,15 @@ def test_acceptance_is_learned_per_matched_length_and_depth():
                      scores=np.array([1, .5, .4, .3, .5, .4, .3], np.float32),
                      sources=np.array([0, 1, 1, 1, 1, 1, 1], np.uint8),
                      matches=np.array([0, 20, 20, 20, 1, 1, 1], np.int32))
-    features = model.features(tree)
+    forest = Forest.of([tree])
+    features = model.features(forest, np.zeros(1, bool), np.zeros((1, 7), np.int64))
     tested = np.array([False, True, True, True, True, False, False])
     for _ in range(50):
         model.update(features, tested, hits=np.array([False, True, True, True, False, False, False]))
     rates = model.rates(features)
     assert rates[1] > 0.9 and rates[2] > 0.9 and rates[4] < 0.1
-    rescored = model.rescore(tree, features)
-    assert rescored.scores[3] > 0.8 > 0.1 > rescored.scores[4]
+    rescored = model.rescore(forest, features)
+    assert rescored[3] > 0.8 > 0.1 > rescored[4]
     summary = model.summary()["prompt"]
     assert summary["by_matched_length"]["16-31"] > 0.9 and summary["by_matched_length"]["1"] < 0.1
 
@@ -59,12 +60,13 @@ def test_siblings_exclude_each_other_in_scores_and_in_learning():
 
     fuser = fuser_of(tree)
     fuser.start(0, np.array([7], np.int32))
-    ranked = fuser.rank(0, np.array([7], np.int32), 64)
-    rates = fuser.acceptance.rates(fuser.acceptance.features(tree))
+    [ranked] = fuser.rank([0], [np.array([7], np.int32)], [64], [64])
+    rates = fuser.acceptance.rates(fuser.acceptance.features(Forest.of([tree]), np.zeros(1, bool),
+                                                            np.zeros((1, 7), np.int64)))
     by_token = dict(zip(ranked.tokens.tolist(), ranked.scores.tolist()))
     assert by_token[1] == pytest.approx(rates[1]) and by_token[2] == pytest.approx(rates[2] * (1 - rates[1]))
 
-    fuser.observe(0, StepFeedback(tree=ranked, accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9])))
+    fuser.observe([0], [StepFeedback(tree=ranked, accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9]))])
     trials = fuser.acceptance.trials[0]
     assert trials[Source.PROMPT] == pytest.approx(1.0) and trials[Source.RECYCLE] == 0  # ranked below the winner
 
@@ -87,9 +89,52 @@ def test_a_source_that_keeps_failing_in_one_request_is_priced_lower_there_than_w
     for _ in range(30):
         # Request 0: the first copied token is right, the second wrong; request 1: the first is wrong. Neither
         # step accepts a whole path, so only the requests' records tell them apart.
-        ranked = fuser.rank(0, context, 64)
-        fuser.observe(0, StepFeedback(tree=ranked, accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9])))
-        ranked = fuser.rank(1, context, 64)
-        fuser.observe(1, StepFeedback(tree=ranked, accepted_nodes=np.array([0]), new_tokens=np.array([5])))
-    good, bad = fuser.rank(0, context, 64).scores[1], fuser.rank(1, context, 64).scores[1]
+        ranked = fuser.rank([0, 1], [context, context], [64, 64], [64, 64])
+        fuser.observe([0, 1], [StepFeedback(tree=ranked[0], accepted_nodes=np.array([0, 1]), new_tokens=np.array([1, 9])),
+                               StepFeedback(tree=ranked[1], accepted_nodes=np.array([0]), new_tokens=np.array([5]))])
+    good, bad = (tree.scores[1] for tree in fuser.rank([0, 1], [context, context], [64, 64], [64, 64]))
     assert good > 0.6 and bad < 0.3
+
+
+def test_a_batch_is_ranked_as_each_of_its_rows_alone():
+    """One call ranks every row with one calibration pass: the trees equal those of ranking each row by itself."""
+    from retrieval_spec.drafters.base import Drafter
+    from retrieval_spec.tree import DraftTree, Source
+
+    rng = np.random.default_rng(3)
+
+    def random_tree(root: int) -> DraftTree:
+        parents, tokens = [-1], [root]
+        for i in range(1, int(rng.integers(1, 40))):
+            parent = int(rng.integers(0, i))
+            token = int(rng.integers(0, 30))
+            if any(p == parent and t == token for p, t in zip(parents, tokens)):
+                continue
+            parents.append(parent)
+            tokens.append(token)
+        scores = np.ones(len(tokens))
+        for i in range(1, len(tokens)):
+            scores[i] = scores[parents[i]] * rng.uniform(0.2, 1.0)
+        sources = rng.choice([Source.PROMPT, Source.RECYCLE, Source.HISTORY], len(tokens)).astype(np.uint8)
+        sources[0] = Source.ROOT
+        return DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32), scores.astype(np.float32), sources,
+                         rng.integers(0, 40, len(tokens)).astype(np.int32))
+
+    proposals = {request: random_tree(7) for request in range(6)}
+
+    class Fixed(Drafter):
+        def propose(self, request, context, budget):
+            return proposals[request]
+
+    model = fuser_of(proposals[0]).acceptance
+    for _ in range(200):  # learned rates that differ from cell to cell
+        model.update(rng.integers(0, 5, (12, 7)) * [1, 1, 1, 1, 0, 0, 0], np.ones(12, bool), rng.random(12) < 0.5)
+    together, alone = TreeFuser([Fixed()], VOCAB, model), TreeFuser([Fixed()], VOCAB, model)
+    context = np.array([7], np.int32)
+    budgets, depths = [64, 5, 20, 0, 64, 3], [64, 64, 2, 64, 1, 64]
+    ranked = together.rank(list(proposals), [context] * 6, budgets, depths)
+    for request, tree in zip(proposals, ranked):
+        [expected] = alone.rank([request], [context], [budgets[request]], [depths[request]])
+        np.testing.assert_array_equal(tree.tokens, expected.tokens)
+        np.testing.assert_array_equal(tree.parents, expected.parents)
+        np.testing.assert_allclose(tree.scores, expected.scores, rtol=1e-6)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from retrieval_spec.sizing import CostCurve, best_batch_size, best_size
 from retrieval_spec.tree import (
     DraftTree,
+    Forest,
     Source,
     ancestor_mask,
     best_first,
@@ -70,10 +71,15 @@ def test_validation_rejects_malformed_trees():
                   np.array([1, .5, .5], np.float32), np.array([0, 1, 1], np.uint8))
 
 
+def best_first_of(tree: DraftTree, budget: int, max_depth: int = 1 << 30) -> tuple[DraftTree, np.ndarray]:
+    [kept], keep = best_first(Forest.of([tree]), np.array([budget]), np.array([max_depth]))
+    return kept, keep
+
+
 @settings(max_examples=60)
 @given(trees(), st.integers(0, 30))
 def test_best_first_keeps_an_ancestor_closed_top_set(tree, budget):
-    kept, keep = best_first(tree, budget)
+    kept, keep = best_first_of(tree, budget)
     assert len(kept) == min(budget, len(tree) - 1) + 1
     assert set(keep.tolist()) == set().union(*(ancestors(tree.parents, int(k)) for k in keep))
     assert np.all(np.diff(kept.scores[1:]) <= 1e-7)  # best first
@@ -104,9 +110,30 @@ def heap_best_first(tree: DraftTree, max_nodes: int, max_depth: int | None) -> l
 
 
 @settings(max_examples=80)
-@given(trees(), st.integers(0, 30), st.one_of(st.none(), st.integers(0, 6)))
-def test_best_first_is_the_frontier_expansion(tree, budget, max_depth):
-    assert best_first(tree, budget, max_depth)[1].tolist() == heap_best_first(tree, budget, max_depth)
+@given(st.lists(st.tuples(trees(), st.integers(0, 30), st.integers(0, 6)), min_size=1, max_size=4))
+def test_best_first_is_the_frontier_expansion_in_every_tree_of_a_forest(rows):
+    forest = Forest.of([tree for tree, _, _ in rows])
+    kept, keep = best_first(forest, np.array([b for _, b, _ in rows]), np.array([d for _, _, d in rows]))
+    for (tree, budget, max_depth), start, tree_kept in zip(rows, forest.starts.tolist(), kept):
+        expected = heap_best_first(tree, budget, max_depth)
+        assert (keep[: len(expected)] - start).tolist() == expected
+        np.testing.assert_array_equal(tree_kept.tokens, tree.tokens[expected])
+        keep = keep[len(expected):]
+    assert not len(keep)
+
+
+@settings(max_examples=60)
+@given(st.lists(trees(), min_size=1, max_size=4))
+def test_a_forest_knows_each_nodes_depth_and_path_product(parts):
+    forest = Forest.of(parts)
+    values = np.random.default_rng(len(forest.tokens)).uniform(0.5, 1.0, len(forest.tokens))
+    products = forest.path_products(values)
+    for tree, start in zip(parts, forest.starts.tolist()):
+        at = slice(start, start + len(tree))
+        np.testing.assert_array_equal(forest.depths[at], depths(tree.parents))
+        np.testing.assert_array_equal(forest.parents[at], np.where(tree.parents >= 0, tree.parents + start, -1))
+        expected = [np.prod([values[start + a] for a in ancestors(tree.parents, i)]) for i in range(len(tree))]
+        np.testing.assert_allclose(products[at], expected, rtol=1e-12)
 
 
 @settings(max_examples=60)
@@ -219,3 +246,26 @@ def test_merge_picks_the_higher_estimate_not_the_higher_path_score():
     merged = merge([chain([5, 1, 2], [1, .9, .45], Source.PROMPT), chain([5, 1, 2], [1, .3, .27], Source.RECYCLE)])
     assert merged.sources.tolist() == [0, int(Source.PROMPT), int(Source.RECYCLE)]
     np.testing.assert_allclose(merged.scores, [1, .9, .9 * .9], rtol=1e-6)
+
+
+@settings(max_examples=60)
+@given(st.lists(trees(), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
+def test_rescore_prices_each_sibling_where_every_better_one_failed(parts, seed):
+    """The forest's one-pass rescore against its definition, node by node: a node's path probability is its
+    parent's times its rate times (1 - rate) of each sibling ranked above it (higher rate; ties: lower index)."""
+    from retrieval_spec.calibration import AcceptanceModel
+
+    forest = Forest.of(parts)
+    rates = np.random.default_rng(seed).uniform(0.0, 0.99, len(forest.tokens))
+    model = AcceptanceModel()
+    model.rates = lambda features: rates  # the rates under test, whatever the cells learned
+    scores = model.rescore(forest, np.zeros((len(forest.tokens), 7), np.int64))
+    expected = np.ones(len(forest.tokens))
+    for i in range(len(forest.tokens)):  # parents come first
+        parent = forest.parents[i]
+        if parent < 0:
+            continue
+        better = [j for j in np.flatnonzero(forest.parents == parent)
+                  if rates[j] > rates[i] or (rates[j] == rates[i] and j < i)]
+        expected[i] = expected[parent] * rates[i] * np.prod([1 - rates[j] for j in better])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-12)

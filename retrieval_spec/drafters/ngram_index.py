@@ -37,9 +37,10 @@ class NgramIndex:
             self.text = grown
         self.text[old:new] = tokens
         self.length = new
-        self._separators += (old + np.flatnonzero(self.text[old:new] == SEPARATOR)).tolist()
         low = max(0, old - self.max_ngram + 1)  # the earliest token a new n-gram can start at
         window, index = self.text[low:new].tolist(), self._index
+        if SEPARATOR in window[old - low :]:
+            self._separators += (old + np.flatnonzero(self.text[old:new] == SEPARATOR)).tolist()
         for end in range(old + 1, new + 1):
             for n in range(1, min(self.max_ngram, end) + 1):
                 gram = window[end - n - low : end - low]

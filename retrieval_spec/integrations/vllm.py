@@ -355,6 +355,7 @@ class RetrievalProposer:
         self.finished: deque[dict] = deque(maxlen=4096)  # the last requests' :func:`request_record`
         self.stats_file = Path(self.settings.stats_file) if self.settings.stats_file else None
         self._requests: dict[Hashable, _Request] = {}
+        self._pending: list[tuple[Hashable, StepFeedback]] = []  # this call's feedback, learned from in one batch
         self._finished_since_save = 0
         self._returned_at: float | None = None  # when the last call returned
         self._proposed_tokens = 0  # tokens the engine verifies after the last call: its drafts, one per row
@@ -402,11 +403,12 @@ class RetrievalProposer:
         num_rows = len(sampled_token_ids)
         request_ids = self.batch.request_ids(num_rows)
         started_before = self.stats.started
-        chains = [
-            self._rank_row(row, request_ids[row], sampled_token_ids[row], int(num_tokens_no_spec[row]),
-                           token_ids_cpu[row])
-            for row in range(num_rows)
-        ]
+        states = [self._update_row(row, request_ids[row], sampled_token_ids[row], int(num_tokens_no_spec[row]),
+                                   token_ids_cpu[row]) for row in range(num_rows)]
+        if self._pending:  # what every row's last draft got right, learned from in one batch
+            self.fuser.observe(*zip(*self._pending))
+            self._pending.clear()
+        chains = self._rank([(request_ids[row], state) for row, state in enumerate(states)], token_ids_cpu)
         # The engine's step since the last call verified what that call proposed; a prefill in it (a request
         # started now, or a chunk still running) makes its time no measure of that.
         clean = self.stats.started == started_before and all(map(len, sampled_token_ids))
@@ -446,14 +448,12 @@ class RetrievalProposer:
         self.stats.saves += 1
         return saved
 
-    def _rank_row(self, row: int, request: Hashable | None, sampled: Sequence[int], n: int,
-                  history: np.ndarray) -> tuple[_Request | None, np.ndarray]:
-        """Start or update the row's request and rank its candidates: its state (None: no draft for the row) and
-        the (m,) scores of its best chain, at most ``num_speculative_tokens`` and none under ``min_path_prob``
-        (``state.path`` holds the chain's nodes until :meth:`_draft` cuts it)."""
-        none = (None, np.zeros(0, dtype=np.float32))
+    def _update_row(self, row: int, request: Hashable | None, sampled: Sequence[int], n: int,
+                    history: np.ndarray) -> _Request | None:
+        """Start the row's request or feed its drafters what the step appended; its state, or None when the row
+        gets no draft (no request, a prefill chunk)."""
         if request is None or not len(sampled) or n < 1:
-            return none
+            return None
         state = self._requests.get(request)
         if state is not None and n < state.seen:  # the id was reused for a new request: start over
             self._finish(request)
@@ -463,15 +463,31 @@ class RetrievalProposer:
         self._observe(request, state, history[state.seen : n])
         state.seen = n
         self.stats.rows += 1
-        depth = 0 if state.done else min(self.num_speculative_tokens, self.max_model_len - n - 1)
-        # Ranking with no room (depth <= 0) still resets the fuser's candidates for this request.
-        ranked = self.fuser.rank(request, history[:n], self.settings.max_nodes if depth > 0 else 0, max(depth, 0))
-        path = best_path(ranked)
-        scores = ranked.scores[path]
-        below = np.flatnonzero(scores < self.settings.min_path_prob)
-        cut = int(below[0]) if len(below) else len(path)
-        state.tree, state.path = ranked, path[:cut]
-        return state, scores[:cut]
+        return state
+
+    def _rank(self, rows: list[tuple[Hashable | None, _Request | None]],
+              token_ids: np.ndarray) -> list[tuple[_Request | None, np.ndarray]]:
+        """Rank the candidates of every row with a state, in one call of the fuser: per row its state and the (m,) scores of its best chain, at most
+        ``num_speculative_tokens`` and none under ``min_path_prob`` (``state.path`` holds the chain's nodes until
+        :meth:`_draft` cuts it)."""
+        out: list[tuple[_Request | None, np.ndarray]] = [(None, np.zeros(0, dtype=np.float32))] * len(rows)
+        live = [(i, request, state) for i, (request, state) in enumerate(rows) if state is not None]
+        if not live:
+            return out
+        depths = [0 if state.done else max(0, min(self.num_speculative_tokens, self.max_model_len - state.seen - 1))
+                  for _, _, state in live]
+        # Ranking with no room (depth 0) still resets the fuser's candidates for this request.
+        trees = self.fuser.rank([request for _, request, _ in live],
+                                [token_ids[i, : state.seen] for i, _, state in live],
+                                [self.settings.max_nodes if depth > 0 else 0 for depth in depths], depths)
+        for (i, _, state), ranked in zip(live, trees):
+            path = best_path(ranked)
+            scores = ranked.scores[path]
+            below = np.flatnonzero(scores < self.settings.min_path_prob)
+            cut = int(below[0]) if len(below) else len(path)
+            state.tree, state.path = ranked, path[:cut]
+            out[i] = (state, scores[:cut])
+        return out
 
     def _lengths(self, scores: list[np.ndarray]) -> np.ndarray:
         """How many tokens of each row's chain to propose (see :class:`ProposerSettings`' ``allocate``)."""
@@ -529,7 +545,7 @@ class RetrievalProposer:
         self.stats.accepted += accepted
         np.add.at(state.accepted, state.tree.sources[state.path[:accepted]], 1)
         nodes = np.concatenate([[0], state.path[:accepted]]).astype(np.int32)
-        self.fuser.observe(request, StepFeedback(tree=state.tree, accepted_nodes=nodes, new_tokens=new_tokens))
+        self._pending.append((request, StepFeedback(tree=state.tree, accepted_nodes=nodes, new_tokens=new_tokens)))
 
     def _reap(self) -> None:
         for request in [r for r in self._requests if not self.batch.is_alive(r)]:
