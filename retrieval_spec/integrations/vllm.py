@@ -528,23 +528,27 @@ class RetrievalProposer:
         """Feed the tokens appended since the last call, cut where the request's output really ended."""
         if state.done or not len(appended):
             return
-        new_tokens = np.array(appended[: max(0, state.max_output - (state.seen - state.prompt_len))], dtype=np.int32)
-        stop = np.flatnonzero(np.isin(new_tokens, list(state.stops))) if state.stops else ()
-        if len(stop):
-            new_tokens = new_tokens[: stop[0] + 1]
+        new = appended[: max(0, state.max_output - (state.seen - state.prompt_len))].tolist()  # a few tokens
+        stop = next((i for i, token in enumerate(new) if token in state.stops), None)
+        if stop is not None:
+            new = new[: stop + 1]
             state.done = True
-        if state.seen - state.prompt_len + len(new_tokens) >= state.max_output:
+        if state.seen - state.prompt_len + len(new) >= state.max_output:
             state.done = True
-        if not len(new_tokens):
+        if not new:
             return
         # The last new token is the bonus (or recovered) one: at most the ones before it were drafted.
-        drafted = state.tree.tokens[state.path]
-        comparable = min(len(drafted), len(new_tokens) - 1)
-        differ = np.flatnonzero(drafted[:comparable] != new_tokens[:comparable])
-        accepted = int(differ[0]) if len(differ) else comparable
+        drafted = state.tree.tokens[state.path].tolist()
+        accepted = 0
+        while accepted < min(len(drafted), len(new) - 1) and drafted[accepted] == new[accepted]:
+            accepted += 1
         self.stats.accepted += accepted
-        np.add.at(state.accepted, state.tree.sources[state.path[:accepted]], 1)
-        nodes = np.concatenate([[0], state.path[:accepted]]).astype(np.int32)
+        path = state.path[:accepted]
+        if accepted:
+            np.add.at(state.accepted, state.tree.sources[path], 1)
+        nodes = np.zeros(accepted + 1, dtype=np.int32)
+        nodes[1:] = path
+        new_tokens = np.array(new, dtype=np.int32)
         self._pending.append((request, StepFeedback(tree=state.tree, accepted_nodes=nodes, new_tokens=new_tokens)))
 
     def _reap(self) -> None:
