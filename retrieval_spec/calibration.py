@@ -209,8 +209,8 @@ def contested(forest: Forest) -> np.ndarray:
     node = np.flatnonzero(forest.parents >= 0)
     parents = forest.parents[node].astype(np.int64)
     kinds = max(Source) + 1
-    pairs = np.unique(parents * kinds + forest.sources[node])  # each (parent, source) once
-    sources_under = np.bincount(pairs // kinds, minlength=len(forest.tokens))
+    children = np.bincount(parents * kinds + forest.sources[node], minlength=len(forest.tokens) * kinds)
+    sources_under = np.count_nonzero(children.reshape(-1, kinds), axis=1)  # per node: its children's sources
     out = np.zeros(len(forest.tokens), dtype=bool)
     out[node] = sources_under[parents] > 1
     return out

@@ -9,6 +9,7 @@ drafted nodes when nothing is likely to be accepted. Pure numpy.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -79,7 +80,7 @@ class TreeFuser:
                 recent[j] = self._recent[requests[i]].buckets()
         whole = np.array([self._whole.get(requests[i], False) for i in rows])
         features = self.acceptance.features(forest, whole, recent)
-        forest = forest.rescored(self.acceptance.rescore(forest, features))
+        forest = replace(forest, scores=self.acceptance.rescore(forest, features))
         trees, keep = best_first(forest, np.array([budgets[i] for i in rows]), np.array([max_depths[i] for i in rows]))
         kept_features = features[keep]
         start = 0

@@ -90,7 +90,7 @@ class RecyclingDrafter(Drafter):
         pending = order_widths[0]  # slots ahead whose parent was placed: at 0 no later slot can be filled
         rows: dict[int, list[int] | None] = {0: first.tolist()}  # tree node -> its successors
         siblings: dict[int, set[int]] = {}
-        tokens, parents, scores = [root], [-1], [1.0]
+        tokens, parents, scores, depths = [root], [-1], [1.0], [0]
         for slot in range(1, len(order_parents)):
             if len(tokens) > budget or pending == 0:
                 break
@@ -111,9 +111,11 @@ class RecyclingDrafter(Drafter):
             tokens.append(child)
             parents.append(parent)
             scores.append(order_scores[slot])
+            depths.append(depths[parent] + 1)
         return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
                                  np.array(scores, dtype=np.float32),
-                                 np.array([Source.ROOT] + [self.source] * (len(tokens) - 1), dtype=np.uint8))
+                                 np.array([Source.ROOT] + [self.source] * (len(tokens) - 1), dtype=np.uint8),
+                                 depths=np.array(depths, dtype=np.int32))
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         """Overwrite the rows of every node whose top-k the verifier reported (``feedback.top_nodes``), and of its
