@@ -28,6 +28,7 @@ class Source(enum.IntEnum):
     RECYCLE = 4  # the model's own earlier top-k predictions
     SIBLING = 5  # other samples of the same prompt
     HISTORY = 6  # outputs of earlier requests
+    NEXT_NEXT = 7  # the target's other top tokens where it chose the newest token (recycling's LogitSpec candidates)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def test_tree_follows_the_shape_most_likely_node_first():
 
 
 def test_warm_start_fills_only_unknown_rows_and_skips_padding():
-    drafter = RecyclingDrafter(4, RecyclingConfig(k=3, shape=(3,)))
+    drafter = RecyclingDrafter(4, RecyclingConfig(k=3, shape=(3,), next_next=False))
     drafter.observe(0, feedback([1], [-1], [[2, 3, 0]]))
     successors = np.array([[-1, -1], [3, 2], [0, -1], [1, 2]], np.int32)
     drafter.warm_start(successors)
@@ -89,7 +89,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
 
 
 def test_a_known_pair_of_tokens_predicts_before_the_token_alone():
-    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 2), max_pairs=2))
+    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 2), max_pairs=2, next_next=False))
     drafter.propose("r", np.array([5, 3], np.int32), 4)  # the token before the root is 5
     drafter.observe("r", feedback([3, 4], [-1, 0], [[6, 7], [8, 9]]))
     assert drafter.pairs[(5, 3)].tolist() == [6, 7] and drafter.pairs[(3, 4)].tolist() == [8, 9]
@@ -109,3 +109,19 @@ def test_a_table_that_knows_only_the_root_drafts_its_row_whatever_the_budget():
     drafter.known[7] = True
     tree = drafter.propose(0, np.array([7], np.int32), 64)
     assert tree.tokens.tolist() == [7, *range(10, 18)] and tree.parents.tolist() == [-1] + [0] * 8
+
+
+def test_the_roots_children_take_turns_with_the_other_top_tokens_where_the_root_was_chosen():
+    """LogitSpec's next-next tokens: where the step chose its last token, the target's other top tokens are
+    candidates for the token after it, beside the root's remembered successors."""
+    drafter = RecyclingDrafter(10, RecyclingConfig(k=3, shape=(3,)))
+    drafter.table[1] = [7, 8, 9]
+    drafter.known[1] = True
+    # The step accepted nothing and chose 1 at the root (3), where the target's top tokens were 1, 4, 7.
+    drafter.observe("r", feedback([3], [-1], [[1, 4, 7]]))
+    assert drafter.propose("r", np.array([3, 1], np.int32), 8).tokens[1:].tolist() == [7, 8, 4]
+    assert drafter.propose("other", np.array([3, 1], np.int32), 8).tokens[1:].tolist() == [7, 8, 9]
+    off = RecyclingDrafter(10, RecyclingConfig(k=3, shape=(3,), next_next=False))
+    off.table[1], off.known[1] = [7, 8, 9], True
+    off.observe("r", feedback([3], [-1], [[1, 4, 7]]))
+    assert off.propose("r", np.array([3, 1], np.int32), 8).tokens[1:].tolist() == [7, 8, 9]
