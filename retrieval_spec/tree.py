@@ -359,8 +359,8 @@ def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> 
 
     Args:
         forest: the candidate trees.
-        max_nodes: (rows,) how many non-root nodes to keep at most in each tree.
-        max_depth: (rows,) drop nodes deeper than this in each tree.
+        max_nodes: (rows,) how many non-root nodes to keep at most in each tree (>= 0).
+        max_depth: (rows,) drop nodes deeper than this in each tree (>= 0).
 
     Returns:
         the kept trees, and (k,) int64 the kept nodes' indices in ``forest`` (tree by tree, each in its kept order).
@@ -407,6 +407,7 @@ class Forest:
 
     @staticmethod
     def of(trees: Sequence[DraftTree]) -> Forest:
+        """The forest of ``trees`` (at least one), in their order."""
         if len(trees) == 1:
             tree = trees[0]
             return Forest(tokens=tree.tokens, parents=tree.parents, scores=tree.scores, sources=tree.sources,

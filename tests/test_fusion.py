@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import Forest, StepFeedback
+from retrieval_spec.tree import Forest, Source, StepFeedback
 
 VOCAB = 500
 
@@ -24,7 +24,7 @@ def test_acceptance_is_learned_per_matched_length_and_depth():
                      sources=np.array([0, 1, 1, 1, 1, 1, 1], np.uint8),
                      matches=np.array([0, 20, 20, 20, 1, 1, 1], np.int32))
     forest = Forest.of([tree])
-    features = model.features(forest, np.zeros(1, bool), np.zeros((1, 7), np.int64))
+    features = model.features(forest, np.zeros(1, bool), np.zeros((1, len(Source)), np.int64))
     tested = np.array([False, True, True, True, True, False, False])
     for _ in range(50):
         model.update(features, tested, hits=np.array([False, True, True, True, False, False, False]))
@@ -62,7 +62,7 @@ def test_siblings_exclude_each_other_in_scores_and_in_learning():
     fuser.start(0, np.array([7], np.int32))
     [ranked] = fuser.rank([0], [np.array([7], np.int32)], [64], [64])
     rates = fuser.acceptance.rates(fuser.acceptance.features(Forest.of([tree]), np.zeros(1, bool),
-                                                            np.zeros((1, 7), np.int64)))
+                                                            np.zeros((1, len(Source)), np.int64)))
     by_token = dict(zip(ranked.tokens.tolist(), ranked.scores.tolist()))
     assert by_token[1] == pytest.approx(rates[1]) and by_token[2] == pytest.approx(rates[2] * (1 - rates[1]))
 

@@ -405,9 +405,9 @@ class RetrievalProposer:
         started_before = self.stats.started
         states = [self._update_row(row, request_ids[row], sampled_token_ids[row], int(num_tokens_no_spec[row]),
                                    token_ids_cpu[row]) for row in range(num_rows)]
-        if self._pending:  # what every row's last draft got right, learned from in one batch
-            self.fuser.observe(*zip(*self._pending))
-            self._pending.clear()
+        pending, self._pending = self._pending, []
+        if pending:  # what every row's last draft got right, learned from in one batch (once, even if it raises)
+            self.fuser.observe(*zip(*pending))
         chains = self._rank([(request_ids[row], state) for row, state in enumerate(states)], token_ids_cpu)
         # The engine's step since the last call verified what that call proposed; a prefill in it (a request
         # started now, or a chunk still running) makes its time no measure of that.
@@ -467,9 +467,9 @@ class RetrievalProposer:
 
     def _rank(self, rows: list[tuple[Hashable | None, _Request | None]],
               token_ids: np.ndarray) -> list[tuple[_Request | None, np.ndarray]]:
-        """Rank the candidates of every row with a state, in one call of the fuser: per row its state and the (m,) scores of its best chain, at most
-        ``num_speculative_tokens`` and none under ``min_path_prob`` (``state.path`` holds the chain's nodes until
-        :meth:`_draft` cuts it)."""
+        """Rank the candidates of every row with a state, in one call of the fuser: per row its state and the (m,)
+        scores of its best chain, at most ``num_speculative_tokens`` and none under ``min_path_prob``
+        (``state.path`` holds the chain's nodes until :meth:`_draft` cuts it)."""
         out: list[tuple[_Request | None, np.ndarray]] = [(None, np.zeros(0, dtype=np.float32))] * len(rows)
         live = [(i, request, state) for i, (request, state) in enumerate(rows) if state is not None]
         if not live:
