@@ -197,10 +197,11 @@ class AcceptanceModel:
 def contested(forest: Forest) -> np.ndarray:
     """(N,) bool: whether a node's siblings include another source's, i.e. the drafters disagree about the token
     after its parent (recycling's next-next candidates count as a source of their own beside its remembered
-    successors: that is how the A/B in ``RecyclingConfig.next_next`` measured them). Where a copy and a recycled guess disagree, the copy tends to win in copy-heavy text; the rates
-    of either alone cannot say so. A/B on the real model (Spec-Bench's later prompts, one process): auto 1.26x ->
-    1.27x ``generate()``, translation 1.66x -> 1.80x, extraction 2.75 -> 2.88 tokens per step; long documents' tune
-    split 2.06x -> 2.04x (questions up, summaries down: within the runs' spread).
+    successors: that is how the A/B in ``RecyclingConfig.next_next`` measured them). Where a copy and a recycled
+    guess disagree, the copy tends to win in copy-heavy text; the rates of either alone cannot say so. A/B on the
+    real model (Spec-Bench's later prompts, one process): auto 1.26x -> 1.27x ``generate()``, translation 1.66x ->
+    1.80x, extraction 2.75 -> 2.88 tokens per step; long documents' tune split 2.06x -> 2.04x (questions up,
+    summaries down: within the runs' spread).
 
     >>> t = DraftTree.trusted(np.array([5, 1, 2, 3], np.int32), np.array([-1, 0, 0, 1], np.int32),
     ...                       np.ones(4, np.float32), np.array([0, 1, 4, 1], np.uint8))

@@ -59,18 +59,17 @@ class TreeFuser:
         The tree each row verifies is a head of its candidates, cut by the sizer. A row's ``max_depth`` drops
         nodes that could only be accepted beyond its token limit; a budget or ``max_depth`` of 0 ranks nothing.
         """
-        ranked: list[DraftTree] = []
+        ranked = [DraftTree.empty(int(context[-1])) for context in contexts]  # rows with candidates: replaced below
         raws, rows = [], []
         for i, (request, context, budget, max_depth) in enumerate(zip(requests, contexts, budgets, max_depths)):
             self._ranked.pop(request, None)
-            raw = None
-            if budget > 0 and max_depth > 0 and self.drafters:
-                raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]),
-                                        self.vocab_size)
-            if raw is not None and len(raw) > 1:
+            if budget <= 0 or max_depth <= 0 or not self.drafters:
+                continue
+            raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]),
+                                    self.vocab_size)
+            if len(raw) > 1:
                 raws.append(raw)
                 rows.append(i)
-            ranked.append(DraftTree.empty(int(context[-1])) if raw is None or len(raw) == 1 else raw)
         if not rows:
             return ranked
         forest = Forest.of(raws)

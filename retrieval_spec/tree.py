@@ -109,7 +109,12 @@ class DraftTree:
         if n >= len(self):
             return self
         return DraftTree.trusted(self.tokens[:n], self.parents[:n], self.scores[:n], self.sources[:n],
-                                 self.matches[:n], self.__dict__["depths"][:n] if "depths" in self.__dict__ else None)
+                                 self.matches[:n], self._known_depths(slice(n)))
+
+    def _known_depths(self, nodes: slice | np.ndarray) -> np.ndarray | None:
+        """The cached depths of ``nodes``, or None when they were never computed (a derived tree computes its own
+        when asked)."""
+        return self.__dict__["depths"][nodes] if "depths" in self.__dict__ else None
 
     def select(self, keep: np.ndarray) -> DraftTree:
         """The sub-tree of nodes ``keep`` ((k,) indices, root first, closed under ancestors, every parent before
@@ -119,7 +124,7 @@ class DraftTree:
         parents = self.parents[keep].copy()
         parents[1:] = new_index[parents[1:]]
         return DraftTree.trusted(self.tokens[keep], parents, self.scores[keep], self.sources[keep],
-                                 self.matches[keep], self.__dict__["depths"][keep] if "depths" in self.__dict__ else None)
+                                 self.matches[keep], self._known_depths(keep))
 
     @staticmethod
     def empty(root: int) -> DraftTree:
