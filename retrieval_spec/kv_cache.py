@@ -4,13 +4,15 @@ This module and :mod:`retrieval_spec.verify` are the only code that touches the 
 all its keys — sliding-window layers included: the verifier's masks apply the window
 (``families.AttentionLayout``), and a layer that trimmed itself could not take back a rejected draft.
 
-Layout: per layer, keys and values live in buffers of ``(batch, heads, capacity, head_dim)`` allocated once per
-batch and grown by doubling (:class:`SlotLayer`); the model sees views of their first slots. Row ``b``'s first
-``lengths[b]`` slots hold its context but the newest token (the next tree's root), in order, so a context slot's
-index is its position. Slots from ``lengths[b]`` to ``width = max(lengths)`` are stale (a shorter row's leftovers)
-and masked out. A verification forward writes ``T`` slots per row at ``[width, width + T)`` in place (the model's
-own ``update`` call, no concatenation); :meth:`TreeCache.commit` then moves each row's accepted nodes to follow its
-context — no slot at all when they already do, as for a chain accepted whole in one row — and forgets the rest.
+Layout: the keys of the layers that share a shape live in one buffer of ``(layers, batch, heads, capacity,
+head_dim)``, and their values in another (:class:`SlotStore`), allocated once per batch and grown by doubling; each
+layer (:class:`SlotLayer`) shows the model views of its first slots. Row ``b``'s first ``lengths[b]`` slots hold its
+context but the newest token (the next tree's root), in order, so a context slot's index is its position. Slots from
+``lengths[b]`` to ``width = max(lengths)`` are stale (a shorter row's leftovers) and masked out. A verification
+forward writes ``T`` slots per row at ``[width, width + T)`` in place (the model's own ``update`` call, no
+concatenation); :meth:`TreeCache.commit` then moves each row's accepted nodes to follow its context — no slot at all
+when they already do, as for a chain accepted whole in one row — and forgets the rest, one indexing operation per
+store for every layer at once (a model of uniform layers has one store: two operations, not two per layer).
 """
 
 from __future__ import annotations
@@ -23,29 +25,82 @@ from transformers.cache_utils import DynamicLayer
 HEADROOM = 128  # slots a new batch's buffers hold beyond its prompts: a couple of steps before the first doubling
 
 
-class SlotLayer(DynamicLayer):
-    """One layer's keys and values in preallocated buffers: ``update`` (the model's call) writes a forward's new
-    slots in place after the filled ones and returns views of everything filled.
+class SlotStore:
+    """The keys and values of every layer of one shape, in two buffers: a row selection or a commit is one
+    indexing operation on each for all of those layers.
 
     Attributes:
-        buffer_keys, buffer_values: (batch, heads, capacity, head_dim).
+        keys: (layers, batch, heads, capacity, key_dim).
+        values: (layers, batch, heads, capacity, value_dim).
+        key_views, value_views: per layer, its (batch, heads, capacity, dim) view of the buffers.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._set(keys, values)
+
+    @staticmethod
+    def like(keys: torch.Tensor, values: torch.Tensor, layers: int, batch: int, capacity: int) -> SlotStore:
+        """Zeroed buffers for ``layers`` layers of ``batch`` rows shaped like ``keys``/``values`` ((_, heads, _,
+        dim))."""
+        return SlotStore(keys.new_zeros((layers, batch, keys.shape[1], capacity, keys.shape[3])),
+                         values.new_zeros((layers, batch, values.shape[1], capacity, values.shape[3])))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        self.key_views, self.value_views = keys.unbind(0), values.unbind(0)
+
+    def grow(self, needed: int) -> None:
+        """Double the capacity (or more, to ``needed``), keeping every slot."""
+        capacity = max(needed, 2 * self.capacity)
+        keys = self.keys.new_empty((*self.keys.shape[:3], capacity, self.keys.shape[4]))
+        values = self.values.new_empty((*self.values.shape[:3], capacity, self.values.shape[4]))
+        keys[:, :, :, : self.capacity] = self.keys
+        values[:, :, :, : self.capacity] = self.values
+        self._set(keys, values)
+
+    def keep_rows(self, index: torch.Tensor, prefix: bool) -> None:
+        """Keep these rows (``prefix``: they are the first ones, in order, and kept as a view)."""
+        if prefix:
+            self._set(self.keys[:, : len(index)], self.values[:, : len(index)])
+        else:
+            self._set(self.keys.index_select(1, index), self.values.index_select(1, index))
+
+    def move(self, row: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> None:
+        """In every layer, row ``row[b]``'s slots ``target[b]`` take the contents of its slots ``source[b]``
+        ((B, 1) and (B, m) int64)."""
+        for buffer in (self.keys, self.values):
+            buffer[:, row, :, target] = buffer[:, row, :, source]
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values, a layer of a :class:`SlotStore`: ``update`` (the model's call) writes a
+    forward's new slots in place after the filled ones and returns views of everything filled.
+
+    Attributes:
+        store, index: the buffers and this layer's place in them.
         filled: slots in use; ``keys`` and ``values`` are views of them (set ``filled`` to drop or keep slots).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
-        self.buffer_keys, self.buffer_values = keys, values
+    def __init__(self, store: SlotStore, index: int, filled: int) -> None:
+        self.store, self.index = store, index
         super().__init__()
-        self.dtype, self.device = keys.dtype, keys.device
+        self.dtype, self.device = store.keys.dtype, store.keys.device
         self.is_initialized = True
         self.filled = filled
 
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> SlotLayer:
-        """A layer whose first slots are copies of ``keys`` and ``values`` ((batch, heads, n, head_dim))."""
-        layer = cls(keys.new_zeros((*keys.shape[:2], capacity, keys.shape[3])),
-                    values.new_zeros((*values.shape[:2], capacity, values.shape[3])), 0)
-        layer.update(keys, values)
-        return layer
+    @property
+    def buffer_keys(self) -> torch.Tensor:
+        """(batch, heads, capacity, key_dim)."""
+        return self.store.key_views[self.index]
+
+    @property
+    def buffer_values(self) -> torch.Tensor:
+        """(batch, heads, capacity, value_dim)."""
+        return self.store.value_views[self.index]
 
     @property
     def keys(self) -> torch.Tensor:
@@ -68,8 +123,8 @@ class SlotLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.filled + key_states.shape[-2]
-        if end > self.buffer_keys.shape[2]:
-            self._grow(end)
+        if end > self.store.capacity:  # the first layer of a forward grows its store's other layers too
+            self.store.grow(end)
         self.buffer_keys[:, :, self.filled : end] = key_states
         self.buffer_values[:, :, self.filled : end] = value_states
         self.filled = end
@@ -78,22 +133,21 @@ class SlotLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.filled
 
-    def keep_rows(self, index: torch.Tensor, prefix: bool) -> None:
-        """Keep these rows (``prefix``: they are the first ones, in order, and kept as a view)."""
-        if prefix:
-            self.buffer_keys, self.buffer_values = self.buffer_keys[: len(index)], self.buffer_values[: len(index)]
-        else:
-            self.buffer_keys = self.buffer_keys.index_select(0, index)
-            self.buffer_values = self.buffer_values.index_select(0, index)
 
-    def _grow(self, needed: int) -> None:
-        """Double the capacity (or more, to ``needed``), keeping the filled slots."""
-        capacity = max(needed, 2 * self.buffer_keys.shape[2])
-        keys, values = self.buffer_keys, self.buffer_values
-        self.buffer_keys = keys.new_empty((*keys.shape[:2], capacity, keys.shape[3]))
-        self.buffer_values = values.new_empty((*values.shape[:2], capacity, values.shape[3]))
-        self.buffer_keys[:, :, : self.filled] = keys[:, :, : self.filled]
-        self.buffer_values[:, :, : self.filled] = values[:, :, : self.filled]
+def slot_layers(templates: list[tuple[torch.Tensor, torch.Tensor]], batch: int, capacity: int, filled: int
+                ) -> list[SlotLayer]:
+    """Empty slot layers for ``batch`` rows, one per ``(keys, values)`` template ((_, heads, _, dim) each), the
+    layers of one shape, dtype and device sharing a :class:`SlotStore`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (keys, values) in enumerate(templates):
+        shape = (keys.shape[1], keys.shape[3], values.shape[1], values.shape[3], keys.dtype, keys.device)
+        groups.setdefault(shape, []).append(i)
+    layers: list[SlotLayer | None] = [None] * len(templates)
+    for members in groups.values():
+        store = SlotStore.like(*templates[members[0]], len(members), batch, capacity)
+        for place, i in enumerate(members):
+            layers[i] = SlotLayer(store, place, filled)
+    return layers  # type: ignore[return-value]
 
 
 class TreeCache:
@@ -131,12 +185,8 @@ class TreeCache:
             return
         most = max(extra[p] for p in rows)
         capacity = self.width + most + HEADROOM
-        layers = []
-        for layer_index, template in enumerate(filled[0].layers):
-            keys, values = template.keys, template.values
-            layer = SlotLayer(keys.new_zeros((len(rows), keys.shape[1], capacity, keys.shape[3])),
-                              values.new_zeros((len(rows), values.shape[1], capacity, values.shape[3])),
-                              self.width + most)
+        layers = slot_layers([(t.keys, t.values) for t in filled[0].layers], len(rows), capacity, self.width + most)
+        for layer_index, layer in enumerate(layers):
             for b, p in enumerate(rows):
                 if prefixes[p] is not None:
                     prefix, context = prefixes[p].layers[layer_index], lengths[p] - extra[p]
@@ -145,7 +195,6 @@ class TreeCache:
                     tree = slice(self.width, self.width + extra[p])
                     layer.buffer_keys[b, :, tree] = prefix.keys[0, :, context : lengths[p]]
                     layer.buffer_values[b, :, tree] = prefix.values[0, :, context : lengths[p]]
-            layers.append(layer)
         self.cache.layers = layers
 
     @torch.inference_mode()
@@ -172,9 +221,8 @@ class TreeCache:
             row = torch.arange(len(accepted), device=device)[:, None]
             source_t = torch.as_tensor(source, device=device)
             target_t = torch.as_tensor(target, device=device)
-            for layer in layers:
-                for buffer in (layer.buffer_keys, layer.buffer_values):
-                    buffer[row, :, target_t] = buffer[row, :, source_t]
+            for store in _stores(layers):
+                store.move(row, target_t, source_t)
         self.lengths = new_lengths
         self.width = int(new_lengths.max(initial=0))
         self._truncate(layers)
@@ -191,8 +239,8 @@ class TreeCache:
         layers = self._layers()
         index = torch.as_tensor(rows, dtype=torch.long, device=_device(layers))
         prefix = bool(np.array_equal(rows, np.arange(len(rows))))
-        for layer in layers:
-            layer.keep_rows(index, prefix)
+        for store in _stores(layers):
+            store.keep_rows(index, prefix)
         self._truncate(layers)
 
     def _truncate(self, layers: list[SlotLayer]) -> None:
@@ -202,10 +250,21 @@ class TreeCache:
     def _layers(self) -> list[SlotLayer]:
         """The cache's layers as slot layers (a forward over an empty cache filled plain ones: they are adopted)."""
         layers = self.cache.layers
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, SlotLayer) and layer.keys is not None and layer.keys.dim() == 4:
-                layers[i] = SlotLayer.holding(layer.keys, layer.values, layer.keys.shape[2] + HEADROOM)
+        plain = [i for i, layer in enumerate(layers)
+                 if not isinstance(layer, SlotLayer) and layer.keys is not None and layer.keys.dim() == 4]
+        if plain:
+            first = layers[plain[0]]
+            adopted = slot_layers([(layers[i].keys, layers[i].values) for i in plain], first.keys.shape[0],
+                                  first.keys.shape[2] + HEADROOM, 0)
+            for i, layer in zip(plain, adopted):
+                layer.update(layers[i].keys, layers[i].values)
+                layers[i] = layer
         return [layer for layer in layers if isinstance(layer, SlotLayer)]
+
+
+def _stores(layers: list[SlotLayer]) -> list[SlotStore]:
+    """The distinct stores of ``layers``, in order."""
+    return list({id(layer.store): layer.store for layer in layers}.values())
 
 
 def _device(layers: list[SlotLayer]) -> torch.device:

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from conftest import children_lists, tiny_model
 from test_lossless_tiny import prompts
 from retrieval_spec.acceptance import accept
+from retrieval_spec.kv_cache import TreeCache
 from retrieval_spec.tree import DraftTree, Source, trie_from_continuations
 from retrieval_spec.verifier import PhaseTimer, RowDraft
 from retrieval_spec.verify import ModelVerifier
@@ -143,3 +144,41 @@ def test_the_cache_never_copies_itself_between_doublings(model):
 def random_chain(rng, context: np.ndarray) -> DraftTree:
     return DraftTree.chain(np.append(context[-1:], rng.integers(0, 96, int(rng.integers(1, 6)))).astype(np.int32),
                            Source.PROMPT)
+
+
+def test_layers_of_different_shapes_keep_a_store_each_and_commit_alike():
+    """Layers that differ in heads or head size (keys unlike values included) share buffers only with their own
+    kind; a commit and a row selection move every layer's entries as the per-layer definition would."""
+    torch.manual_seed(0)
+    shapes = [((2, 8), (2, 8)), ((4, 16), (4, 12)), ((2, 8), (2, 8))]  # (heads, dim) of keys, of values
+    lengths = [5, 3]
+    prefixes = []
+    for n in lengths:
+        prefix = DynamicCache()
+        for index, ((kh, kd), (vh, vd)) in enumerate(shapes):
+            prefix.update(torch.randn(1, kh, n, kd), torch.randn(1, vh, n, vd), index)
+        prefixes.append(prefix)
+    cache = TreeCache()
+    cache.load_rows(prefixes, lengths, [0, 1])
+    layers = cache.cache.layers
+    assert layers[0].store is layers[2].store and layers[1].store is not layers[0].store
+    appended = []  # a forward of 3 nodes per row, as the model's update calls write it
+    for layer, ((kh, kd), (vh, vd)) in zip(layers, shapes):
+        keys, values = torch.randn(2, kh, 3, kd), torch.randn(2, vh, 3, vd)
+        layer.update(keys, values)
+        appended.append((keys, values))
+    expected = []
+    for layer, (keys, values) in zip(layers, appended):
+        expected.append([(torch.cat([layer.keys[b, :, : lengths[b]], keys[b, :, nodes]], dim=1),
+                          torch.cat([layer.values[b, :, : lengths[b]], values[b, :, nodes]], dim=1))
+                         for b, nodes in enumerate([[0, 2], [0, 1, 2]])])
+    cache.commit([np.array([0, 2]), np.array([0, 1, 2])])
+    assert cache.lengths.tolist() == [7, 6]
+    for layer, rows in zip(layers, expected):
+        for b, (keys, values) in enumerate(rows):
+            torch.testing.assert_close(layer.keys[b, :, : cache.lengths[b]], keys)
+            torch.testing.assert_close(layer.values[b, :, : cache.lengths[b]], values)
+    cache.keep_rows(np.array([1]))
+    for layer, rows in zip(layers, expected):
+        torch.testing.assert_close(layer.keys[0, :, :6], rows[1][0])
+        torch.testing.assert_close(layer.values[0, :, :6], rows[1][1])
