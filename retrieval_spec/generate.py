@@ -334,21 +334,20 @@ class SpeculativeGenerator:
             row.append(outcome.feedback.new_tokens)
         self.fuser.observe([row.request for row in alive], [outcome.feedback for outcome in outcomes])
         timer.lap("observe")
-        sizing.learn(plan, timer, [(row.index, len(o.feedback.new_tokens)) for row, o in zip(alive, outcomes)])
+        sizing.learn(plan, timer, [len(o.feedback.new_tokens) for o in outcomes])
         timer.lap("observe")  # the sizer's learning, too
         return outcomes, timer
 
     def _draft(self, alive: list[_Row], budget: int, sizing: BatchSizing,
                first: bool) -> tuple[list[DraftTree], list[Branch | None]]:
-        """Every row's ranked candidates and its look-ahead branch: only the confident candidates where the row's
+        """Every row's ranked candidates and its look-ahead branch: only the confident candidates where the batch's
         guard paused drafting (``BatchSizing.floor``); no branch there, in the first step (the prompt's forward),
         where it does not pay, or where a node of it would lie beyond the positions the model can embed."""
-        floors = [sizing.floor(row.index) for row in alive]
+        floor = sizing.floor
         ranked = self.fuser.rank([row.request for row in alive], [row.context for row in alive],
-                                 [budget if np.isfinite(floor) else 0 for floor in floors],
-                                 [row.remaining - 1 for row in alive])
+                                 [budget if np.isfinite(floor) else 0] * len(alive), [row.remaining - 1 for row in alive])
         branches = []
-        for i, (row, floor) in enumerate(zip(alive, floors)):
+        for i, row in enumerate(alive):
             row.stats.paused_steps += floor > 0
             if floor > 0:  # scores are best first: the head of the candidates at least that likely
                 ranked[i] = ranked[i].head(1 + int(np.count_nonzero(ranked[i].scores[1:] >= floor)))

@@ -34,7 +34,7 @@ def decode(sizing: BatchSizing, steps: int, rng: np.random.Generator) -> tuple[l
     achieved, explored = [], []
     for _ in range(steps):
         plan = sizing.plan([SCORES], [0], first=False)
-        sizing.learn(plan, timed(clock(plan.run, rng)), [(0, 1)])
+        sizing.learn(plan, timed(clock(plan.run, rng)), [1])
         achieved.append(efficiency(plan.size, plan.run))
         explored.append(plan.explored)
     return achieved, explored
@@ -96,6 +96,25 @@ def test_the_guard_stops_drafting_that_does_not_pay_and_keeps_drafting_that_does
     assert tokens / time >= 0.95  # plain decoding is 1.0; always drafting would be 0.81
     tokens, time = guard_run(tokens_per_step=2.0, step_cost=1.3)
     assert tokens / time == pytest.approx(2.0 / 1.3)  # never paused
+
+
+def test_a_batch_drafts_while_its_rows_together_gain_and_pauses_together():
+    """The rows of a batch share each step's cost: one row that gains little is carried by the others (pausing it
+    would save nothing), and when the batch as a whole does not pay, every row pauses."""
+    curve = CostCurve(sizes=np.array([1, 2]), ms=np.array([1.0, 1.3]))
+    sizing = Sizer(Given(curve)).start(2)
+    plan = sizing.plan([np.array([0.9]), np.array([0.9])], [0, 0], first=False)
+    while plan.plain:  # the first steps time a plain step
+        sizing.learn(plan, timed(1.0), [1, 1])
+        plan = sizing.plan([np.array([0.9]), np.array([0.9])], [0, 0], first=False)
+    for _ in range(100):  # row 0 gains nothing, row 1 three tokens, at 1.3 plain steps: 1.5 a row, > 1.3
+        sizing.learn(plan, timed(1.3), [1, 3])
+        assert sizing.floor == 0.0
+    paused = []
+    for _ in range(3 * sizing.guard.window):  # both gain nothing: the batch pauses, every row with it
+        sizing.learn(plan, timed(1.3), [1, 1])
+        paused.append(sizing.floor > 0.0)
+    assert any(paused)
 
 
 def test_the_guard_keeps_looking_while_the_drafters_cost_only_their_own_time():
