@@ -272,17 +272,23 @@ class Harness:
         return report
 
     def finish(self, report: dict, out: Path, title: str) -> None:
-        """Write the JSON, the markdown table and the chart; print the table; exit 1 on a mismatch."""
-        write_json(out, report)
-        markdown = table(report, self.methods)
-        out.with_suffix(".md").write_text(markdown + "\n")
-        write_chart(out.with_suffix(".png"), report, self.methods, f"{title}, {self.args.model}, {self.args.dtype}")
-        print(markdown)
+        """:func:`write_report`, after the agreement with plain decoding where outputs need not be identical."""
         if not self.exact and not self.temperature:
             print(f"agreement with plain decoding in {self.args.dtype}: {json.dumps(report['agreement_with_plain'])}")
-        if self.mismatches:
-            print(f"MISMATCHES against plain greedy: {self.mismatches}", file=sys.stderr)
-            sys.exit(1)
+        write_report(out, report, self.methods, f"{title}, {self.args.model}, {self.args.dtype}")
+
+
+def write_report(out: Path, report: dict, methods: list[str], title: str) -> None:
+    """Write the JSON, the markdown table and the chart beside it; print the table; exit 1 if ``report`` lists
+    mismatches with plain greedy."""
+    write_json(out, report)
+    markdown = table(report, methods)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    write_chart(out.with_suffix(".png"), report, methods, title)
+    print(markdown)
+    if report.get("mismatches"):
+        print(f"MISMATCHES against plain greedy: {report['mismatches']}", file=sys.stderr)
+        sys.exit(1)
 
 
 def count(bucket: dict, tokens: int, seconds: float, stats: Sequence) -> None:

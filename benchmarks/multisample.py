@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import SPLITS, prompt_ids, spec_bench, split_of, write_chart, write_json
-from harness import count, default_out, summarize, table
+from common import SPLITS, prompt_ids, spec_bench, split_of
+from harness import count, default_out, summarize, write_report
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
@@ -113,11 +113,7 @@ def main() -> None:
         for method in ours:
             row[method] |= {"forwards": extra[category][method + ":forwards"],
                             "accepted_from_siblings": extra[category][method + ":sibling"]}
-    write_json(out, report)
-    markdown = table(report, methods)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    write_chart(out.with_suffix(".png"), report, methods, f"Self-consistency, {args.model}, T={args.temperature}")
-    print(markdown)
+    write_report(out, report, methods, f"Self-consistency, {args.model}, T={args.temperature}")
 
 
 if __name__ == "__main__":
