@@ -56,6 +56,28 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(scope="session", autouse=True)
+def measured_costs_of_this_session(tmp_path_factory):
+    """Cost curves and kernel choices measured or learned during the tests go to a folder of the session's own
+    (or where a test points ``$RETRIEVAL_SPEC_CACHE``), never into the user's cache beside the converted models: a
+    probe taken while the suite loads the machine would otherwise steer the user's later runs (a curve stored by a
+    suite run beside other work priced 6 nodes at 639 ms instead of 54), and the suite would start from whatever
+    the user's runs left there."""
+    from retrieval_spec import costs, linear_forms
+
+    folder = tmp_path_factory.mktemp("measured")
+
+    def measured_dir() -> Path:
+        chosen = os.environ.get("RETRIEVAL_SPEC_CACHE")
+        return Path(chosen) if chosen else folder
+
+    patcher = pytest.MonkeyPatch()
+    for module in (costs, linear_forms):
+        patcher.setattr(module, "disk_cache_dir", measured_dir)
+    yield folder
+    patcher.undo()
+
+
 @pytest.fixture(scope="module")
 def no_fsync():
     """For modules whose tests build indexes but do not test durability against power loss (``pytestmark =
