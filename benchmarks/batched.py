@@ -26,23 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import spec_bench
-from harness import chat_ids, count, default_out, summarize, write_report
+from common import eos_ids, spec_bench, until_eos
+from harness import chat_ids, count, default_out, hf_generate, summarize, write_report
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
 from retrieval_spec.linear_forms import cpu_name
 from retrieval_spec.models import load_model
-
-
-def eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return {eos} if isinstance(eos, int) else set(eos or ())
-
-
-def until_eos(row: list[int], eos: set[int]) -> list[int]:
-    stop = next((i for i, t in enumerate(row) if t in eos), None)
-    return row if stop is None else row[: stop + 1]
 
 
 def plain_batch(model, prompts: list[np.ndarray], max_new_tokens: int, pad: int) -> tuple[list[list[int]], float]:
@@ -58,15 +48,8 @@ def plain_batch(model, prompts: list[np.ndarray], max_new_tokens: int, pad: int)
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=pad)
     seconds = time.perf_counter() - start
-    return [until_eos(row, eos_ids(model)) for row in out[:, width:].tolist()], seconds
-
-
-def reference(model, prompt: np.ndarray, max_new_tokens: int) -> list[int]:
-    """The prompt's plain greedy output decoded alone (the lossless reference)."""
-    with torch.inference_mode():
-        out = model.generate(torch.as_tensor(prompt[None], dtype=torch.long), do_sample=False,
-                             max_new_tokens=max_new_tokens)
-    return until_eos(out[0, len(prompt):].tolist(), eos_ids(model))
+    eos = eos_ids(model)
+    return [until_eos(row, eos) for row in out[:, width:].tolist()], seconds
 
 
 def main() -> None:
@@ -88,7 +71,8 @@ def main() -> None:
     ours = {m: SpeculativeGenerator(model, tokenizer, make_drafters(m, vocab)) for m in args.methods.split(",")}
     methods = ["plain", *ours]
     prompts = [chat_ids(tokenizer, row["turns"][0]) for row in spec_bench(args.limit, skip=args.skip)]
-    references = [reference(model, p, args.max_new_tokens) for p in tqdm(prompts, desc="references")]
+    # Each prompt's plain greedy output decoded alone: the lossless reference.
+    references = [hf_generate(model, p, args.max_new_tokens)[0].tolist() for p in tqdm(prompts, desc="references")]
     sizes = [int(b) for b in args.batch.split(",")]
     warm = GenerationConfig(max_new_tokens=4)
     for size in sizes:  # each batch size's cost curve is probed, and transformers' batch warmed, before any timing

@@ -89,6 +89,18 @@ def read_curve(spec: str) -> CostCurve:
     return CostCurve(sizes=np.array(data["sizes"]), ms=np.array(data["ms"], dtype=np.float64))
 
 
+def eos_ids(model) -> set[int]:
+    """The token ids that end a model's output (its generation config's ``eos_token_id``: one, several or none)."""
+    eos = model.generation_config.eos_token_id
+    return {eos} if isinstance(eos, int) else set(eos or ())
+
+
+def until_eos(row: list[int], eos: set[int]) -> list[int]:
+    """``row`` up to and with its first token in ``eos`` (what a row of a padded batch really generated)."""
+    stop = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if stop is None else row[: stop + 1]
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """One JSON object per line (UTF-8), the folders made."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import SPLITS, prompt_ids, spec_bench, split_of
+from common import SPLITS, eos_ids, prompt_ids, spec_bench, split_of, until_eos
 from harness import count, default_out, summarize, write_report
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
@@ -45,13 +45,8 @@ def plain_samples(model, ids: np.ndarray, n: int, config: GenerationConfig) -> t
                              temperature=config.temperature, top_k=0, top_p=1.0, num_return_sequences=n,
                              max_new_tokens=config.max_new_tokens)
     seconds = time.perf_counter() - start
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or ())
-    tokens = 0
-    for row in out[:, len(ids):].tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos), None)
-        tokens += len(row) if stop is None else stop + 1
-    return tokens, seconds
+    eos = eos_ids(model)
+    return sum(len(until_eos(row, eos)) for row in out[:, len(ids):].tolist()), seconds
 
 
 def main() -> None:
