@@ -144,8 +144,10 @@ class AcceptanceModel:
         fails = np.log1p(-np.minimum(rates[order], 1.0 - 1e-12))
         before = np.cumsum(fails) - fails
         group = forest.parents[order]
-        first = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
-        before -= np.repeat(before[first], np.diff(np.append(first, len(order))))
+        starts = np.empty(len(order), dtype=bool)
+        starts[0] = True
+        np.not_equal(group[1:], group[:-1], out=starts[1:])
+        before -= before[starts][np.cumsum(starts) - 1]
         local = np.ones(len(forest.tokens))
         local[order] = np.exp(before) * rates[order]
         return forest.path_products(local).astype(np.float32)
@@ -209,12 +211,13 @@ def contested(forest: Forest) -> np.ndarray:
     [False, True, True, False, False, True, True, False]
     """
     node = np.flatnonzero(forest.parents >= 0)
-    parents = forest.parents[node].astype(np.int64)
-    kinds = max(Source) + 1
-    children = np.bincount(parents * kinds + forest.sources[node], minlength=len(forest.tokens) * kinds)
-    sources_under = np.count_nonzero(children.reshape(-1, kinds), axis=1)  # per node: its children's sources
+    parents, sources = forest.parents[node], forest.sources[node]
+    one = np.zeros(len(forest.tokens), dtype=sources.dtype)
+    one[parents] = sources  # each parent gets the source of one of its children (whichever write lands)
+    mixed = np.zeros(len(forest.tokens), dtype=bool)
+    mixed[parents[sources != one[parents]]] = True  # some child's source differs from that one's
     out = np.zeros(len(forest.tokens), dtype=bool)
-    out[node] = sources_under[parents] > 1
+    out[node] = mixed[parents]
     return out
 
 
@@ -251,7 +254,7 @@ class RecentSuccess:
     def buckets(self) -> np.ndarray:
         """(sources,) int64 bucket of each source: 0 without a record, else 1 + its rate's bucket."""
         rate = np.divide(self.hits, self.trials, out=np.zeros(len(self.trials)), where=self.trials > 0)
-        return np.where(self.trials >= self.min_trials, 1 + np.digitize(rate, RECENT_EDGES), 0).astype(np.int64)
+        return np.where(self.trials >= self.min_trials, 1 + np.searchsorted(RECENT_EDGES, rate, side="right"), 0)
 
 
 def _rates(hits: np.ndarray, trials: np.ndarray, labels: list[str]) -> dict[str, float]:

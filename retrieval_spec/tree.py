@@ -224,24 +224,32 @@ def trie_from_continuations(
     children: dict[tuple[int, int], int] = {}
     for i in sorted(range(len(weight_list)), key=lambda i: -weight_list[i]):  # stable: heaviest first
         node, weight, match = 0, weight_list[i], matched[i]
-        for token in continuations[i][: len(reach)].tolist():
+        path = continuations[i][: len(reach)].tolist()
+        for at, token in enumerate(path):
             child = children.get((node, token))
-            if child is None:
-                if len(tokens) > max_nodes:
+            if child is None:  # the path leaves the trie here: the rest of it is new nodes, added at once
+                new = path[at : at + max_nodes + 1 - len(tokens)]
+                if not new:
                     break
-                child = children[(node, token)] = len(tokens)
-                tokens.append(token)
-                parents.append(node)
-                mass.append(0.0)
-                longest.append(0)
-                depth.append(depth[node] + 1)
+                first = len(tokens)
+                ids = range(first, first + len(new))
+                chain_parents = [node, *ids[:-1]]
+                children.update(zip(zip(chain_parents, new), ids))
+                tokens += new
+                parents += chain_parents
+                mass += [weight] * len(new)
+                longest += [match] * len(new)
+                depth += range(depth[node] + 1, depth[node] + 1 + len(new))
+                break
             mass[child] += weight
             if match > longest[child]:
                 longest[child] = match
             node = child
-    scores = [1.0] + [min(m / total * reach[d - 1], 1.0) for m, d in zip(mass[1:], depth[1:])]
+    reach_at = np.array([1.0, *reach])[depth]  # the root's entry is unused
+    scores = np.minimum(np.array(mass) / total * reach_at, 1.0)
+    scores[0] = 1.0
     return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
-                             np.array(scores, dtype=np.float32),
+                             scores.astype(np.float32),
                              np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
                              np.array(longest, dtype=np.int32), np.array(depth, dtype=np.int32))
 
@@ -302,29 +310,31 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root token")
-    tokens, parents, estimates, sources, matches, depth = [root], [-1], [1.0], [int(trees[0].sources[0])], [0], [0]
-    index: dict[tuple[int, int], int] = {}
-    for tree in trees:
+    first = trees[0]  # a trie already (siblings never repeat a token): taken whole
+    tokens, parents = first.tokens.tolist(), first.parents.tolist()
+    sources, matches, depth = first.sources.tolist(), first.matches.tolist(), first.depths.tolist()
+    estimates = _conditionals(first)
+    matches[0] = 0
+    index = dict(zip(zip(parents[1:], tokens[1:]), range(1, len(tokens))))
+    for tree in trees[1:]:
         mapped = [0] * len(tree)
-        tree_parents, tree_tokens = tree.parents.tolist(), tree.tokens.tolist()
-        tree_scores, tree_sources, tree_matches = tree.scores.tolist(), tree.sources.tolist(), tree.matches.tolist()
+        tree_parents, tree_tokens, tree_estimates = tree.parents.tolist(), tree.tokens.tolist(), _conditionals(tree)
+        tree_sources, tree_matches = tree.sources.tolist(), tree.matches.tolist()
         for i in range(1, len(tree)):
             key = (mapped[tree_parents[i]], tree_tokens[i])
-            above = tree_scores[tree_parents[i]]
-            estimate = min(tree_scores[i] / above, 1.0) if above > 0 else 0.0
             node = index.get(key)
             if node is None:
                 node = index[key] = len(tokens)
                 tokens.append(key[1])
                 parents.append(key[0])
-                estimates.append(estimate)
+                estimates.append(tree_estimates[i])
                 sources.append(tree_sources[i])
                 matches.append(tree_matches[i])
                 depth.append(depth[key[0]] + 1)
             else:
                 matches[node] = max(matches[node], tree_matches[i])
-                if estimate > estimates[node]:
-                    estimates[node] = estimate
+                if tree_estimates[i] > estimates[node]:
+                    estimates[node] = tree_estimates[i]
                     sources[node] = tree_sources[i]
             mapped[i] = node
     scores = estimates  # parents come first: each path product is complete before its children's
@@ -333,6 +343,14 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
                              np.array(scores, dtype=np.float32), np.array(sources, dtype=np.uint8),
                              np.array(matches, dtype=np.int32), np.array(depth, dtype=np.int32))
+
+
+def _conditionals(tree: DraftTree) -> list[float]:
+    """Each node's score over its parent's, at most 1 (0 under a parent scored 0; the root's: 1)."""
+    above = tree.scores[np.maximum(tree.parents, 0)].astype(np.float64)
+    out = np.minimum(np.divide(tree.scores, above, out=np.zeros(len(tree)), where=above > 0), 1.0)
+    out[0] = 1.0
+    return out.tolist()
 
 
 def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:

@@ -98,35 +98,28 @@ class RecyclingDrafter(Drafter):
         first, next_next = self._root_row(request, before, root)
         if budget <= 0 or first is None:
             return DraftTree.empty(root)
-        order_parents, order_ranks, order_scores, order_widths = shape_order(self.config.shape,
-                                                                             self.config.rank_probs)
-        node_of = [0] + [-1] * (len(order_parents) - 1)  # shape node -> tree node (-1: left out)
-        pending = order_widths[0]  # slots ahead whose parent was placed: at 0 no later slot can be filled
+        ranks, slot_scores, slot_children = shape_order(self.config.shape, self.config.rank_probs)
+        frontier = [(slot, 0) for slot in slot_children[0]]  # (shape node, its parent's tree node): a heap
         rows: dict[int, list[int] | None] = {0: first.tolist()}  # tree node -> its successors
-        siblings: dict[int, set[int]] = {}
         tokens, parents, scores, depths, sources = [root], [-1], [1.0], [0], [Source.ROOT]
-        for slot in range(1, len(order_parents)):
-            if len(tokens) > budget or pending == 0:
-                break
-            parent = node_of[order_parents[slot]]
-            if parent < 0:
-                continue
-            pending -= 1
+        while frontier and len(tokens) <= budget:
+            slot, parent = heapq.heappop(frontier)
             if parent not in rows:
-                row = self.successors(tokens[parents[parent]] if parent else before, tokens[parent])
-                rows[parent] = None if row is None else row.tolist()
-            row = rows[parent]
-            if row is None or row[order_ranks[slot]] in siblings.setdefault(parent, set()):
-                continue  # warm-started rows may repeat their last token
-            child = row[order_ranks[slot]]
-            siblings[parent].add(child)
-            node_of[slot] = len(tokens)
-            pending += order_widths[slot]
+                found = self.successors(tokens[parents[parent]] if parent else before, tokens[parent])
+                rows[parent] = None if found is None else found.tolist()
+            row, rank = rows[parent], ranks[slot]
+            # Siblings come in rank order, each placed unless it repeats an earlier one (warm-started rows may
+            # repeat their last token): a repeat of any earlier rank is a repeat of a placed sibling.
+            if row is None or row[rank] in row[:rank]:
+                continue
+            child, node = row[rank], len(tokens)
             tokens.append(child)
             parents.append(parent)
-            scores.append(order_scores[slot])
+            scores.append(slot_scores[slot])
             depths.append(depths[parent] + 1)
             sources.append(Source.NEXT_NEXT if parent == 0 and child in next_next else self.source)
+            for below in slot_children[slot]:
+                heapq.heappush(frontier, (below, node))
         return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
                                  np.array(scores, dtype=np.float32), np.array(sources, dtype=np.uint8),
                                  depths=np.array(depths, dtype=np.int32))
@@ -209,11 +202,11 @@ class RecyclingDrafter(Drafter):
 
 @functools.cache
 def shape_order(shape: tuple[int, ...], rank_probs: tuple[float, ...]
-                ) -> tuple[list[int], list[int], list[float], list[int]]:
+                ) -> tuple[list[int], list[float], list[tuple[int, ...]]]:
     """Every node of the full tree of ``shape`` (``shape[d]`` children under each node at depth ``d``), most likely
     first (the product of the ranks' probabilities along its path; ties: the order a frontier expansion meets
-    them): per node its parent's position in this order (-1 for the root), its rank among its siblings, its score
-    and how many children it has. Each drafted tree is a selection of a head of this order."""
+    them): per node its rank among its siblings, its score and its children's positions in this order (in rank
+    order). Drafting walks a head of this order, most likely node first, skipping the subtrees it cannot fill."""
     parents, ranks, scores, depth = [-1], [0], [1.0], [0]
     frontier = [(-rank_probs[rank], rank, 0, rank) for rank in range(shape[0])]  # (-score, tie, parent, rank)
     heapq.heapify(frontier)
@@ -228,5 +221,7 @@ def shape_order(shape: tuple[int, ...], rank_probs: tuple[float, ...]
             for child_rank in range(shape[depth[-1]]):
                 heapq.heappush(frontier, (negative * rank_probs[child_rank], tie, len(parents) - 1, child_rank))
                 tie += 1
-    widths = [shape[d] if d < len(shape) else 0 for d in depth]
-    return parents, ranks, scores, widths
+    children: list[list[int]] = [[] for _ in parents]
+    for node, parent in enumerate(parents[1:], 1):
+        children[parent].append(node)
+    return ranks, scores, [tuple(c) for c in children]
