@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tree import DraftTree, Forest, Source
+from .tree import NUM_SOURCES, DraftTree, Forest, Source
 
 MATCH_EDGES = np.array([1, 2, 3, 4, 6, 9, 16, 32])  # matched length buckets: 0, 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+
 DEPTH_EDGES = np.array([2, 3, 4, 5, 7, 10, 17])  # depth buckets: 1, 2, 3, 4, 5-6, 7-9, 10-16, 17+
@@ -49,7 +49,7 @@ class CalibrationConfig:
     def shape(self) -> tuple[int, ...]:
         """Cells per feature, coarsest first: source, estimate, matched length, depth, last step whole, recent
         success of the source in the request, contested (:func:`contested`)."""
-        return (max(Source) + 1, self.estimate_buckets, len(MATCH_EDGES) + 1, len(DEPTH_EDGES) + 1, 2,
+        return (NUM_SOURCES, self.estimate_buckets, len(MATCH_EDGES) + 1, len(DEPTH_EDGES) + 1, 2,
                 len(RECENT_EDGES) + 2, 2)
 
 
@@ -240,8 +240,8 @@ class RecentSuccess:
 
     def __init__(self, decay: float = 0.99, min_trials: float = 5.0) -> None:
         self.decay, self.min_trials = decay, min_trials
-        self.hits = np.zeros(max(Source) + 1)
-        self.trials = np.zeros(max(Source) + 1)
+        self.hits = np.zeros(NUM_SOURCES)
+        self.trials = np.zeros(NUM_SOURCES)
 
     def update(self, trials: np.ndarray, hits: np.ndarray) -> None:
         """One step's outcomes: (sources,) how many candidates of each source had their fate known, and how many of

@@ -16,7 +16,7 @@ import numpy as np
 
 from .calibration import AcceptanceModel, RecentSuccess
 from .drafters.base import Drafter, RequestId
-from .tree import Branch, DraftTree, Forest, Source, StepFeedback, best_first, merge, within_vocabulary
+from .tree import NUM_SOURCES, Branch, DraftTree, Forest, StepFeedback, best_first, merge, within_vocabulary
 
 
 class TreeFuser:
@@ -73,7 +73,7 @@ class TreeFuser:
         if not rows:
             return ranked
         forest = Forest.of(raws)
-        recent = np.zeros((len(rows), max(Source) + 1), dtype=np.int64)
+        recent = np.zeros((len(rows), NUM_SOURCES), dtype=np.int64)
         for j, i in enumerate(rows):
             if requests[i] in self._recent:
                 recent[j] = self._recent[requests[i]].buckets()
@@ -138,9 +138,8 @@ class TreeFuser:
         hit_child[parents[hits]] = np.flatnonzero(hits)
         tested &= np.arange(len(forest.tokens)) <= hit_child[parents]
         self.acceptance.update(np.concatenate([features for *_, features in learned]), tested, hits, len(learned))
-        kinds = max(Source) + 1
-        cells = forest.rows * kinds + forest.sources
-        trials = np.bincount(cells[tested], minlength=len(learned) * kinds).reshape(-1, kinds)
-        won = np.bincount(cells[hits], minlength=len(learned) * kinds).reshape(-1, kinds)
+        cells = forest.rows * NUM_SOURCES + forest.sources
+        trials = np.bincount(cells[tested], minlength=len(learned) * NUM_SOURCES).reshape(-1, NUM_SOURCES)
+        won = np.bincount(cells[hits], minlength=len(learned) * NUM_SOURCES).reshape(-1, NUM_SOURCES)
         for (request, *_), row_trials, row_won in zip(learned, trials, won):
             self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)

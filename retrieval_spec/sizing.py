@@ -67,6 +67,18 @@ class CostCurve:
 
     def relative(self, num_nodes: np.ndarray) -> np.ndarray:
         """Cost of verifying ``num_nodes`` nodes (padded as :meth:`padded_size`) relative to one plain step."""
+        num_nodes = np.asarray(num_nodes)
+        if num_nodes.max(initial=0) < len(self._relative):
+            return self._relative[num_nodes]
+        return self._relative_cost(num_nodes)
+
+    @functools.cached_property
+    def _relative(self) -> np.ndarray:
+        """(largest size + 1,) :meth:`relative` of 0 .. the largest measured size, computed once per curve: sizing
+        asks for several a step."""
+        return self._relative_cost(np.arange(int(self.sizes[-1]) + 1))
+
+    def _relative_cost(self, num_nodes: np.ndarray) -> np.ndarray:
         interpolated = np.interp(num_nodes, self.sizes, self.ms)
         at_least = np.searchsorted(self.sizes, num_nodes, side="left")
         padded = np.append(self._envelope, np.inf)[np.minimum(at_least, len(self.sizes))]

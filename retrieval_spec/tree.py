@@ -31,6 +31,9 @@ class Source(enum.IntEnum):
     NEXT_NEXT = 7  # the target's other top tokens where it chose the newest token (recycling's LogitSpec candidates)
 
 
+NUM_SOURCES = len(Source)  # the values run 0 .. NUM_SOURCES - 1: a source indexes per-source arrays
+
+
 @dataclass(frozen=True)
 class DraftTree:
     """A token trie in topological order, as parallel arrays.
