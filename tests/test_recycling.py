@@ -102,6 +102,21 @@ def test_a_known_pair_of_tokens_predicts_before_the_token_alone():
     assert len(drafter.pairs) <= 2  # bounded
 
 
+def test_a_node_without_successors_or_repeating_a_sibling_is_left_out_and_the_budget_goes_to_the_next_likeliest():
+    """Shape (2, 2): the root's children 1 (0.6) and 2 (0.3); 1 has no recorded successors, so its subtree (0.36,
+    0.18) is left out; 2's row repeats its first token (warm-start padding), so only one child of 2 is placed."""
+    config = RecyclingConfig(k=2, shape=(2, 2), rank_probs=(0.6, 0.3), next_next=False)
+    drafter = RecyclingDrafter(10, config)
+    for token, row in ((0, [1, 2]), (2, [3, 3])):
+        drafter.table[token] = row
+        drafter.known[token] = True
+    tree = drafter.propose(0, np.array([0], np.int32), 64)
+    assert tree.tokens.tolist() == [0, 1, 2, 3] and tree.parents.tolist() == [-1, 0, 0, 2]
+    np.testing.assert_allclose(tree.scores, [1.0, 0.6, 0.3, 0.18])
+    assert drafter.propose(0, np.array([0], np.int32), 2).tokens.tolist() == [0, 1, 2]
+    assert drafter.propose(0, np.array([0], np.int32), 1).tokens.tolist() == [0, 1]
+
+
 def test_a_table_that_knows_only_the_root_drafts_its_row_whatever_the_budget():
     """Nothing below the first level can be filled: the walk stops there (the full shape has thousands of slots)."""
     drafter = RecyclingDrafter(50)
