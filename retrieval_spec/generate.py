@@ -345,7 +345,8 @@ class SpeculativeGenerator:
         where it does not pay, or where a node of it would lie beyond the positions the model can embed."""
         floor = sizing.floor
         ranked = self.fuser.rank([row.request for row in alive], [row.context for row in alive],
-                                 [budget if np.isfinite(floor) else 0] * len(alive), [row.remaining - 1 for row in alive])
+                                 [budget if np.isfinite(floor) else 0] * len(alive),
+                                 [row.remaining - 1 for row in alive])
         branches = []
         for i, row in enumerate(alive):
             row.stats.paused_steps += floor > 0
