@@ -93,6 +93,12 @@ def main() -> None:
     runs = args.runs.split(",")
     if set(runs) - set(ALL_RUNS):
         parser.error(f"unknown run(s) {sorted(set(runs) - set(ALL_RUNS))}; choose from {', '.join(ALL_RUNS)}")
+    known = (["questions", "summaries"] if args.workload == "long_docs"
+             else sorted({row["category"] for row in spec_bench()}))
+    unknown = sorted(set(args.categories.split(",")) - set(known)) if args.categories else []
+    if unknown:
+        parser.error(f"unknown {args.workload} categor{'ies' if len(unknown) > 1 else 'y'} {unknown}; choose from "
+                     f"{', '.join(known)}")
     docs_index = python_docs_index(args.model) if args.workload == "long_docs" else None
     args.model = str(model_path(args.model))
     if "ours-index" in runs and args.index is None:
