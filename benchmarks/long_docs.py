@@ -39,6 +39,19 @@ from retrieval_spec.rag import DenseIndex, rag_prompt, summarize_prompt
 CORPUS = DATA / "long_docs" / "python3.11-doc" / "_sources"
 QUESTIONS = DATA / "long_docs" / "questions.jsonl"
 PAGES = DATA / "long_docs" / "pages.jsonl"
+PASSAGES = 5  # passages retrieved into a question's prompt
+
+
+def default_index(model: str) -> Path:
+    """Where the docs' datastore and dense passages for ``model``'s tokenizer live by default."""
+    return ROOT / "indexes" / f"python-docs_{Path(model).name}"
+
+
+def no_docs(missing: Path) -> str:
+    """What to run when the docs are not at ``missing``."""
+    return (f"no Python docs at {missing}. Run `make workloads` (apt-get download python3.11-doc, unpacked into the "
+            "checkout without root); without apt, unpack any python3.11-doc .deb with `dpkg-deb -x` and move "
+            f"usr/share/doc/python3.11/html/_sources to {CORPUS}.")
 
 
 def ensure_index(corpus: Path, index: Path, model: str) -> None:
@@ -76,15 +89,12 @@ def main() -> None:
     workload_arguments(parser, "items")
     parser.add_argument("--index-from", type=Path, default=CORPUS,
                         help="what a missing --index is built from (default: the whole documentation)")
-    parser.add_argument("--passages", type=int, default=5, help="passages retrieved into a question's prompt")
+    parser.add_argument("--passages", type=int, default=PASSAGES, help="passages retrieved into a question's prompt")
     args = parser.parse_args()
     if not CORPUS.is_dir() or not args.index_from.is_dir():
-        print(f"long_docs skipped: no Python docs at {CORPUS if not CORPUS.is_dir() else args.index_from}. Run "
-              "`make workloads` (apt-get download python3.11-doc, unpacked into the checkout without root); without "
-              "apt, unpack any python3.11-doc .deb with `dpkg-deb -x` and move usr/share/doc/python3.11/html/_sources "
-              f"to {CORPUS}.", file=sys.stderr)
+        print(f"long_docs skipped: {no_docs(CORPUS if not CORPUS.is_dir() else args.index_from)}", file=sys.stderr)
         return
-    args.index = args.index or ROOT / "indexes" / f"python-docs_{Path(args.model).name}"
+    args.index = args.index or default_index(args.model)
     ensure_index(args.index_from, args.index, args.model)
     bench = Harness(args)
     questions = select(read_jsonl(QUESTIONS), args, category=lambda row: "questions")

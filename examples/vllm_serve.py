@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -143,8 +144,8 @@ def python_docs_index(model: str) -> Path:
     import long_docs  # benchmarks/long_docs.py
 
     if not long_docs.CORPUS.is_dir():
-        sys.exit(f"no Python docs at {long_docs.CORPUS}: run `make workloads` first")
-    index = ROOT / "indexes" / f"python-docs_{Path(model).name}"
+        sys.exit(long_docs.no_docs(long_docs.CORPUS))
+    index = long_docs.default_index(model)
     long_docs.ensure_index(long_docs.CORPUS, index, model)
     return index
 
@@ -158,11 +159,11 @@ def long_docs_prompts(args: argparse.Namespace, index: Path) -> list[dict]:
     from harness import select
     from retrieval_spec.rag import DenseIndex
 
-    args.split = "measure"
+    held_out = SimpleNamespace(split="measure", limit=args.limit, categories=args.categories)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    questions = select(read_jsonl(long_docs.QUESTIONS), args, category=lambda row: "questions")
-    pages = select(read_jsonl(long_docs.PAGES), args, category=lambda row: "summaries")
-    cases = long_docs.cases(tokenizer, DenseIndex.open(index), long_docs.CORPUS, questions, pages, passages=5)
+    questions = select(read_jsonl(long_docs.QUESTIONS), held_out, category=lambda row: "questions")
+    pages = select(read_jsonl(long_docs.PAGES), held_out, category=lambda row: "summaries")
+    cases = long_docs.cases(tokenizer, DenseIndex.open(index), long_docs.CORPUS, questions, pages, long_docs.PASSAGES)
     return [{"question_id": case.id, "category": case.category, "ids": case.ids.tolist()} for case in cases]
 
 
