@@ -107,13 +107,16 @@ def agreeing_prefix(ours: np.ndarray, plain: np.ndarray) -> int:
 
 
 def table(report: dict, methods: list[str]) -> str:
-    """What the run measured on (device, CPU, threads, the cost curve every learning method started from), then
-    per category: prompts, and per method its speedup over plain (and over ``ar`` when it ran), tokens per step
-    and draft + verify ms per step."""
+    """What the run measured on (device, CPU, threads, the cost curve every learning method started from, how many
+    linear layers run each form at a few tree sizes), then per category: prompts, and per method its speedup over
+    plain (and over ``ar`` when it ran), tokens per step and draft + verify ms per step."""
     curve = report.get("starting_cost_curve")
     lines = [f"{report['model']} {report['dtype']} on {report['device']} ({report['cpu']}, "
              f"{report['torch_threads']} threads); cost curve at the start (nodes: ms): "
-             + (", ".join(f"{k}: {v:.0f}" for k, v in zip(curve["sizes"], curve["ms"])) if curve else report["cost"]),
+             + (", ".join(f"{k}: {v:.0f}" for k, v in zip(curve["sizes"], curve["ms"])) if curve else report["cost"])
+             + ("; linear layers by form at (rows): " + ", ".join(
+                 f"({rows}) " + " ".join(f"{form} {n}" for form, n in counts.items() if n)
+                 for rows, counts in report["linear_forms"].items()) if report.get("linear_forms") else ""),
              "", "| category | prompts | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
     for category, row in report["categories"].items():
         cells = []
@@ -176,6 +179,8 @@ class Harness:
         self.generators = {method: self.new_generator(method) for method in self.ours}
         verifier = next(iter(self.generators.values())).verifier  # every generator's verifier runs the same model
         self.start_curve = None if self.fixed_curve is not None else starting_cost_curve(verifier, args)
+        # How many linear layers run each form (linear_forms.py) at a few tree sizes: a gain of the machine's kernels
+        self.linear_forms = {rows: verifier.forms.forms(rows) for rows in (2, 4, 8, 16, 64)}
         self.methods = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"]) + self.ours
         self.config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0,
                                        tree_budget=args.budget)
@@ -260,6 +265,7 @@ class Harness:
                   "torch_threads": torch.get_num_threads(), "threads": args.threads,
                   "starting_cost_curve": None if curve is None else {
                       "sizes": curve.sizes.tolist(), "ms": [round(float(m), 2) for m in curve.ms]},
+                  "linear_forms": self.linear_forms,
                   "index": str(args.index) if args.index else None, "max_new_tokens": args.max_new_tokens,
                   "budget": args.budget, "cost": args.cost, "fresh_curve": args.fresh_curve,
                   "poison_curve": args.poison_curve, **fields,
