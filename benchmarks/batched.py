@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from common import eos_ids, spec_bench, until_eos
-from harness import chat_ids, count, default_out, hf_generate, summarize, write_report
+from harness import chat_ids, count, default_out, hf_generate, linear_forms, summarize, write_report
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
@@ -100,6 +100,7 @@ def main() -> None:
     report = {"model": args.model, "device": str(model.device), "cpu": cpu_name(), "dtype": "float32",
               "torch_threads": torch.get_num_threads(), "threads": args.threads,
               "cost": "learned per batch size from the cached probe", "max_new_tokens": args.max_new_tokens,
+              "linear_forms": linear_forms(next(iter(ours.values())).verifier),
               "limit_per_category": args.limit, "skip": args.skip, "prompts": len(prompts),
               "mismatches": mismatches, "categories": summarize(totals, methods)}
     write_report(out, report, methods, f"Greedy batches of different prompts, {args.model}")

@@ -99,6 +99,12 @@ def harness_arguments(parser: argparse.ArgumentParser, methods: str = "ar,pld,au
                              "replay of benchmarks/simulate.py --records; run it on --split tune")
 
 
+def linear_forms(verifier) -> dict[int, dict[str, int]]:
+    """How many of the model's linear layers run each form (``linear_forms.py``) at 2, 4, 8, 16 and 64 rows a
+    forward: where a gain comes from the machine's kernels."""
+    return {rows: verifier.forms.forms(rows) for rows in (2, 4, 8, 16, 64)}
+
+
 def agreeing_prefix(ours: np.ndarray, plain: np.ndarray) -> int:
     """How many leading tokens two outputs share."""
     n = min(len(ours), len(plain))
@@ -179,8 +185,7 @@ class Harness:
         self.generators = {method: self.new_generator(method) for method in self.ours}
         verifier = next(iter(self.generators.values())).verifier  # every generator's verifier runs the same model
         self.start_curve = None if self.fixed_curve is not None else starting_cost_curve(verifier, args)
-        # How many linear layers run each form (linear_forms.py) at a few tree sizes: a gain of the machine's kernels
-        self.linear_forms = {rows: verifier.forms.forms(rows) for rows in (2, 4, 8, 16, 64)}
+        self.linear_forms = linear_forms(verifier)
         self.methods = ["plain"] + ([] if args.no_hf_pld else ["hf_pld"]) + self.ours
         self.config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0,
                                        tree_budget=args.budget)

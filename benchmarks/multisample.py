@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common import SPLITS, eos_ids, prompt_ids, spec_bench, split_of, until_eos
-from harness import count, default_out, summarize, write_report
+from harness import count, default_out, linear_forms, summarize, write_report
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
@@ -101,6 +101,7 @@ def main() -> None:
     report = {"model": args.model, "device": str(model.device), "cpu": cpu_name(), "dtype": "float32",
               "torch_threads": torch.get_num_threads(), "threads": args.threads,
               "cost": "learned per batch size from the cached probe",
+              "linear_forms": linear_forms(next(iter(ours.values())).verifier),
               "temperature": args.temperature,
               "max_new_tokens": args.max_new_tokens, "split": args.split, "problems": len(rows),
               "categories": summarize(totals, methods)}
