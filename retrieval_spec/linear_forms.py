@@ -207,6 +207,7 @@ def _packed_weight(layer: torch.nn.Linear) -> torch.Tensor | None:
     held = _PACKED.get(layer)
     if held is not None and held[:2] == (weight.data_ptr(), weight._version):
         return held[2]
+    _PACKED.pop(layer, None)  # a copy of what the weight was
     if not can_pack(weight) or os.environ.get(SWITCH, "") == "unpacked":
         return None
     size = 2 * weight.numel() * weight.element_size()  # MKL's copies measured 1.3-1.75 times the weight
