@@ -161,6 +161,12 @@ def main() -> None:
       retrieval-spec demo                                  # plain vs auto on a code edit of a bundled file
       retrieval-spec generate --prompt "Summarize: ..."    # print a continuation
       retrieval-spec generate --input prompts.jsonl --output out.jsonl --json-stats
+
+    \b
+    Environment:
+      RETRIEVAL_SPEC_CACHE=DIR              converted models, cost curves, kernel timings (~/.cache/retrieval-spec)
+      RETRIEVAL_SPEC_LINEAR_FORMS=unpacked  no packed weight copies on a CPU (they take 1.3-1.75x the weights)
+      RETRIEVAL_SPEC_LINEAR_FORMS=torch     torch's own linear everywhere
     """
 
 
