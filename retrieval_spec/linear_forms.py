@@ -25,7 +25,7 @@ bits, as T-row and one-row kernels already do. ``RETRIEVAL_SPEC_LINEAR_FORMS=tor
 torch's form everywhere; ``RETRIEVAL_SPEC_LINEAR_FORMS=unpacked`` makes no packed copy (the next fastest form runs).
 
 Packed weights cost memory: MKL's packed copy of a float32 weight is 1.3-1.75 times its size, made when a model
-whose choices name the packed form is wrapped (about 2 s for SmolLM2-135M, 9 s for Qwen2.5-0.5B here), kept
+whose choices name the packed form is wrapped (0.4 s for SmolLM2-135M, 4.5-5 s for Qwen2.5-0.5B here), kept
 once per layer for as long as the layer lives (whatever number of generators wrap it) and made again if the
 weight changes. Copies are made only while all of them together fit in half the memory the machine has
 available; a layer beyond that runs its fastest other form.
