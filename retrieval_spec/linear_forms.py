@@ -77,7 +77,6 @@ class FewRowLinear:
         self.layers = [layer for layer in model.modules() if type(layer) is torch.nn.Linear
                        and "forward" not in layer.__dict__ and layer.weight.device.type == "cpu"]
         self._swaps: dict[tuple[int, int], list[tuple[torch.nn.Linear, Callable]]] = {}  # (bucket, threads)
-        self._timed: set[int] = set()  # thread counts for which every (shape, bucket) of the model has a timing
         if self.enabled:
             for bucket in ROW_BUCKETS:
                 self._swapped_layers(bucket)
@@ -114,9 +113,8 @@ class FewRowLinear:
         are made now)."""
         threads = torch.get_num_threads()
         if (bucket, threads) not in self._swaps:
-            if threads not in self._timed:
+            if not any(timed == threads for _, timed in self._swaps):  # this thread count's first bucket
                 self._time_missing(threads)
-                self._timed.add(threads)
             swaps = []
             for layer in self.layers:
                 times = _CHOICES[_key(layer, bucket, threads)]
