@@ -49,16 +49,20 @@ def test_a_copy_resumes_right_after_a_renamed_token():
 
 def test_the_ngram_index_agrees_with_a_scan_of_its_text():
     """Matches (longest first, most recent first within a length, measured back up to ``longest``) and spans (cut
-    before a separator) equal a brute-force scan, the text appended in chunks with separators among them."""
-    from retrieval_spec.drafters.ngram_index import SEPARATOR, NgramIndex
+    before a separator) equal a brute-force scan, the text appended with separators among it: in small chunks (the
+    dictionary), in pieces long enough for the sorted arrays, and in both, searched between appends."""
+    from retrieval_spec.drafters.ngram_index import BULK, SEPARATOR, NgramIndex
 
     rng = np.random.default_rng(3)
-    for trial in range(40):
+    for trial in range(60):
         text = rng.integers(0, 4, 300).astype(np.int32)
         text[rng.random(300) < 0.03] = SEPARATOR
         index = NgramIndex(1, 3, capacity=8)
-        for chunk in np.array_split(text, 7):
+        pieces = ([300] if trial % 3 == 0 else [BULK + 10, 20, 5, 130, 3] if trial % 3 == 1 else [40] * 7)
+        for chunk in np.split(text, np.cumsum(pieces)[:-1]):
             index.append(chunk)
+            if trial % 2:
+                index.matches(rng.integers(0, 4, 5).astype(np.int32), 4, longest=12)
         prefix = text[:5][text[:5] >= 0] if trial % 2 else text[:0]  # half the contexts shorter than max_ngram
         context = np.concatenate([prefix, rng.integers(0, 4, 1 + trial % 9)]).astype(np.int32)
         starts, lengths = index.matches(context, 8, longest=12)
