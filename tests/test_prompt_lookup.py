@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from retrieval_spec.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
 from retrieval_spec.tree import StepFeedback
@@ -47,7 +48,8 @@ def test_a_copy_resumes_right_after_a_renamed_token():
     assert max(with_resync) > 10
 
 
-def test_the_ngram_index_agrees_with_a_scan_of_its_text():
+@pytest.mark.parametrize("shortest, longest_gram", [(1, 3), (2, 4)])
+def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
     """Matches (longest first, most recent first within a length, measured back up to ``longest``) and spans (cut
     before a separator) equal a brute-force scan, the text appended with separators among it: in small chunks (the
     dictionary), in pieces long enough for the sorted arrays, and in both, searched between appends."""
@@ -57,7 +59,7 @@ def test_the_ngram_index_agrees_with_a_scan_of_its_text():
     for trial in range(60):
         text = rng.integers(0, 4, 300).astype(np.int32)
         text[rng.random(300) < 0.03] = SEPARATOR
-        index = NgramIndex(1, 3, capacity=8)
+        index = NgramIndex(shortest, longest_gram, capacity=8)
         pieces = ([300] if trial % 3 == 0 else [BULK + 10, 20, 5, 130, 3] if trial % 3 == 1 else [40] * 7)
         for chunk in np.split(text, np.cumsum(pieces)[:-1]):
             index.append(chunk)
@@ -66,15 +68,15 @@ def test_the_ngram_index_agrees_with_a_scan_of_its_text():
         prefix = text[:5][text[:5] >= 0] if trial % 2 else text[:0]  # half the contexts shorter than max_ngram
         context = np.concatenate([prefix, rng.integers(0, 4, 1 + trial % 9)]).astype(np.int32)
         starts, lengths = index.matches(context, 8, longest=12)
-        expected = []  # (length, end) of every suffix match of 1-3 tokens, measured back up to 12
+        expected = []  # (length, end) of every suffix match of shortest-longest_gram tokens, measured back up to 12
         for end in range(1, len(text) + 1):
-            n = next((n for n in (3, 2, 1) if n <= min(end, len(context))
+            n = next((n for n in range(longest_gram, shortest - 1, -1) if n <= min(end, len(context))
                       and np.array_equal(text[end - n : end], context[-n:])), 0)
             if n and end < len(text):
                 window = min(12, end, len(context))
                 equal = text[end - window : end][::-1] == context[-window:][::-1]
                 expected.append((max(n, window if equal.all() else int(np.argmin(equal))), end))
-        by_index = sorted(expected, key=lambda m: (-min(m[0], 3), -m[1]))[:8]  # what the index finds first
+        by_index = sorted(expected, key=lambda m: (-min(m[0], longest_gram), -m[1]))[:8]  # what the index finds first
         wanted = sorted(by_index, key=lambda m: -m[0])
         assert list(zip(lengths, starts)) == wanted
         for start in starts:
