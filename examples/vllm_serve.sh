@@ -6,7 +6,9 @@
 #   bash examples/vllm_serve.sh --limit 1 --concurrency 1,8 --max-tokens 32 --runs none,ngram,suffix,ours
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VLLM_VENV:-.vllm-venv}
+# Absolute: the suffix tree's CMake build runs in a temporary folder and finds its Python on PATH (a relative
+# entry there resolved to nothing, and CMake took the first python3 on PATH, pyenv's, without nanobind).
+VENV=$(realpath -m "${VLLM_VENV:-.vllm-venv}")
 
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     python3 -m venv "$VENV"
