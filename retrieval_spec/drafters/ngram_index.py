@@ -39,13 +39,11 @@ class NgramIndex:
         self._index: dict[tuple[int, ...], list[int]] = {}  # n-grams ending after _sorted_end
         self._sorted_end = 0  # ends up to here are in the sorted arrays (once _unsorted is False)
         self._unsorted = False  # text was appended for the arrays and they are not rebuilt yet
-        # Per n: the end positions of the n-grams in the arrays, grouped by hash (increasing within a group); each
-        # hash's group g; the groups' bounds (group g is [bounds[g], bounds[g + 1]) of the positions). Arrays and a
-        # dictionary of ints, which the garbage collector never walks (lists of a prompt's length made its full
+        # Per n: each hash's group g; the groups' bounds (group g is [bounds[g], bounds[g + 1]) of the positions); the
+        # end positions of the n-grams in the arrays, grouped by hash (increasing within a group). A dictionary of
+        # ints and arrays, which the garbage collector never walks (lists of a prompt's length made its full
         # collections take 100 ms in a serving step).
-        self._ends: dict[int, np.ndarray] = {}
-        self._groups: dict[int, dict[int, int]] = {}
-        self._bounds: dict[int, np.ndarray] = {}
+        self._sorted: dict[int, tuple[dict[int, int], np.ndarray, np.ndarray]] = {}
         self._separators: list[int] = []  # positions of the separators, increasing
 
     def append(self, tokens: np.ndarray) -> None:
@@ -88,9 +86,8 @@ class NgramIndex:
                     new_group = np.ones(len(keys), dtype=bool)
                     new_group[1:] = keys[1:] != keys[:-1]
                     first = np.flatnonzero(new_group)
-                    self._groups[n] = dict(zip(keys[first].tolist(), range(len(first))))
-                    self._bounds[n] = np.append(first, len(keys))
-                    self._ends[n] = order + n
+                    self._sorted[n] = (dict(zip(keys[first].tolist(), range(len(first)))), np.append(first, len(keys)),
+                                       order + n)
         self._index = {}
         self._sorted_end, self._unsorted = length, False
 
@@ -112,17 +109,19 @@ class NgramIndex:
         lengths: list[int] = []
         tail = context[-self.max_ngram :].tolist()
         hashes = [0]  # hashes[n]: the hash of the context's last n tokens, as :meth:`_sort` computes them
-        for token in reversed(tail):
-            hashes.append((hashes[-1] * _MULTIPLIER + token + 2) & _MASK)
+        if self._sorted:  # a text indexed by the dictionary alone needs none
+            for token in reversed(tail):
+                hashes.append((hashes[-1] * _MULTIPLIER + token + 2) & _MASK)
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             recent = self._index.get(tuple(tail[len(tail) - n :]), ())
             candidates = reversed(recent)  # most recent first
             wanted = max_matches + len(seen) + 1 - len(recent)  # enough, however many were seen already
-            group = self._groups[n].get(hashes[n]) if wanted > 0 and n in self._groups else None
-            if group is not None:
-                low, high = self._bounds[n][group : group + 2].tolist()
-                low = max(low, high - wanted)
-                candidates = chain(candidates, self._ends[n][low:high][::-1].tolist())
+            if wanted > 0 and n in self._sorted:
+                groups, bounds, ends = self._sorted[n]
+                group = groups.get(hashes[n])
+                if group is not None:
+                    low, high = bounds[group : group + 2].tolist()
+                    candidates = chain(candidates, ends[max(low, high - wanted) : high][::-1].tolist())
             for start in candidates:
                 if start < self.length and start not in seen:
                     seen.add(start)
