@@ -1,7 +1,8 @@
 """Token trees: the draft every source produces, and the algebra that merges, ranks and lays it out.
 
-Pure numpy, like every module of the core (``tree``, ``sizing``, ``acceptance``, ``calibration``, ``fusion``,
-``drafters``, ``datastore``): nothing here knows the model. The verifier turns these arrays into tensors.
+Numpy, like every module of the core (``tree``, ``sizing``, ``acceptance``, ``calibration``, ``fusion``,
+``drafters``, ``datastore``), with the per-node loop of the merge compiled (numba, cached beside the module on first
+import): nothing here knows the model or imports torch. The verifier turns these arrays into tensors.
 
 Layout contract (ANCHORS.md, detail 1): node 0 is the root, the newest token whose keys are not cached;
 a node at depth ``d`` sits at position ``cached_len + d`` and attends to the whole cached prefix, its
@@ -15,6 +16,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numba
 import numpy as np
 
 
@@ -313,47 +315,71 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root token")
-    first = trees[0]  # a trie already (siblings never repeat a token): taken whole
-    tokens, parents = first.tokens.tolist(), first.parents.tolist()
-    sources, matches, depth = first.sources.tolist(), first.matches.tolist(), first.depths.tolist()
-    estimates = _conditionals(first)
-    matches[0] = 0
-    index = dict(zip(zip(parents[1:], tokens[1:]), range(1, len(tokens))))
-    for tree in trees[1:]:
-        mapped = [0] * len(tree)
-        tree_parents, tree_tokens, tree_estimates = tree.parents.tolist(), tree.tokens.tolist(), _conditionals(tree)
-        tree_sources, tree_matches = tree.sources.tolist(), tree.matches.tolist()
-        for i in range(1, len(tree)):
-            key = (mapped[tree_parents[i]], tree_tokens[i])
-            node = index.get(key)
-            if node is None:
-                node = index[key] = len(tokens)
-                tokens.append(key[1])
-                parents.append(key[0])
-                estimates.append(tree_estimates[i])
-                sources.append(tree_sources[i])
-                matches.append(tree_matches[i])
-                depth.append(depth[key[0]] + 1)
-            else:
-                matches[node] = max(matches[node], tree_matches[i])
-                if tree_estimates[i] > estimates[node]:
-                    estimates[node] = tree_estimates[i]
-                    sources[node] = tree_sources[i]
-            mapped[i] = node
-    scores = estimates  # parents come first: each path product is complete before its children's
-    for node in range(1, len(tokens)):
-        scores[node] = scores[parents[node]] * estimates[node]
-    return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
-                             np.array(scores, dtype=np.float32), np.array(sources, dtype=np.uint8),
-                             np.array(matches, dtype=np.int32), np.array(depth, dtype=np.int32))
+    starts = np.cumsum([0] + [len(t) for t in trees])
+    tokens, parents, scores, sources, matches, depth = _merge(
+        np.concatenate([t.tokens for t in trees]), np.concatenate([t.parents for t in trees]),
+        np.concatenate([t.scores for t in trees]), np.concatenate([t.sources for t in trees]),
+        np.concatenate([t.matches for t in trees]), starts)
+    return DraftTree.trusted(tokens, parents, scores, sources, matches, depth)
 
 
-def _conditionals(tree: DraftTree) -> list[float]:
-    """Each node's score over its parent's, at most 1 (0 under a parent scored 0; the root's: 1)."""
-    above = tree.scores[np.maximum(tree.parents, 0)].astype(np.float64)
-    out = np.minimum(np.divide(tree.scores, above, out=np.zeros(len(tree)), where=above > 0), 1.0)
-    out[0] = 1.0
-    return out.tolist()
+@numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:], int32[:]))"
+            "(int32[:], int32[:], float32[:], uint8[:], int32[:], int64[:])", cache=True, nogil=True)
+def _merge(tokens, parents, scores, sources, matches, starts):  # pragma: no cover (compiled)
+    """:func:`merge` of the tries laid end to end (tree ``t`` is ``[starts[t], starts[t + 1])``, parents local to
+    it). The first is taken whole (a trie already); each node of the others maps to the merged node of its
+    parent's image and its token, found in an open-addressing table of (parent, token) keys."""
+    total = len(tokens)
+    capacity = 2
+    while capacity < 2 * total:
+        capacity *= 2
+    keys = np.full(capacity, -1, dtype=np.int64)
+    values = np.empty(capacity, dtype=np.int32)
+    out_tokens = np.empty(total, dtype=np.int32)
+    out_parents = np.empty(total, dtype=np.int32)
+    estimates = np.empty(total, dtype=np.float64)  # each node's conditional estimate: score over parent's, <= 1
+    out_sources = np.empty(total, dtype=np.uint8)
+    out_matches = np.empty(total, dtype=np.int32)
+    depth = np.empty(total, dtype=np.int32)
+    mapped = np.empty(total, dtype=np.int32)  # per input node, its merged node
+    count = 0
+    for t in range(len(starts) - 1):
+        first = starts[t]
+        mapped[first] = 0
+        for i in range(first, starts[t + 1]):
+            if i == first:
+                if t == 0:
+                    out_tokens[0], out_parents[0], estimates[0] = tokens[i], -1, 1.0
+                    out_sources[0], out_matches[0], depth[0] = sources[i], 0, 0
+                    count = 1
+                continue
+            above = np.float64(scores[first + parents[i]])
+            estimate = min(np.float64(scores[i]) / above, 1.0) if above > 0 else 0.0
+            parent = mapped[first + parents[i]]
+            key = (np.int64(parent) << 32) | np.int64(tokens[i])
+            slot = (key * 0x9E3779B1) & (capacity - 1)
+            while keys[slot] != -1 and keys[slot] != key:
+                slot = (slot + 1) & (capacity - 1)
+            if keys[slot] == -1:  # a new node
+                keys[slot], values[slot] = key, count
+                out_tokens[count], out_parents[count], estimates[count] = tokens[i], parent, estimate
+                out_sources[count], out_matches[count], depth[count] = sources[i], matches[i], depth[parent] + 1
+                mapped[i] = count
+                count += 1
+            else:  # proposed again: the longest match, the higher estimate and its source
+                node = values[slot]
+                out_matches[node] = max(out_matches[node], matches[i])
+                if t > 0 and estimate > estimates[node]:
+                    estimates[node], out_sources[node] = estimate, sources[i]
+                mapped[i] = node
+    out_scores = np.empty(count, dtype=np.float32)
+    product = estimates[:count].copy()  # parents come first: each path product is complete before its children's
+    out_scores[0] = 1.0
+    for node in range(1, count):
+        product[node] *= product[out_parents[node]]
+        out_scores[node] = product[node]
+    return (out_tokens[:count], out_parents[:count], out_scores, out_sources[:count], out_matches[:count],
+            depth[:count])
 
 
 def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:

@@ -36,7 +36,7 @@ def test_observe_learns_only_the_nodes_whose_top_tokens_are_known():
                                     new_tokens=np.array([5, 1], np.int32), top_nodes=np.array([0, 2]),
                                     top_tokens=np.array([[5, 6], [1, 2]], np.int32)))
     assert drafter.table[3].tolist() == [5, 6] and drafter.table[5].tolist() == [1, 2]
-    assert not drafter.known[4] and drafter.pairs[(3, 5)].tolist() == [1, 2]
+    assert not drafter.known[4] and drafter.successors(3, 5).tolist() == [1, 2]
 
 
 def test_an_unknown_token_drafts_nothing():
@@ -89,17 +89,28 @@ def test_save_load_round_trip_and_refusals(tmp_path):
 
 
 def test_a_known_pair_of_tokens_predicts_before_the_token_alone():
-    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 2), max_pairs=2, next_next=False))
+    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 2), next_next=False))
     drafter.propose("r", np.array([5, 3], np.int32), 4)  # the token before the root is 5
     drafter.observe("r", feedback([3, 4], [-1, 0], [[6, 7], [8, 9]]))
-    assert drafter.pairs[(5, 3)].tolist() == [6, 7] and drafter.pairs[(3, 4)].tolist() == [8, 9]
+    assert drafter.successors(5, 3).tolist() == [6, 7] and drafter.successors(3, 4).tolist() == [8, 9]
     drafter.observe("r", feedback([3], [-1], [[1, 2]]))  # after 5 3 again: the pair's row and the token's row
     after_pair = drafter.propose("r", np.array([5, 3], np.int32), 2)
     assert after_pair.tokens[1:].tolist() == [1, 2]
     drafter.table[3] = [0, 9]  # another context taught the token alone something else
     assert drafter.propose("r", np.array([5, 3], np.int32), 2).tokens[1:].tolist() == [1, 2]
     assert drafter.propose("r", np.array([7, 3], np.int32), 2).tokens[1:].tolist() == [0, 9]
-    assert len(drafter.pairs) <= 2  # bounded
+
+
+def test_the_pairs_table_is_bounded_and_a_pair_that_loses_its_slot_falls_back_to_its_token():
+    drafter = RecyclingDrafter(10, RecyclingConfig(k=2, shape=(2, 2), pair_slots=1, next_next=False))
+    drafter.propose("r", np.array([5, 3], np.int32), 4)
+    drafter.observe("r", feedback([3, 4], [-1, 0], [[6, 7], [8, 9]]))  # (5, 3), then (3, 4) in the one slot
+    assert drafter.successors(3, 4).tolist() == [8, 9]
+    drafter.table[3] = [1, 2]
+    assert drafter.successors(5, 3).tolist() == [1, 2]  # forgotten: the token's own row
+    assert drafter.pair_keys.shape == (1,) and drafter.pair_rows.shape == (1, 2)
+    with pytest.raises(ValueError, match="power of two"):
+        RecyclingConfig(pair_slots=3)
 
 
 def test_a_node_without_successors_or_repeating_a_sibling_is_left_out_and_the_budget_goes_to_the_next_likeliest():
@@ -140,3 +151,61 @@ def test_the_roots_children_take_turns_with_the_other_top_tokens_where_the_root_
     off.table[1], off.known[1] = [7, 8, 9], True
     off.observe("r", feedback([3], [-1], [[1, 4, 7]]))
     assert off.propose("r", np.array([3, 1], np.int32), 8).tokens[1:].tolist() == [7, 8, 9]
+
+
+def frontier_walk(drafter, before, root, first, budget):
+    """The walk as a frontier of the shape's nodes under placed ones, most likely first (a heap, in Python): the
+    compiled walk's oracle. Returns the tokens and parents of the tree."""
+    import heapq
+
+    from retrieval_spec.drafters.recycling import shape_order
+
+    ranks, _, slot_parents, _ = shape_order(drafter.config.shape, drafter.config.rank_probs)
+    children = {}
+    for slot, parent in enumerate(slot_parents.tolist()[1:], 1):
+        children.setdefault(parent, []).append(slot)
+    frontier = list(children.get(0, []))
+    heapq.heapify(frontier)
+    node_of, rows = {0: 0}, {0: first.tolist()}
+    tokens, parents = [root], [-1]
+    while frontier and len(tokens) <= budget:
+        slot = heapq.heappop(frontier)
+        parent = node_of[int(slot_parents[slot])]
+        if parent not in rows:
+            found = drafter.successors(tokens[parents[parent]] if parent else before, tokens[parent])
+            rows[parent] = None if found is None else found.tolist()
+        row, rank = rows[parent], int(ranks[slot])
+        if row is None or row[rank] in row[:rank]:
+            continue
+        node_of[slot] = len(tokens)
+        tokens.append(row[rank])
+        parents.append(parent)
+        for below in children.get(slot, []):
+            heapq.heappush(frontier, below)
+    return tokens, parents
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_walk_places_what_a_frontier_walk_does(seed):
+    """Random partial tables (unknown rows, repeated tokens, remembered pairs), shapes and budgets."""
+    rng = np.random.default_rng(seed)
+    vocab = 12
+    shape = tuple(int(w) for w in rng.integers(1, 4, size=rng.integers(1, 5)))
+    drafter = RecyclingDrafter(vocab, RecyclingConfig(k=3, shape=shape, pair_slots=1 << int(rng.integers(0, 6)),
+                                                      next_next=False))
+    drafter.table[:] = rng.integers(0, vocab, drafter.table.shape)  # rows with repeats: skipped ranks
+    drafter.known[:] = rng.random(vocab) < 0.7
+    for _ in range(8):  # pairs, some evicting each other in small tables
+        before, token = rng.integers(-1, vocab, size=2)
+        drafter.propose("r", np.array([before, token] if before >= 0 else [token], np.int32), 4)
+        drafter.observe("r", feedback([token], [-1], [rng.integers(0, vocab, 3).tolist()]))
+    for root in range(vocab):
+        for before in (-1, int(rng.integers(0, vocab))):
+            first = drafter.successors(before, root)
+            if first is None:
+                continue
+            context = np.array([root] if before < 0 else [before, root], np.int32)
+            for budget in (1, 3, 10, 64):
+                tree = drafter.propose("q", context, budget)
+                tokens, parents = frontier_walk(drafter, before, root, first, budget)
+                assert tree.tokens.tolist() == tokens and tree.parents.tolist() == parents

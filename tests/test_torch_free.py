@@ -1,5 +1,5 @@
 """The core — datastore, builders, drafters, tree, sizing, acceptance, calibration, fusion, the verifier seam, the
-replay and the loop itself — is pure numpy: importing it never imports torch, and the model-free replay
+replay and the loop itself — is numpy (and numba's compiled loops): importing it never imports torch, and the model-free replay
 (benchmarks/simulate.py, the engine on a replay verifier) runs without torch."""
 
 import json
