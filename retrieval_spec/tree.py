@@ -221,42 +221,61 @@ def trie_from_continuations(
     """
     if not continuations or max_nodes <= 0:
         return DraftTree.empty(root)
-    weight_list = np.asarray(weights, dtype=np.float64).tolist()
-    total = sum(weight_list)
-    reach = np.cumprod(depth_probs).tolist()
-    matched = [0] * len(continuations) if matches is None else [int(m) for m in matches]
-    tokens, parents, mass, longest, depth = [root], [-1], [total], [0], [0]
-    children: dict[tuple[int, int], int] = {}
-    for i in sorted(range(len(weight_list)), key=lambda i: -weight_list[i]):  # stable: heaviest first
-        node, weight, match = 0, weight_list[i], matched[i]
-        path = continuations[i][: len(reach)].tolist()
-        for at, token in enumerate(path):
-            child = children.get((node, token))
-            if child is None:  # the path leaves the trie here: the rest of it is new nodes, added at once
-                new = path[at : at + max_nodes + 1 - len(tokens)]
-                if not new:
-                    break
-                first = len(tokens)
-                ids = range(first, first + len(new))
-                chain_parents = [node, *ids[:-1]]
-                children.update(zip(zip(chain_parents, new), ids))
-                tokens += new
-                parents += chain_parents
-                mass += [weight] * len(new)
-                longest += [match] * len(new)
-                depth += range(depth[node] + 1, depth[node] + 1 + len(new))
+    lengths = [min(len(c), len(depth_probs)) for c in continuations]
+    flat = np.concatenate([c[:n] for c, n in zip(continuations, lengths)]).astype(np.int32, copy=False)
+    tokens, parents, scores, longest, depth = _trie(
+        root, flat, np.cumsum([0, *lengths]), np.asarray(weights, dtype=np.float64),
+        np.cumprod(np.asarray(depth_probs, dtype=np.float64)),
+        np.zeros(len(continuations), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes)
+    sources = np.full(len(tokens), source, dtype=np.uint8)
+    sources[0] = Source.ROOT
+    return DraftTree.trusted(tokens, parents, scores, sources, longest, depth)
+
+
+@numba.njit("Tuple((int32[:], int32[:], float32[:], int32[:], int32[:]))"
+            "(int64, int32[:], int64[:], float64[:], float64[:], int32[:], int64)", cache=True, nogil=True)
+def _trie(root, flat, starts, weights, reach, matches, max_nodes):  # pragma: no cover (compiled)
+    """:func:`trie_from_continuations` of the continuations laid end to end (``i`` is ``flat[starts[i]:starts[i +
+    1]]``, already cut to ``len(reach)``); ``reach[d - 1]``: the depth factor of a node at depth ``d``. Returns the
+    trie's tokens, parents, scores, matches and depths. A node's children are a linked list (few per node)."""
+    tokens = np.empty(max_nodes + 1, dtype=np.int32)
+    parents = np.empty(max_nodes + 1, dtype=np.int32)
+    mass = np.zeros(max_nodes + 1, dtype=np.float64)
+    longest = np.zeros(max_nodes + 1, dtype=np.int32)
+    depth = np.zeros(max_nodes + 1, dtype=np.int32)
+    first_child = np.full(max_nodes + 1, -1, dtype=np.int32)
+    next_sibling = np.full(max_nodes + 1, -1, dtype=np.int32)
+    total = 0.0
+    for i in range(len(weights)):
+        total += weights[i]
+    tokens[0], parents[0], mass[0] = root, -1, total
+    count = 1
+    for i in np.argsort(-weights, kind="mergesort"):  # stable: heaviest first, then in order
+        node, weight, match = 0, weights[i], matches[i]
+        for at in range(starts[i], starts[i + 1]):
+            token = flat[at]
+            child = first_child[node]
+            while child >= 0 and tokens[child] != token:
+                child = next_sibling[child]
+            if child < 0:  # the path leaves the trie here: the rest of it is new nodes, while the budget lasts
+                for rest in range(at, starts[i + 1]):
+                    if count > max_nodes:
+                        break
+                    tokens[count], parents[count], mass[count] = flat[rest], node, weight
+                    longest[count], depth[count] = match, depth[node] + 1
+                    next_sibling[count], first_child[node] = first_child[node], count
+                    node = count
+                    count += 1
                 break
             mass[child] += weight
             if match > longest[child]:
                 longest[child] = match
             node = child
-    reach_at = np.array([1.0, *reach])[depth]  # the root's entry is unused
-    scores = np.minimum(np.array(mass) / total * reach_at, 1.0)
+    scores = np.empty(count, dtype=np.float32)
     scores[0] = 1.0
-    return DraftTree.trusted(np.array(tokens, dtype=np.int32), np.array(parents, dtype=np.int32),
-                             scores.astype(np.float32),
-                             np.array([Source.ROOT] + [source] * (len(tokens) - 1), dtype=np.uint8),
-                             np.array(longest, dtype=np.int32), np.array(depth, dtype=np.int32))
+    for node in range(1, count):
+        scores[node] = min(mass[node] / total * reach[depth[node] - 1], 1.0)
+    return tokens[:count], parents[:count], scores, longest[:count], depth[:count]
 
 
 def depths(parents: np.ndarray) -> np.ndarray:
@@ -479,21 +498,6 @@ class Forest:
     @property
     def num_trees(self) -> int:
         return len(self.starts)
-
-    def path_products(self, values: np.ndarray) -> np.ndarray:
-        """(N,) float64: for every node the product of ``values`` over the node and its ancestors (roots
-        included). One pass in node order (parents come first); for the few hundred nodes of a step a loop over
-        Python floats costs less than pointer doubling's dozens of array calls.
-
-        >>> f = Forest.of([DraftTree.chain(np.arange(4)), DraftTree.chain(np.arange(2))])
-        >>> f.depths.tolist(), f.path_products(np.array([1, 2, 3, 4, 1, 5])).tolist()
-        ([0, 1, 2, 3, 0, 1], [1.0, 2.0, 6.0, 24.0, 1.0, 5.0])
-        """
-        product = np.asarray(values, dtype=np.float64).tolist()
-        for node, parent in enumerate(self.parents.tolist()):
-            if parent >= 0:
-                product[node] *= product[parent]
-        return np.array(product)
 
 
 @dataclass(frozen=True)
