@@ -67,7 +67,7 @@ class AcceptanceModel:
         levels = len(shape)
         place = np.array([[np.prod(shape[j + 1 : l + 1]) if j <= l else 0 for j in range(levels)]
                           for l in range(levels)], dtype=np.int64)
-        self._place_t = place.T.astype(np.float64)
+        self._place = place
         # Counts of every level in one flat array, kept divided by ``_scale``, the product of every decay so far:
         # an update multiplies one number instead of every cell, and adds 1 / _scale where it counts.
         self._hits = np.zeros(int(self._sizes.sum()))
@@ -95,36 +95,18 @@ class AcceptanceModel:
             whole_last_step: (rows,) bool, the row's previous step accepted every node of the path it took.
             recent: (rows, sources) int64, the row's :meth:`RecentSuccess.buckets` (zeros: no evidence yet).
         """
-        parent_scores = forest.scores[np.maximum(forest.parents, 0)]
-        conditional = np.divide(forest.scores, parent_scores, out=np.zeros(len(forest.tokens)),
-                                where=(parent_scores > 0) & (forest.parents >= 0))
-        buckets = self.config.estimate_buckets
-        out = np.empty((len(forest.tokens), 7), dtype=np.int64)
-        out[:, 0] = forest.sources
-        out[:, 1] = np.minimum(conditional * buckets, buckets - 1)  # truncated, as the floor of a non-negative
-        out[:, 2] = np.searchsorted(MATCH_EDGES, forest.matches, side="right")  # np.digitize, without its checks
-        out[:, 3] = np.searchsorted(DEPTH_EDGES, forest.depths, side="right")
-        out[:, 4] = np.asarray(whole_last_step, dtype=np.int64)[forest.rows]
-        out[:, 5] = recent[forest.rows, forest.sources]
-        out[:, 6] = contested(forest)
-        return out
+        return _features(forest.scores, forest.parents, forest.sources, forest.matches, forest.depths, forest.rows,
+                         np.asarray(whole_last_step, dtype=np.bool_), np.asarray(recent, dtype=np.int64),
+                         self.config.estimate_buckets, MATCH_EDGES, DEPTH_EDGES)
 
     def rates(self, features: np.ndarray) -> np.ndarray:
         """(n,) learned probability that each node is accepted when its parent is.
 
         Level by level, coarsest first, ``rate = (hits + weight * rate) / (trials + weight)`` starting from the
-        drafter's own estimate: ``rate_l = a_l + b_l * rate_(l-1)``, computed for all levels at once as
-        ``sum_l a_l * prod_(m > l) b_m + prior * prod_m b_m``.
+        drafter's own estimate (the middle of its bucket), in one compiled pass.
         """
-        weight = self.config.prior_weight
-        prior = (features[:, 1] + 0.5) / self.config.estimate_buckets  # the drafter's own estimate
-        cells = self._cells(features)
-        denominator = self._trials[cells] * self._scale + weight
-        a = self._hits[cells] * self._scale / denominator
-        b = weight / denominator  # (n, levels)
-        after = np.ones_like(b)  # after[:, l] = prod of b over the levels after l
-        after[:, :-1] = np.cumprod(b[:, :0:-1], axis=1)[:, ::-1]
-        return (a * after).sum(axis=1) + prior * (b[:, 0] * after[:, 0])
+        return _learned_rates(np.ascontiguousarray(features, dtype=np.int64), self._hits, self._trials, self._scale,
+                              self._place, self._offsets, self.config.prior_weight, self.config.estimate_buckets)
 
     def rescore(self, forest: Forest, features: np.ndarray) -> np.ndarray:
         """(N,) float32: every node's learned probability of accepting its whole path (roots: 1).
@@ -155,10 +137,9 @@ class AcceptanceModel:
             self._scale = 1.0
         if not tested.any():
             return
-        cells = self._cells(features[tested])
-        won = (hits & tested)[tested].astype(np.float64) / self._scale
-        np.add.at(self._trials, cells.ravel(), 1.0 / self._scale)
-        np.add.at(self._hits, cells.ravel(), np.repeat(won, cells.shape[1]))
+        _count(np.ascontiguousarray(features, dtype=np.int64), np.asarray(tested, dtype=np.bool_),
+               np.asarray(hits, dtype=np.bool_), self._hits, self._trials, self._place, self._offsets,
+               1.0 / self._scale)
 
     def summary(self) -> dict:
         """Per source seen: decayed trials and acceptance rate, overall, by matched length and by depth (JSON)."""
@@ -177,12 +158,9 @@ class AcceptanceModel:
             }
         return out
 
-    def _cells(self, features: np.ndarray) -> np.ndarray:
-        """(n, levels) int64: the flat cell of every row of ``features`` at each level, coarsest first."""
-        return (features @ self._place_t).astype(np.int64) + self._offsets  # float: BLAS, exact below 2**53
 
-
-def contested(forest: Forest) -> np.ndarray:
+@numba.njit("boolean[:](int32[:], uint8[:])", cache=True, nogil=True)
+def contested(parents, sources):  # pragma: no cover (compiled)
     """(N,) bool: whether a node's siblings include another source's, i.e. the drafters disagree about the token
     after its parent (recycling's next-next candidates count as a source of their own beside its remembered
     successors: that is how the A/B in ``RecyclingConfig.next_next`` measured them). Where a copy and a recycled
@@ -191,20 +169,82 @@ def contested(forest: Forest) -> np.ndarray:
     1.80x, extraction 2.75 -> 2.88 tokens per step; long documents' tune split 2.06x -> 2.04x (questions up,
     summaries down: within the runs' spread).
 
-    >>> t = DraftTree.trusted(np.array([5, 1, 2, 3], np.int32), np.array([-1, 0, 0, 1], np.int32),
-    ...                       np.ones(4, np.float32), np.array([0, 1, 4, 1], np.uint8))
-    >>> contested(Forest.of([t, t])).tolist()
+    >>> f = Forest.of([DraftTree.trusted(np.array([5, 1, 2, 3], np.int32), np.array([-1, 0, 0, 1], np.int32),
+    ...                                  np.ones(4, np.float32), np.array([0, 1, 4, 1], np.uint8))] * 2)
+    >>> contested(f.parents, f.sources).tolist()
     [False, True, True, False, False, True, True, False]
     """
-    node = np.flatnonzero(forest.parents >= 0)
-    parents, sources = forest.parents[node], forest.sources[node]
-    one = np.zeros(len(forest.tokens), dtype=sources.dtype)
-    one[parents] = sources  # each parent gets the source of one of its children (whichever write lands)
-    mixed = np.zeros(len(forest.tokens), dtype=bool)
-    mixed[parents[sources != one[parents]]] = True  # some child's source differs from that one's
-    out = np.zeros(len(forest.tokens), dtype=bool)
-    out[node] = mixed[parents]
+    n = len(parents)
+    first = np.full(n, -1, dtype=np.int64)  # the source of each node's first child
+    mixed = np.zeros(n, dtype=np.bool_)
+    for node in range(n):
+        parent = parents[node]
+        if parent >= 0:
+            if first[parent] < 0:
+                first[parent] = sources[node]
+            elif first[parent] != sources[node]:
+                mixed[parent] = True
+    out = np.zeros(n, dtype=np.bool_)
+    for node in range(n):
+        if parents[node] >= 0:
+            out[node] = mixed[parents[node]]
     return out
+
+
+@numba.njit("int64[:, :](float32[:], int32[:], uint8[:], int32[:], int32[:], int64[:], boolean[:], int64[:, :], int64, "
+            "int64[:], int64[:])", cache=True, nogil=True)
+def _features(scores, parents, sources, matches, depths, rows, whole, recent, buckets, match_edges,
+              depth_edges):  # pragma: no cover (compiled)
+    """:meth:`AcceptanceModel.features` of a forest's arrays, one pass per node."""
+    out = np.zeros((len(scores), 7), dtype=np.int64)
+    mixed = contested(parents, sources)
+    for node in range(len(scores)):
+        parent = parents[node]
+        conditional = 0.0
+        if parent >= 0 and scores[parent] > 0:
+            conditional = np.float64(scores[node] / scores[parent])  # a float32 quotient, as numpy's divide gives
+        out[node, 0] = sources[node]
+        out[node, 1] = np.int64(min(conditional * buckets, buckets - 1))  # truncated: the floor of a non-negative
+        out[node, 2] = np.searchsorted(match_edges, matches[node], side="right")
+        out[node, 3] = np.searchsorted(depth_edges, depths[node], side="right")
+        out[node, 4] = whole[rows[node]]
+        out[node, 5] = recent[rows[node], sources[node]]
+        out[node, 6] = mixed[node]
+    return out
+
+
+@numba.njit("float64[:](int64[:, :], float64[:], float64[:], float64, int64[:, :], int64[:], float64, int64)",
+            cache=True, nogil=True)
+def _learned_rates(features, hits, trials, scale, place, offsets, weight, buckets):  # pragma: no cover (compiled)
+    """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first; the flat cell of a node at
+    level ``l`` is ``offsets[l] + sum_j features[j] * place[l, j]``."""
+    out = np.empty(len(features), dtype=np.float64)
+    for node in range(len(features)):
+        rate = (features[node, 1] + 0.5) / buckets
+        for level in range(len(offsets)):
+            cell = offsets[level]
+            for j in range(level + 1):
+                cell += features[node, j] * place[level, j]
+            rate = (hits[cell] * scale + weight * rate) / (trials[cell] * scale + weight)
+        out[node] = rate
+    return out
+
+
+@numba.njit("void(int64[:, :], boolean[:], boolean[:], float64[:], float64[:], int64[:, :], int64[:], float64)",
+            cache=True, nogil=True)
+def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amount):  # pragma: no cover (compiled)
+    """:meth:`AcceptanceModel.update`'s counting: ``amount`` more trials (and hits) in every level's cell of each
+    tested node."""
+    for node in range(len(features)):
+        if not tested[node]:
+            continue
+        for level in range(len(offsets)):
+            cell = offsets[level]
+            for j in range(level + 1):
+                cell += features[node, j] * place[level, j]
+            trial_counts[cell] += amount
+            if hits[node]:
+                hit_counts[cell] += amount
 
 
 @numba.njit("float32[:](int32[:], float64[:])", cache=True, nogil=True)
