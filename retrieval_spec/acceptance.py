@@ -18,6 +18,7 @@ of the logits). Sibling tokens are distinct (``DraftTree`` guarantees it), so th
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .tree import DraftTree
@@ -40,14 +41,28 @@ def accept(tree: DraftTree, node_tokens: np.ndarray) -> tuple[np.ndarray, np.nda
     >>> [a.tolist() for a in accept(t, np.array([1, 9, 5, 5]))]
     [[0, 1], [1, 9]]
     """
-    parents, tokens = tree.parents, tree.tokens
-    node, path = 0, [0]
+    if len(tree) == 1:  # nothing drafted (the root alone's arrays are shared and read-only: no kernel takes them)
+        return np.zeros(1, dtype=np.int32), np.array([node_tokens[0]], dtype=np.int32)
+    return _accept(tree.parents, tree.tokens, np.asarray(node_tokens, dtype=np.int64))
+
+
+@numba.njit("Tuple((int32[:], int32[:]))(int32[:], int32[:], int64[:])", cache=True, nogil=True)
+def _accept(parents, tokens, node_tokens):  # pragma: no cover (compiled)
+    """:func:`accept`: from the root, the child carrying its node token (siblings are distinct: at most one; children
+    come after their parent), until none does."""
+    path = np.empty(len(tokens), dtype=np.int32)
+    path[0], size, node = 0, 1, 0
     while True:
-        nxt = np.flatnonzero((parents == node) & (tokens == node_tokens[node]))  # siblings are distinct: 0 or 1
-        if not len(nxt):
+        following = -1
+        for child in range(node + 1, len(tokens)):
+            if parents[child] == node and tokens[child] == node_tokens[node]:
+                following = child
+                break
+        if following < 0:
             break
-        node = int(nxt[0])
-        path.append(node)
-    accepted = np.array(path, dtype=np.int32)
-    new_tokens = np.append(tokens[accepted[1:]], node_tokens[node]).astype(np.int32)
-    return accepted, new_tokens
+        path[size], size, node = following, size + 1, following
+    new_tokens = np.empty(size, dtype=np.int32)
+    for i in range(1, size):
+        new_tokens[i - 1] = tokens[path[i]]
+    new_tokens[size - 1] = node_tokens[node]
+    return path[:size], new_tokens

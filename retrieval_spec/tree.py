@@ -222,22 +222,21 @@ def trie_from_continuations(
     if not continuations or max_nodes <= 0:
         return DraftTree.empty(root)
     lengths = [min(len(c), len(depth_probs)) for c in continuations]
-    flat = np.concatenate([c[:n] for c, n in zip(continuations, lengths)]).astype(np.int32, copy=False)
-    tokens, parents, scores, longest, depth = _trie(
-        root, flat, np.cumsum([0, *lengths]), np.asarray(weights, dtype=np.float64),
-        np.cumprod(np.asarray(depth_probs, dtype=np.float64)),
-        np.zeros(len(continuations), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes)
-    sources = np.full(len(tokens), source, dtype=np.uint8)
-    sources[0] = Source.ROOT
+    tokens, parents, scores, sources, longest, depth = _trie(
+        root, np.concatenate([c[:n] for c, n in zip(continuations, lengths)]).astype(np.int32, copy=False),
+        np.array(lengths, dtype=np.int64), np.asarray(weights, dtype=np.float64),
+        np.asarray(depth_probs, dtype=np.float64),
+        np.zeros(len(continuations), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes,
+        int(source))
     return DraftTree.trusted(tokens, parents, scores, sources, longest, depth)
 
 
-@numba.njit("Tuple((int32[:], int32[:], float32[:], int32[:], int32[:]))"
-            "(int64, int32[:], int64[:], float64[:], float64[:], int32[:], int64)", cache=True, nogil=True)
-def _trie(root, flat, starts, weights, reach, matches, max_nodes):  # pragma: no cover (compiled)
-    """:func:`trie_from_continuations` of the continuations laid end to end (``i`` is ``flat[starts[i]:starts[i +
-    1]]``, already cut to ``len(reach)``); ``reach[d - 1]``: the depth factor of a node at depth ``d``. Returns the
-    trie's tokens, parents, scores, matches and depths. A node's children are a linked list (few per node)."""
+@numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:], int32[:]))"
+            "(int64, int32[:], int64[:], float64[:], float64[:], int32[:], int64, uint8)", cache=True, nogil=True)
+def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):  # pragma: no cover (compiled)
+    """:func:`trie_from_continuations` of the continuations laid end to end (continuation ``i`` is the next
+    ``lengths[i]`` tokens of ``flat``, already cut to ``len(depth_probs)``). Returns the trie's tokens, parents,
+    scores, sources, matches and depths. A node's children are a linked list (few per node)."""
     tokens = np.empty(max_nodes + 1, dtype=np.int32)
     parents = np.empty(max_nodes + 1, dtype=np.int32)
     mass = np.zeros(max_nodes + 1, dtype=np.float64)
@@ -245,6 +244,9 @@ def _trie(root, flat, starts, weights, reach, matches, max_nodes):  # pragma: no
     depth = np.zeros(max_nodes + 1, dtype=np.int32)
     first_child = np.full(max_nodes + 1, -1, dtype=np.int32)
     next_sibling = np.full(max_nodes + 1, -1, dtype=np.int32)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    for i in range(len(lengths)):
+        starts[i + 1] = starts[i] + lengths[i]
     total = 0.0
     for i in range(len(weights)):
         total += weights[i]
@@ -271,11 +273,13 @@ def _trie(root, flat, starts, weights, reach, matches, max_nodes):  # pragma: no
             if match > longest[child]:
                 longest[child] = match
             node = child
+    reach = np.cumprod(depth_probs)  # reach[d - 1]: how often copying goes on to depth d
     scores = np.empty(count, dtype=np.float32)
-    scores[0] = 1.0
+    sources = np.full(count, source, dtype=np.uint8)
+    scores[0], sources[0] = 1.0, 0  # the root: Source.ROOT
     for node in range(1, count):
         scores[node] = min(mass[node] / total * reach[depth[node] - 1], 1.0)
-    return tokens[:count], parents[:count], scores, longest[:count], depth[:count]
+    return tokens[:count], parents[:count], scores, sources, longest[:count], depth[:count]
 
 
 def depths(parents: np.ndarray) -> np.ndarray:
@@ -405,19 +409,30 @@ def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
     """``tree`` without the nodes whose token is not in ``[0, vocab_size)``, and without their descendants.
 
     Drafts come from files (datastores, saved state) that a damaged or hostile file can fill with anything;
-    a token the model does not have must never reach it. One comparison per node.
+    a token the model does not have must never reach it. One compiled pass.
 
     >>> t = DraftTree.from_paths(1, [np.array([5, 2]), np.array([9, 3])], [np.ones(2), np.ones(2)], Source.CORPUS)
     >>> within_vocabulary(t, 8).tokens.tolist()
     [1, 5, 2]
     """
-    bad = (tree.tokens < 0) | (tree.tokens >= vocab_size)
-    bad[0] = False
-    if not bad.any():
+    if len(tree) == 1:
         return tree
-    for i in range(1, len(tree)):
-        bad[i] |= bad[tree.parents[i]]
-    return tree.select(np.flatnonzero(~bad))
+    keep = _within(tree.tokens, tree.parents, vocab_size)
+    return tree if len(keep) == len(tree) else tree.select(keep)
+
+
+@numba.njit("int64[:](int32[:], int32[:], int64)", cache=True, nogil=True)
+def _within(tokens, parents, vocab_size):  # pragma: no cover (compiled)
+    """(k,) the nodes of :func:`within_vocabulary`'s result, in order."""
+    bad = np.zeros(len(tokens), dtype=np.bool_)
+    keep = np.empty(len(tokens), dtype=np.int64)
+    size = 0
+    for node in range(len(tokens)):
+        bad[node] = node > 0 and (tokens[node] < 0 or tokens[node] >= vocab_size or bad[parents[node]])
+        if not bad[node]:
+            keep[size] = node
+            size += 1
+    return keep[:size]
 
 
 def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> tuple[list[DraftTree], np.ndarray]:
