@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
+import numba
 import numpy as np
 
 from .calibration import AcceptanceModel, RecentSuccess
@@ -124,22 +125,43 @@ class TreeFuser:
         """Count every ranked candidate whose fate the step told (its parent was accepted), for the whole batch."""
         forest = Forest.of([ranked for _, _, ranked, _ in learned])
         accepted = [f.accepted_nodes[: len(f.new_tokens)] for _, f, _, _ in learned]
-        on_path = np.zeros(len(forest.tokens), dtype=bool)
-        emitted = np.full(len(forest.tokens), -1, dtype=np.int64)  # the token emitted after each accepted node
-        nodes = np.concatenate([a + start for a, start in zip(accepted, forest.starts.tolist())]).astype(np.int64)
-        on_path[nodes] = True
-        emitted[nodes] = np.concatenate([f.new_tokens[: len(a)] for (_, f, _, _), a in zip(learned, accepted)])
-        has_parent = forest.parents >= 0
-        parents = np.where(has_parent, forest.parents, 0)
-        tested = on_path[parents] & has_parent
-        hits = tested & (forest.tokens == emitted[parents])
-        # Siblings are ranked best first (lower index); one ranked below the hit never had its chance.
-        hit_child = np.full(len(forest.tokens), len(forest.tokens))
-        hit_child[parents[hits]] = np.flatnonzero(hits)
-        tested &= np.arange(len(forest.tokens)) <= hit_child[parents]
+        path = np.concatenate([a + start for a, start in zip(accepted, forest.starts.tolist())]).astype(np.int64)
+        emitted = np.concatenate([f.new_tokens[: len(a)] for (_, f, _, _), a in zip(learned, accepted)])
+        tested, hits, trials, won = _outcomes(forest.parents, forest.tokens, forest.sources, forest.rows, path,
+                                              emitted.astype(np.int64), len(learned))
         self.acceptance.update(np.concatenate([features for *_, features in learned]), tested, hits, len(learned))
-        cells = forest.rows * NUM_SOURCES + forest.sources
-        trials = np.bincount(cells[tested], minlength=len(learned) * NUM_SOURCES).reshape(-1, NUM_SOURCES)
-        won = np.bincount(cells[hits], minlength=len(learned) * NUM_SOURCES).reshape(-1, NUM_SOURCES)
         for (request, *_), row_trials, row_won in zip(learned, trials, won):
             self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)
+
+
+@numba.njit("Tuple((boolean[:], boolean[:], int64[:, :], int64[:, :]))(int32[:], int32[:], uint8[:], int64[:], int64[:], "
+            "int64[:], int64)", cache=True, nogil=True)
+def _outcomes(parents, tokens, sources, rows, path, emitted, num_rows):  # pragma: no cover (compiled)
+    """Which candidates of a forest of ranked trees had their fate told by the step, and which were right: a node
+    is tested when its parent was accepted (``path``, forest indices, with ``emitted`` the token emitted after
+    each) and no sibling ranked above it (lower index) was right; it is a hit when it carries that token. Also per
+    row and source the tested and the hits."""
+    n = len(tokens)
+    after = np.full(n, -1, dtype=np.int64)  # the token emitted after each accepted node; -1 elsewhere
+    for j in range(len(path)):
+        after[path[j]] = emitted[j]
+    tested = np.zeros(n, dtype=np.bool_)
+    hits = np.zeros(n, dtype=np.bool_)
+    winner = np.full(n, n, dtype=np.int64)  # per accepted node, its child that was right
+    for node in range(n):
+        parent = parents[node]
+        if parent >= 0 and after[parent] >= 0:
+            tested[node] = True
+            if tokens[node] == after[parent]:
+                hits[node] = True
+                winner[parent] = node
+    trials = np.zeros((num_rows, NUM_SOURCES), dtype=np.int64)
+    won = np.zeros((num_rows, NUM_SOURCES), dtype=np.int64)
+    for node in range(n):
+        if tested[node]:
+            if node > winner[parents[node]]:  # ranked below the sibling that won: it never had its chance
+                tested[node] = False
+                continue
+            trials[rows[node], sources[node]] += 1
+            won[rows[node], sources[node]] += hits[node]
+    return tested, hits, trials, won

@@ -30,7 +30,7 @@ from .drafters.cross_path import CrossPathDrafter
 from .errors import InputError
 from .fusion import TreeFuser
 from .sizing import BatchSizing, CostCurve, Sizer
-from .tree import Branch, DraftTree, Source, StepFeedback
+from .tree import NUM_SOURCES, Branch, DraftTree, Source, StepFeedback
 from .verifier import PhaseTimer, RowDraft, RowResult, Verifier
 
 if TYPE_CHECKING:
@@ -110,9 +110,12 @@ class GenerationStats:
         for node in feedback.accepted_nodes[1 : len(new_tokens)]:
             name = Source(int(tree.sources[node])).name.lower()
             self.accepted_by_source[name] = self.accepted_by_source.get(name, 0) + 1
-        for source, count in zip(*np.unique(tree.sources[1:], return_counts=True)):
-            name = Source(int(source)).name.lower()
-            self.drafted_by_source[name] = self.drafted_by_source.get(name, 0) + int(count)
+        if len(tree) > 1:
+            counts = np.bincount(tree.sources[1:], minlength=NUM_SOURCES).tolist()
+            for source, count in enumerate(counts):
+                if count:
+                    name = Source(source).name.lower()
+                    self.drafted_by_source[name] = self.drafted_by_source.get(name, 0) + count
 
     def to_dict(self) -> dict:
         steps = max(self.steps, 1)

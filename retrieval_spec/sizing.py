@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numba
 import numpy as np
 
 
@@ -117,13 +118,26 @@ def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int =
     Returns:
         k in ``[0, max m_b]``.
     """
-    most = max((len(s) for s in scores), default=0)
-    k = np.arange(most + 1)
-    expected = np.zeros(most + 1)
-    for row in scores:
-        gains = np.concatenate([[0.0], np.cumsum(row, dtype=np.float64)])
-        expected += 1.0 + gains[np.minimum(k, len(row))]
-    return int(np.argmax(expected / curve.relative(k + fixed)))
+    lengths = np.array([len(s) for s in scores], dtype=np.int64)
+    most = int(lengths.max(initial=0))
+    flat = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores]) if len(scores) else np.zeros(0)
+    return int(_best_k(flat, lengths, np.asarray(curve.relative(np.arange(most + 1) + fixed), dtype=np.float64)))
+
+
+@numba.njit("int64(float64[:], int64[:], float64[:])", cache=True, nogil=True)
+def _best_k(flat, lengths, relative):  # pragma: no cover (compiled)
+    """:func:`best_batch_size` of the rows' scores laid end to end (row ``b``: the next ``lengths[b]``), given the
+    relative cost of every ``k`` (``relative[k]``): the first k with the most expected tokens per cost."""
+    expected = np.zeros(len(relative))
+    start = 0
+    for row in range(len(lengths)):
+        gain = 0.0  # the row's expected drafted tokens at k: its first k scores (all of them past its length)
+        for k in range(len(relative)):
+            if 0 < k <= lengths[row]:
+                gain += flat[start + k - 1]
+            expected[k] += 1.0 + gain
+        start += lengths[row]
+    return np.argmax(expected / relative)
 
 
 def allocate(scores: Sequence[np.ndarray], cost: StepCost) -> np.ndarray:
