@@ -46,6 +46,18 @@ def test_cross_path_copies_what_followed_in_sibling_paths_only():
     assert not drafter._paths  # ... until the last of them finishes
 
 
+def test_a_request_alone_with_its_prompt_serves_a_sibling_that_starts_later():
+    """Its output is kept unindexed while it has no sibling (most requests never do), and found once one starts."""
+    drafter = CrossPathDrafter()
+    drafter.start("first", np.array([1, 2], dtype=np.int32))
+    feed(drafter, "first", [10, 11, 12])
+    feed(drafter, "first", [13, 14])
+    drafter.start("later", np.array([1, 2], dtype=np.int32))
+    feed(drafter, "first", [15])
+    tree = drafter.propose("later", np.array([1, 2, 13], dtype=np.int32), budget=16)
+    assert tree.tokens[1:].tolist() == [14, 15]
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
 def model(request):
     return tiny_model(request.param)

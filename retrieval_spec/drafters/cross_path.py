@@ -30,6 +30,9 @@ class CrossPathDrafter(Drafter):
     def __init__(self, config: PromptLookupConfig = PromptLookupConfig()) -> None:
         self.config = config
         self._paths: dict[RequestId, NgramIndex] = {}  # per request of a running group: its output so far
+        # Per request: output not indexed yet. A request alone with its prompt keeps its tokens here, and they are
+        # indexed (in one piece) only when a sibling looks them up: most requests never have one.
+        self._unindexed: dict[RequestId, list[np.ndarray]] = {}
         self._prompt_of: dict[RequestId, bytes] = {}
         self._requests_of: dict[bytes, list[RequestId]] = {}  # prompt digest -> its requests, in start order
         self._running: dict[bytes, set[RequestId]] = {}  # prompt digest -> its requests not finished yet
@@ -37,6 +40,7 @@ class CrossPathDrafter(Drafter):
     def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         key = hashlib.sha1(np.asarray(prompt, dtype=np.int32).tobytes()).digest()
         self._paths[request] = NgramIndex(self.config.min_ngram, self.config.max_ngram)
+        self._unindexed[request] = []
         self._prompt_of[request] = key
         self._requests_of.setdefault(key, []).append(request)
         self._running.setdefault(key, set()).add(request)
@@ -48,8 +52,10 @@ class CrossPathDrafter(Drafter):
             return DraftTree.empty(root)
         found = []  # (match length, sibling rank, start)
         for rank, sibling in enumerate(self._requests_of[self._prompt_of[request]]):
-            other = self._paths[sibling]
-            if sibling != request and other.length:
+            if sibling == request:
+                continue
+            other = self._indexed(sibling)
+            if other.length:
                 starts, lengths = other.matches(context, cfg.max_matches, cfg.longest)
                 found.extend((n, rank, start, sibling) for start, n in zip(starts, lengths))
         found.sort(key=lambda m: -m[0])  # stable: per length, siblings in order, most recent first within one
@@ -58,7 +64,18 @@ class CrossPathDrafter(Drafter):
         return copied_spans_trie(root, continuations, [m[0] for m in found], cfg.depth, self.source, budget)
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
-        self._paths[request].append(feedback.new_tokens)
+        if len(self._requests_of[self._prompt_of[request]]) > 1:
+            self._indexed(request).append(feedback.new_tokens)
+        else:
+            self._unindexed[request].append(feedback.new_tokens)
+
+    def _indexed(self, request: RequestId) -> NgramIndex:
+        """The request's output index, with every token it has produced so far."""
+        pending = self._unindexed[request]
+        if pending:
+            self._paths[request].append(np.concatenate(pending))
+            pending.clear()
+        return self._paths[request]
 
     def finish(self, request: RequestId) -> None:
         """The request's output stays for its siblings; the group is forgotten when its last request finishes."""
@@ -69,4 +86,4 @@ class CrossPathDrafter(Drafter):
         if not self._running[key]:
             del self._running[key]
             for member in self._requests_of.pop(key):
-                del self._paths[member], self._prompt_of[member]
+                del self._paths[member], self._prompt_of[member], self._unindexed[member]
