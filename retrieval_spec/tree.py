@@ -313,10 +313,21 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
     >>> ancestor_mask(np.array([-1, 0, 0], dtype=np.int32)).astype(int).tolist()
     [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
     """
+    if len(parents) == 1:  # the root alone (its arrays are shared and read-only: no kernel takes them)
+        return np.ones((1, 1), dtype=bool)
+    return _ancestors(np.ascontiguousarray(parents, dtype=np.int32))
+
+
+@numba.njit("boolean[:, :](int32[:])", cache=True, nogil=True)
+def _ancestors(parents):  # pragma: no cover (compiled)
+    """:func:`ancestor_mask`: each row its parent's (complete: parents come first) plus the node itself."""
     n = len(parents)
-    mask = np.eye(n, dtype=bool)
-    for i, parent in enumerate(parents.tolist()[1:], 1):  # parents come first: their rows are complete
-        mask[i] |= mask[parent]
+    mask = np.zeros((n, n), dtype=np.bool_)
+    for node in range(n):
+        parent = parents[node]
+        if parent >= 0:
+            mask[node, : parent + 1] = mask[parent, : parent + 1]
+        mask[node, node] = True
     return mask
 
 
