@@ -452,7 +452,7 @@ def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> 
 
     Scores never rise from parent to child, so ordering a tree's nodes by score (ties: shallower, then lower index)
     puts every node after its ancestors: a head of that order is ancestor-closed, topological, and sorts the
-    non-root nodes by non-increasing score. Each kept tree is re-indexed in that order. One sort for the forest.
+    non-root nodes by non-increasing score. Each kept tree is re-indexed in that order. One compiled pass.
 
     Args:
         forest: the candidate trees.
@@ -462,23 +462,51 @@ def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> 
     Returns:
         the kept trees, and (k,) int64 the kept nodes' indices in ``forest`` (tree by tree, each in its kept order).
     """
-    order = np.lexsort((np.arange(len(forest.tokens)), forest.depths, -forest.scores.astype(np.float64),
-                        forest.rows))
-    order = order[forest.depths[order] <= np.asarray(max_depth)[forest.rows[order]]]
-    rows = forest.rows[order]
-    rank = np.arange(len(order)) - np.searchsorted(rows, rows)  # position within its tree (rows are sorted)
-    kept = rank <= np.asarray(max_nodes)[rows]
-    keep, rank, rows = order[kept].astype(np.int64), rank[kept].astype(np.int32), rows[kept]
-    new_index = np.full(len(forest.tokens), -1, dtype=np.int32)
-    new_index[keep] = rank
-    parents = np.where(forest.parents[keep] >= 0, new_index[forest.parents[keep]], -1).astype(np.int32)
+    keep, parents, ends = _best_first(forest.scores, forest.depths, forest.parents, forest.starts,
+                                      np.asarray(max_nodes, dtype=np.int64), np.asarray(max_depth, dtype=np.int64))
     tokens, scores = forest.tokens[keep], forest.scores[keep]
     sources, matches = forest.sources[keep], forest.matches[keep]
-    ends = np.cumsum(np.bincount(rows, minlength=forest.num_trees)).tolist()
+    ends = ends.tolist()
     depths = forest.depths[keep]
     trees = [DraftTree.trusted(tokens[a:b], parents[a:b], scores[a:b], sources[a:b], matches[a:b], depths[a:b])
              for a, b in zip([0, *ends[:-1]], ends)]
     return trees, keep
+
+
+@numba.njit("Tuple((int64[:], int32[:], int64[:]))(float32[:], int32[:], int32[:], int64[:], int64[:], int64[:])",
+            cache=True, nogil=True)
+def _best_first(scores, depths, parents, starts, max_nodes, max_depth):  # pragma: no cover (compiled)
+    """:func:`best_first` over a forest's arrays (tree ``t`` starts at ``starts[t]``; the trees lie end to end):
+    the kept nodes (forest indices, tree by tree in kept order), their parents in the kept trees' numbering, and
+    where each kept tree ends in the first array."""
+    n = len(scores)
+    keep = np.empty(n, dtype=np.int64)
+    new_parents = np.empty(n, dtype=np.int32)
+    new_index = np.full(n, -1, dtype=np.int32)
+    ends = np.empty(len(starts), dtype=np.int64)
+    size = 0
+    for tree in range(len(starts)):
+        first = starts[tree]
+        last = starts[tree + 1] if tree + 1 < len(starts) else n
+        by_depth = np.argsort(depths[first:last], kind="mergesort")  # stable: ties in index order
+        negative = np.empty(last - first, dtype=np.float64)
+        for j in range(last - first):
+            negative[j] = -np.float64(scores[first + by_depth[j]])
+        order = by_depth[np.argsort(negative, kind="mergesort")]  # by score, then depth, then index
+        rank = 0
+        for j in range(last - first):
+            node = first + order[j]
+            if depths[node] > max_depth[tree]:
+                continue
+            if rank > max_nodes[tree]:
+                break
+            new_index[node] = rank
+            keep[size] = node
+            new_parents[size] = new_index[parents[node]] if parents[node] >= 0 else -1
+            rank += 1
+            size += 1
+        ends[tree] = size
+    return keep[:size], new_parents[:size], ends
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ built once per request and extended by the accepted tokens of each step.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -159,8 +160,15 @@ def copied_spans_trie(
     keep = [i for i, c in enumerate(continuations) if len(c)]
     if not keep:
         return DraftTree.empty(root)
-    weights = np.array([2.0 ** min(lengths[i], 64) for i in keep])
-    depth_probs = np.full(depth, NEXT_TOKEN_PRIOR)
-    depth_probs[0] = FIRST_TOKEN_PRIOR.get(lengths[0], FIRST_TOKEN_PRIOR[max(FIRST_TOKEN_PRIOR)])
-    return trie_from_continuations(root, [continuations[i] for i in keep], weights, depth_probs, source, budget,
-                                   matches=[lengths[i] for i in keep])
+    matched = [lengths[i] for i in keep]
+    return trie_from_continuations(root, [continuations[i] for i in keep], np.exp2(np.minimum(matched, 64)),
+                                   _depth_probs(depth, lengths[0]), source, budget, matches=matched)
+
+
+@functools.cache
+def _depth_probs(depth: int, first_match: int) -> np.ndarray:
+    """(depth,) the chance that copying goes on at each depth, the first by the match's length (shared: not to be
+    written)."""
+    probs = np.full(depth, NEXT_TOKEN_PRIOR)
+    probs[0] = FIRST_TOKEN_PRIOR.get(first_match, FIRST_TOKEN_PRIOR[max(FIRST_TOKEN_PRIOR)])
+    return probs
