@@ -130,7 +130,7 @@ class TreeFuser:
         tested, hits, trials, won = _outcomes(forest.parents, forest.tokens, forest.sources, forest.rows, path,
                                               emitted.astype(np.int64), len(learned))
         self.acceptance.update(np.concatenate([features for *_, features in learned]), tested, hits, len(learned))
-        for (request, *_), row_trials, row_won in zip(learned, trials, won):
+        for (request, *_), row_trials, row_won in zip(learned, trials.tolist(), won.tolist()):
             self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)
 
 
