@@ -85,6 +85,7 @@ class RecyclingDrafter(Drafter):
         self._before_root: dict[RequestId, int] = {}  # per request: the token before its last proposal's root
         # Per request: the target's other top tokens where it chose the newest token (config.next_next).
         self._next_next: dict[RequestId, list[int]] = {}
+        self._shape = shape_order(config.shape, config.rank_probs)
 
     def finish(self, request: RequestId) -> None:
         self._before_root.pop(request, None)
@@ -107,16 +108,10 @@ class RecyclingDrafter(Drafter):
         first, next_next = self._root_row(request, before, root)
         if budget <= 0 or first is None:
             return DraftTree.empty(root)
-        ranks, scores, parents, depths = shape_order(self.config.shape, self.config.rank_probs)
-        tokens, tree_parents, slots = _walk(first, before, root, self.table, self.known, self.pair_keys,
-                                            self.pair_rows, ranks, parents, budget)
-        sources = np.full(len(tokens), self.source, dtype=np.uint8)
-        sources[0] = Source.ROOT
-        if next_next:  # among the root's children, at most k: a loop costs less than np.isin
-            for node in np.flatnonzero(tree_parents == 0).tolist():
-                if tokens[node] in next_next:
-                    sources[node] = Source.NEXT_NEXT
-        return DraftTree.trusted(tokens, tree_parents, scores[slots], sources, depths=depths[slots])
+        tokens, parents, scores, sources, depths = _walk(
+            first, before, root, self.table, self.known, self.pair_keys, self.pair_rows, *self._shape, budget,
+            np.array(sorted(next_next), dtype=np.int64))
+        return DraftTree.trusted(tokens, parents, scores, sources, depths=depths)
 
     def _root_row(self, request: RequestId, before: int, root: int) -> tuple[np.ndarray | None, frozenset[int]]:
         """(k,) the root's candidate children by rank: its remembered most likely successor, then its other
@@ -148,14 +143,9 @@ class RecyclingDrafter(Drafter):
             if at < len(nodes) and nodes[at] == chose:
                 last = int(feedback.new_tokens[-1])
                 self._next_next[request] = [t for t in top[at, : self.config.k].tolist() if t != last]
-        rows = top[:, : self.config.k]
-        tokens = tree.tokens[nodes]
-        self.table[tokens] = rows
-        self.known[tokens] = True
-        parents = tree.parents[nodes]
-        befores = np.where(parents >= 0, tree.tokens[np.maximum(parents, 0)], self._before_root.get(request, -1))
-        _write_pairs(self.pair_keys, self.pair_rows, befores.astype(np.int64), tokens.astype(np.int64),
-                     np.ascontiguousarray(rows, dtype=np.int32))
+        parents = tree.parents if len(tree) > 1 else np.array([-1], dtype=np.int32)  # the root alone's: read-only
+        _learn_rows(self.table, self.known, self.pair_keys, self.pair_rows, tree.tokens, parents,
+                    np.asarray(nodes, dtype=np.int64), top, self.config.k, self._before_root.get(request, -1))
 
     def warm_start(self, successors: np.ndarray) -> None:
         """Fill the rows not learned yet from a corpus's most frequent next tokens (``Datastore.top_next_tokens``).
@@ -191,6 +181,7 @@ class RecyclingDrafter(Drafter):
 
 
 _FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio, odd: the pairs table's multiplicative hash
+_RECYCLE, _NEXT_NEXT = int(Source.RECYCLE), int(Source.NEXT_NEXT)  # plain ints inside the compiled walk
 
 
 @numba.njit("int64(int64, int64)", cache=True, nogil=True)
@@ -212,23 +203,33 @@ def pair_slot(key: int, slots: int) -> int:  # pragma: no cover (compiled)
     return np.int64((np.uint64(key) * np.uint64(_FIBONACCI)) >> np.uint64(shift))
 
 
-@numba.njit("void(int64[:], int32[:, :], int64[:], int64[:], int32[:, :])", cache=True, nogil=True)
-def _write_pairs(keys, rows, befores, tokens, top):  # pragma: no cover (compiled)
-    """Write each pair's row of ``top`` into its slot, in order (a pair written twice keeps its last row)."""
-    for i in range(len(tokens)):
-        key = pair_key(befores[i], tokens[i])
+@numba.njit("void(int32[:, :], boolean[:], int64[:], int32[:, :], int32[:], int32[:], int64[:], int32[:, :], int64, "
+            "int64)", cache=True, nogil=True)
+def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before):  # pragma: no cover (compiled)
+    """:meth:`RecyclingDrafter.observe`'s writes: for each of ``nodes`` (in order: a token or pair written twice
+    keeps its last row), the first ``k`` of its ``top`` row into its token's row and into its pair's slot (the pair
+    of its parent's token, or ``before`` for the root, and its own)."""
+    for i in range(len(nodes)):
+        node = nodes[i]
+        token = tokens[node]
+        table[token] = top[i, :k]
+        known[token] = True
+        key = pair_key(tokens[parents[node]] if parents[node] >= 0 else before, token)
         slot = pair_slot(key, len(keys))
         keys[slot] = key
-        rows[slot] = top[i]
+        rows[slot] = top[i, :k]
 
 
-@numba.njit("Tuple((int32[:], int32[:], int64[:]))(int32[:], int64, int64, int32[:, :], boolean[:], int64[:], "
-            "int32[:, :], int64[:], int64[:], int64)", cache=True, nogil=True)
-def _walk(first, before, root, table, known, keys, rows, ranks, slot_parents, budget):  # pragma: no cover (compiled)
+@numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:]))(int32[:], int64, int64, int32[:, :], "
+            "boolean[:], int64[:], int32[:, :], int64[:], float32[:], int64[:], int32[:], int64, int64[:])",
+            cache=True, nogil=True)
+def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slot_parents, slot_depths, budget,
+          next_next):  # pragma: no cover (compiled)
     """The drafted tree: the shape's slots in order (most likely first), each placed as the token of its rank in its
     parent's successors unless its parent was not placed, has none, or an earlier rank holds the same token; until
-    ``budget`` nodes are placed. Returns (n,) int32 tokens, (n,) int32 parents and (n,) int64 slots of the nodes.
-    The successors of a node: its pair's row in the pairs table, else its token's row when known."""
+    ``budget`` nodes are placed. The successors of a node: its pair's row in the pairs table, else its token's row
+    when known. Returns the tree's tokens, parents, scores (the slots'), sources (the root's children that only the
+    step's top tokens offered, ``next_next`` (sorted), are :data:`Source.NEXT_NEXT`) and depths."""
     k = table.shape[1]
     node_of = np.full(len(ranks), -1, dtype=np.int32)
     node_of[0] = 0
@@ -274,7 +275,17 @@ def _walk(first, before, root, table, known, keys, rows, ranks, slot_parents, bu
         tokens[count], parents[count], slots[count] = child, parent, slot
         node_of[slot] = count
         count += 1
-    return tokens[:count], parents[:count], slots[:count]
+    scores = np.empty(count, dtype=np.float32)
+    sources = np.full(count, _RECYCLE, dtype=np.uint8)
+    depths = np.empty(count, dtype=np.int32)
+    sources[0] = 0  # Source.ROOT
+    for node in range(count):
+        scores[node], depths[node] = slot_scores[slots[node]], slot_depths[slots[node]]
+        if parents[node] == 0 and len(next_next) > 0:
+            at = np.searchsorted(next_next, tokens[node])
+            if at < len(next_next) and next_next[at] == tokens[node]:
+                sources[node] = _NEXT_NEXT
+    return tokens[:count], parents[:count], scores, sources, depths
 
 
 @functools.cache
