@@ -138,3 +138,53 @@ def test_a_batch_is_ranked_as_each_of_its_rows_alone():
         np.testing.assert_array_equal(tree.tokens, expected.tokens)
         np.testing.assert_array_equal(tree.parents, expected.parents)
         np.testing.assert_allclose(tree.scores, expected.scores, rtol=1e-6)
+
+
+def random_forest(rng, rows=3):
+    from retrieval_spec.tree import DraftTree
+
+    parts = []
+    for _ in range(rows):
+        n = int(rng.integers(1, 12))
+        parents = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+        tokens = [0] + list(range(1, n))  # distinct everywhere: siblings never repeat a token
+        scores = np.ones(n)
+        for i in range(1, n):
+            scores[i] = scores[parents[i]] * rng.choice([0.0, 0.3, 0.5, 0.9, 1.0])
+        sources = [0] + rng.integers(1, len(Source), n - 1).tolist()
+        parts.append(DraftTree(np.array(tokens, np.int32), np.array(parents, np.int32), scores.astype(np.float32),
+                               np.array(sources, np.uint8), rng.integers(0, 40, n).astype(np.int32)))
+    return Forest.of(parts)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_compiled_features_and_rates_follow_their_definitions(seed):
+    """Each node's seven cells, and the backoff's rate, from a plain loop over the model's per-level counts."""
+    from retrieval_spec.calibration import DEPTH_EDGES, MATCH_EDGES, RECENT_EDGES, AcceptanceModel
+
+    rng = np.random.default_rng(seed)
+    model = AcceptanceModel()
+    shape = model.config.shape
+    for _ in range(50):  # counts that differ from cell to cell
+        cells = np.stack([rng.integers(0, size, 20) for size in shape], axis=1)
+        model.update(cells, np.ones(20, bool), rng.random(20) < 0.4)
+    forest = random_forest(rng)
+    whole = rng.random(forest.num_trees) < 0.5
+    recent = rng.integers(0, len(RECENT_EDGES) + 2, (forest.num_trees, len(Source)))
+    features = model.features(forest, whole, recent)
+    buckets = model.config.estimate_buckets
+    for node in range(len(forest.tokens)):
+        parent, row, source = int(forest.parents[node]), int(forest.rows[node]), int(forest.sources[node])
+        estimate = 0.0 if parent < 0 or forest.scores[parent] == 0 else forest.scores[node] / forest.scores[parent]
+        siblings = {int(s) for s in forest.sources[forest.parents == parent]} if parent >= 0 else set()
+        assert features[node].tolist() == [
+            source, int(min(estimate * buckets, buckets - 1)), int(np.digitize(forest.matches[node], MATCH_EDGES)),
+            int(np.digitize(forest.depths[node], DEPTH_EDGES)), int(whole[row]), int(recent[row, source]),
+            int(len(siblings) > 1)]
+    rates = model.rates(features)
+    for node, cells in enumerate(features.tolist()):
+        rate = (cells[1] + 0.5) / buckets
+        for level, (hits, trials) in enumerate(zip(model.hits, model.trials)):
+            cell = np.ravel_multi_index(cells[: level + 1], shape[: level + 1])
+            rate = (hits[cell] + model.config.prior_weight * rate) / (trials[cell] + model.config.prior_weight)
+        assert rates[node] == pytest.approx(rate, rel=1e-9)
