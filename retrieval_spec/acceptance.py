@@ -47,7 +47,7 @@ def accept(tree: DraftTree, node_tokens: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 @numba.njit("Tuple((int32[:], int32[:]))(int32[:], int32[:], int64[:])", cache=True, nogil=True)
-def _accept(parents, tokens, node_tokens):  # pragma: no cover (compiled)
+def _accept(parents, tokens, node_tokens):
     """:func:`accept`: from the root, the child carrying its node token (siblings are distinct: at most one; children
     come after their parent), until none does."""
     path = np.empty(len(tokens), dtype=np.int32)

@@ -163,7 +163,7 @@ class AcceptanceModel:
 
 
 @numba.njit("boolean[:](int32[:], uint8[:])", cache=True, nogil=True)
-def contested(parents, sources):  # pragma: no cover (compiled)
+def contested(parents, sources):
     """(N,) bool: whether a node's siblings include another source's, i.e. the drafters disagree about the token
     after its parent (recycling's next-next candidates count as a source of their own beside its remembered
     successors: that is how the A/B in ``RecyclingConfig.next_next`` measured them). Where a copy and a recycled
@@ -197,7 +197,7 @@ def contested(parents, sources):  # pragma: no cover (compiled)
 @numba.njit("int64[:, :](float32[:], int32[:], uint8[:], int32[:], int32[:], int64[:], boolean[:], int64[:, :], int64, "
             "int64[:], int64[:])", cache=True, nogil=True)
 def _features(scores, parents, sources, matches, depths, rows, whole, recent, buckets, match_edges,
-              depth_edges):  # pragma: no cover (compiled)
+              depth_edges):
     """:meth:`AcceptanceModel.features` of a forest's arrays, one pass per node."""
     out = np.zeros((len(scores), 7), dtype=np.int64)
     mixed = contested(parents, sources)
@@ -218,7 +218,7 @@ def _features(scores, parents, sources, matches, depths, rows, whole, recent, bu
 
 @numba.njit("float64[:](int64[:, :], float64[:], float64[:], float64, int64[:, :], int64[:], float64, int64)",
             cache=True, nogil=True)
-def _learned_rates(features, hits, trials, scale, place, offsets, weight, buckets):  # pragma: no cover (compiled)
+def _learned_rates(features, hits, trials, scale, place, offsets, weight, buckets):
     """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first; the flat cell of a node at
     level ``l`` is ``offsets[l] + sum_j features[j] * place[l, j]``."""
     out = np.empty(len(features), dtype=np.float64)
@@ -235,7 +235,7 @@ def _learned_rates(features, hits, trials, scale, place, offsets, weight, bucket
 
 @numba.njit("void(int64[:, :], boolean[:], boolean[:], float64[:], float64[:], int64[:, :], int64[:], float64)",
             cache=True, nogil=True)
-def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amount):  # pragma: no cover (compiled)
+def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amount):
     """:meth:`AcceptanceModel.update`'s counting: ``amount`` more trials (and hits) in every level's cell of each
     tested node."""
     for node in range(len(features)):
@@ -251,7 +251,7 @@ def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amo
 
 
 @numba.njit("float32[:](int32[:], float64[:])", cache=True, nogil=True)
-def _sibling_path_scores(parents, rates):  # pragma: no cover (compiled)
+def _sibling_path_scores(parents, rates):
     """:meth:`AcceptanceModel.rescore` over a forest's ``parents`` (topological, -1 at roots) and its nodes' rates."""
     n = len(parents)
     first = np.full(n, -1, dtype=np.int32)  # each node's children as a linked list, in index order

@@ -136,7 +136,7 @@ class TreeFuser:
 
 @numba.njit("Tuple((boolean[:], boolean[:], int64[:, :], int64[:, :]))(int32[:], int32[:], uint8[:], int64[:], int64[:], "
             "int64[:], int64)", cache=True, nogil=True)
-def _outcomes(parents, tokens, sources, rows, path, emitted, num_rows):  # pragma: no cover (compiled)
+def _outcomes(parents, tokens, sources, rows, path, emitted, num_rows):
     """Which candidates of a forest of ranked trees had their fate told by the step, and which were right: a node
     is tested when its parent was accepted (``path``, forest indices, with ``emitted`` the token emitted after
     each) and no sibling ranked above it (lower index) was right; it is a hit when it carries that token. Also per

@@ -125,7 +125,7 @@ def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int =
 
 
 @numba.njit("int64(float64[:], int64[:], float64[:])", cache=True, nogil=True)
-def _best_k(flat, lengths, relative):  # pragma: no cover (compiled)
+def _best_k(flat, lengths, relative):
     """:func:`best_batch_size` of the rows' scores laid end to end (row ``b``: the next ``lengths[b]``), given the
     relative cost of every ``k`` (``relative[k]``): the first k with the most expected tokens per cost."""
     expected = np.zeros(len(relative))

@@ -233,7 +233,7 @@ def trie_from_continuations(
 
 @numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:], int32[:]))"
             "(int64, int32[:], int64[:], float64[:], float64[:], int32[:], int64, uint8)", cache=True, nogil=True)
-def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):  # pragma: no cover (compiled)
+def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
     """:func:`trie_from_continuations` of the continuations laid end to end (continuation ``i`` is the next
     ``lengths[i]`` tokens of ``flat``, already cut to ``len(depth_probs)``). Returns the trie's tokens, parents,
     scores, sources, matches and depths. A node's children are a linked list (few per node)."""
@@ -319,7 +319,7 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
 
 
 @numba.njit("boolean[:, :](int32[:])", cache=True, nogil=True)
-def _ancestors(parents):  # pragma: no cover (compiled)
+def _ancestors(parents):
     """:func:`ancestor_mask`: each row its parent's (complete: parents come first) plus the node itself."""
     n = len(parents)
     mask = np.zeros((n, n), dtype=np.bool_)
@@ -359,7 +359,7 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
 
 @numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:], int32[:]))"
             "(int32[:], int32[:], float32[:], uint8[:], int32[:], int64[:])", cache=True, nogil=True)
-def _merge(tokens, parents, scores, sources, matches, starts):  # pragma: no cover (compiled)
+def _merge(tokens, parents, scores, sources, matches, starts):
     """:func:`merge` of the tries laid end to end (tree ``t`` is ``[starts[t], starts[t + 1])``, parents local to
     it). The first is taken whole (a trie already); each node of the others maps to the merged node of its
     parent's image and its token, found in an open-addressing table of (parent, token) keys."""
@@ -433,7 +433,7 @@ def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
 
 
 @numba.njit("int64[:](int32[:], int32[:], int64)", cache=True, nogil=True)
-def _within(tokens, parents, vocab_size):  # pragma: no cover (compiled)
+def _within(tokens, parents, vocab_size):
     """(k,) the nodes of :func:`within_vocabulary`'s result, in order."""
     bad = np.zeros(len(tokens), dtype=np.bool_)
     keep = np.empty(len(tokens), dtype=np.int64)
@@ -475,7 +475,7 @@ def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> 
 
 @numba.njit("Tuple((int64[:], int32[:], int64[:]))(float32[:], int32[:], int32[:], int64[:], int64[:], int64[:])",
             cache=True, nogil=True)
-def _best_first(scores, depths, parents, starts, max_nodes, max_depth):  # pragma: no cover (compiled)
+def _best_first(scores, depths, parents, starts, max_nodes, max_depth):
     """:func:`best_first` over a forest's arrays (tree ``t`` starts at ``starts[t]``; the trees lie end to end):
     the kept nodes (forest indices, tree by tree in kept order), their parents in the kept trees' numbering, and
     where each kept tree ends in the first array."""

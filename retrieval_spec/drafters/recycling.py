@@ -185,14 +185,14 @@ _RECYCLE, _NEXT_NEXT = int(Source.RECYCLE), int(Source.NEXT_NEXT)  # plain ints 
 
 
 @numba.njit("int64(int64, int64)", cache=True, nogil=True)
-def pair_key(before: int, token: int) -> int:  # pragma: no cover (compiled)
+def pair_key(before: int, token: int) -> int:
     """The pairs table's key of a token and the one before it (-1 if none): positive (0 marks an empty slot), distinct
     per pair."""
     return ((np.int64(before) + 2) << 32) | np.int64(token)
 
 
 @numba.njit("int64(int64, int64)", cache=True, nogil=True)
-def pair_slot(key: int, slots: int) -> int:  # pragma: no cover (compiled)
+def pair_slot(key: int, slots: int) -> int:
     """The slot of ``key`` in a pairs table of ``slots`` slots (a power of two): Fibonacci hashing."""
     if slots == 1:
         return 0
@@ -205,7 +205,7 @@ def pair_slot(key: int, slots: int) -> int:  # pragma: no cover (compiled)
 
 @numba.njit("void(int32[:, :], boolean[:], int64[:], int32[:, :], int32[:], int32[:], int64[:], int32[:, :], int64, "
             "int64)", cache=True, nogil=True)
-def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before):  # pragma: no cover (compiled)
+def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before):
     """:meth:`RecyclingDrafter.observe`'s writes: for each of ``nodes`` (in order: a token or pair written twice
     keeps its last row), the first ``k`` of its ``top`` row into its token's row and into its pair's slot (the pair
     of its parent's token, or ``before`` for the root, and its own)."""
@@ -224,7 +224,7 @@ def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before
             "boolean[:], int64[:], int32[:, :], int64[:], float32[:], int64[:], int32[:], int64, int64[:])",
             cache=True, nogil=True)
 def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slot_parents, slot_depths, budget,
-          next_next):  # pragma: no cover (compiled)
+          next_next):
     """The drafted tree: the shape's slots in order (most likely first), each placed as the token of its rank in its
     parent's successors unless its parent was not placed, has none, or an earlier rank holds the same token; until
     ``budget`` nodes are placed. The successors of a node: its pair's row in the pairs table, else its token's row
