@@ -18,9 +18,9 @@ of the logits). Sibling tokens are distinct (``DraftTree`` guarantees it), so th
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from .compiled import array, i32, i64, kernel, returns, view
 from .tree import DraftTree
 
 
@@ -41,12 +41,10 @@ def accept(tree: DraftTree, node_tokens: np.ndarray) -> tuple[np.ndarray, np.nda
     >>> [a.tolist() for a in accept(t, np.array([1, 9, 5, 5]))]
     [[0, 1], [1, 9]]
     """
-    if len(tree) == 1:  # nothing drafted (the root alone's arrays are shared and read-only: no kernel takes them)
-        return np.zeros(1, dtype=np.int32), np.array([node_tokens[0]], dtype=np.int32)
     return _accept(tree.parents, tree.tokens, np.asarray(node_tokens, dtype=np.int64))
 
 
-@numba.njit("Tuple((int32[:], int32[:]))(int32[:], int32[:], int64[:])", cache=True, nogil=True)
+@kernel(returns(array(i32), array(i32)), view(i32), view(i32), view(i64))
 def _accept(parents, tokens, node_tokens):
     """:func:`accept`: from the root, the child carrying its node token (siblings are distinct: at most one; children
     come after their parent), until none does."""

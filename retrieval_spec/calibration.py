@@ -12,8 +12,9 @@ online from every verified step, per context cell
 
 with backoff: each cell's rate is smoothed towards the rate of the coarser cell that drops its last feature, so
 a cell seen rarely borrows from its parents and a cell seen often speaks for itself. Old evidence decays, so the
-rates follow the text being decoded. A node's score is the product of the learned rates along its path. Numpy,
-with the per-node pass of the rescoring compiled (numba); tuned on the replay of stored plain outputs (``benchmarks/simulate.py``).
+rates follow the text being decoded. A node's score is the product of the learned rates along its path. The
+features, rates, counts and the rescoring are compiled per-node passes (``compiled.py``); tuned on the replay of stored
+plain outputs (``benchmarks/simulate.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
-import numba
 import numpy as np
 
+from .compiled import array, boolean, f32, f64, i32, i64, kernel, u8, view, void
 from .tree import NUM_SOURCES, DraftTree, Forest, Source
 
 MATCH_EDGES = np.array([1, 2, 3, 4, 6, 9, 16, 32])  # matched length buckets: 0, 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+
@@ -162,7 +163,7 @@ class AcceptanceModel:
         return out
 
 
-@numba.njit("boolean[:](int32[:], uint8[:])", cache=True, nogil=True)
+@kernel(array(boolean), view(i32), view(u8))
 def contested(parents, sources):
     """(N,) bool: whether a node's siblings include another source's, i.e. the drafters disagree about the token
     after its parent (recycling's next-next candidates count as a source of their own beside its remembered
@@ -194,8 +195,8 @@ def contested(parents, sources):
     return out
 
 
-@numba.njit("int64[:, :](float32[:], int32[:], uint8[:], int32[:], int32[:], int64[:], boolean[:], int64[:, :], int64, "
-            "int64[:], int64[:])", cache=True, nogil=True)
+@kernel(array(i64, 2), view(f32), view(i32), view(u8), view(i32), view(i32), view(i64), view(boolean), view(i64, 2), i64,
+        view(i64), view(i64))
 def _features(scores, parents, sources, matches, depths, rows, whole, recent, buckets, match_edges,
               depth_edges):
     """:meth:`AcceptanceModel.features` of a forest's arrays, one pass per node."""
@@ -216,8 +217,7 @@ def _features(scores, parents, sources, matches, depths, rows, whole, recent, bu
     return out
 
 
-@numba.njit("float64[:](int64[:, :], float64[:], float64[:], float64, int64[:, :], int64[:], float64, int64)",
-            cache=True, nogil=True)
+@kernel(array(f64), view(i64, 2), view(f64), view(f64), f64, view(i64, 2), view(i64), f64, i64)
 def _learned_rates(features, hits, trials, scale, place, offsets, weight, buckets):
     """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first; the flat cell of a node at
     level ``l`` is ``offsets[l] + sum_j features[j] * place[l, j]``."""
@@ -233,8 +233,7 @@ def _learned_rates(features, hits, trials, scale, place, offsets, weight, bucket
     return out
 
 
-@numba.njit("void(int64[:, :], boolean[:], boolean[:], float64[:], float64[:], int64[:, :], int64[:], float64)",
-            cache=True, nogil=True)
+@kernel(void, view(i64, 2), view(boolean), view(boolean), array(f64), array(f64), view(i64, 2), view(i64), f64)
 def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amount):
     """:meth:`AcceptanceModel.update`'s counting: ``amount`` more trials (and hits) in every level's cell of each
     tested node."""
@@ -250,7 +249,7 @@ def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amo
                 hit_counts[cell] += amount
 
 
-@numba.njit("float32[:](int32[:], float64[:])", cache=True, nogil=True)
+@kernel(array(f32), view(i32), view(f64))
 def _sibling_path_scores(parents, rates):
     """:meth:`AcceptanceModel.rescore` over a forest's ``parents`` (topological, -1 at roots) and its nodes' rates."""
     n = len(parents)
@@ -320,7 +319,7 @@ class RecentSuccess:
 
     def buckets(self) -> list[int]:
         """(sources,) bucket of each source: 0 without a record, else 1 + its rate's bucket."""
-        return [1 + bisect.bisect_right(_RECENT_EDGES, hits / trials) if trials >= self.min_trials else 0
+        return [1 + bisect.bisect_right(_RECENT_EDGES, hits / trials) if trials >= self.min_trials and trials > 0 else 0
                 for hits, trials in zip(self.hits, self.trials)]
 
 

@@ -4,7 +4,7 @@ Each step and request: every drafter proposes a trie; the tries are merged; node
 does not have are dropped; node scores are replaced by learned acceptance probabilities
 (:class:`~retrieval_spec.calibration.AcceptanceModel`); and the best nodes are kept best-first. The verified tree
 is a head of these ranked candidates, cut by the sizer (:class:`~retrieval_spec.sizing.Sizer`) — to zero
-drafted nodes when nothing is likely to be accepted. Pure numpy.
+drafted nodes when nothing is likely to be accepted. Numpy, and one compiled pass over the step's outcomes.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-import numba
 import numpy as np
 
 from .calibration import AcceptanceModel, RecentSuccess
+from .compiled import array, boolean, i32, i64, kernel, returns, u8, view
 from .drafters.base import Drafter, RequestId
 from .tree import NUM_SOURCES, Branch, DraftTree, Forest, StepFeedback, best_first, merge, within_vocabulary
 
@@ -134,8 +134,8 @@ class TreeFuser:
             self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)
 
 
-@numba.njit("Tuple((boolean[:], boolean[:], int64[:, :], int64[:, :]))(int32[:], int32[:], uint8[:], int64[:], int64[:], "
-            "int64[:], int64)", cache=True, nogil=True)
+@kernel(returns(array(boolean), array(boolean), array(i64, 2), array(i64, 2)), view(i32), view(i32), view(u8), view(i64),
+        view(i64), view(i64), i64)
 def _outcomes(parents, tokens, sources, rows, path, emitted, num_rows):
     """Which candidates of a forest of ranked trees had their fate told by the step, and which were right: a node
     is tested when its parent was accepted (``path``, forest indices, with ``emitted`` the token emitted after

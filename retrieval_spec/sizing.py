@@ -1,6 +1,6 @@
 """How many draft nodes to verify: expected tokens per step against the measured cost of verifying them.
 
-Pure numpy. On a CPU one forward over 8 tokens costs about twice one decoding step; on a GPU nearly the same
+Numpy (the batch's size choice a compiled pass). On a CPU one forward over 8 tokens costs about twice one decoding step; on a GPU nearly the same
 as one. The curve is measured on the machine (the verifier's prior: ``costs.py`` probes a model), never
 assumed, then learned from every real step (:class:`CostModel`). :class:`Sizer` is the one place that decides
 a step's size: the cut of the candidates, the padding, the explorations, the look-ahead branch and the speed
@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-import numba
 import numpy as np
+
+from .compiled import f64, i64, kernel, view
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def best_batch_size(scores: Sequence[np.ndarray], curve: CostCurve, fixed: int =
     return int(_best_k(flat, lengths, np.asarray(curve.relative(np.arange(most + 1) + fixed), dtype=np.float64)))
 
 
-@numba.njit("int64(float64[:], int64[:], float64[:])", cache=True, nogil=True)
+@kernel(i64, view(f64), view(i64), view(f64))
 def _best_k(flat, lengths, relative):
     """:func:`best_batch_size` of the rows' scores laid end to end (row ``b``: the next ``lengths[b]``), given the
     relative cost of every ``k`` (``relative[k]``): the first k with the most expected tokens per cost."""

@@ -1,8 +1,9 @@
 """Token trees: the draft every source produces, and the algebra that merges, ranks and lays it out.
 
 Numpy, like every module of the core (``tree``, ``sizing``, ``acceptance``, ``calibration``, ``fusion``,
-``drafters``, ``datastore``), with the per-node loop of the merge compiled (numba, cached beside the module on first
-import): nothing here knows the model or imports torch. The verifier turns these arrays into tensors.
+``drafters``, ``datastore``), with the per-node loops (tries, merges, the vocabulary check, the ancestor mask, the
+best-first cut) compiled (``compiled.py``): nothing here knows the model or imports torch. The verifier turns these
+arrays into tensors.
 
 Layout contract (ANCHORS.md, detail 1): node 0 is the root, the newest token whose keys are not cached;
 a node at depth ``d`` sits at position ``cached_len + d`` and attends to the whole cached prefix, its
@@ -16,8 +17,9 @@ import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numba
 import numpy as np
+
+from .compiled import array, boolean, f32, f64, i32, i64, kernel, returns, u8, view
 
 
 class Source(enum.IntEnum):
@@ -231,12 +233,13 @@ def trie_from_continuations(
     return DraftTree.trusted(tokens, parents, scores, sources, longest, depth)
 
 
-@numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:], int32[:]))"
-            "(int64, int32[:], int64[:], float64[:], float64[:], int32[:], int64, uint8)", cache=True, nogil=True)
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64), view(f64),
+        view(f64), view(i32), i64, u8)
 def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
     """:func:`trie_from_continuations` of the continuations laid end to end (continuation ``i`` is the next
     ``lengths[i]`` tokens of ``flat``, already cut to ``len(depth_probs)``). Returns the trie's tokens, parents,
     scores, sources, matches and depths. A node's children are a linked list (few per node)."""
+    max_nodes = min(max_nodes, len(flat))  # no more nodes than tokens given
     tokens = np.empty(max_nodes + 1, dtype=np.int32)
     parents = np.empty(max_nodes + 1, dtype=np.int32)
     mass = np.zeros(max_nodes + 1, dtype=np.float64)
@@ -313,12 +316,10 @@ def ancestor_mask(parents: np.ndarray) -> np.ndarray:
     >>> ancestor_mask(np.array([-1, 0, 0], dtype=np.int32)).astype(int).tolist()
     [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
     """
-    if len(parents) == 1:  # the root alone (its arrays are shared and read-only: no kernel takes them)
-        return np.ones((1, 1), dtype=bool)
-    return _ancestors(np.ascontiguousarray(parents, dtype=np.int32))
+    return _ancestors(np.asarray(parents, dtype=np.int32))
 
 
-@numba.njit("boolean[:, :](int32[:])", cache=True, nogil=True)
+@kernel(array(boolean, 2), view(i32))
 def _ancestors(parents):
     """:func:`ancestor_mask`: each row its parent's (complete: parents come first) plus the node itself."""
     n = len(parents)
@@ -349,7 +350,7 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root token")
-    starts = np.cumsum([0] + [len(t) for t in trees])
+    starts = np.cumsum([0] + [len(t) for t in trees], dtype=np.int64)
     tokens, parents, scores, sources, matches, depth = _merge(
         np.concatenate([t.tokens for t in trees]), np.concatenate([t.parents for t in trees]),
         np.concatenate([t.scores for t in trees]), np.concatenate([t.sources for t in trees]),
@@ -357,16 +358,16 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     return DraftTree.trusted(tokens, parents, scores, sources, matches, depth)
 
 
-@numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:], int32[:]))"
-            "(int32[:], int32[:], float32[:], uint8[:], int32[:], int64[:])", cache=True, nogil=True)
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), view(i32), view(i32), view(f32),
+        view(u8), view(i32), view(i64))
 def _merge(tokens, parents, scores, sources, matches, starts):
     """:func:`merge` of the tries laid end to end (tree ``t`` is ``[starts[t], starts[t + 1])``, parents local to
     it). The first is taken whole (a trie already); each node of the others maps to the merged node of its
     parent's image and its token, found in an open-addressing table of (parent, token) keys."""
     total = len(tokens)
-    capacity = 2
+    capacity, bits = 2, 1
     while capacity < 2 * total:
-        capacity *= 2
+        capacity, bits = capacity * 2, bits + 1
     keys = np.full(capacity, -1, dtype=np.int64)
     values = np.empty(capacity, dtype=np.int32)
     out_tokens = np.empty(total, dtype=np.int32)
@@ -390,8 +391,8 @@ def _merge(tokens, parents, scores, sources, matches, starts):
             above = np.float64(scores[first + parents[i]])
             estimate = min(np.float64(scores[i]) / above, 1.0) if above > 0 else 0.0
             parent = mapped[first + parents[i]]
-            key = (np.int64(parent) << 32) | np.int64(tokens[i])
-            slot = (key * 0x9E3779B1) & (capacity - 1)
+            key = (np.int64(parent) << 32) | (np.int64(tokens[i]) & 0xFFFFFFFF)  # any token, even a hostile one
+            slot = np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits))
             while keys[slot] != -1 and keys[slot] != key:
                 slot = (slot + 1) & (capacity - 1)
             if keys[slot] == -1:  # a new node
@@ -432,7 +433,7 @@ def within_vocabulary(tree: DraftTree, vocab_size: int) -> DraftTree:
     return tree if len(keep) == len(tree) else tree.select(keep)
 
 
-@numba.njit("int64[:](int32[:], int32[:], int64)", cache=True, nogil=True)
+@kernel(array(i64), view(i32), view(i32), i64)
 def _within(tokens, parents, vocab_size):
     """(k,) the nodes of :func:`within_vocabulary`'s result, in order."""
     bad = np.zeros(len(tokens), dtype=np.bool_)
@@ -473,8 +474,7 @@ def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> 
     return trees, keep
 
 
-@numba.njit("Tuple((int64[:], int32[:], int64[:]))(float32[:], int32[:], int32[:], int64[:], int64[:], int64[:])",
-            cache=True, nogil=True)
+@kernel(returns(array(i64), array(i32), array(i64)), view(f32), view(i32), view(i32), view(i64), view(i64), view(i64))
 def _best_first(scores, depths, parents, starts, max_nodes, max_depth):
     """:func:`best_first` over a forest's arrays (tree ``t`` starts at ``starts[t]``; the trees lie end to end):
     the kept nodes (forest indices, tree by tree in kept order), their parents in the kept trees' numbering, and
@@ -518,7 +518,7 @@ class Forest:
         parents: (N,) int32 parent of each node in the forest's numbering; -1 for every root. Each tree's nodes are
             contiguous and topological, so a parent always comes before its children.
         rows: (N,) int64 which tree each node belongs to.
-        starts: (num_trees,) int64 where each tree's root sits.
+        starts: (trees,) int64 where each tree's root sits.
     """
 
     tokens: np.ndarray
@@ -540,7 +540,7 @@ class Forest:
                           starts=np.zeros(1, dtype=np.int64))
         sizes = np.array([len(t) for t in trees], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        rows = np.repeat(np.arange(len(trees)), sizes)
+        rows = np.repeat(np.arange(len(trees), dtype=np.int64), sizes)
         parents = np.concatenate([t.parents for t in trees]).astype(np.int64)
         parents = np.where(parents >= 0, parents + starts[rows], -1)
         return Forest(tokens=np.concatenate([t.tokens for t in trees]), parents=parents.astype(np.int32),
@@ -548,10 +548,6 @@ class Forest:
                       sources=np.concatenate([t.sources for t in trees]),
                       matches=np.concatenate([t.matches for t in trees]),
                       depths=np.concatenate([t.depths for t in trees]), rows=rows, starts=starts)
-
-    @property
-    def num_trees(self) -> int:
-        return len(self.starts)
 
 
 @dataclass(frozen=True)

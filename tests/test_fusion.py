@@ -169,8 +169,8 @@ def test_the_compiled_features_and_rates_follow_their_definitions(seed):
         cells = np.stack([rng.integers(0, size, 20) for size in shape], axis=1)
         model.update(cells, np.ones(20, bool), rng.random(20) < 0.4)
     forest = random_forest(rng)
-    whole = rng.random(forest.num_trees) < 0.5
-    recent = rng.integers(0, len(RECENT_EDGES) + 2, (forest.num_trees, len(Source)))
+    whole = rng.random(len(forest.starts)) < 0.5
+    recent = rng.integers(0, len(RECENT_EDGES) + 2, (len(forest.starts), len(Source)))
     features = model.features(forest, whole, recent)
     buckets = model.config.estimate_buckets
     for node in range(len(forest.tokens)):

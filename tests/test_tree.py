@@ -265,3 +265,13 @@ def test_rescore_prices_each_sibling_where_every_better_one_failed(parts, seed):
                   if rates[j] > rates[i] or (rates[j] == rates[i] and j < i)]
         expected[i] = expected[parent] * rates[i] * np.prod([1 - rates[j] for j in better])
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_merge_keeps_negative_tokens_apart_as_a_damaged_file_may_hold_them():
+    """Hostile drafts reach the merge before the vocabulary check: -1 and -2 are tokens like any other there."""
+    a = chain([5, -1, 7], [1, .9, .8], Source.CORPUS)
+    b = chain([5, -1, -2], [1, .8, .5], Source.PROMPT)
+    c = chain([5, 3, -1], [1, .7, .6], Source.PROMPT)
+    merged = merge([a, b, c])
+    paths = {tuple(merged.tokens[[i for i in sorted(ancestors(merged.parents, n))]].tolist()) for n in range(len(merged))}
+    assert paths == {(5,), (5, -1), (5, -1, 7), (5, -1, -2), (5, 3), (5, 3, -1)} and len(merged) == 6

@@ -29,7 +29,7 @@ class CrossPathDrafter(Drafter):
 
     def __init__(self, config: PromptLookupConfig = PromptLookupConfig()) -> None:
         self.config = config
-        self._paths: dict[RequestId, NgramIndex] = {}  # per request of a running group: its output so far
+        self._paths: dict[RequestId, NgramIndex] = {}  # per request of a running group: its indexed output
         # Per request: output not indexed yet. A request alone with its prompt keeps its tokens here, and they are
         # indexed (in one piece) only when a sibling looks them up: most requests never have one.
         self._unindexed: dict[RequestId, list[np.ndarray]] = {}

@@ -167,8 +167,8 @@ def copied_spans_trie(
 
 @functools.cache
 def _depth_probs(depth: int, first_match: int) -> np.ndarray:
-    """(depth,) the chance that copying goes on at each depth, the first by the match's length (shared: not to be
-    written)."""
+    """(depth,) the chance that copying goes on at each depth, the first by the match's length (shared, read-only)."""
     probs = np.full(depth, NEXT_TOKEN_PRIOR)
     probs[0] = FIRST_TOKEN_PRIOR.get(first_match, FIRST_TOKEN_PRIOR[max(FIRST_TOKEN_PRIOR)])
+    probs.flags.writeable = False
     return probs

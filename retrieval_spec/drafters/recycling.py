@@ -5,7 +5,7 @@ the k tokens the target ranked highest the last time it saw that token at a node
 the same for pairs of tokens (the token and the one before it), which predicts better where it knows the pair;
 drafting expands the newest token through them, most likely node first, within a fixed shape. No model, no
 extra forward pass: the table is (vocab, k) int32 — 1.5 MB for a 49k vocabulary at k = 8 — and the pairs a
-direct-mapped table of ``pair_slots`` rows of k (16 MB at the default). The walk is compiled (numba): a step's
+direct-mapped table of ``pair_slots`` rows of k (20 MB with its keys at the default). The walk is compiled: a step's
 tree of 64 nodes costs microseconds, not the tenth of a millisecond a Python loop over its nodes took.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
-import numba
 import numpy as np
 
+from ..compiled import array, boolean, f32, i32, i64, kernel, returns, u8, view, void
 from ..tree import DraftTree, Source, StepFeedback
 from .base import Drafter, RequestId
 from .state import read_state, write_state
@@ -110,7 +110,7 @@ class RecyclingDrafter(Drafter):
             return DraftTree.empty(root)
         tokens, parents, scores, sources, depths = _walk(
             first, before, root, self.table, self.known, self.pair_keys, self.pair_rows, *self._shape, budget,
-            np.array(sorted(next_next), dtype=np.int64))
+            np.array(sorted(next_next), dtype=np.int64), int(self.source))
         return DraftTree.trusted(tokens, parents, scores, sources, depths=depths)
 
     def _root_row(self, request: RequestId, before: int, root: int) -> tuple[np.ndarray | None, frozenset[int]]:
@@ -143,8 +143,7 @@ class RecyclingDrafter(Drafter):
             if at < len(nodes) and nodes[at] == chose:
                 last = int(feedback.new_tokens[-1])
                 self._next_next[request] = [t for t in top[at, : self.config.k].tolist() if t != last]
-        parents = tree.parents if len(tree) > 1 else np.array([-1], dtype=np.int32)  # the root alone's: read-only
-        _learn_rows(self.table, self.known, self.pair_keys, self.pair_rows, tree.tokens, parents,
+        _learn_rows(self.table, self.known, self.pair_keys, self.pair_rows, tree.tokens, tree.parents,
                     np.asarray(nodes, dtype=np.int64), top, self.config.k, self._before_root.get(request, -1))
 
     def warm_start(self, successors: np.ndarray) -> None:
@@ -181,17 +180,17 @@ class RecyclingDrafter(Drafter):
 
 
 _FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio, odd: the pairs table's multiplicative hash
-_RECYCLE, _NEXT_NEXT = int(Source.RECYCLE), int(Source.NEXT_NEXT)  # plain ints inside the compiled walk
+_NEXT_NEXT = int(Source.NEXT_NEXT)  # a plain int inside the compiled walk
 
 
-@numba.njit("int64(int64, int64)", cache=True, nogil=True)
+@kernel(i64, i64, i64)
 def pair_key(before: int, token: int) -> int:
     """The pairs table's key of a token and the one before it (-1 if none): positive (0 marks an empty slot), distinct
     per pair."""
-    return ((np.int64(before) + 2) << 32) | np.int64(token)
+    return ((np.int64(before) + 2) << 32) | (np.int64(token) & 0xFFFFFFFF)
 
 
-@numba.njit("int64(int64, int64)", cache=True, nogil=True)
+@kernel(i64, i64, i64)
 def pair_slot(key: int, slots: int) -> int:
     """The slot of ``key`` in a pairs table of ``slots`` slots (a power of two): Fibonacci hashing."""
     if slots == 1:
@@ -203,8 +202,8 @@ def pair_slot(key: int, slots: int) -> int:
     return np.int64((np.uint64(key) * np.uint64(_FIBONACCI)) >> np.uint64(shift))
 
 
-@numba.njit("void(int32[:, :], boolean[:], int64[:], int32[:, :], int32[:], int32[:], int64[:], int32[:, :], int64, "
-            "int64)", cache=True, nogil=True)
+@kernel(void, array(i32, 2), array(boolean), array(i64), array(i32, 2), view(i32), view(i32), view(i64), view(i32, 2),
+        i64, i64)
 def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before):
     """:meth:`RecyclingDrafter.observe`'s writes: for each of ``nodes`` (in order: a token or pair written twice
     keeps its last row), the first ``k`` of its ``top`` row into its token's row and into its pair's slot (the pair
@@ -220,17 +219,18 @@ def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before
         rows[slot] = top[i, :k]
 
 
-@numba.njit("Tuple((int32[:], int32[:], float32[:], uint8[:], int32[:]))(int32[:], int64, int64, int32[:, :], "
-            "boolean[:], int64[:], int32[:, :], int64[:], float32[:], int64[:], int32[:], int64, int64[:])",
-            cache=True, nogil=True)
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32)), view(i32), i64, i64, view(i32, 2),
+        view(boolean), view(i64), view(i32, 2), view(i64), view(f32), view(i64), view(i32), i64, view(i64), u8)
 def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slot_parents, slot_depths, budget,
-          next_next):
+          next_next, source):
     """The drafted tree: the shape's slots in order (most likely first), each placed as the token of its rank in its
     parent's successors unless its parent was not placed, has none, or an earlier rank holds the same token; until
     ``budget`` nodes are placed. The successors of a node: its pair's row in the pairs table, else its token's row
-    when known. Returns the tree's tokens, parents, scores (the slots'), sources (the root's children that only the
-    step's top tokens offered, ``next_next`` (sorted), are :data:`Source.NEXT_NEXT`) and depths."""
+    when known (none for a token outside the table). Returns the tree's tokens, parents, scores (the slots'), sources
+    (``source``, but the root's children that only the step's top tokens offered, ``next_next`` (sorted), are
+    :data:`Source.NEXT_NEXT`) and depths."""
     k = table.shape[1]
+    budget = min(budget, len(ranks) - 1)  # no more nodes than the shape has
     node_of = np.full(len(ranks), -1, dtype=np.int32)
     node_of[0] = 0
     tokens = np.empty(budget + 1, dtype=np.int32)
@@ -256,7 +256,7 @@ def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slo
             if keys[at] == key:
                 successors[parent] = rows[at]
                 state[parent] = 1
-            elif known[token]:
+            elif 0 <= token < len(known) and known[token]:
                 successors[parent] = table[token]
                 state[parent] = 1
             else:
@@ -276,7 +276,7 @@ def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slo
         node_of[slot] = count
         count += 1
     scores = np.empty(count, dtype=np.float32)
-    sources = np.full(count, _RECYCLE, dtype=np.uint8)
+    sources = np.full(count, source, dtype=np.uint8)
     depths = np.empty(count, dtype=np.int32)
     sources[0] = 0  # Source.ROOT
     for node in range(count):
