@@ -109,7 +109,7 @@ class AcceptanceModel:
         Level by level, coarsest first, ``rate = (hits + weight * rate) / (trials + weight)`` starting from the
         drafter's own estimate (the middle of its bucket), in one compiled pass.
         """
-        return _learned_rates(np.ascontiguousarray(features, dtype=np.int64), self._hits, self._trials, self._scale,
+        return _learned_rates(np.asarray(features, dtype=np.int64), self._hits, self._trials, self._scale,
                               self._place, self._offsets, self.config.prior_weight, self.config.estimate_buckets)
 
     def rescore(self, forest: Forest, features: np.ndarray) -> np.ndarray:
@@ -141,7 +141,7 @@ class AcceptanceModel:
             self._scale = 1.0
         if not tested.any():
             return
-        _count(np.ascontiguousarray(features, dtype=np.int64), np.asarray(tested, dtype=np.bool_),
+        _count(np.asarray(features, dtype=np.int64), np.asarray(tested, dtype=np.bool_),
                np.asarray(hits, dtype=np.bool_), self._hits, self._trials, self._place, self._offsets,
                1.0 / self._scale)
 
@@ -195,8 +195,8 @@ def contested(parents, sources):
     return out
 
 
-@kernel(array(i64, 2), view(f32), view(i32), view(u8), view(i32), view(i32), view(i64), view(boolean), view(i64, 2), i64,
-        view(i64), view(i64))
+@kernel(array(i64, 2), view(f32), view(i32), view(u8), view(i32), view(i32), view(i64), view(boolean), view(i64, 2),
+        i64, view(i64), view(i64))
 def _features(scores, parents, sources, matches, depths, rows, whole, recent, buckets, match_edges,
               depth_edges):
     """:meth:`AcceptanceModel.features` of a forest's arrays, one pass per node."""
@@ -217,17 +217,24 @@ def _features(scores, parents, sources, matches, depths, rows, whole, recent, bu
     return out
 
 
+@kernel(i64, view(i64, 2), i64, i64, view(i64, 2), view(i64))
+def _cell(features, node, level, place, offsets):
+    """The flat cell of ``node`` at ``level`` of the backoff: ``offsets[level] + sum_j features[node, j] *
+    place[level, j]``."""
+    cell = offsets[level]
+    for j in range(level + 1):
+        cell += features[node, j] * place[level, j]
+    return cell
+
+
 @kernel(array(f64), view(i64, 2), view(f64), view(f64), f64, view(i64, 2), view(i64), f64, i64)
 def _learned_rates(features, hits, trials, scale, place, offsets, weight, buckets):
-    """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first; the flat cell of a node at
-    level ``l`` is ``offsets[l] + sum_j features[j] * place[l, j]``."""
+    """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first (:func:`_cell`)."""
     out = np.empty(len(features), dtype=np.float64)
     for node in range(len(features)):
         rate = (features[node, 1] + 0.5) / buckets
         for level in range(len(offsets)):
-            cell = offsets[level]
-            for j in range(level + 1):
-                cell += features[node, j] * place[level, j]
+            cell = _cell(features, node, level, place, offsets)
             rate = (hits[cell] * scale + weight * rate) / (trials[cell] * scale + weight)
         out[node] = rate
     return out
@@ -241,9 +248,7 @@ def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amo
         if not tested[node]:
             continue
         for level in range(len(offsets)):
-            cell = offsets[level]
-            for j in range(level + 1):
-                cell += features[node, j] * place[level, j]
+            cell = _cell(features, node, level, place, offsets)
             trial_counts[cell] += amount
             if hits[node]:
                 hit_counts[cell] += amount

@@ -51,7 +51,7 @@ def returns(*arrays: _Type) -> _Type:
 
 class _Kernel:
     """A declared kernel: its Python function and signature, and once compiled its numba dispatcher (which then
-    also replaces this stand-in in the function's module)."""
+    takes this stand-in's place in the modules of the kernels compiled after it)."""
 
     def __init__(self, function: Callable, result: _Type, arguments: tuple[_Type, ...]) -> None:
         functools.update_wrapper(self, function)
@@ -78,12 +78,16 @@ def kernel(result: _Type, *arguments: _Type) -> Callable[[Callable], _Kernel]:
 
 
 def compile_all() -> None:
-    """Compile every kernel declared so far (or load it from the cache), in declaration order, each taking its
-    stand-in's place in its module, so that a kernel calling another finds it compiled."""
+    """Compile every kernel declared so far (or load it from the cache), in declaration order. Before a kernel is
+    compiled, the stand-ins of compiled kernels in its module (its own and those it imported) are replaced by their
+    dispatchers, so that a kernel calling another, from its module or another one, finds it compiled."""
     import numba
 
     for declared in _KERNELS:
         if declared.compiled is None:
+            names = declared.function.__globals__
+            names.update({name: value.compiled for name, value in names.items()
+                          if isinstance(value, _Kernel) and value.compiled is not None})
             signature = declared.result.build(numba.types)(*(a.build(numba.types) for a in declared.arguments))
             declared.compiled = numba.njit(signature, cache=True, nogil=True)(declared.function)
-            declared.function.__globals__[declared.function.__name__] = declared.compiled
+            names[declared.function.__name__] = declared.compiled

@@ -135,8 +135,8 @@ class TreeFuser:
             self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)
 
 
-@kernel(returns(array(boolean), array(boolean), array(i64, 2), array(i64, 2)), view(i32), view(i32), view(u8), view(i64),
-        view(i64), view(i64), i64)
+@kernel(returns(array(boolean), array(boolean), array(i64, 2), array(i64, 2)), view(i32), view(i32), view(u8),
+        view(i64), view(i64), view(i64), i64)
 def _outcomes(parents, tokens, sources, rows, path, emitted, num_rows):
     """Which candidates of a forest of ranked trees had their fate told by the step, and which were right: a node
     is tested when its parent was accepted (``path``, forest indices, with ``emitted`` the token emitted after

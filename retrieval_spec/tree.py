@@ -233,8 +233,8 @@ def trie_from_continuations(
     return DraftTree.trusted(tokens, parents, scores, sources, longest, depth)
 
 
-@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64), view(f64),
-        view(f64), view(i32), i64, u8)
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64),
+        view(f64), view(f64), view(i32), i64, u8)
 def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
     """:func:`trie_from_continuations` of the continuations laid end to end (continuation ``i`` is the next
     ``lengths[i]`` tokens of ``flat``, already cut to ``len(depth_probs)``). Returns the trie's tokens, parents,
@@ -358,16 +358,27 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     return DraftTree.trusted(tokens, parents, scores, sources, matches, depth)
 
 
-@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), view(i32), view(i32), view(f32),
-        view(u8), view(i32), view(i64))
+@kernel(i64, i64, i64)
+def hash_slot(key: int, slots: int) -> int:
+    """The slot of ``key`` (any int64) in a table of ``slots`` slots, a power of two: Fibonacci hashing (the top bits
+    of ``key`` times 2**64 over the golden ratio)."""
+    shift = 64  # 64 - log2(slots)
+    while slots > 1:
+        slots >>= 1
+        shift -= 1
+    return np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(shift)) if shift < 64 else 0
+
+
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), view(i32), view(i32),
+        view(f32), view(u8), view(i32), view(i64))
 def _merge(tokens, parents, scores, sources, matches, starts):
     """:func:`merge` of the tries laid end to end (tree ``t`` is ``[starts[t], starts[t + 1])``, parents local to
     it). The first is taken whole (a trie already); each node of the others maps to the merged node of its
     parent's image and its token, found in an open-addressing table of (parent, token) keys."""
     total = len(tokens)
-    capacity, bits = 2, 1
+    capacity = 2
     while capacity < 2 * total:
-        capacity, bits = capacity * 2, bits + 1
+        capacity *= 2
     keys = np.full(capacity, -1, dtype=np.int64)
     values = np.empty(capacity, dtype=np.int32)
     out_tokens = np.empty(total, dtype=np.int32)
@@ -392,7 +403,7 @@ def _merge(tokens, parents, scores, sources, matches, starts):
             estimate = min(np.float64(scores[i]) / above, 1.0) if above > 0 else 0.0
             parent = mapped[first + parents[i]]
             key = (np.int64(parent) << 32) | (np.int64(tokens[i]) & 0xFFFFFFFF)  # any token, even a hostile one
-            slot = np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits))
+            slot = hash_slot(key, capacity)
             while keys[slot] != -1 and keys[slot] != key:
                 slot = (slot + 1) & (capacity - 1)
             if keys[slot] == -1:  # a new node

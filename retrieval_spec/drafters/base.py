@@ -36,7 +36,8 @@ RequestId = Hashable
 
 
 class Drafter:
-    """A source of draft continuations. Numpy, with compiled per-node loops (``compiled.py``): a drafter never imports torch.
+    """A source of draft continuations. Numpy, with compiled per-node loops (``compiled.py``); a drafter never
+    imports torch.
 
     Attributes:
         source: the :class:`Source` recorded on every node it proposes.

@@ -5,8 +5,8 @@ the k tokens the target ranked highest the last time it saw that token at a node
 the same for pairs of tokens (the token and the one before it), which predicts better where it knows the pair;
 drafting expands the newest token through them, most likely node first, within a fixed shape. No model, no
 extra forward pass: the table is (vocab, k) int32 — 1.5 MB for a 49k vocabulary at k = 8 — and the pairs a
-direct-mapped table of ``pair_slots`` rows of k (20 MB with its keys at the default). The walk is compiled: a step's
-tree of 64 nodes costs microseconds, not the tenth of a millisecond a Python loop over its nodes took.
+direct-mapped table of ``pair_slots`` rows of k (20 MB with its keys at the default). The walk is compiled: a
+step's tree of 64 nodes costs microseconds, not the tenth of a millisecond a Python loop over its nodes took.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..compiled import array, boolean, f32, i32, i64, kernel, returns, u8, view, void
-from ..tree import DraftTree, Source, StepFeedback
+from ..tree import DraftTree, Source, StepFeedback, hash_slot
 from .base import Drafter, RequestId
 from .state import read_state, write_state
 
@@ -93,11 +93,8 @@ class RecyclingDrafter(Drafter):
 
     def successors(self, before: int, token: int) -> np.ndarray | None:
         """(k,) the target's most likely tokens after ``token`` (preceded by ``before``, -1 if unknown), or None."""
-        key = pair_key(before, token)
-        slot = pair_slot(key, len(self.pair_keys))
-        if self.pair_keys[slot] == key:
-            return self.pair_rows[slot]
-        return self.table[token] if self.known[token] else None
+        found = _lookup(self.pair_keys, self.known, before, token)
+        return self.pair_rows[found] if found >= 0 else self.table[token] if found == _TOKEN_ROW else None
 
     def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         """The shape's nodes most likely first (:func:`shape_order`), each filled with its rank in its parent's
@@ -179,7 +176,7 @@ class RecyclingDrafter(Drafter):
         self.table, self.known = arrays["table"].astype(np.int32), arrays["known"].astype(bool)
 
 
-_FIBONACCI = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio, odd: the pairs table's multiplicative hash
+_TOKEN_ROW, _NO_ROW = -1, -2  # what _lookup answers when the pair is not in the pairs table
 _NEXT_NEXT = int(Source.NEXT_NEXT)  # a plain int inside the compiled walk
 
 
@@ -190,16 +187,15 @@ def pair_key(before: int, token: int) -> int:
     return ((np.int64(before) + 2) << 32) | (np.int64(token) & 0xFFFFFFFF)
 
 
-@kernel(i64, i64, i64)
-def pair_slot(key: int, slots: int) -> int:
-    """The slot of ``key`` in a pairs table of ``slots`` slots (a power of two): Fibonacci hashing."""
-    if slots == 1:
-        return 0
-    shift = 64  # 64 - log2(slots): the hash's top bits index the table
-    while slots > 1:
-        slots >>= 1
-        shift -= 1
-    return np.int64((np.uint64(key) * np.uint64(_FIBONACCI)) >> np.uint64(shift))
+@kernel(i64, view(i64), view(boolean), i64, i64)
+def _lookup(keys, known, before, token):
+    """Where the successors of ``token`` after ``before`` are: the pair's slot in the pairs table (``keys``), else
+    :data:`_TOKEN_ROW` (the token's own row, known) or :data:`_NO_ROW` (none, or a token outside the table)."""
+    key = pair_key(before, token)
+    slot = hash_slot(key, len(keys))
+    if keys[slot] == key:
+        return slot
+    return _TOKEN_ROW if 0 <= token < len(known) and known[token] else _NO_ROW
 
 
 @kernel(void, array(i32, 2), array(boolean), array(i64), array(i32, 2), view(i32), view(i32), view(i64), view(i32, 2),
@@ -214,7 +210,7 @@ def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before
         table[token] = top[i, :k]
         known[token] = True
         key = pair_key(tokens[parents[node]] if parents[node] >= 0 else before, token)
-        slot = pair_slot(key, len(keys))
+        slot = hash_slot(key, len(keys))
         keys[slot] = key
         rows[slot] = top[i, :k]
 
@@ -249,18 +245,12 @@ def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slo
         if parent < 0:
             continue
         if state[parent] == 0:
-            token = tokens[parent]
-            previous = tokens[parents[parent]] if parent > 0 else before
-            key = pair_key(previous, token)
-            at = pair_slot(key, len(keys))
-            if keys[at] == key:
-                successors[parent] = rows[at]
-                state[parent] = 1
-            elif 0 <= token < len(known) and known[token]:
-                successors[parent] = table[token]
-                state[parent] = 1
-            else:
-                state[parent] = -1
+            found = _lookup(keys, known, tokens[parents[parent]] if parent > 0 else before, tokens[parent])
+            if found >= 0:
+                successors[parent] = rows[found]
+            elif found == _TOKEN_ROW:
+                successors[parent] = table[tokens[parent]]
+            state[parent] = -1 if found == _NO_ROW else 1
         if state[parent] < 0:
             continue
         rank = ranks[slot]
