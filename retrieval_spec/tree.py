@@ -96,9 +96,8 @@ class DraftTree:
         valid trees (a head, a selection, a merge, a rescoring), which keep them by construction. Drafters build
         theirs with the checked constructor. ``depths``: (n,) int32 when the caller knows them already."""
         tree = object.__new__(cls)
-        for name, value in (("tokens", tokens), ("parents", parents), ("scores", scores), ("sources", sources),
-                            ("matches", np.zeros(len(tokens), np.int32) if matches is None else matches)):
-            object.__setattr__(tree, name, value)
+        tree.__dict__.update(tokens=tokens, parents=parents, scores=scores, sources=sources,
+                             matches=np.zeros(len(tokens), np.int32) if matches is None else matches)
         if depths is not None:
             tree.__dict__["depths"] = depths  # the cached property's slot
         return tree
@@ -134,9 +133,10 @@ class DraftTree:
                                  self.matches[keep], self._known_depths(keep))
 
     @staticmethod
+    @functools.lru_cache(maxsize=1 << 12)
     def empty(root: int) -> DraftTree:
-        """The tree with the root alone: nothing to propose (its arrays but ``tokens`` are shared, read-only)."""
-        return DraftTree.trusted(np.array([root], dtype=np.int32), *_ROOT_ALONE)
+        """The tree with the root alone: nothing to propose (one per root token, its arrays read-only)."""
+        return DraftTree.trusted(_read_only(np.array([root], dtype=np.int32)), *_ROOT_ALONE, _ROOT_ALONE[3])
 
     @staticmethod
     def chain(tokens: np.ndarray, source: Source = Source.ROOT) -> DraftTree:
@@ -192,7 +192,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
-# parents, scores, sources and matches of a tree that is its root alone
+# parents, scores, sources and matches (and depths) of a tree that is its root alone
 _ROOT_ALONE = (_read_only(np.array([-1], dtype=np.int32)), _read_only(np.array([1.0], dtype=np.float32)),
                _read_only(np.array([Source.ROOT], dtype=np.uint8)), _read_only(np.zeros(1, dtype=np.int32)))
 
@@ -221,14 +221,31 @@ def trie_from_continuations(
         max_nodes: node budget beyond the root.
         matches: (len(continuations),) the matched context length behind each continuation (``DraftTree.matches``).
     """
-    if not continuations or max_nodes <= 0:
+    if not continuations:
         return DraftTree.empty(root)
-    lengths = [min(len(c), len(depth_probs)) for c in continuations]
+    sizes = np.array([min(len(c), len(depth_probs)) for c in continuations], dtype=np.int64)
+    return trie_from_spans(root, np.concatenate([c[:n] for c, n in zip(continuations, sizes.tolist())]), sizes,
+                           weights, depth_probs, source, max_nodes, matches)
+
+
+def trie_from_spans(
+    root: int,
+    tokens: np.ndarray,
+    sizes: np.ndarray,
+    weights: np.ndarray,
+    depth_probs: np.ndarray,
+    source: Source,
+    max_nodes: int,
+    matches: Sequence[int] | None = None,
+) -> DraftTree:
+    """:func:`trie_from_continuations` of continuations laid end to end: continuation ``i`` is the next
+    ``sizes[i]`` of ``tokens``, each at most ``len(depth_probs)``."""
+    if not len(sizes) or max_nodes <= 0:
+        return DraftTree.empty(root)
     tokens, parents, scores, sources, longest, depth = _trie(
-        root, np.concatenate([c[:n] for c, n in zip(continuations, lengths)]).astype(np.int32, copy=False),
-        np.array(lengths, dtype=np.int64), np.asarray(weights, dtype=np.float64),
-        np.asarray(depth_probs, dtype=np.float64),
-        np.zeros(len(continuations), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes,
+        root, np.asarray(tokens, dtype=np.int32), np.asarray(sizes, dtype=np.int64),
+        np.asarray(weights, dtype=np.float64), np.asarray(depth_probs, dtype=np.float64),
+        np.zeros(len(sizes), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes,
         int(source))
     return DraftTree.trusted(tokens, parents, scores, sources, longest, depth)
 
@@ -236,9 +253,8 @@ def trie_from_continuations(
 @kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64),
         view(f64), view(f64), view(i32), i64, u8)
 def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
-    """:func:`trie_from_continuations` of the continuations laid end to end (continuation ``i`` is the next
-    ``lengths[i]`` tokens of ``flat``, already cut to ``len(depth_probs)``). Returns the trie's tokens, parents,
-    scores, sources, matches and depths. A node's children are a linked list (few per node)."""
+    """:func:`trie_from_spans`. Returns the trie's tokens, parents, scores, sources, matches and depths. A node's
+    children are a linked list (few per node)."""
     max_nodes = min(max_nodes, len(flat))  # no more nodes than tokens given
     tokens = np.empty(max_nodes + 1, dtype=np.int32)
     parents = np.empty(max_nodes + 1, dtype=np.int32)

@@ -51,22 +51,23 @@ def test_a_copy_resumes_right_after_a_renamed_token():
 @pytest.mark.parametrize("shortest, longest_gram", [(1, 3), (2, 4)])
 def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
     """Matches (longest first, most recent first within a length, measured back up to ``longest``) and spans (cut
-    before a separator) equal a brute-force scan, the text appended with separators among it: in small chunks (the
-    dictionary), in pieces long enough for the sorted arrays, and in both, searched between appends."""
-    from retrieval_spec.drafters.ngram_index import BULK, SEPARATOR, NgramIndex
+    before a separator) equal a brute-force scan, the text appended with separators among it: in one piece, in
+    pieces of every size and in small chunks, searched between appends; the text grows past its capacity and its
+    table's slots (the chains re-threaded), and the 6-symbol alphabet's n-grams share slots (hash collisions)."""
+    from retrieval_spec.drafters.ngram_index import SEPARATOR, NgramIndex
 
     rng = np.random.default_rng(3)
     for trial in range(60):
-        text = rng.integers(0, 4, 300).astype(np.int32)
-        text[rng.random(300) < 0.03] = SEPARATOR
+        text = rng.integers(0, 6, 600).astype(np.int32)
+        text[rng.random(600) < 0.03] = SEPARATOR
         index = NgramIndex(shortest, longest_gram, capacity=8)
-        pieces = ([300] if trial % 3 == 0 else [BULK + 10, 20, 5, 130, 3] if trial % 3 == 1 else [40] * 7)
+        pieces = ([600] if trial % 3 == 0 else [74, 20, 5, 130, 3, 300] if trial % 3 == 1 else [40] * 14)
         for chunk in np.split(text, np.cumsum(pieces)[:-1]):
             index.append(chunk)
             if trial % 2:
-                index.matches(rng.integers(0, 4, 5).astype(np.int32), 4, longest=12)
+                index.matches(rng.integers(0, 6, 5).astype(np.int32), 4, longest=12)
         prefix = text[:5][text[:5] >= 0] if trial % 2 else text[:0]  # half the contexts shorter than max_ngram
-        context = np.concatenate([prefix, rng.integers(0, 4, 1 + trial % 9)]).astype(np.int32)
+        context = np.concatenate([prefix, rng.integers(0, 6, 1 + trial % 9)]).astype(np.int32)
         starts, lengths = index.matches(context, 8, longest=12)
         expected = []  # (length, end) of every suffix match of shortest-longest_gram tokens, measured back up to 12
         for end in range(1, len(text) + 1):
@@ -79,7 +80,12 @@ def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
         by_index = sorted(expected, key=lambda m: (-min(m[0], longest_gram), -m[1]))[:8]  # what the index finds first
         wanted = sorted(by_index, key=lambda m: -m[0])
         assert list(zip(lengths, starts)) == wanted
+        spans = []
         for start in starts:
             stop = next((i for i in range(start, min(start + 10, len(text))) if text[i] == SEPARATOR),
                         min(start + 10, len(text)))
             assert index.span(start, 10).tolist() == text[start:stop].tolist()
+            spans.append(text[start:stop].tolist())
+        copied, copied_lengths, tokens, sizes = index.copies(context, 8, 12, 10)  # the same, in one pass
+        assert copied.tolist() == starts and copied_lengths.tolist() == lengths
+        assert [piece.tolist() for piece in np.split(tokens, np.cumsum(sizes)[:-1])] == (spans or [[]])

@@ -60,8 +60,11 @@ class CrossPathDrafter(Drafter):
                 found.extend((n, rank, start, sibling) for start, n in zip(starts, lengths))
         found.sort(key=lambda m: -m[0])  # stable: per length, siblings in order, most recent first within one
         found = found[: cfg.max_matches]
-        continuations = [self._paths[sibling].span(start, cfg.depth) for _, _, start, sibling in found]
-        return copied_spans_trie(root, continuations, [m[0] for m in found], cfg.depth, self.source, budget)
+        if not found:
+            return DraftTree.empty(root)
+        spans = [self._paths[sibling].span(start, cfg.depth) for _, _, start, sibling in found]
+        return copied_spans_trie(root, np.concatenate(spans), np.array([len(s) for s in spans], dtype=np.int64),
+                                 np.array([m[0] for m in found], dtype=np.int64), cfg.depth, self.source, budget)
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         if len(self._requests_of[self._prompt_of[request]]) > 1:

@@ -56,9 +56,8 @@ class OutputHistoryDrafter(Drafter):
         cfg = self.config.matching
         if budget <= 0 or not self.history.length:
             return DraftTree.empty(root)
-        starts, lengths = self.history.matches(context, cfg.max_matches, cfg.longest)
-        continuations = [self.history.span(start, cfg.depth) for start in starts]
-        return copied_spans_trie(root, continuations, lengths, cfg.depth, self.source, budget)
+        _, lengths, tokens, sizes = self.history.copies(context, cfg.max_matches, cfg.longest, cfg.depth)
+        return copied_spans_trie(root, tokens, sizes, lengths, cfg.depth, self.source, budget)
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         self._running[request].append(feedback.new_tokens)

@@ -1,155 +1,180 @@
 """An append-only token text with an index from every short n-gram to the positions that follow it.
 
 Shared by the drafters that copy from text seen at decode time (the prompt, reference documents, the output
-so far, sibling samples): a lookup costs a few dictionary probes however long the text is.
+so far, sibling samples): a lookup walks a few entries of one hash chain however long the text is.
 
-Two parts, so that a long prompt costs little to index and a decoding step little to extend: text appended in
-large pieces (a prompt, a reference, a reloaded history) is indexed by sorted arrays, built with a few numpy
-sorts the first time the text is searched (a 50,000-token prompt in about 30 ms on a 2-core CPU, where a
-dictionary took a quarter of a second); the few tokens each step appends go into a dictionary, ``O(t *
-max_ngram)`` for ``t`` tokens.
+The index is a hash-chained table per n-gram length, as compressors keep one: each slot holds the latest end
+position of an n-gram hashed there, and each position the previous end hashed to the same slot. Appending a token
+puts the n-grams ending at it at the heads of their chains (``O(max_ngram)``, a 50,000-token prompt in about a
+millisecond); a lookup walks its chain from the most recent end, comparing tokens, so a hash collision costs a
+step of the walk and never a wrong match. Integer arrays only, in compiled loops: nothing for the garbage
+collector to walk, no per-token Python.
 """
 
 from __future__ import annotations
 
-import bisect
-from itertools import chain
-
 import numpy as np
 
+from ..compiled import array, i32, i64, kernel, returns, view, void
+from ..tree import hash_slot
+
 SEPARATOR = -1  # never a token id: ends a copied span at a document boundary
-BULK = 64  # an append at least this long, and at least as long as the text in the arrays, rebuilds the arrays
 _MULTIPLIER = 0x9E3779B97F4A7C15  # odd: the n-gram hash's polynomial base
-_MASK = (1 << 64) - 1  # hashes are 64-bit (numpy's uint64 wraps; Python's ints are masked)
+_MIN_SLOTS = 1024
 
 
 class NgramIndex:
-    """Token text plus ``n-gram -> [end positions]`` for ``min_ngram <= n <= max_ngram``.
+    """Token text plus ``n-gram -> end positions`` for ``min_ngram <= n <= max_ngram``.
 
-    Positions are where the text continues after the n-gram. No n-gram across a :data:`SEPARATOR` is found. The
-    ends of n-grams in text appended in large pieces are found through, per length, the n-grams' 64-bit hashes,
-    sorted; those of the few tokens a step appends through the dictionary. Two different n-grams of one length
-    with the same hash (odds about ``2**-64`` a pair) would only yield a draft that verification rejects.
+    Positions are where the text continues after the n-gram. No n-gram across a :data:`SEPARATOR` is indexed. The
+    table has at least twice as many slots as the text has tokens, so a chain holds little but its own n-gram's
+    ends; it is rebuilt with twice the slots when the text outgrows it (geometric).
     """
 
     def __init__(self, min_ngram: int, max_ngram: int, capacity: int = 1024) -> None:
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.text = np.zeros(max(capacity, 1), dtype=np.int32)
         self.length = 0
-        self._index: dict[tuple[int, ...], list[int]] = {}  # n-grams ending after _sorted_end
-        self._sorted_end = 0  # ends up to here are in the sorted arrays (once _unsorted is False)
-        self._unsorted = False  # text was appended for the arrays and they are not rebuilt yet
-        # Per n: each hash's group g; the groups' bounds (group g is [bounds[g], bounds[g + 1]) of the positions); the
-        # end positions of the n-grams in the arrays, grouped by hash (increasing within a group). A dictionary of
-        # ints and arrays, which the garbage collector never walks (lists of a prompt's length made its full
-        # collections take 100 ms in a serving step).
-        self._sorted: dict[int, tuple[dict[int, int], np.ndarray, np.ndarray]] = {}
-        self._separators: list[int] = []  # positions of the separators, increasing
+        # _heads[n - min_ngram, slot]: the latest end of an n-gram in the slot; _previous[n - min_ngram, end]: the
+        # end before ``end`` in its chain. 0 ends a chain (no n-gram ends at position 0).
+        self._heads = np.zeros((max_ngram - min_ngram + 1, _slots_for(len(self.text))), dtype=np.int32)
+        self._previous = np.zeros((max_ngram - min_ngram + 1, len(self.text) + 1), dtype=np.int32)
 
     def append(self, tokens: np.ndarray) -> None:
-        """Extend the text and index every n-gram that now ends inside it (a long piece: at the next search)."""
+        """Extend the text and index every n-gram that now ends inside it."""
         old, new = self.length, self.length + len(tokens)
         if new > len(self.text):
             grown = np.zeros(2 * new, dtype=np.int32)
             grown[:old] = self.text[:old]
             self.text = grown
+            previous = np.zeros((len(self._previous), len(grown) + 1), dtype=np.int32)
+            previous[:, : old + 1] = self._previous[:, : old + 1]
+            self._previous = previous
         self.text[old:new] = tokens
         self.length = new
-        if self._unsorted or (len(tokens) >= BULK and len(tokens) >= self._sorted_end):
-            self._unsorted = True  # geometric: the arrays are rebuilt O(log length) times, whatever the pieces
-            self._separators += (old + np.flatnonzero(self.text[old:new] == SEPARATOR)).tolist()
-            return
-        low = max(0, old - self.max_ngram + 1)  # the earliest token a new n-gram can start at
-        window, index = self.text[low:new].tolist(), self._index
-        if SEPARATOR in window[old - low :]:
-            self._separators += (old + np.flatnonzero(self.text[old:new] == SEPARATOR)).tolist()
-        for end in range(old + 1, new + 1):
-            for n in range(1, min(self.max_ngram, end) + 1):
-                gram = window[end - n - low : end - low]
-                if gram[0] == SEPARATOR:  # growing to the left: every longer n-gram holds it too
-                    break
-                if n >= self.min_ngram:
-                    index.setdefault(tuple(gram), []).append(end)
-
-    def _sort(self) -> None:
-        """Index every n-gram of the text in the sorted arrays, and empty the dictionary. N-grams holding a separator
-        are indexed too: no context holds one, so none is ever found."""
-        length = self.length
-        values = self.text[:length].astype(np.uint64) + np.uint64(2)  # as the hash of a context's n-gram counts them
-        hashes = np.zeros(length + 1, dtype=np.uint64)  # per end position, the hash of the n-gram before it
-        with np.errstate(over="ignore"):
-            for n in range(1, self.max_ngram + 1):
-                hashes[n:] = hashes[n:] * np.uint64(_MULTIPLIER) + values[: length + 1 - n]
-                if n >= self.min_ngram:
-                    order = np.argsort(hashes[n:], kind="stable")  # ties keep increasing positions
-                    keys = hashes[n:][order]
-                    new_group = np.ones(len(keys), dtype=bool)
-                    new_group[1:] = keys[1:] != keys[:-1]
-                    first = np.flatnonzero(new_group)
-                    self._sorted[n] = (dict(zip(keys[first].tolist(), range(len(first)))), np.append(first, len(keys)),
-                                       order + n)
-        self._index = {}
-        self._sorted_end, self._unsorted = length, False
+        if 2 * new > self._heads.shape[1]:  # rebuilt: every chain re-threaded over twice the slots
+            self._heads = np.zeros((len(self._heads), _slots_for(new)), dtype=np.int32)
+            old = 0
+        _insert(self.text, self._heads, self._previous, self.min_ngram, old + 1, new)
 
     def matches(self, context: np.ndarray, max_matches: int, longest: int = 0) -> tuple[list[int], list[int]]:
         """Where the text continued after the context's suffixes, longest match first, most recent first.
 
         Candidates are found through the index (suffixes of ``min_ngram`` to ``max_ngram`` tokens); with
         ``longest`` > ``max_ngram`` each match is then measured backwards up to ``longest`` tokens, so a copy that
-        has run for 40 tokens says so instead of stopping at ``max_ngram``.
+        has run for 40 tokens says so instead of stopping at ``max_ngram`` (ties keep their order).
 
         Returns:
             starts: distinct positions (each < ``length``) following an occurrence, at most ``max_matches``.
             lengths: the matched suffix length for each start, non-increasing.
         """
-        if self._unsorted:
-            self._sort()
-        seen: set[int] = set()
-        starts: list[int] = []
-        lengths: list[int] = []
-        tail = context[-self.max_ngram :].tolist()
-        hashes = [0]  # hashes[n]: the hash of the context's last n tokens, as :meth:`_sort` computes them
-        if self._sorted:  # a text indexed by the dictionary alone needs none
-            for token in reversed(tail):
-                hashes.append((hashes[-1] * _MULTIPLIER + token + 2) & _MASK)
-        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
-            recent = self._index.get(tuple(tail[len(tail) - n :]), ())
-            candidates = reversed(recent)  # most recent first
-            wanted = max_matches + len(seen) + 1 - len(recent)  # enough, however many were seen already
-            if wanted > 0 and n in self._sorted:
-                groups, bounds, ends = self._sorted[n]
-                group = groups.get(hashes[n])
-                if group is not None:
-                    low, high = bounds[group : group + 2].tolist()
-                    candidates = chain(candidates, ends[max(low, high - wanted) : high][::-1].tolist())
-            for start in candidates:
-                if start < self.length and start not in seen:
-                    seen.add(start)
-                    starts.append(start)
-                    lengths.append(n)
-                    if len(starts) == max_matches:
-                        break
-            if len(starts) == max_matches:
-                break
-        if longest > self.max_ngram and starts:
-            lengths = [self._match_length(start, n, context, longest) for start, n in zip(starts, lengths)]
-            order = sorted(range(len(starts)), key=lambda i: -lengths[i])  # stable: recency within a length
-            starts, lengths = [starts[i] for i in order], [lengths[i] for i in order]
-        return starts, lengths
+        starts, lengths = _matches(self.text, self.length, self._heads, self._previous, self.min_ngram,
+                                   np.asarray(context, dtype=np.int32), max_matches, longest)
+        return starts.tolist(), lengths.tolist()
 
-    def _match_length(self, start: int, known: int, context: np.ndarray, longest: int) -> int:
-        """How many tokens before ``start`` equal the context's last ones (``known`` of them do), up to ``longest``."""
-        window = min(longest, start, len(context))
-        if window <= known or self.text[start - known - 1] != context[len(context) - known - 1]:
-            return known  # most matches end where the index found them: no arrays for those
-        before = self.text[start - window : start][::-1]
-        equal = before == context[len(context) - window :][::-1]  # a separator never equals a token
-        return window if equal.all() else int(np.argmin(equal))
+    def copies(self, context: np.ndarray, max_matches: int, longest: int, depth: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`matches` and the :meth:`span` of ``depth`` after each, in one pass.
+
+        Returns:
+            starts: (m,) int64, as :meth:`matches`.
+            lengths: (m,) int64, as :meth:`matches`.
+            tokens: (sum(sizes),) int32, the spans laid end to end.
+            sizes: (m,) int64, each span's length (0 where a separator or the text's end follows at once).
+        """
+        return _copies(self.text, self.length, self._heads, self._previous, self.min_ngram,
+                       np.asarray(context, dtype=np.int32), max_matches, longest, depth)
 
     def span(self, start: int, depth: int) -> np.ndarray:
         """Up to ``depth`` tokens from ``start``, cut before the next separator."""
-        after = bisect.bisect_left(self._separators, start)
-        end = min(start + depth, self.length)
-        if after < len(self._separators):
-            end = min(end, self._separators[after])
-        return self.text[start:end]
+        piece = self.text[start : min(start + depth, self.length)]
+        cut = np.flatnonzero(piece == SEPARATOR)
+        return piece[: cut[0]] if len(cut) else piece
+
+
+def _slots_for(tokens: int) -> int:
+    """The table's size for a text of ``tokens``: a power of two, at least twice as many."""
+    return max(_MIN_SLOTS, 1 << (2 * max(tokens, 1) - 1).bit_length())
+
+
+@kernel(void, view(i32), array(i32, 2), array(i32, 2), i64, i64, i64)
+def _insert(text, heads, previous, min_ngram, first, last):
+    """Put every n-gram ending at ``first..last`` (inclusive, increasing: the latest ends up at its chain's head)
+    into its chain; an n-gram holding a separator is left out."""
+    max_ngram = min_ngram + len(heads) - 1
+    slots = heads.shape[1]
+    for end in range(first, last + 1):
+        key = np.uint64(0)
+        for n in range(1, min(max_ngram, end) + 1):
+            token = text[end - n]
+            if token == SEPARATOR:  # growing to the left: every longer n-gram holds it too
+                break
+            key = key * np.uint64(_MULTIPLIER) + np.uint64(token + 2)
+            if n >= min_ngram:
+                slot = hash_slot(np.int64(key), slots)
+                previous[n - min_ngram, end] = heads[n - min_ngram, slot]
+                heads[n - min_ngram, slot] = end
+
+
+@kernel(returns(array(i64), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, view(i32), i64, i64)
+def _matches(text, length, heads, previous, min_ngram, context, max_matches, longest):
+    """:meth:`NgramIndex.matches`: each suffix length's chain walked from its most recent end, longest first; then
+    each match measured back up to ``longest`` tokens and the matches stably sorted by that length."""
+    max_ngram = min_ngram + len(heads) - 1
+    slots = heads.shape[1]
+    starts = np.zeros(max(max_matches, 0), dtype=np.int64)
+    lengths = np.zeros(max(max_matches, 0), dtype=np.int64)
+    top = min(max_ngram, len(context))
+    keys = np.zeros(top + 1, dtype=np.uint64)  # keys[n]: the hash of the context's last n tokens
+    for n in range(1, top + 1):
+        keys[n] = keys[n - 1] * np.uint64(_MULTIPLIER) + np.uint64(context[len(context) - n] + 2)
+    count = 0
+    for n in range(top, min_ngram - 1, -1):
+        end = heads[n - min_ngram, hash_slot(np.int64(keys[n]), slots)]
+        while end > 0 and count < max_matches:
+            if end < length:
+                same = True
+                for i in range(1, n + 1):
+                    if text[end - i] != context[len(context) - i]:
+                        same = False
+                        break
+                for j in range(count):
+                    if starts[j] == end:  # found with a longer suffix already
+                        same = False
+                if same:
+                    starts[count], lengths[count] = end, n
+                    count += 1
+            end = previous[n - min_ngram, end]
+    if longest > max_ngram:
+        for j in range(count):  # measure back: the separator (-1) never equals a context token
+            start, n = starts[j], lengths[j]
+            window = min(longest, start, len(context))
+            while n < window and text[start - n - 1] == context[len(context) - n - 1]:
+                n += 1
+            lengths[j] = n
+        for j in range(1, count):  # insertion sort, longest first, stable
+            start, n = starts[j], lengths[j]
+            i = j
+            while i > 0 and lengths[i - 1] < n:
+                starts[i], lengths[i] = starts[i - 1], lengths[i - 1]
+                i -= 1
+            starts[i], lengths[i] = start, n
+    return starts[:count], lengths[:count]
+
+
+@kernel(returns(array(i64), array(i64), array(i32), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64,
+        view(i32), i64, i64, i64)
+def _copies(text, length, heads, previous, min_ngram, context, max_matches, longest, depth):
+    """:meth:`NgramIndex.copies`."""
+    starts, lengths = _matches(text, length, heads, previous, min_ngram, context, max_matches, longest)
+    sizes = np.zeros(len(starts), dtype=np.int64)
+    tokens = np.empty(len(starts) * max(depth, 0), dtype=np.int32)
+    count = 0
+    for j in range(len(starts)):
+        at = starts[j]
+        while at < min(starts[j] + depth, length) and text[at] != SEPARATOR:
+            tokens[count] = text[at]
+            count += 1
+            at += 1
+        sizes[j] = at - starts[j]
+    return starts, lengths, tokens[:count], sizes

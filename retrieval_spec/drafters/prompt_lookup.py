@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..tree import DraftTree, Source, StepFeedback, merge, trie_from_continuations
+from ..tree import DraftTree, Source, StepFeedback, merge, trie_from_spans
 from .base import Drafter, RequestId
 from .ngram_index import SEPARATOR, NgramIndex
 
@@ -92,14 +92,14 @@ class PromptLookupDrafter(Drafter):
         text = self._texts[request]
         if budget <= 0:
             return DraftTree.empty(root)
-        starts, lengths = text.matches(context, self.config.max_matches, self.config.longest)
-        continuations = [text.span(start, self.config.depth) for start in starts]
-        tree = copied_spans_trie(root, continuations, lengths, self.config.depth, self.source, budget)
+        starts, lengths, tokens, sizes = text.copies(context, self.config.max_matches, self.config.longest,
+                                                     self.config.depth)
+        tree = copied_spans_trie(root, tokens, sizes, lengths, self.config.depth, self.source, budget)
         self._follow.pop(request, None)
-        if starts and (lengths[0] > 1 or request not in self._breaks):
-            self._follow[request] = (starts[0], lengths[0])
+        if len(starts) and (lengths[0] > 1 or request not in self._breaks):
+            self._follow[request] = (int(starts[0]), int(lengths[0]))
         elif request in self._breaks:
-            resumed = [at for at in self._resync(text, root, *self._breaks[request]) if at not in starts]
+            resumed = [at for at in self._resync(text, root, *self._breaks[request]) if at not in starts.tolist()]
             spans = [span for span in (text.span(at, self.config.depth) for at in resumed) if len(span)]
             if spans:
                 probs = [RESYNC_PRIOR * NEXT_TOKEN_PRIOR ** np.arange(len(span)) for span in spans]
@@ -147,22 +147,23 @@ class PromptLookupDrafter(Drafter):
         return places
 
 
-def copied_spans_trie(
-    root: int, continuations: list[np.ndarray], lengths: list[int], depth: int, source: Source, budget: int
-) -> DraftTree:
+def copied_spans_trie(root: int, tokens: np.ndarray, sizes: np.ndarray, lengths: np.ndarray, depth: int,
+                      source: Source, budget: int) -> DraftTree:
     """The trie of spans copied after matches of the context's suffix, weighted ``2 ** match length``.
 
     Args:
-        continuations: the copied spans, longest match first (``lengths`` non-increasing).
-        lengths: the matched suffix length behind each span (recorded as the nodes' ``matches``).
+        tokens, sizes: the copied spans laid end to end (:meth:`NgramIndex.copies`), longest match first; empty
+            spans count for nothing.
+        lengths: (len(sizes),) the matched suffix length behind each span (recorded as the nodes' ``matches``),
+            non-increasing.
         depth: the longest span.
     """
-    keep = [i for i, c in enumerate(continuations) if len(c)]
-    if not keep:
+    keep = sizes > 0
+    if not keep.any():
         return DraftTree.empty(root)
-    matched = [lengths[i] for i in keep]
-    return trie_from_continuations(root, [continuations[i] for i in keep], np.exp2(np.minimum(matched, 64)),
-                                   _depth_probs(depth, lengths[0]), source, budget, matches=matched)
+    matched = lengths[keep]
+    return trie_from_spans(root, tokens, sizes[keep], np.exp2(np.minimum(matched, 64)),
+                           _depth_probs(depth, int(lengths[0])), source, budget, matches=matched)
 
 
 @functools.cache

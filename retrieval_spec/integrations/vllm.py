@@ -48,6 +48,7 @@ from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from ..compiled import array, f32, f64, i32, i64, kernel, view
 from ..config import as_integer, as_number, as_tuple
 from ..datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
 from ..datastore.reader import Datastore
@@ -481,12 +482,8 @@ class RetrievalProposer:
                                 [token_ids[i, : state.seen] for i, _, state in live],
                                 [self.settings.max_nodes if depth > 0 else 0 for depth in depths], depths)
         for (i, _, state), ranked in zip(live, trees):
-            path = best_path(ranked)
-            scores = ranked.scores[path]
-            below = np.flatnonzero(scores < self.settings.min_path_prob)
-            cut = int(below[0]) if len(below) else len(path)
-            state.tree, state.path = ranked, path[:cut]
-            out[i] = (state, scores[:cut])
+            state.tree, state.path = ranked, best_path(ranked, self.settings.min_path_prob)
+            out[i] = (state, ranked.scores[state.path])
         return out
 
     def _lengths(self, scores: list[np.ndarray]) -> np.ndarray:
@@ -504,7 +501,8 @@ class RetrievalProposer:
             return []
         state.path = state.path[:length]
         state.steps += 1
-        np.add.at(state.drafted, state.tree.sources[state.path], 1)
+        for source in state.tree.sources[state.path].tolist():
+            state.drafted[source] += 1
         self.stats.drafted += len(state.path)
         return state.tree.tokens[state.path].tolist()
 
@@ -544,8 +542,8 @@ class RetrievalProposer:
             accepted += 1
         self.stats.accepted += accepted
         path = state.path[:accepted]
-        if accepted:
-            np.add.at(state.accepted, state.tree.sources[path], 1)
+        for source in state.tree.sources[path].tolist():
+            state.accepted[source] += 1
         nodes = np.zeros(accepted + 1, dtype=np.int32)
         nodes[1:] = path
         new_tokens = np.array(new, dtype=np.int32)
@@ -572,25 +570,34 @@ class RetrievalProposer:
         self._finished_since_save += 1
 
 
-def best_path(tree: DraftTree) -> np.ndarray:
-    """(m,) int64 nodes of the chain from the root that always moves to the best-scoring child (ties: first).
+def best_path(tree: DraftTree, min_prob: float = 0.0) -> np.ndarray:
+    """(m,) int64 nodes of the chain from the root that always moves to the best-scoring child (ties: first),
+    ending before the first node scored under ``min_prob``.
 
     >>> from retrieval_spec.tree import Source
     >>> t = DraftTree.from_paths(9, [np.array([1, 2]), np.array([3, 4, 5])], [np.array([.6, .5]),
     ...                          np.array([.3, .3, .2])], Source.PROMPT)
-    >>> t.tokens[best_path(t)].tolist()
-    [1, 2]
+    >>> t.tokens[best_path(t)].tolist(), t.tokens[best_path(t, 0.55)].tolist()
+    ([1, 2], [1])
     """
-    best: dict[int, int] = {}
-    for node in range(1, len(tree)):
-        parent = int(tree.parents[node])
-        if parent not in best or tree.scores[node] > tree.scores[best[parent]]:
+    return _best_path(tree.parents, tree.scores, min_prob)
+
+
+@kernel(array(i64), view(i32), view(f32), f64)
+def _best_path(parents, scores, min_prob):
+    """:func:`best_path` of the tree with these parents and scores."""
+    best = np.full(len(parents), -1, dtype=np.int64)  # per node, its best child
+    for node in range(1, len(parents)):
+        parent = parents[node]
+        if best[parent] < 0 or scores[node] > scores[best[parent]]:
             best[parent] = node
-    path, node = [], 0
-    while node in best:
+    path = np.empty(len(parents), dtype=np.int64)
+    count, node = 0, 0
+    while best[node] >= 0 and scores[best[node]] >= min_prob:
         node = best[node]
-        path.append(node)
-    return np.array(path, dtype=np.int64)
+        path[count] = node
+        count += 1
+    return path[:count]
 
 
 def _tokenizer_fingerprint(model_config: Any) -> TokenizerFingerprint:
