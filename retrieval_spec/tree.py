@@ -242,7 +242,7 @@ def trie_from_spans(
     ``sizes[i]`` of ``tokens``, each at most ``len(depth_probs)``."""
     if not len(sizes) or max_nodes <= 0:
         return DraftTree.empty(root)
-    tokens, parents, scores, sources, longest, depth = _trie(
+    tokens, parents, scores, sources, longest, depth = trie_arrays(
         root, np.asarray(tokens, dtype=np.int32), np.asarray(sizes, dtype=np.int64),
         np.asarray(weights, dtype=np.float64), np.asarray(depth_probs, dtype=np.float64),
         np.zeros(len(sizes), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes,
@@ -252,9 +252,9 @@ def trie_from_spans(
 
 @kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64),
         view(f64), view(f64), view(i32), i64, u8)
-def _trie(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
-    """:func:`trie_from_spans`. Returns the trie's tokens, parents, scores, sources, matches and depths. A node's
-    children are a linked list (few per node)."""
+def trie_arrays(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
+    """:func:`trie_from_spans` (the compiled form, for kernels that build a trie). Returns the trie's tokens,
+    parents, scores, sources, matches and depths. A node's children are a linked list (few per node)."""
     max_nodes = min(max_nodes, len(flat))  # no more nodes than tokens given
     tokens = np.empty(max_nodes + 1, dtype=np.int32)
     parents = np.empty(max_nodes + 1, dtype=np.int32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval_spec.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
-from retrieval_spec.tree import StepFeedback
+from retrieval_spec.tree import Source, StepFeedback
 
 
 def decode(drafter: PromptLookupDrafter, prompt: np.ndarray, target: np.ndarray) -> list[int]:
@@ -50,11 +50,13 @@ def test_a_copy_resumes_right_after_a_renamed_token():
 
 @pytest.mark.parametrize("shortest, longest_gram", [(1, 3), (2, 4)])
 def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
-    """Matches (longest first, most recent first within a length, measured back up to ``longest``) and spans (cut
-    before a separator) equal a brute-force scan, the text appended with separators among it: in one piece, in
-    pieces of every size and in small chunks, searched between appends; the text grows past its capacity and its
-    table's slots (the chains re-threaded), and the 6-symbol alphabet's n-grams share slots (hash collisions)."""
+    """Copies (longest match first, most recent first within a length, measured back up to ``longest``; the spans
+    after them cut before a separator) equal a brute-force scan, the text appended with separators among it: in one
+    piece, in pieces of every size and in small chunks, searched between appends; the text grows past its capacity
+    and its table's slots (the chains re-threaded), and the 6-symbol alphabet's n-grams share slots (hash
+    collisions). The one-call trie of the copies is the trie of what ``copies`` returns."""
     from retrieval_spec.drafters.ngram_index import SEPARATOR, NgramIndex
+    from retrieval_spec.drafters.prompt_lookup import copied_spans_trie, copied_trie
 
     rng = np.random.default_rng(3)
     for trial in range(60):
@@ -65,10 +67,10 @@ def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
         for chunk in np.split(text, np.cumsum(pieces)[:-1]):
             index.append(chunk)
             if trial % 2:
-                index.matches(rng.integers(0, 6, 5).astype(np.int32), 4, longest=12)
+                index.copies(rng.integers(0, 6, 5).astype(np.int32), 4, 12, 10)
         prefix = text[:5][text[:5] >= 0] if trial % 2 else text[:0]  # half the contexts shorter than max_ngram
         context = np.concatenate([prefix, rng.integers(0, 6, 1 + trial % 9)]).astype(np.int32)
-        starts, lengths = index.matches(context, 8, longest=12)
+        starts, lengths, tokens, sizes = index.copies(context, 8, 12, 10)
         expected = []  # (length, end) of every suffix match of shortest-longest_gram tokens, measured back up to 12
         for end in range(1, len(text) + 1):
             n = next((n for n in range(longest_gram, shortest - 1, -1) if n <= min(end, len(context))
@@ -79,13 +81,17 @@ def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
                 expected.append((max(n, window if equal.all() else int(np.argmin(equal))), end))
         by_index = sorted(expected, key=lambda m: (-min(m[0], longest_gram), -m[1]))[:8]  # what the index finds first
         wanted = sorted(by_index, key=lambda m: -m[0])
-        assert list(zip(lengths, starts)) == wanted
+        assert list(zip(lengths.tolist(), starts.tolist())) == wanted
         spans = []
-        for start in starts:
+        for start in starts.tolist():
             stop = next((i for i in range(start, min(start + 10, len(text))) if text[i] == SEPARATOR),
                         min(start + 10, len(text)))
             assert index.span(start, 10).tolist() == text[start:stop].tolist()
             spans.append(text[start:stop].tolist())
-        copied, copied_lengths, tokens, sizes = index.copies(context, 8, 12, 10)  # the same, in one pass
-        assert copied.tolist() == starts and copied_lengths.tolist() == lengths
         assert [piece.tolist() for piece in np.split(tokens, np.cumsum(sizes)[:-1])] == (spans or [[]])
+        config = PromptLookupConfig(min_ngram=shortest, max_ngram=longest_gram, max_matches=8, depth=10, longest=12)
+        fused, fused_starts, fused_lengths = copied_trie(int(context[-1]), index, context, config, Source.PROMPT, 16)
+        tree = copied_spans_trie(int(context[-1]), tokens, sizes, lengths, 10, Source.PROMPT, 16)
+        assert fused_starts.tolist() == starts.tolist() and fused_lengths.tolist() == lengths.tolist()
+        for name in ("tokens", "parents", "scores", "sources", "matches", "depths"):
+            assert getattr(fused, name).tolist() == getattr(tree, name).tolist()

@@ -50,21 +50,21 @@ class CrossPathDrafter(Drafter):
         cfg = self.config
         if budget <= 0:
             return DraftTree.empty(root)
-        found = []  # (match length, sibling rank, start)
+        found = []  # (match length, sibling rank, span)
         for rank, sibling in enumerate(self._requests_of[self._prompt_of[request]]):
             if sibling == request:
                 continue
             other = self._indexed(sibling)
             if other.length:
-                starts, lengths = other.matches(context, cfg.max_matches, cfg.longest)
-                found.extend((n, rank, start, sibling) for start, n in zip(starts, lengths))
-        found.sort(key=lambda m: -m[0])  # stable: per length, siblings in order, most recent first within one
-        found = found[: cfg.max_matches]
+                _, lengths, tokens, sizes = other.copies(context, cfg.max_matches, cfg.longest, cfg.depth)
+                found.extend(zip(lengths.tolist(), [rank] * len(lengths), np.split(tokens, np.cumsum(sizes)[:-1])))
         if not found:
             return DraftTree.empty(root)
-        spans = [self._paths[sibling].span(start, cfg.depth) for _, _, start, sibling in found]
-        return copied_spans_trie(root, np.concatenate(spans), np.array([len(s) for s in spans], dtype=np.int64),
-                                 np.array([m[0] for m in found], dtype=np.int64), cfg.depth, self.source, budget)
+        found.sort(key=lambda m: -m[0])  # stable: per length, siblings in order, most recent first within one
+        found = found[: cfg.max_matches]
+        return copied_spans_trie(root, np.concatenate([span for *_, span in found]),
+                                 np.array([len(span) for *_, span in found], dtype=np.int64),
+                                 np.array([n for n, *_ in found], dtype=np.int64), cfg.depth, self.source, budget)
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         if len(self._requests_of[self._prompt_of[request]]) > 1:

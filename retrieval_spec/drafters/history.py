@@ -18,7 +18,7 @@ import numpy as np
 from ..tree import DraftTree, Source, StepFeedback
 from .base import Drafter, RequestId
 from .ngram_index import SEPARATOR, NgramIndex
-from .prompt_lookup import PromptLookupConfig, copied_spans_trie
+from .prompt_lookup import PromptLookupConfig, copied_trie
 from .state import read_state, write_state
 
 FORMAT_VERSION = 1
@@ -56,8 +56,7 @@ class OutputHistoryDrafter(Drafter):
         cfg = self.config.matching
         if budget <= 0 or not self.history.length:
             return DraftTree.empty(root)
-        _, lengths, tokens, sizes = self.history.copies(context, cfg.max_matches, cfg.longest, cfg.depth)
-        return copied_spans_trie(root, tokens, sizes, lengths, cfg.depth, self.source, budget)
+        return copied_trie(root, self.history, context, cfg, self.source, budget)[0]
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         self._running[request].append(feedback.new_tokens)

@@ -57,33 +57,29 @@ class NgramIndex:
             old = 0
         _insert(self.text, self._heads, self._previous, self.min_ngram, old + 1, new)
 
-    def matches(self, context: np.ndarray, max_matches: int, longest: int = 0) -> tuple[list[int], list[int]]:
-        """Where the text continued after the context's suffixes, longest match first, most recent first.
+    def copies(self, context: np.ndarray, max_matches: int, longest: int, depth: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Where the text continued after the context's suffixes, longest match first, most recent first, and the
+        next ``depth`` tokens there (cut before a separator).
 
         Candidates are found through the index (suffixes of ``min_ngram`` to ``max_ngram`` tokens); with
         ``longest`` > ``max_ngram`` each match is then measured backwards up to ``longest`` tokens, so a copy that
         has run for 40 tokens says so instead of stopping at ``max_ngram`` (ties keep their order).
 
         Returns:
-            starts: distinct positions (each < ``length``) following an occurrence, at most ``max_matches``.
-            lengths: the matched suffix length for each start, non-increasing.
+            starts: (m,) int64, distinct positions (each < ``length``) following an occurrence, ``m <=
+                max_matches``.
+            lengths: (m,) int64, the matched suffix length for each start, non-increasing.
+            tokens: (sum(sizes),) int32, the spans after the starts laid end to end.
+            sizes: (m,) int64, each span's length (0 where a separator follows at once).
         """
-        starts, lengths = _matches(self.text, self.length, self._heads, self._previous, self.min_ngram,
-                                   np.asarray(context, dtype=np.int32), max_matches, longest)
-        return starts.tolist(), lengths.tolist()
+        return copy_arrays(self.text, self.length, *self.chains, self.min_ngram, np.asarray(context, dtype=np.int32),
+                           max_matches, longest, depth)
 
-    def copies(self, context: np.ndarray, max_matches: int, longest: int, depth: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`matches` and the :meth:`span` of ``depth`` after each, in one pass.
-
-        Returns:
-            starts: (m,) int64, as :meth:`matches`.
-            lengths: (m,) int64, as :meth:`matches`.
-            tokens: (sum(sizes),) int32, the spans laid end to end.
-            sizes: (m,) int64, each span's length (0 where a separator or the text's end follows at once).
-        """
-        return _copies(self.text, self.length, self._heads, self._previous, self.min_ngram,
-                       np.asarray(context, dtype=np.int32), max_matches, longest, depth)
+    @property
+    def chains(self) -> tuple[np.ndarray, np.ndarray]:
+        """The chains' heads and links, for :func:`copy_arrays` called from other kernels."""
+        return self._heads, self._previous
 
     def span(self, start: int, depth: int) -> np.ndarray:
         """Up to ``depth`` tokens from ``start``, cut before the next separator."""
@@ -118,7 +114,7 @@ def _insert(text, heads, previous, min_ngram, first, last):
 
 @kernel(returns(array(i64), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, view(i32), i64, i64)
 def _matches(text, length, heads, previous, min_ngram, context, max_matches, longest):
-    """:meth:`NgramIndex.matches`: each suffix length's chain walked from its most recent end, longest first; then
+    """:meth:`NgramIndex.copies`' starts and lengths: each suffix length's chain walked from its most recent end, longest first; then
     each match measured back up to ``longest`` tokens and the matches stably sorted by that length."""
     max_ngram = min_ngram + len(heads) - 1
     slots = heads.shape[1]
@@ -164,8 +160,8 @@ def _matches(text, length, heads, previous, min_ngram, context, max_matches, lon
 
 @kernel(returns(array(i64), array(i64), array(i32), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64,
         view(i32), i64, i64, i64)
-def _copies(text, length, heads, previous, min_ngram, context, max_matches, longest, depth):
-    """:meth:`NgramIndex.copies`."""
+def copy_arrays(text, length, heads, previous, min_ngram, context, max_matches, longest, depth):
+    """:meth:`NgramIndex.copies` (the compiled form, for kernels that go on from the copies)."""
     starts, lengths = _matches(text, length, heads, previous, min_ngram, context, max_matches, longest)
     sizes = np.zeros(len(starts), dtype=np.int64)
     tokens = np.empty(len(starts) * max(depth, 0), dtype=np.int32)

@@ -7,15 +7,15 @@ built once per request and extended by the accepted tokens of each step.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from ..tree import DraftTree, Source, StepFeedback, merge, trie_from_spans
+from ..compiled import array, f32, f64, i32, i64, kernel, returns, u8, view
+from ..tree import DraftTree, Source, StepFeedback, merge, trie_arrays
 from .base import Drafter, RequestId
-from .ngram_index import SEPARATOR, NgramIndex
+from .ngram_index import SEPARATOR, NgramIndex, copy_arrays
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,7 @@ class PromptLookupDrafter(Drafter):
         text = self._texts[request]
         if budget <= 0:
             return DraftTree.empty(root)
-        starts, lengths, tokens, sizes = text.copies(context, self.config.max_matches, self.config.longest,
-                                                     self.config.depth)
-        tree = copied_spans_trie(root, tokens, sizes, lengths, self.config.depth, self.source, budget)
+        tree, starts, lengths = copied_trie(root, text, context, self.config, self.source, budget)
         self._follow.pop(request, None)
         if len(starts) and (lengths[0] > 1 or request not in self._breaks):
             self._follow[request] = (int(starts[0]), int(lengths[0]))
@@ -154,22 +152,60 @@ def copied_spans_trie(root: int, tokens: np.ndarray, sizes: np.ndarray, lengths:
     Args:
         tokens, sizes: the copied spans laid end to end (:meth:`NgramIndex.copies`), longest match first; empty
             spans count for nothing.
-        lengths: (len(sizes),) the matched suffix length behind each span (recorded as the nodes' ``matches``),
-            non-increasing.
+        lengths: (len(sizes),) int64, the matched suffix length behind each span (recorded as the nodes'
+            ``matches``), non-increasing.
         depth: the longest span.
     """
-    keep = sizes > 0
-    if not keep.any():
-        return DraftTree.empty(root)
-    matched = lengths[keep]
-    return trie_from_spans(root, tokens, sizes[keep], np.exp2(np.minimum(matched, 64)),
-                           _depth_probs(depth, int(lengths[0])), source, budget, matches=matched)
+    return DraftTree.trusted(*_span_trie(root, tokens, sizes, lengths, depth, _FIRST_TOKEN_PRIORS, NEXT_TOKEN_PRIOR,
+                                         budget, int(source)))
 
 
-@functools.cache
-def _depth_probs(depth: int, first_match: int) -> np.ndarray:
-    """(depth,) the chance that copying goes on at each depth, the first by the match's length (shared, read-only)."""
-    probs = np.full(depth, NEXT_TOKEN_PRIOR)
-    probs[0] = FIRST_TOKEN_PRIOR.get(first_match, FIRST_TOKEN_PRIOR[max(FIRST_TOKEN_PRIOR)])
-    probs.flags.writeable = False
-    return probs
+def copied_trie(root: int, index: NgramIndex, context: np.ndarray, config: PromptLookupConfig, source: Source,
+                budget: int) -> tuple[DraftTree, np.ndarray, np.ndarray]:
+    """:func:`copied_spans_trie` of ``index.copies(context, ...)`` with ``config``'s limits, in one compiled call;
+    also the copies' ``starts`` and ``lengths``."""
+    *tree, starts, lengths = _copied_trie(root, index.text, index.length, *index.chains, index.min_ngram,
+                                          np.asarray(context, dtype=np.int32), config.max_matches, config.longest,
+                                          config.depth, _FIRST_TOKEN_PRIORS, NEXT_TOKEN_PRIOR, budget, int(source))
+    return DraftTree.trusted(*tree), starts, lengths
+
+
+# FIRST_TOKEN_PRIOR by match length, the longest's for longer ones (and for 0)
+_FIRST_TOKEN_PRIORS = np.array([FIRST_TOKEN_PRIOR.get(n, FIRST_TOKEN_PRIOR[max(FIRST_TOKEN_PRIOR)])
+                                for n in range(max(FIRST_TOKEN_PRIOR) + 1)])
+_FIRST_TOKEN_PRIORS.flags.writeable = False
+
+
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64),
+        view(i64), i64, view(f64), f64, i64, u8)
+def _span_trie(root, tokens, sizes, lengths, depth, first_priors, next_prior, budget, source):
+    """:func:`copied_spans_trie`'s arrays: the non-empty spans weighted ``2 ** min(length, 64)``; copying goes on
+    to depth 1 with the first match's prior (``first_priors``, by length), and on each further token with
+    ``next_prior``."""
+    kept = 0
+    for j in range(len(sizes)):
+        kept += sizes[j] > 0
+    kept_sizes = np.empty(kept, dtype=np.int64)
+    weights = np.empty(kept, dtype=np.float64)
+    matches = np.empty(kept, dtype=np.int32)
+    k = 0
+    for j in range(len(sizes)):
+        if sizes[j] > 0:
+            kept_sizes[k], weights[k], matches[k] = sizes[j], 2.0 ** min(lengths[j], 64), lengths[j]
+            k += 1
+    probs = np.full(depth, next_prior)
+    if kept:
+        probs[0] = first_priors[min(lengths[0], len(first_priors) - 1)]
+    return trie_arrays(root, tokens, kept_sizes, weights, probs, matches, budget if kept else 0, source)
+
+
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32), array(i64), array(i64)),
+        i64, view(i32), i64, view(i32, 2), view(i32, 2), i64, view(i32), i64, i64, i64, view(f64), f64, i64, u8)
+def _copied_trie(root, text, length, heads, previous, min_ngram, context, max_matches, longest, depth, first_priors,
+                 next_prior, budget, source):
+    """:func:`copied_trie`: the tree's arrays, then the copies' starts and lengths."""
+    starts, lengths, tokens, sizes = copy_arrays(text, length, heads, previous, min_ngram, context, max_matches,
+                                                 longest, depth)
+    tree_tokens, parents, scores, sources, matches, depths = _span_trie(root, tokens, sizes, lengths, depth,
+                                                                        first_priors, next_prior, budget, source)
+    return tree_tokens, parents, scores, sources, matches, depths, starts, lengths
