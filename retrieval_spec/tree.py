@@ -192,6 +192,11 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
+# a step's feedback without top tokens or a branch (shared, read-only)
+_NO_TOP_NODES = _read_only(np.zeros(0, dtype=np.int64))
+_NO_TOP_TOKENS = _read_only(np.zeros((0, 0), dtype=np.int32))
+_NO_BRANCH_TOKENS = _read_only(np.zeros(0, dtype=np.int32))
+
 # parents, scores, sources and matches (and depths) of a tree that is its root alone
 _ROOT_ALONE = (_read_only(np.array([-1], dtype=np.int32)), _read_only(np.array([1.0], dtype=np.float32)),
                _read_only(np.array([Source.ROOT], dtype=np.uint8)), _read_only(np.zeros(1, dtype=np.int32)))
@@ -565,16 +570,15 @@ class Forest:
             return Forest(tokens=tree.tokens, parents=tree.parents, scores=tree.scores, sources=tree.sources,
                           matches=tree.matches, depths=tree.depths, rows=np.zeros(len(tree), dtype=np.int64),
                           starts=np.zeros(1, dtype=np.int64))
-        sizes = np.array([len(t) for t in trees], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        tokens, parents, scores, sources, matches, depths = map(np.concatenate, zip(
+            *[(t.tokens, t.parents, t.scores, t.sources, t.matches, t.depths) for t in trees]))
+        sizes = np.array([len(t.tokens) for t in trees], dtype=np.int64)
+        starts = np.zeros(len(trees), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
         rows = np.repeat(np.arange(len(trees), dtype=np.int64), sizes)
-        parents = np.concatenate([t.parents for t in trees]).astype(np.int64)
-        parents = np.where(parents >= 0, parents + starts[rows], -1)
-        return Forest(tokens=np.concatenate([t.tokens for t in trees]), parents=parents.astype(np.int32),
-                      scores=np.concatenate([t.scores for t in trees]),
-                      sources=np.concatenate([t.sources for t in trees]),
-                      matches=np.concatenate([t.matches for t in trees]),
-                      depths=np.concatenate([t.depths for t in trees]), rows=rows, starts=starts)
+        parents = np.where(parents >= 0, parents + starts[rows], -1).astype(np.int32)
+        return Forest(tokens=tokens, parents=parents, scores=scores, sources=sources, matches=matches, depths=depths,
+                      rows=rows, starts=starts)
 
 
 @dataclass(frozen=True)
@@ -628,9 +632,9 @@ class StepFeedback:
     tree: DraftTree
     accepted_nodes: np.ndarray
     new_tokens: np.ndarray
-    top_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    top_tokens: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int32))
-    branch_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    top_nodes: np.ndarray = field(default_factory=lambda: _NO_TOP_NODES)
+    top_tokens: np.ndarray = field(default_factory=lambda: _NO_TOP_TOKENS)
+    branch_tokens: np.ndarray = field(default_factory=lambda: _NO_BRANCH_TOKENS)
 
     def __post_init__(self) -> None:
         if self.top_tokens.ndim != 2 or len(self.top_tokens) != len(self.top_nodes):

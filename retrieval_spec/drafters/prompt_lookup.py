@@ -110,9 +110,8 @@ class PromptLookupDrafter(Drafter):
         follow = self._follow.pop(request, None)
         if follow is not None:  # the copy followed last step: did the new tokens go on with it?
             start, matched = follow
-            expected = text.text[start : min(start + len(new), text.length)]
-            same = np.flatnonzero(expected != new[: len(expected)])
-            agreed = int(same[0]) if len(same) else len(expected)
+            expected = text.text[start : min(start + len(new), text.length)].tolist()  # a few tokens: lists
+            agreed = next((i for i, (a, b) in enumerate(zip(expected, new.tolist())) if a != b), len(expected))
             if agreed == len(new):
                 self._breaks.pop(request, None)
             elif matched + agreed >= self.config.min_copy:

@@ -527,7 +527,7 @@ class RetrievalProposer:
         if state.done or not len(appended):
             return
         new = appended[: max(0, state.max_output - (state.seen - state.prompt_len))].tolist()  # a few tokens
-        stop = next((i for i, token in enumerate(new) if token in state.stops), None)
+        stop = next((i for i, token in enumerate(new) if token in state.stops), None) if state.stops else None
         if stop is not None:
             new = new[: stop + 1]
             state.done = True
