@@ -581,12 +581,21 @@ class StepCost:
         tokens_seen, times = self.tokens[:seen], self.times[:seen]
         if seen < self.min_steps or np.ptp(tokens_seen) < 1:
             return
-        slope, intercept = np.polyfit(tokens_seen, times, 1)
+        slope, intercept = _fit_line(tokens_seen, times)
         residuals = times - (slope * tokens_seen + intercept)
         quick = residuals <= np.quantile(residuals, self.quantile)
         if np.ptp(tokens_seen[quick]) >= 1:
-            slope, intercept = np.polyfit(tokens_seen[quick], times[quick], 1)
+            slope, intercept = _fit_line(tokens_seen[quick], times[quick])
         self.per_token_ms = max(float(slope), 0.0)
         x, y = tokens_seen[quick], times[quick]
         self.base_ms = max(float(np.mean(y - self.per_token_ms * x)) if slope < 0 else float(intercept),
                            0.05 * float(np.min(times)))
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The least-squares slope and intercept of ``y`` on ``x`` ((n,) each, ``x`` not all equal), in closed form
+    (``np.polyfit``'s answer up to rounding, without its solver: the proposer fits two lines a step)."""
+    mean_x, mean_y = float(x.mean()), float(y.mean())
+    dx = x - mean_x
+    slope = float(dx @ (y - mean_y)) / float(dx @ dx)
+    return slope, mean_y - slope * mean_x

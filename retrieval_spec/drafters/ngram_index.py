@@ -37,7 +37,7 @@ class NgramIndex:
         self.length = 0
         # _heads[n - min_ngram, slot]: the latest end of an n-gram in the slot; _previous[n - min_ngram, end]: the
         # end before ``end`` in its chain. 0 ends a chain (no n-gram ends at position 0).
-        self._heads = np.zeros((max_ngram - min_ngram + 1, _slots_for(len(self.text))), dtype=np.int32)
+        self._heads = np.zeros((max_ngram - min_ngram + 1, _slots_for(0)), dtype=np.int32)  # sized by the text
         self._previous = np.zeros((max_ngram - min_ngram + 1, len(self.text) + 1), dtype=np.int32)
 
     def append(self, tokens: np.ndarray) -> None:
@@ -52,7 +52,8 @@ class NgramIndex:
             self._previous = previous
         self.text[old:new] = tokens
         self.length = new
-        if 2 * new > self._heads.shape[1]:  # rebuilt: every chain re-threaded over twice the slots
+        if 2 * new > self._heads.shape[1]:  # rebuilt: every chain re-threaded over twice the slots (a first long
+            # append sizes the table for itself, not for the capacity: a smaller table is fewer cache misses)
             self._heads = np.zeros((len(self._heads), _slots_for(new)), dtype=np.int32)
             old = 0
         _insert(self.text, self._heads, self._previous, self.min_ngram, old + 1, new)
