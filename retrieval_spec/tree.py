@@ -226,31 +226,13 @@ def trie_from_continuations(
         max_nodes: node budget beyond the root.
         matches: (len(continuations),) the matched context length behind each continuation (``DraftTree.matches``).
     """
-    if not continuations:
-        return DraftTree.empty(root)
-    sizes = np.array([min(len(c), len(depth_probs)) for c in continuations], dtype=np.int64)
-    return trie_from_spans(root, np.concatenate([c[:n] for c, n in zip(continuations, sizes.tolist())]), sizes,
-                           weights, depth_probs, source, max_nodes, matches)
-
-
-def trie_from_spans(
-    root: int,
-    tokens: np.ndarray,
-    sizes: np.ndarray,
-    weights: np.ndarray,
-    depth_probs: np.ndarray,
-    source: Source,
-    max_nodes: int,
-    matches: Sequence[int] | None = None,
-) -> DraftTree:
-    """:func:`trie_from_continuations` of continuations laid end to end: continuation ``i`` is the next
-    ``sizes[i]`` of ``tokens``, each at most ``len(depth_probs)``."""
-    if not len(sizes) or max_nodes <= 0:
+    if not continuations or max_nodes <= 0:
         return DraftTree.empty(root)
     tokens, parents, scores, sources, longest, depth = trie_arrays(
-        root, np.asarray(tokens, dtype=np.int32), np.asarray(sizes, dtype=np.int64),
-        np.asarray(weights, dtype=np.float64), np.asarray(depth_probs, dtype=np.float64),
-        np.zeros(len(sizes), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes,
+        root, np.concatenate(continuations).astype(np.int32, copy=False),
+        np.array([len(c) for c in continuations], dtype=np.int64), np.asarray(weights, dtype=np.float64),
+        np.asarray(depth_probs, dtype=np.float64),
+        np.zeros(len(continuations), np.int32) if matches is None else np.asarray(matches, dtype=np.int32), max_nodes,
         int(source))
     return DraftTree.trusted(tokens, parents, scores, sources, longest, depth)
 
@@ -258,9 +240,11 @@ def trie_from_spans(
 @kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), i64, view(i32), view(i64),
         view(f64), view(f64), view(i32), i64, u8)
 def trie_arrays(root, flat, lengths, weights, depth_probs, matches, max_nodes, source):
-    """:func:`trie_from_spans` (the compiled form, for kernels that build a trie). Returns the trie's tokens,
-    parents, scores, sources, matches and depths. A node's children are a linked list (few per node)."""
-    max_nodes = min(max_nodes, len(flat))  # no more nodes than tokens given
+    """:func:`trie_from_continuations` of the continuations laid end to end (continuation ``i`` is the next
+    ``lengths[i]`` tokens of ``flat``; each is cut to ``len(depth_probs)``), for kernels that build a trie. Returns
+    the trie's tokens, parents, scores, sources, matches and depths (the root alone when ``max_nodes <= 0``). A
+    node's children are a linked list (few per node)."""
+    max_nodes = max(0, min(max_nodes, len(flat)))  # no more nodes than tokens given
     tokens = np.empty(max_nodes + 1, dtype=np.int32)
     parents = np.empty(max_nodes + 1, dtype=np.int32)
     mass = np.zeros(max_nodes + 1, dtype=np.float64)
@@ -278,13 +262,14 @@ def trie_arrays(root, flat, lengths, weights, depth_probs, matches, max_nodes, s
     count = 1
     for i in np.argsort(-weights, kind="mergesort"):  # stable: heaviest first, then in order
         node, weight, match = 0, weights[i], matches[i]
-        for at in range(starts[i], starts[i + 1]):
+        end = min(starts[i + 1], starts[i] + len(depth_probs))
+        for at in range(starts[i], end):
             token = flat[at]
             child = first_child[node]
             while child >= 0 and tokens[child] != token:
                 child = next_sibling[child]
             if child < 0:  # the path leaves the trie here: the rest of it is new nodes, while the budget lasts
-                for rest in range(at, starts[i + 1]):
+                for rest in range(at, end):
                     if count > max_nodes:
                         break
                     tokens[count], parents[count], mass[count] = flat[rest], node, weight

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import retrieval_spec.drafters.registry  # noqa: F401  (every drafter's kernels declared before they compile)
+import retrieval_spec.integrations.vllm  # noqa: F401  (and the proposer's)
 from retrieval_spec.compiled import compile_all
 from retrieval_spec.drafters.base import Drafter
 from retrieval_spec.replay import CostClock, Recording, ReplayVerifier

@@ -115,8 +115,11 @@ def _insert(text, heads, previous, min_ngram, first, last):
 
 @kernel(returns(array(i64), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, view(i32), i64, i64)
 def _matches(text, length, heads, previous, min_ngram, context, max_matches, longest):
-    """:meth:`NgramIndex.copies`' starts and lengths: each suffix length's chain walked from its most recent end, longest first; then
-    each match measured back up to ``longest`` tokens and the matches stably sorted by that length."""
+    """:meth:`NgramIndex.copies`' starts and lengths: each suffix length's chain walked from its most recent end,
+    longest first; then each match measured back up to ``longest`` tokens and the matches stably sorted by that
+    length. A chain's entries of other n-grams (collisions) are skipped: on average under one a lookup, since the
+    table has twice as many slots as the text has tokens, though text made to collide could lengthen a walk up to
+    the text's length."""
     max_ngram = min_ngram + len(heads) - 1
     slots = heads.shape[1]
     starts = np.zeros(max(max_matches, 0), dtype=np.int64)
@@ -165,7 +168,7 @@ def copy_arrays(text, length, heads, previous, min_ngram, context, max_matches, 
     """:meth:`NgramIndex.copies` (the compiled form, for kernels that go on from the copies)."""
     starts, lengths = _matches(text, length, heads, previous, min_ngram, context, max_matches, longest)
     sizes = np.zeros(len(starts), dtype=np.int64)
-    tokens = np.empty(len(starts) * max(depth, 0), dtype=np.int32)
+    tokens = np.empty(len(starts) * max(min(depth, length), 0), dtype=np.int32)
     count = 0
     for j in range(len(starts)):
         at = starts[j]

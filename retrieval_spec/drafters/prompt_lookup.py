@@ -97,7 +97,8 @@ class PromptLookupDrafter(Drafter):
         if len(starts) and (lengths[0] > 1 or request not in self._breaks):
             self._follow[request] = (int(starts[0]), int(lengths[0]))
         elif request in self._breaks:
-            resumed = [at for at in self._resync(text, root, *self._breaks[request]) if at not in starts.tolist()]
+            found = starts.tolist()
+            resumed = [at for at in self._resync(text, root, *self._breaks[request]) if at not in found]
             spans = [span for span in (text.span(at, self.config.depth) for at in resumed) if len(span)]
             if spans:
                 probs = [RESYNC_PRIOR * NEXT_TOKEN_PRIOR ** np.arange(len(span)) for span in spans]
@@ -150,10 +151,11 @@ def copied_spans_trie(root: int, tokens: np.ndarray, sizes: np.ndarray, lengths:
 
     Args:
         tokens, sizes: the copied spans laid end to end (:meth:`NgramIndex.copies`), longest match first; empty
-            spans count for nothing.
+            spans count for nothing, and each is cut to ``depth``.
         lengths: (len(sizes),) int64, the matched suffix length behind each span (recorded as the nodes'
             ``matches``), non-increasing.
-        depth: the longest span.
+        depth: the longest span drafted.
+        budget: nodes beyond the root (none when ``budget <= 0``).
     """
     return DraftTree.trusted(*_span_trie(root, tokens, sizes, lengths, depth, _FIRST_TOKEN_PRIORS, NEXT_TOKEN_PRIOR,
                                          budget, int(source)))
@@ -192,8 +194,8 @@ def _span_trie(root, tokens, sizes, lengths, depth, first_priors, next_prior, bu
         if sizes[j] > 0:
             kept_sizes[k], weights[k], matches[k] = sizes[j], 2.0 ** min(lengths[j], 64), lengths[j]
             k += 1
-    probs = np.full(depth, next_prior)
-    if kept:
+    probs = np.full(max(depth, 0), next_prior)
+    if kept and depth > 0:
         probs[0] = first_priors[min(lengths[0], len(first_priors) - 1)]
     return trie_arrays(root, tokens, kept_sizes, weights, probs, matches, budget if kept else 0, source)
 

@@ -48,7 +48,7 @@ from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..compiled import array, f32, f64, i32, i64, kernel, view
+from ..compiled import array, f32, i32, i64, kernel, view
 from ..config import as_integer, as_number, as_tuple
 from ..datastore.manifest import TokenizerFingerprint, tokenizer_fingerprint
 from ..datastore.reader import Datastore
@@ -583,7 +583,7 @@ def best_path(tree: DraftTree, min_prob: float = 0.0) -> np.ndarray:
     return _best_path(tree.parents, tree.scores, min_prob)
 
 
-@kernel(array(i64), view(i32), view(f32), f64)
+@kernel(array(i64), view(i32), view(f32), f32)
 def _best_path(parents, scores, min_prob):
     """:func:`best_path` of the tree with these parents and scores."""
     best = np.full(len(parents), -1, dtype=np.int64)  # per node, its best child
@@ -593,7 +593,7 @@ def _best_path(parents, scores, min_prob):
             best[parent] = node
     path = np.empty(len(parents), dtype=np.int64)
     count, node = 0, 0
-    while best[node] >= 0 and scores[best[node]] >= min_prob:
+    while best[node] >= 0 and not scores[best[node]] < min_prob:  # in float32, as the scores
         node = best[node]
         path[count] = node
         count += 1
