@@ -95,3 +95,18 @@ def test_the_ngram_index_agrees_with_a_scan_of_its_text(shortest, longest_gram):
         assert fused_starts.tolist() == starts.tolist() and fused_lengths.tolist() == lengths.tolist()
         for name in ("tokens", "parents", "scores", "sources", "matches", "depths"):
             assert getattr(fused, name).tolist() == getattr(tree, name).tolist()
+
+
+def test_each_index_draws_its_own_hash_seed_and_finds_the_same_copies():
+    """Where n-grams land in the table is seeded per index (text cannot be made ahead of time to crowd one slot);
+    what a lookup finds never depends on it."""
+    from retrieval_spec.drafters.ngram_index import NgramIndex
+
+    text = np.random.default_rng(5).integers(0, 5, 3000).astype(np.int32)
+    first, second = NgramIndex(1, 4), NgramIndex(1, 4)
+    first.append(text)
+    second.append(text)
+    assert first.chains[2] != second.chains[2]
+    for end in range(10, 3000, 97):
+        found = [index.copies(text[:end], 8, 64, 16) for index in (first, second)]
+        assert all(np.array_equal(a, b) for a, b in zip(*found))

@@ -13,6 +13,8 @@ compiled loops: nothing for the garbage collector to walk, no per-token Python.
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 
 from ..compiled import array, i32, i64, kernel, returns, view, void
@@ -39,6 +41,9 @@ class NgramIndex:
         # end before ``end`` in its chain. 0 ends a chain (no n-gram ends at position 0).
         self._heads = np.zeros((max_ngram - min_ngram + 1, _slots_for(0)), dtype=np.int32)  # sized by the text
         self._previous = np.zeros((max_ngram - min_ngram + 1, len(self.text) + 1), dtype=np.int32)
+        # The hash's seed, drawn per index: text made to crowd one slot (and lengthen its walks) cannot be made
+        # ahead of time. Where the n-grams land never changes what a lookup finds, only how long it walks.
+        self._seed = secrets.randbits(63)
 
     def append(self, tokens: np.ndarray) -> None:
         """Extend the text and index every n-gram that now ends inside it."""
@@ -56,7 +61,7 @@ class NgramIndex:
             # append sizes the table for itself, not for the capacity: a smaller table is fewer cache misses)
             self._heads = np.zeros((len(self._heads), _slots_for(new)), dtype=np.int32)
             old = 0
-        _insert(self.text, self._heads, self._previous, self.min_ngram, old + 1, new)
+        _insert(self.text, *self.chains, self.min_ngram, old + 1, new)
 
     def copies(self, context: np.ndarray, max_matches: int, longest: int, depth: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -78,9 +83,9 @@ class NgramIndex:
                            max_matches, longest, depth)
 
     @property
-    def chains(self) -> tuple[np.ndarray, np.ndarray]:
-        """The chains' heads and links, for :func:`copy_arrays` called from other kernels."""
-        return self._heads, self._previous
+    def chains(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """The chains' heads and links and the hash's seed, for :func:`copy_arrays` called from other kernels."""
+        return self._heads, self._previous, self._seed
 
     def span(self, start: int, depth: int) -> np.ndarray:
         """Up to ``depth`` tokens from ``start``, cut before the next separator."""
@@ -94,14 +99,14 @@ def _slots_for(tokens: int) -> int:
     return max(_MIN_SLOTS, 1 << (2 * max(tokens, 1) - 1).bit_length())
 
 
-@kernel(void, view(i32), array(i32, 2), array(i32, 2), i64, i64, i64)
-def _insert(text, heads, previous, min_ngram, first, last):
+@kernel(void, view(i32), array(i32, 2), array(i32, 2), i64, i64, i64, i64)
+def _insert(text, heads, previous, seed, min_ngram, first, last):
     """Put every n-gram ending at ``first..last`` (inclusive, increasing: the latest ends up at its chain's head)
     into its chain; an n-gram holding a separator is left out."""
     max_ngram = min_ngram + len(heads) - 1
     slots = heads.shape[1]
     for end in range(first, last + 1):
-        key = np.uint64(0)
+        key = np.uint64(seed)
         for n in range(1, min(max_ngram, end) + 1):
             token = text[end - n]
             if token == SEPARATOR:  # growing to the left: every longer n-gram holds it too
@@ -113,8 +118,8 @@ def _insert(text, heads, previous, min_ngram, first, last):
                 heads[n - min_ngram, slot] = end
 
 
-@kernel(returns(array(i64), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, view(i32), i64, i64)
-def _matches(text, length, heads, previous, min_ngram, context, max_matches, longest):
+@kernel(returns(array(i64), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, i64, view(i32), i64, i64)
+def _matches(text, length, heads, previous, seed, min_ngram, context, max_matches, longest):
     """:meth:`NgramIndex.copies`' starts and lengths: each suffix length's chain walked from its most recent end,
     longest first; then each match measured back up to ``longest`` tokens and the matches stably sorted by that
     length. A chain's entries of other n-grams (collisions) are skipped: on average under one a lookup, since the
@@ -125,7 +130,7 @@ def _matches(text, length, heads, previous, min_ngram, context, max_matches, lon
     starts = np.zeros(max(max_matches, 0), dtype=np.int64)
     lengths = np.zeros(max(max_matches, 0), dtype=np.int64)
     top = min(max_ngram, len(context))
-    keys = np.zeros(top + 1, dtype=np.uint64)  # keys[n]: the hash of the context's last n tokens
+    keys = np.full(top + 1, np.uint64(seed), dtype=np.uint64)  # keys[n]: the hash of the context's last n tokens
     for n in range(1, top + 1):
         keys[n] = keys[n - 1] * np.uint64(_MULTIPLIER) + np.uint64(context[len(context) - n] + 2)
     count = 0
@@ -162,11 +167,11 @@ def _matches(text, length, heads, previous, min_ngram, context, max_matches, lon
     return starts[:count], lengths[:count]
 
 
-@kernel(returns(array(i64), array(i64), array(i32), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64,
+@kernel(returns(array(i64), array(i64), array(i32), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, i64,
         view(i32), i64, i64, i64)
-def copy_arrays(text, length, heads, previous, min_ngram, context, max_matches, longest, depth):
+def copy_arrays(text, length, heads, previous, seed, min_ngram, context, max_matches, longest, depth):
     """:meth:`NgramIndex.copies` (the compiled form, for kernels that go on from the copies)."""
-    starts, lengths = _matches(text, length, heads, previous, min_ngram, context, max_matches, longest)
+    starts, lengths = _matches(text, length, heads, previous, seed, min_ngram, context, max_matches, longest)
     sizes = np.zeros(len(starts), dtype=np.int64)
     tokens = np.empty(len(starts) * max(min(depth, length), 0), dtype=np.int32)
     count = 0

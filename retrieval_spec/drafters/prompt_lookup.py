@@ -201,12 +201,12 @@ def _span_trie(root, tokens, sizes, lengths, depth, first_priors, next_prior, bu
 
 
 @kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32), array(i64), array(i64)),
-        i64, view(i32), i64, view(i32, 2), view(i32, 2), i64, view(i32), i64, i64, i64, view(f64), f64, i64, u8)
-def _copied_trie(root, text, length, heads, previous, min_ngram, context, max_matches, longest, depth, first_priors,
-                 next_prior, budget, source):
+        i64, view(i32), i64, view(i32, 2), view(i32, 2), i64, i64, view(i32), i64, i64, i64, view(f64), f64, i64, u8)
+def _copied_trie(root, text, length, heads, previous, seed, min_ngram, context, max_matches, longest, depth,
+                 first_priors, next_prior, budget, source):
     """:func:`copied_trie`: the tree's arrays, then the copies' starts and lengths."""
-    starts, lengths, tokens, sizes = copy_arrays(text, length, heads, previous, min_ngram, context, max_matches,
-                                                 longest, depth)
+    starts, lengths, tokens, sizes = copy_arrays(text, length, heads, previous, seed, min_ngram, context,
+                                                 max_matches, longest, depth)
     tree_tokens, parents, scores, sources, matches, depths = _span_trie(root, tokens, sizes, lengths, depth,
                                                                         first_priors, next_prior, budget, source)
     return tree_tokens, parents, scores, sources, matches, depths, starts, lengths
