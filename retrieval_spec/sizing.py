@@ -1,10 +1,10 @@
 """How many draft nodes to verify: expected tokens per step against the measured cost of verifying them.
 
 Numpy (the batch's size choice a compiled pass). On a CPU one forward over 8 tokens costs about twice one decoding
-step; on a GPU nearly the same as one. The curve is measured on the machine (the verifier's prior: ``costs.py`` probes a model), never
-assumed, then learned from every real step (:class:`CostModel`). :class:`Sizer` is the one place that decides
-a step's size: the cut of the candidates, the padding, the explorations, the look-ahead branch and the speed
-guard.
+step; on a GPU nearly the same as one. The curve is measured on the machine (the verifier's prior: ``costs.py``
+probes a model), never assumed, then learned from every real step (:class:`CostModel`). :class:`Sizer` is the one
+place that decides a step's size: the cut of the candidates, the padding, the explorations, the look-ahead branch
+and the speed guard.
 """
 
 from __future__ import annotations

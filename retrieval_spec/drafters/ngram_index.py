@@ -89,9 +89,7 @@ class NgramIndex:
 
     def span(self, start: int, depth: int) -> np.ndarray:
         """Up to ``depth`` tokens from ``start``, cut before the next separator."""
-        piece = self.text[start : min(start + depth, self.length)]
-        cut = np.flatnonzero(piece == SEPARATOR)
-        return piece[: cut[0]] if len(cut) else piece
+        return self.text[start : _span_end(self.text, self.length, start, depth)]
 
 
 def _slots_for(tokens: int) -> int:
@@ -116,6 +114,16 @@ def _insert(text, heads, previous, seed, min_ngram, first, last):
                 slot = hash_slot(np.int64(key), slots)
                 previous[n - min_ngram, end] = heads[n - min_ngram, slot]
                 heads[n - min_ngram, slot] = end
+
+
+@kernel(i64, view(i32), i64, i64, i64)
+def _span_end(text, length, start, depth):
+    """Where the span of up to ``depth`` tokens from ``start`` ends (exclusive): before the next separator, at the
+    text's end at the latest."""
+    end = start
+    while end < min(start + depth, length) and text[end] != SEPARATOR:
+        end += 1
+    return end
 
 
 @kernel(returns(array(i64), array(i64)), view(i32), i64, view(i32, 2), view(i32, 2), i64, i64, view(i32), i64, i64)
@@ -176,10 +184,7 @@ def copy_arrays(text, length, heads, previous, seed, min_ngram, context, max_mat
     tokens = np.empty(len(starts) * max(min(depth, length), 0), dtype=np.int32)
     count = 0
     for j in range(len(starts)):
-        at = starts[j]
-        while at < min(starts[j] + depth, length) and text[at] != SEPARATOR:
-            tokens[count] = text[at]
-            count += 1
-            at += 1
-        sizes[j] = at - starts[j]
+        sizes[j] = _span_end(text, length, starts[j], depth) - starts[j]
+        tokens[count : count + sizes[j]] = text[starts[j] : starts[j] + sizes[j]]
+        count += sizes[j]
     return starts, lengths, tokens[:count], sizes
