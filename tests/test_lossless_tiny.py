@@ -13,6 +13,7 @@ from retrieval_spec.drafters.prompt_lookup import PromptLookupDrafter
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
+from retrieval_spec import verify
 from retrieval_spec.sizing import CostCurve
 
 FREE = CostCurve.flat(64)  # verify everything drafted
@@ -121,6 +122,24 @@ def test_the_first_tree_rides_on_the_prefill(model):
             assert chunks[0] > 1 and len(forwards) < 20
         else:
             assert chunks[0] == 1
+
+
+def test_a_long_prompt_s_branching_first_tree_runs_after_the_prompt(model, monkeypatch):
+    """From ``SPLIT_PREFILL_AT`` tokens a branching first tree gets a forward of its own after the prompt's causal
+    one (cheaper than a mask over the whole prompt): the same reply as plain greedy, one forward more."""
+    monkeypatch.setattr(verify, "SPLIT_PREFILL_AT", 2)
+    prompt = prompts(5, 1)[0]
+    expected = plain_greedy(model, prompt, 20)
+    generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(expected, len(prompt), 96, True)],
+                                     cost_curve=FREE)
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        result = generator.generate(prompt, GenerationConfig(max_new_tokens=20))
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(result.tokens, expected)
+    assert len(forwards) == result.stats.steps + 1 < 20
 
 
 def test_eos_stops_like_generate():

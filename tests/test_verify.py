@@ -14,6 +14,7 @@ from conftest import tiny_model
 from retrieval_spec.config import GenerationConfig
 from retrieval_spec.tree import DraftTree, Source, trie_from_continuations
 from retrieval_spec.verifier import PhaseTimer, RowDraft
+from retrieval_spec import verify
 from retrieval_spec.verify import ModelVerifier
 
 FAMILIES = ["llama", "mistral", "gemma2", "gpt2", "qwen2-sliding"]
@@ -56,8 +57,12 @@ def test_a_batch_of_trees_gets_the_logits_of_plain_forwards(kind):
             torch.testing.assert_close(logits[b, node].float(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one forward", "after the context's"])
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_a_tree_in_the_prefill_gets_the_logits_of_plain_forwards(kind):
+def test_a_tree_in_the_prefill_gets_the_logits_of_plain_forwards(kind, split, monkeypatch):
+    """In the prompt's forward, or (a long prompt's) in a forward of its own after the prompt's causal one."""
+    if split:
+        monkeypatch.setattr(verify, "SPLIT_PREFILL_AT", 16)  # the 16 tokens before the root are a long prompt
     model = tiny_model(kind)
     rng = np.random.default_rng(1)
     context = rng.integers(0, 96, 17).astype(np.int32)
