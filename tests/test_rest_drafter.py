@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from retrieval_spec.builders.build import build_index_from_tokens
 from retrieval_spec.datastore.manifest import TokenizerFingerprint
 from retrieval_spec.datastore.reader import Datastore
-from retrieval_spec.drafters.rest import RestDrafter, match_prior
+from retrieval_spec.drafters.rest import RestDrafter, _most_frequent_trie, match_prior
 from retrieval_spec.tree import DraftTree, Source
 
 FINGERPRINT = TokenizerFingerprint(name="fake", vocab_size=6, sha256="f" * 64)
@@ -90,6 +90,29 @@ def test_the_most_frequent_continuation_comes_first(tmp_path: Path):
     tree = drafter.propose(0, np.array([3, 0, 1], dtype=np.int32), budget=3)
     assert paths(tree) == [[2], [2, 3], [2, 4]]
     assert tree.scores[2:].tolist() == pytest.approx([match_prior(2) * 2 / 3, match_prior(2) / 3])
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(-1, 3), min_size=5, max_size=5), min_size=1, max_size=40),
+       budget=st.integers(1, 30), matched=st.integers(1, 12))
+def test_the_trie_keeps_the_most_frequent_prefixes_then_the_shallower_then_the_first_sorted(rows, budget, matched):
+    """The compiled trie against its definition: every prefix of a row (cut at its first negative token) is a node
+    counted by the rows through it; the ``budget`` best by (count descending, depth, prefix) are kept, scored by
+    their share of the rows times the match's prior."""
+    continuations = np.array(rows, dtype=np.int32)
+    counts: dict[tuple[int, ...], int] = {}
+    for row in rows:
+        cut = row[: row.index(-1)] if -1 in row else row
+        for end in range(1, len(cut) + 1):
+            counts[tuple(cut[:end])] = counts.get(tuple(cut[:end]), 0) + 1
+    best = sorted(counts, key=lambda prefix: (-counts[prefix], len(prefix), prefix))[:budget]
+    tree = _most_frequent_trie(9, continuations, budget, matched)
+    assert [tuple(path) for path in paths(tree)] == best
+    np.testing.assert_allclose(tree.scores[1:], [counts[p] * match_prior(matched) / len(rows) for p in best],
+                               rtol=1e-6)
+    assert set(tree.sources[1:].tolist()) <= {int(Source.CORPUS)} and set(tree.matches[1:].tolist()) <= {matched}
+    DraftTree(tree.tokens, tree.parents, tree.scores, tree.sources, tree.matches)  # every invariant holds
+    assert tree.depths.tolist() == [0] + [len(p) for p in best]
 
 
 def test_nothing_is_drafted_when_nothing_matches(tmp_path: Path):

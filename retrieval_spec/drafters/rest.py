@@ -13,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..compiled import array, f32, f64, i32, i64, kernel, returns, view
 from ..datastore.reader import Datastore
-from ..tree import DraftTree, Source
+from ..tree import DraftTree, Source, hash_slot
 from .base import Drafter, RequestId
 
 
@@ -92,37 +93,83 @@ class RestDrafter(Drafter):
 
 
 def _most_frequent_trie(root: int, continuations: np.ndarray, budget: int, matched: int) -> DraftTree:
-    """The ``budget`` most frequent nodes of the trie of ``continuations`` ((k, depth) int32, -1 padded), after a
-    match of ``matched`` tokens.
-
-    Sorting the rows makes every trie node a run of consecutive rows at its depth, so nodes are counted
-    without a Python loop. A parent is at least as frequent as its child and shallower, so ranking nodes by
-    (count descending, depth) keeps every chosen node's parent and lists parents first.
-    """
-    num_rows, depth = continuations.shape
-    rows = continuations[np.lexsort(continuations.T[::-1])]
-    opens = np.ones((num_rows, depth), dtype=bool)  # row r starts a node at depth d: its prefix differs from r-1's
-    opens[1:] = np.logical_or.accumulate(rows[1:] != rows[:-1], axis=1)
-    # Read depth by depth: each depth begins with a node at row 0, so a node's count is the gap to the next.
-    flat_opens = opens.T.ravel()
-    starts = np.flatnonzero(flat_opens)  # (num_nodes,) flat index depth * num_rows + row of each node
-    num_nodes = len(starts)
-    counts = np.append(starts[1:], depth * num_rows) - starts
-    tokens = rows.T.ravel()[starts]
-    node_depth = starts // num_rows
-    node_of = np.cumsum(flat_opens) - 1  # the node that each (depth, row) belongs to
-    # A node's parent holds the same row one depth up; depth-0 nodes point at slot num_nodes, the root.
-    parents = np.where(node_depth > 0, node_of[starts - num_rows], num_nodes)
-    candidates = np.flatnonzero(tokens >= 0)  # -1: the document ended before this depth
-    chosen = candidates[np.lexsort((node_depth[candidates], -counts[candidates]))[:budget]]
-    if len(chosen) == 0:
+    """The ``budget`` most frequent nodes of the trie of ``continuations`` ((k, depth) int32, each row cut at its
+    first negative token: -1 where its document ended), after a match of ``matched`` tokens: by count, then the
+    shallower, then the prefix that sorts first. A parent is at least as frequent as its child and shallower, so
+    every chosen node's parent is chosen, before it. A node's score is the share of the rows through it times
+    :func:`match_prior` (``matched``). One compiled call (:func:`_frequent_trie`)."""
+    tokens, parents, scores, depths = _frequent_trie(root, continuations, budget,
+                                                     match_prior(matched) / len(continuations))
+    if len(tokens) == 1:
         return DraftTree.empty(root)
-    tree_index = np.zeros(num_nodes + 1, dtype=np.int32)
-    tree_index[chosen] = np.arange(1, len(chosen) + 1)
-    return DraftTree(
-        tokens=np.concatenate(([root], tokens[chosen])).astype(np.int32),
-        parents=np.concatenate(([-1], tree_index[parents[chosen]])).astype(np.int32),
-        scores=np.concatenate(([1.0], counts[chosen] * (match_prior(matched) / num_rows))).astype(np.float32),
-        sources=np.array([Source.ROOT] + [Source.CORPUS] * len(chosen), dtype=np.uint8),
-        matches=np.concatenate(([0], np.full(len(chosen), matched))).astype(np.int32),
-    )
+    sources = np.full(len(tokens), Source.CORPUS, dtype=np.uint8)
+    sources[0] = Source.ROOT
+    matches = np.full(len(tokens), matched, dtype=np.int32)
+    matches[0] = 0
+    return DraftTree.trusted(tokens, parents, scores, sources, matches, depths)
+
+
+@kernel(returns(array(i32), array(i32), array(f32), array(i32)), i64, view(i32, 2), i64, f64)
+def _frequent_trie(root, continuations, budget, share):
+    """:func:`_most_frequent_trie`'s tree: tokens, parents, scores (count times ``share``) and depths. The rows are
+    counted into a trie through an open-addressing table of (parent, token) keys; each depth's nodes are ranked by
+    their prefix (the parent's rank, then the token), and the nodes are chosen by (count descending, depth, that
+    rank)."""
+    num_rows, depth = continuations.shape
+    most = num_rows * depth
+    capacity = 2
+    while capacity < 2 * most:
+        capacity *= 2
+    keys = np.full(capacity, -1, dtype=np.int64)
+    values = np.empty(capacity, dtype=np.int32)
+    token_of = np.empty(most, dtype=np.int64)
+    parent_of = np.empty(most, dtype=np.int64)  # -1: the root
+    depth_of = np.empty(most, dtype=np.int64)
+    count = np.zeros(most, dtype=np.int64)
+    n = 0
+    for row in range(num_rows):
+        parent = -1
+        for d in range(depth):
+            token = continuations[row, d]
+            if token < 0:
+                break
+            key = (np.int64(parent + 1) << 32) | np.int64(token)
+            slot = hash_slot(key, capacity)
+            while keys[slot] != -1 and keys[slot] != key:
+                slot = (slot + 1) & (capacity - 1)
+            if keys[slot] == -1:
+                keys[slot], values[slot] = key, n
+                token_of[n], parent_of[n], depth_of[n] = token, parent, d
+                n += 1
+            node = values[slot]
+            count[node] += 1
+            parent = node
+    rank = np.zeros(n, dtype=np.int64)  # a node's place among its depth's nodes, by prefix
+    for d in range(depth):
+        members = np.flatnonzero(depth_of[:n] == d)
+        order = np.empty(len(members), dtype=np.int64)
+        for j in range(len(members)):
+            node = members[j]
+            order[j] = ((rank[parent_of[node]] if parent_of[node] >= 0 else 0) << 32) | token_of[node]
+        ranked = members[np.argsort(order)]
+        for j in range(len(ranked)):
+            rank[ranked[j]] = j
+    priority = np.empty(n, dtype=np.int64)
+    for node in range(n):
+        priority[node] = ((num_rows - count[node]) * depth + depth_of[node]) * (n + 1) + rank[node]
+    chosen = np.argsort(priority)[: max(min(budget, n), 0)]
+    m = len(chosen) + 1
+    tokens = np.empty(m, dtype=np.int32)
+    parents = np.empty(m, dtype=np.int32)
+    scores = np.empty(m, dtype=np.float32)
+    depths = np.empty(m, dtype=np.int32)
+    tokens[0], parents[0], scores[0], depths[0] = root, -1, 1.0, 0
+    index = np.zeros(n, dtype=np.int32)  # each chosen node's place in the tree
+    for j in range(len(chosen)):
+        node = chosen[j]
+        index[node] = j + 1
+        tokens[j + 1] = token_of[node]
+        parents[j + 1] = index[parent_of[node]] if parent_of[node] >= 0 else 0
+        scores[j + 1] = np.float32(np.float64(count[node]) * share)
+        depths[j + 1] = depth_of[node] + 1
+    return tokens, parents, scores, depths
