@@ -375,6 +375,33 @@ def hash_slot(key: int, slots: int) -> int:
     return np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(shift)) if shift < 64 else 0
 
 
+@kernel(returns(array(i64), array(i32)), i64)
+def node_table(entries):
+    """An empty open-addressing table of (parent, token) keys for up to ``entries`` nodes: ``keys`` (-1: an empty
+    slot) and each key's node in ``values``, over a power of two of at least twice ``entries`` slots."""
+    capacity = 2
+    while capacity < 2 * entries:
+        capacity *= 2
+    return np.full(capacity, -1, dtype=np.int64), np.empty(capacity, dtype=np.int32)
+
+
+@kernel(i64, i64, i64)
+def node_key(parent, token):
+    """The key of ``token`` under ``parent`` in a :func:`node_table` (distinct per pair for a parent in [0, 2**31)
+    and any token, even a hostile one)."""
+    return (np.int64(parent) << 32) | (np.int64(token) & 0xFFFFFFFF)
+
+
+@kernel(i64, view(i64), i64)
+def node_slot(keys, key):
+    """The slot of :func:`node_table`'s ``keys`` that holds ``key``, or the empty one where it goes (linear
+    probing)."""
+    slot = hash_slot(key, len(keys))
+    while keys[slot] != -1 and keys[slot] != key:
+        slot = (slot + 1) & (len(keys) - 1)
+    return slot
+
+
 @kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32), array(i32)), view(i32), view(i32),
         view(f32), view(u8), view(i32), view(i64))
 def _merge(tokens, parents, scores, sources, matches, starts):
@@ -382,11 +409,7 @@ def _merge(tokens, parents, scores, sources, matches, starts):
     it). The first is taken whole (a trie already); each node of the others maps to the merged node of its
     parent's image and its token, found in an open-addressing table of (parent, token) keys."""
     total = len(tokens)
-    capacity = 2
-    while capacity < 2 * total:
-        capacity *= 2
-    keys = np.full(capacity, -1, dtype=np.int64)
-    values = np.empty(capacity, dtype=np.int32)
+    keys, values = node_table(total)
     out_tokens = np.empty(total, dtype=np.int32)
     out_parents = np.empty(total, dtype=np.int32)
     estimates = np.empty(total, dtype=np.float64)  # each node's conditional estimate: score over parent's, <= 1
@@ -408,10 +431,8 @@ def _merge(tokens, parents, scores, sources, matches, starts):
             above = np.float64(scores[first + parents[i]])
             estimate = min(np.float64(scores[i]) / above, 1.0) if above > 0 else 0.0
             parent = mapped[first + parents[i]]
-            key = (np.int64(parent) << 32) | (np.int64(tokens[i]) & 0xFFFFFFFF)  # any token, even a hostile one
-            slot = hash_slot(key, capacity)
-            while keys[slot] != -1 and keys[slot] != key:
-                slot = (slot + 1) & (capacity - 1)
+            key = node_key(parent, tokens[i])
+            slot = node_slot(keys, key)
             if keys[slot] == -1:  # a new node
                 keys[slot], values[slot] = key, count
                 out_tokens[count], out_parents[count], estimates[count] = tokens[i], parent, estimate

@@ -20,6 +20,16 @@ FREE = CostCurve.flat(64)  # verify everything drafted
 CPU_LIKE = CostCurve(sizes=np.array([1, 2, 4, 8, 16, 64]), ms=np.array([45.0, 63, 90, 95, 104, 180]))
 
 
+def forwards_of(model, call):
+    """``call()``'s result and the number of forwards of ``model`` it ran."""
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    try:
+        return call(), len(forwards)
+    finally:
+        hook.remove()
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
 def model(request):
     return tiny_model(request.param)
@@ -90,14 +100,9 @@ def test_no_drafter_is_plain_decoding_forward_for_forward(model):
     prompt = prompts(3, 1)[0]
     generator = SpeculativeGenerator(model, StubTokenizer(), [])
     generator.generate(prompt, GenerationConfig(max_new_tokens=2))  # the cost curve is probed (or read) first
-    forwards = []
-    hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
-    try:
-        result = generator.generate(prompt, GenerationConfig(max_new_tokens=20))
-    finally:
-        hook.remove()
+    result, forwards = forwards_of(model, lambda: generator.generate(prompt, GenerationConfig(max_new_tokens=20)))
     np.testing.assert_array_equal(result.tokens, plain_greedy(model, prompt, 20))
-    assert result.stats.steps == 20 and len(forwards) == 20
+    assert result.stats.steps == 20 and forwards == 20
 
 
 def test_the_first_tree_rides_on_the_prefill(model):
@@ -109,17 +114,14 @@ def test_the_first_tree_rides_on_the_prefill(model):
     for right in (True, False):
         generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(expected, len(prompt), 96, right)],
                                          cost_curve=FREE)
-        chunks, forwards = [], []
-        hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
-        try:
-            result = generator.generate_batch([prompt], GenerationConfig(max_new_tokens=20),
-                                              on_tokens=lambda row, tokens: chunks.append(len(tokens))).rows[0]
-        finally:
-            hook.remove()
+        chunks = []
+        batch, forwards = forwards_of(model, lambda: generator.generate_batch(
+            [prompt], GenerationConfig(max_new_tokens=20), on_tokens=lambda row, tokens: chunks.append(len(tokens))))
+        result = batch.rows[0]
         np.testing.assert_array_equal(result.tokens, expected)
-        assert result.stats.drafted_nodes > 0 and len(forwards) == result.stats.steps
+        assert result.stats.drafted_nodes > 0 and forwards == result.stats.steps
         if right:
-            assert chunks[0] > 1 and len(forwards) < 20
+            assert chunks[0] > 1 and forwards < 20
         else:
             assert chunks[0] == 1
 
@@ -132,14 +134,9 @@ def test_a_long_prompt_s_branching_first_tree_runs_after_the_prompt(model, monke
     expected = plain_greedy(model, prompt, 20)
     generator = SpeculativeGenerator(model, StubTokenizer(), [OracleDrafter(expected, len(prompt), 96, True)],
                                      cost_curve=FREE)
-    forwards = []
-    hook = model.register_forward_hook(lambda module, args, output: forwards.append(1))
-    try:
-        result = generator.generate(prompt, GenerationConfig(max_new_tokens=20))
-    finally:
-        hook.remove()
+    result, forwards = forwards_of(model, lambda: generator.generate(prompt, GenerationConfig(max_new_tokens=20)))
     np.testing.assert_array_equal(result.tokens, expected)
-    assert len(forwards) == result.stats.steps + 1 < 20
+    assert forwards == result.stats.steps + 1 < 20
 
 
 def test_eos_stops_like_generate():

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..compiled import array, f32, f64, i32, i64, kernel, returns, view
 from ..datastore.reader import Datastore
-from ..tree import DraftTree, Source, hash_slot
+from ..tree import DraftTree, Source, node_key, node_slot, node_table
 from .base import Drafter, RequestId
 
 
@@ -112,16 +112,12 @@ def _most_frequent_trie(root: int, continuations: np.ndarray, budget: int, match
 @kernel(returns(array(i32), array(i32), array(f32), array(i32)), i64, view(i32, 2), i64, f64)
 def _frequent_trie(root, continuations, budget, share):
     """:func:`_most_frequent_trie`'s tree: tokens, parents, scores (count times ``share``) and depths. The rows are
-    counted into a trie through an open-addressing table of (parent, token) keys; each depth's nodes are ranked by
+    counted into a trie through a :func:`~retrieval_spec.tree.node_table`; each depth's nodes are ranked by
     their prefix (the parent's rank, then the token), and the nodes are chosen by (count descending, depth, that
     rank)."""
     num_rows, depth = continuations.shape
     most = num_rows * depth
-    capacity = 2
-    while capacity < 2 * most:
-        capacity *= 2
-    keys = np.full(capacity, -1, dtype=np.int64)
-    values = np.empty(capacity, dtype=np.int32)
+    keys, values = node_table(most)
     token_of = np.empty(most, dtype=np.int64)
     parent_of = np.empty(most, dtype=np.int64)  # -1: the root
     depth_of = np.empty(most, dtype=np.int64)
@@ -133,10 +129,8 @@ def _frequent_trie(root, continuations, budget, share):
             token = continuations[row, d]
             if token < 0:
                 break
-            key = (np.int64(parent + 1) << 32) | np.int64(token)
-            slot = hash_slot(key, capacity)
-            while keys[slot] != -1 and keys[slot] != key:
-                slot = (slot + 1) & (capacity - 1)
+            key = node_key(parent + 1, token)  # the root is -1 here
+            slot = node_slot(keys, key)
             if keys[slot] == -1:
                 keys[slot], values[slot] = key, n
                 token_of[n], parent_of[n], depth_of[n] = token, parent, d
