@@ -30,6 +30,27 @@ def test_a_probe_times_every_size_and_leaves_the_verifier_ready(cache):
     assert verifier.cache.lengths.tolist() == [QUICK.context_len]  # rolled back after every timed forward
 
 
+def test_a_burst_of_load_costs_no_size_all_its_runs(cache, monkeypatch):
+    """Another process takes the machine for as many forwards in a row as each size is timed: the sizes take turns,
+    so every size keeps a quick run and the curve is the machine's (timed back to back, the third size's runs, the
+    10th to 12th forwards, would all carry the burst)."""
+    verifier = ModelVerifier(tiny_model("llama"))
+    probe = CostProbe(sizes=(1, 2, 3, 4, 5), context_len=16, repeats=3)
+    now, calls = [0.0], [0]
+    verify = verifier.verify
+
+    def slow_verify(rows, run, timer):
+        calls[0] += 1
+        now[0] += 100.0 if 10 <= calls[0] < 10 + probe.repeats else 1.0  # seconds of a fake clock
+        return verify(rows, run, timer)
+
+    monkeypatch.setattr(verifier, "verify", slow_verify)
+    monkeypatch.setattr(costs, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    curve = measure_cost_curve(verifier, probe)
+    assert calls[0] == len(probe.sizes) * (probe.repeats + 1)
+    assert curve.ms.tolist() == [1000.0] * len(probe.sizes)
+
+
 def test_curves_are_stored_per_batch_size_and_read_back_until_damaged(cache):
     verifier = ModelVerifier(tiny_model("llama"))
     first = cached_cost_curve(verifier, QUICK)
