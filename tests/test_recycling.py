@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import zip_longest
+
 import numpy as np
 import pytest
 
-from retrieval_spec.drafters.recycling import RecyclingConfig, RecyclingDrafter
+from retrieval_spec.drafters.recycling import RecyclingConfig, RecyclingDrafter, _root_row
 from retrieval_spec.errors import DatastoreFormatError, TokenizerMismatchError
-from retrieval_spec.tree import DraftTree, StepFeedback, depths
+from retrieval_spec.tree import DraftTree, Source, StepFeedback, depths
 
 
 def feedback(tokens, parents, top):
@@ -151,6 +153,38 @@ def test_the_roots_children_take_turns_with_the_other_top_tokens_where_the_root_
     off.table[1], off.known[1] = [7, 8, 9], True
     off.observe("r", feedback([3], [-1], [[1, 4, 7]]))
     assert off.propose("r", np.array([3, 1], np.int32), 8).tokens[1:].tolist() == [7, 8, 9]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_roots_row_takes_turns_as_defined(seed):
+    """The compiled root row against its definition, on random tables and top tokens: the remembered first, then the
+    other remembered successors and the step's other top tokens taking turns, each once, padded with the first; the
+    root's children that only the top tokens offered are nodes of their own source."""
+    rng = np.random.default_rng(seed)
+    vocab = 10
+    drafter = RecyclingDrafter(vocab, RecyclingConfig(k=4, shape=(4,)))
+    drafter.table[:] = rng.integers(0, vocab, drafter.table.shape)
+    drafter.known[:] = rng.random(vocab) < 0.6
+    for _ in range(30):
+        root, before = int(rng.integers(0, vocab)), int(rng.integers(-1, vocab))
+        top = rng.integers(0, vocab, int(rng.integers(0, 6))).astype(np.int32)
+        chosen = int(rng.choice(top)) if len(top) and rng.random() < 0.8 else -1
+        extra = top[top != chosen]
+        found = drafter.successors(before, root)
+        remembered = [] if found is None else found.tolist()
+        turns = remembered[:1] + [t for pair in zip_longest(remembered[1:], extra.tolist()) for t in pair
+                                  if t is not None]
+        merged = list(dict.fromkeys(turns))[:4] if len(extra) else remembered
+        row, offered = _root_row(before, root, drafter.table, drafter.known, drafter.pair_keys, drafter.pair_rows,
+                                 top, chosen)
+        assert row.tolist() == (merged + merged[:1] * (4 - len(merged)) if merged else [])
+        assert offered.tolist() == (sorted(set(merged) - set(remembered)) if len(extra) else [])
+        drafter._next_next["r"] = (top, chosen)
+        tree = drafter.propose("r", np.array([root] if before < 0 else [before, root], np.int32), 8)
+        children = tree.parents == 0
+        assert tree.tokens[children].tolist() == list(dict.fromkeys(row.tolist()))
+        np.testing.assert_array_equal(tree.sources[children] == Source.NEXT_NEXT,
+                                      np.isin(tree.tokens[children], offered))
 
 
 def frontier_walk(drafter, before, root, first, budget):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import heapq
 from dataclasses import dataclass
-from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +82,8 @@ class RecyclingDrafter(Drafter):
         self.pair_keys = np.zeros(config.pair_slots, dtype=np.int64)
         self.pair_rows = np.zeros((config.pair_slots, config.k), dtype=np.int32)
         self._before_root: dict[RequestId, int] = {}  # per request: the token before its last proposal's root
-        # Per request: the target's other top tokens where it chose the newest token (config.next_next).
-        self._next_next: dict[RequestId, list[int]] = {}
+        # Per request: the target's (k,) top tokens where it chose the newest token, and that token (next_next).
+        self._next_next: dict[RequestId, tuple[np.ndarray, int]] = {}
         self._shape = shape_order(config.shape, config.rank_probs)
 
     def finish(self, request: RequestId) -> None:
@@ -98,32 +97,19 @@ class RecyclingDrafter(Drafter):
 
     def propose(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
         """The shape's nodes most likely first (:func:`shape_order`), each filled with its rank in its parent's
-        successors; a node whose parent has none, or that repeats a sibling, is left out with its subtree."""
+        successors; a node whose parent has none, or that repeats a sibling, is left out with its subtree. The
+        root's candidate children (:func:`_root_row`) also take the step's other top tokens (``next_next``)."""
         root = int(context[-1])
         before = int(context[-2]) if len(context) > 1 else -1
         self._before_root[request] = before
-        first, next_next = self._root_row(request, before, root)
-        if budget <= 0 or first is None:
+        if budget <= 0:
             return DraftTree.empty(root)
         tokens, parents, scores, sources, depths = _walk(
-            first, before, root, self.table, self.known, self.pair_keys, self.pair_rows, *self._shape, budget,
-            np.array(sorted(next_next), dtype=np.int64), int(self.source))
+            before, root, self.table, self.known, self.pair_keys, self.pair_rows, *self._shape, budget,
+            *(self._next_next.get(request, _NO_EXTRA) if self.config.next_next else _NO_EXTRA), int(self.source))
+        if len(tokens) == 1:
+            return DraftTree.empty(root)
         return DraftTree.trusted(tokens, parents, scores, sources, depths=depths)
-
-    def _root_row(self, request: RequestId, before: int, root: int) -> tuple[np.ndarray | None, frozenset[int]]:
-        """(k,) the root's candidate children by rank: its remembered most likely successor, then its other
-        remembered successors and (``next_next``) the other top tokens of the step that chose it, taking turns, each
-        once (repeats of the first fill the row: the walk skips them), or None when there are none; and the tokens
-        of the row that only the step's top tokens offered."""
-        row = self.successors(before, root)
-        extra = self._next_next.get(request) if self.config.next_next else None
-        if not extra:
-            return row, frozenset()
-        remembered = [] if row is None else row.tolist()
-        turns = remembered[:1] + [t for pair in zip_longest(remembered[1:], extra) for t in pair if t is not None]
-        merged = list(dict.fromkeys(turns))[: self.config.k]
-        return (np.array(merged + merged[:1] * (self.config.k - len(merged)), dtype=np.int32),
-                frozenset(merged) - frozenset(remembered))
 
     def observe(self, request: RequestId, feedback: StepFeedback) -> None:
         """Overwrite the rows of every node whose top-k the verifier reported (``feedback.top_nodes``), and of its
@@ -138,8 +124,7 @@ class RecyclingDrafter(Drafter):
             chose = feedback.accepted_nodes[len(feedback.new_tokens) - 1]  # where the last new token was chosen
             at = int(np.searchsorted(nodes, chose))
             if at < len(nodes) and nodes[at] == chose:
-                last = int(feedback.new_tokens[-1])
-                self._next_next[request] = [t for t in top[at, : self.config.k].tolist() if t != last]
+                self._next_next[request] = (top[at, : self.config.k], int(feedback.new_tokens[-1]))
         _learn_rows(self.table, self.known, self.pair_keys, self.pair_rows, tree.tokens, tree.parents,
                     np.asarray(nodes, dtype=np.int64), top, self.config.k, self._before_root.get(request, -1))
 
@@ -178,6 +163,7 @@ class RecyclingDrafter(Drafter):
 
 _TOKEN_ROW, _NO_ROW = -1, -2  # what _lookup answers when the pair is not in the pairs table
 _NEXT_NEXT = int(Source.NEXT_NEXT)  # a plain int inside the compiled walk
+_NO_EXTRA = (np.zeros(0, dtype=np.int32), -1)  # no top tokens where the root was chosen
 
 
 @kernel(i64, i64, i64)
@@ -215,18 +201,67 @@ def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before
         rows[slot] = top[i, :k]
 
 
-@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32)), view(i32), i64, i64, view(i32, 2),
-        view(boolean), view(i64), view(i32, 2), view(i64), view(f32), view(i64), view(i32), i64, view(i64), u8)
-def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slot_parents, slot_depths, budget,
-          next_next, source):
+@kernel(i64, array(i32), i64, i64, i64)
+def _add_once(turns, count, candidate, k):
+    """Append ``candidate`` to the first ``count`` of ``turns`` unless it is there or ``k`` are; the new count."""
+    if count == k:
+        return count
+    for j in range(count):
+        if turns[j] == candidate:
+            return count
+    turns[count] = candidate
+    return count + 1
+
+
+@kernel(returns(array(i32), array(i32)), i64, i64, view(i32, 2), view(boolean), view(i64), view(i32, 2), view(i32),
+        i64)
+def _root_row(before, root, table, known, keys, rows, top, chosen):
+    """(k,) the root's candidate children by rank, or none (an empty array): its remembered successors
+    (:func:`_lookup`), and where the step chose the root (``chosen``) among top tokens ``top`` (empty: unknown) the
+    remembered first, then the other remembered successors and the other top tokens taking turns, each once
+    (repeats of the first fill the row: the walk skips them); and, sorted, the tokens of the row that only the top
+    tokens offered."""
+    k = table.shape[1]
+    found = _lookup(keys, known, before, root)
+    remembered = np.empty(0 if found == _NO_ROW else k, dtype=np.int32)
+    if found >= 0:
+        remembered[:] = rows[found]
+    elif found == _TOKEN_ROW:
+        remembered[:] = table[root]
+    extra = top[top != chosen]
+    if len(extra) == 0:
+        return remembered, np.empty(0, dtype=np.int32)
+    turns = np.empty(k, dtype=np.int32)
+    count = 0
+    for i in range(max(len(remembered), len(extra) + 1)):
+        if i < len(remembered):
+            count = _add_once(turns, count, remembered[i], k)
+        if 1 <= i <= len(extra):
+            count = _add_once(turns, count, extra[i - 1], k)
+    turns[count:] = turns[0]
+    offered = np.empty(count, dtype=np.int32)
+    only = 0
+    for j in range(count):
+        if not np.any(remembered == turns[j]):
+            offered[only] = turns[j]
+            only += 1
+    return turns, np.sort(offered[:only])
+
+
+@kernel(returns(array(i32), array(i32), array(f32), array(u8), array(i32)), i64, i64, view(i32, 2), view(boolean),
+        view(i64), view(i32, 2), view(i64), view(f32), view(i64), view(i32), i64, view(i32), i64, u8)
+def _walk(before, root, table, known, keys, rows, ranks, slot_scores, slot_parents, slot_depths, budget, top, chosen,
+          source):
     """The drafted tree: the shape's slots in order (most likely first), each placed as the token of its rank in its
     parent's successors unless its parent was not placed, has none, or an earlier rank holds the same token; until
-    ``budget`` nodes are placed. The successors of a node: its pair's row in the pairs table, else its token's row
-    when known (none for a token outside the table). Returns the tree's tokens, parents, scores (the slots'), sources
-    (``source``, but the root's children that only the step's top tokens offered, ``next_next`` (sorted), are
-    :data:`Source.NEXT_NEXT`) and depths."""
+    ``budget`` nodes are placed. The successors of the root: :func:`_root_row`; of another node: its pair's row in
+    the pairs table, else its token's row when known (none for a token outside the table). Returns the tree's
+    tokens, parents, scores (the slots'), sources (``source``, but the root's children that only the top tokens
+    where the root was chosen, ``top``, offered are :data:`Source.NEXT_NEXT`) and depths; the root alone when it
+    has no successors."""
     k = table.shape[1]
-    budget = min(budget, len(ranks) - 1)  # no more nodes than the shape has
+    first, next_next = _root_row(before, root, table, known, keys, rows, top, chosen)
+    budget = min(budget, len(ranks) - 1) if len(first) else 0  # no more nodes than the shape has
     node_of = np.full(len(ranks), -1, dtype=np.int32)
     node_of[0] = 0
     tokens = np.empty(budget + 1, dtype=np.int32)
@@ -235,7 +270,8 @@ def _walk(first, before, root, table, known, keys, rows, ranks, slot_scores, slo
     successors = np.empty((budget + 1, k), dtype=np.int32)
     state = np.zeros(budget + 1, dtype=np.int8)  # 0: successors not looked up yet, 1: found, -1: none
     tokens[0], parents[0] = root, -1
-    successors[0] = first
+    if len(first):
+        successors[0] = first
     state[0] = 1
     count = 1
     for slot in range(1, len(ranks)):
