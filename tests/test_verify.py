@@ -60,20 +60,32 @@ def test_a_batch_of_trees_gets_the_logits_of_plain_forwards(kind):
 @pytest.mark.parametrize("split", [False, True], ids=["one forward", "after the context's"])
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_a_tree_in_the_prefill_gets_the_logits_of_plain_forwards(kind, split, monkeypatch):
-    """In the prompt's forward, or (a long prompt's) in a forward of its own after the prompt's causal one."""
+    """Two rows' prompts (17 and 9 tokens, past the 8-token windows): each tree in its prompt's forward, or (a long
+    prompt's, here the first row's alone) in a forward of its own after the prompt's causal one; then a step on the
+    cache both leave."""
     if split:
-        monkeypatch.setattr(verify, "SPLIT_PREFILL_AT", 16)  # the 16 tokens before the root are a long prompt
+        monkeypatch.setattr(verify, "SPLIT_PREFILL_AT", 12)  # the 16 tokens before the first root are a long prompt
     model = tiny_model(kind)
     rng = np.random.default_rng(1)
-    context = rng.integers(0, 96, 17).astype(np.int32)
-    tree = random_tree(rng, context)
+    contexts = [rng.integers(0, 96, n).astype(np.int32) for n in (17, 9)]
+    trees = [random_tree(rng, context) for context in contexts]
     verifier = ModelVerifier(model)
     with torch.inference_mode():
-        logits = verifier._prefill([context], [tree])[0]
-    for node in range(len(tree)):
-        expected = plain_logits(model, node_sequence(context, tree, node))
-        torch.testing.assert_close(logits[node].float(), expected, atol=1e-4, rtol=1e-4)
-    assert verifier.cache.lengths.tolist() == [len(context) - 1]  # the tree's slots await the commit
+        logits = verifier._prefill(contexts, trees)
+    for b, (context, tree) in enumerate(zip(contexts, trees)):
+        for node in range(len(tree)):
+            expected = plain_logits(model, node_sequence(context, tree, node))
+            torch.testing.assert_close(logits[b, node].float(), expected, atol=1e-4, rtol=1e-4)
+    assert verifier.cache.lengths.tolist() == [16, 8]  # the trees' slots await the commit
+    verifier.commit([np.array([0]), np.array([0])])  # each root; the next step's roots follow the prompts
+    nexts = [np.append(context, rng.integers(0, 96)).astype(np.int32) for context in contexts]
+    rows = [RowDraft(random_tree(rng, context), None, context) for context in nexts]
+    with torch.inference_mode():
+        step = verifier._logits(*verifier._step_inputs(rows, 0))
+    for b, row in enumerate(rows):
+        for node in range(len(row.tree)):
+            expected = plain_logits(model, node_sequence(row.context, row.tree, node))
+            torch.testing.assert_close(step[b, node].float(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_masks_follow_each_layer_type():
