@@ -34,6 +34,14 @@ def node_sequence(context: np.ndarray, tree: DraftTree, node: int) -> np.ndarray
     return np.concatenate([context, path[::-1]]).astype(np.int64)
 
 
+def assert_plain(model, logits: torch.Tensor, rows: list[RowDraft]) -> None:
+    """Every node's logits (B, T, vocab) are those of a plain forward over its row's context and path."""
+    for b, row in enumerate(rows):
+        for node in range(len(row.tree)):
+            expected = plain_logits(model, node_sequence(row.context, row.tree, node))
+            torch.testing.assert_close(logits[b, node].float(), expected, atol=1e-4, rtol=1e-4)
+
+
 def random_tree(rng, context: np.ndarray) -> DraftTree:
     paths = [rng.integers(0, 96, int(rng.integers(1, 6))) for _ in range(4)]
     return trie_from_continuations(int(context[-1]), paths, np.arange(4, 0, -1.0), np.full(6, 0.9), Source.PROMPT, 14)
@@ -50,11 +58,7 @@ def test_a_batch_of_trees_gets_the_logits_of_plain_forwards(kind):
     verifier.reset(contexts)
     rows = [RowDraft(random_tree(rng, c), None, c) for c in contexts]
     with torch.inference_mode():
-        logits = verifier._logits(*verifier._step_inputs(rows, 24))
-    for b, row in enumerate(rows):
-        for node in range(len(row.tree)):
-            expected = plain_logits(model, node_sequence(row.context, row.tree, node))
-            torch.testing.assert_close(logits[b, node].float(), expected, atol=1e-4, rtol=1e-4)
+        assert_plain(model, verifier._logits(*verifier._step_inputs(rows, 24)), rows)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one forward", "after the context's"])
@@ -68,24 +72,16 @@ def test_a_tree_in_the_prefill_gets_the_logits_of_plain_forwards(kind, split, mo
     model = tiny_model(kind)
     rng = np.random.default_rng(1)
     contexts = [rng.integers(0, 96, n).astype(np.int32) for n in (17, 9)]
-    trees = [random_tree(rng, context) for context in contexts]
+    rows = [RowDraft(random_tree(rng, context), None, context) for context in contexts]
     verifier = ModelVerifier(model)
     with torch.inference_mode():
-        logits = verifier._prefill(contexts, trees)
-    for b, (context, tree) in enumerate(zip(contexts, trees)):
-        for node in range(len(tree)):
-            expected = plain_logits(model, node_sequence(context, tree, node))
-            torch.testing.assert_close(logits[b, node].float(), expected, atol=1e-4, rtol=1e-4)
+        assert_plain(model, verifier._prefill(contexts, [row.tree for row in rows]), rows)
     assert verifier.cache.lengths.tolist() == [16, 8]  # the trees' slots await the commit
     verifier.commit([np.array([0]), np.array([0])])  # each root; the next step's roots follow the prompts
     nexts = [np.append(context, rng.integers(0, 96)).astype(np.int32) for context in contexts]
     rows = [RowDraft(random_tree(rng, context), None, context) for context in nexts]
     with torch.inference_mode():
-        step = verifier._logits(*verifier._step_inputs(rows, 0))
-    for b, row in enumerate(rows):
-        for node in range(len(row.tree)):
-            expected = plain_logits(model, node_sequence(row.context, row.tree, node))
-            torch.testing.assert_close(step[b, node].float(), expected, atol=1e-4, rtol=1e-4)
+        assert_plain(model, verifier._logits(*verifier._step_inputs(rows, 0)), rows)
 
 
 def test_masks_follow_each_layer_type():
