@@ -12,8 +12,8 @@ QUESTION=${1:-"How do I give a function argument a default value?"}
 export HF_HUB_OFFLINE=1
 
 test -d "$SOURCES" || { echo "no Python docs at $SOURCES (apt install python3.11-doc or set PYTHON_DOCS)" >&2; exit 1; }
-if [ ! -f "$INDEX/dense/manifest.json" ]; then
+if [ ! -f "$INDEX/manifest.json" ]; then  # built once; an index already there (yours, via INDEX) is used as it is
     .venv/bin/retrieval-spec build-index "$SOURCES/tutorial" "$SOURCES/library/functions.rst.txt" \
-        -o "$INDEX" --dense --force
+        -o "$INDEX" --dense
 fi
 .venv/bin/retrieval-spec generate --rag --index "$INDEX" --question "$QUESTION" --passages 4 --max-new-tokens 128
