@@ -184,6 +184,18 @@ def _lookup(keys, known, before, token):
     return _TOKEN_ROW if 0 <= token < len(known) and known[token] else _NO_ROW
 
 
+@kernel(boolean, array(i32), i64, i64, view(i32, 2), view(boolean), view(i64), view(i32, 2))
+def _successors_into(out, before, token, table, known, keys, rows):
+    """Write the successors of ``token`` after ``before`` into ``out`` ((k,)): its pair's row in the pairs table
+    (``keys``, ``rows``), else its token's row when known; False, ``out`` untouched, when it has none."""
+    found = _lookup(keys, known, before, token)
+    if found >= 0:
+        out[:] = rows[found]
+    elif found == _TOKEN_ROW:
+        out[:] = table[token]
+    return found != _NO_ROW
+
+
 @kernel(void, array(i32, 2), array(boolean), array(i64), array(i32, 2), view(i32), view(i32), view(i64), view(i32, 2),
         i64, i64)
 def _learn_rows(table, known, keys, rows, tokens, parents, nodes, top, k, before):
@@ -222,12 +234,9 @@ def _root_row(before, root, table, known, keys, rows, top, chosen):
     (repeats of the first fill the row: the walk skips them); and, sorted, the tokens of the row that only the top
     tokens offered."""
     k = table.shape[1]
-    found = _lookup(keys, known, before, root)
-    remembered = np.empty(0 if found == _NO_ROW else k, dtype=np.int32)
-    if found >= 0:
-        remembered[:] = rows[found]
-    elif found == _TOKEN_ROW:
-        remembered[:] = table[root]
+    remembered = np.empty(k, dtype=np.int32)
+    if not _successors_into(remembered, before, root, table, known, keys, rows):
+        remembered = remembered[:0]
     extra = top[top != chosen]
     if len(extra) == 0:
         return remembered, np.empty(0, dtype=np.int32)
@@ -254,11 +263,10 @@ def _walk(before, root, table, known, keys, rows, ranks, slot_scores, slot_paren
           source):
     """The drafted tree: the shape's slots in order (most likely first), each placed as the token of its rank in its
     parent's successors unless its parent was not placed, has none, or an earlier rank holds the same token; until
-    ``budget`` nodes are placed. The successors of the root: :func:`_root_row`; of another node: its pair's row in
-    the pairs table, else its token's row when known (none for a token outside the table). Returns the tree's
-    tokens, parents, scores (the slots'), sources (``source``, but the root's children that only the top tokens
-    where the root was chosen, ``top``, offered are :data:`Source.NEXT_NEXT`) and depths; the root alone when it
-    has no successors."""
+    ``budget`` nodes are placed. The successors of the root: :func:`_root_row`; of another node:
+    :func:`_successors_into` (none for a token outside the table). Returns the tree's tokens, parents, scores (the
+    slots'), sources (``source``, but the root's children that only the top tokens where the root was chosen,
+    ``top``, offered are :data:`Source.NEXT_NEXT`) and depths; the root alone when it has no successors."""
     k = table.shape[1]
     first, next_next = _root_row(before, root, table, known, keys, rows, top, chosen)
     budget = min(budget, len(ranks) - 1) if len(first) else 0  # no more nodes than the shape has
@@ -281,12 +289,9 @@ def _walk(before, root, table, known, keys, rows, ranks, slot_scores, slot_paren
         if parent < 0:
             continue
         if state[parent] == 0:
-            found = _lookup(keys, known, tokens[parents[parent]] if parent > 0 else before, tokens[parent])
-            if found >= 0:
-                successors[parent] = rows[found]
-            elif found == _TOKEN_ROW:
-                successors[parent] = table[tokens[parent]]
-            state[parent] = -1 if found == _NO_ROW else 1
+            above = tokens[parents[parent]] if parent > 0 else before
+            found = _successors_into(successors[parent], above, tokens[parent], table, known, keys, rows)
+            state[parent] = 1 if found else -1
         if state[parent] < 0:
             continue
         rank = ranks[slot]
