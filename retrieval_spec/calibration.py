@@ -63,15 +63,9 @@ class AcceptanceModel:
 
     def __init__(self, config: CalibrationConfig = CalibrationConfig()) -> None:
         self.config = config
-        shape = np.array(config.shape, dtype=np.int64)
-        self._sizes = np.cumprod(shape)  # cells per level
+        self._shape = np.array(config.shape, dtype=np.int64)
+        self._sizes = np.cumprod(self._shape)  # cells per level
         self._offsets = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])  # where each level starts
-        # (7, 7): a node's flat cell at level l is sum_j features[j] * place[l, j] + _offsets[l], where
-        # place[l, j] is the product of the sizes of the features after j up to l (0 for j > l).
-        levels = len(shape)
-        place = np.array([[np.prod(shape[j + 1 : l + 1]) if j <= l else 0 for j in range(levels)]
-                          for l in range(levels)], dtype=np.int64)
-        self._place = place
         # Counts of every level in one flat array, kept divided by ``_scale``, the product of every decay so far:
         # an update multiplies one number instead of every cell, and adds 1 / _scale where it counts.
         self._hits = np.zeros(int(self._sizes.sum()))
@@ -110,7 +104,7 @@ class AcceptanceModel:
         drafter's own estimate (the middle of its bucket), in one compiled pass.
         """
         return _learned_rates(np.asarray(features, dtype=np.int64), self._hits, self._trials, self._scale,
-                              self._place, self._offsets, self.config.prior_weight, self.config.estimate_buckets)
+                              self._shape, self._offsets, self.config.prior_weight, self.config.estimate_buckets)
 
     def rescore(self, forest: Forest, features: np.ndarray) -> np.ndarray:
         """(N,) float32: every node's learned probability of accepting its whole path (roots: 1).
@@ -142,7 +136,7 @@ class AcceptanceModel:
         if not tested.any():
             return
         _count(np.asarray(features, dtype=np.int64), np.asarray(tested, dtype=np.bool_),
-               np.asarray(hits, dtype=np.bool_), self._hits, self._trials, self._place, self._offsets,
+               np.asarray(hits, dtype=np.bool_), self._hits, self._trials, self._shape, self._offsets,
                1.0 / self._scale)
 
     def summary(self) -> dict:
@@ -217,38 +211,34 @@ def _features(scores, parents, sources, matches, depths, rows, whole, recent, bu
     return out
 
 
-@kernel(i64, view(i64, 2), i64, i64, view(i64, 2), view(i64))
-def _cell(features, node, level, place, offsets):
-    """The flat cell of ``node`` at ``level`` of the backoff: ``offsets[level] + sum_j features[node, j] *
-    place[level, j]``."""
-    cell = offsets[level]
-    for j in range(level + 1):
-        cell += features[node, j] * place[level, j]
-    return cell
-
-
-@kernel(array(f64), view(i64, 2), view(f64), view(f64), f64, view(i64, 2), view(i64), f64, i64)
-def _learned_rates(features, hits, trials, scale, place, offsets, weight, buckets):
-    """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first (:func:`_cell`)."""
+@kernel(array(f64), view(i64, 2), view(f64), view(f64), f64, view(i64), view(i64), f64, i64)
+def _learned_rates(features, hits, trials, scale, shape, offsets, weight, buckets):
+    """:meth:`AcceptanceModel.rates`: per node, the backoff's levels coarsest first. A node's cell at level ``l`` is
+    ``offsets[l]`` plus its first ``l + 1`` features read as a mixed-radix number (digit ``j`` in base
+    ``shape[j]``)."""
     out = np.empty(len(features), dtype=np.float64)
     for node in range(len(features)):
         rate = (features[node, 1] + 0.5) / buckets
+        digits = 0
         for level in range(len(offsets)):
-            cell = _cell(features, node, level, place, offsets)
+            digits = digits * shape[level] + features[node, level]
+            cell = offsets[level] + digits
             rate = (hits[cell] * scale + weight * rate) / (trials[cell] * scale + weight)
         out[node] = rate
     return out
 
 
-@kernel(void, view(i64, 2), view(boolean), view(boolean), array(f64), array(f64), view(i64, 2), view(i64), f64)
-def _count(features, tested, hits, hit_counts, trial_counts, place, offsets, amount):
-    """:meth:`AcceptanceModel.update`'s counting: ``amount`` more trials (and hits) in every level's cell of each
-    tested node."""
+@kernel(void, view(i64, 2), view(boolean), view(boolean), array(f64), array(f64), view(i64), view(i64), f64)
+def _count(features, tested, hits, hit_counts, trial_counts, shape, offsets, amount):
+    """:meth:`AcceptanceModel.update`'s counting: ``amount`` more trials (and hits) in every level's cell (as in
+    :func:`_learned_rates`) of each tested node."""
     for node in range(len(features)):
         if not tested[node]:
             continue
+        digits = 0
         for level in range(len(offsets)):
-            cell = _cell(features, node, level, place, offsets)
+            digits = digits * shape[level] + features[node, level]
+            cell = offsets[level] + digits
             trial_counts[cell] += amount
             if hits[node]:
                 hit_counts[cell] += amount

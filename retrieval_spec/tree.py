@@ -526,11 +526,27 @@ def _best_first(scores, depths, parents, starts, max_nodes, max_depth):
     for tree in range(len(starts)):
         first = starts[tree]
         last = starts[tree + 1] if tree + 1 < len(starts) else n
-        by_depth = np.argsort(depths[first:last], kind="mergesort")  # stable: ties in index order
-        negative = np.empty(last - first, dtype=np.float64)
-        for j in range(last - first):
-            negative[j] = -np.float64(scores[first + by_depth[j]])
-        order = by_depth[np.argsort(negative, kind="mergesort")]  # by score, then depth, then index
+        size_of_tree = last - first
+        deepest = 0
+        for j in range(first, last):
+            deepest = max(deepest, depths[j])
+        at_depth = np.zeros(deepest + 2, dtype=np.int64)  # a counting sort by depth, stable: ties in index order
+        for j in range(first, last):
+            at_depth[depths[j] + 1] += 1
+        for d in range(1, deepest + 2):
+            at_depth[d] += at_depth[d - 1]
+        by_depth = np.empty(size_of_tree, dtype=np.int64)
+        for j in range(size_of_tree):
+            by_depth[at_depth[depths[first + j]]] = j
+            at_depth[depths[first + j]] += 1
+        # By score, then depth, then index: a score in [0, 1] is a non-negative float32, whose bits order as
+        # integers do, so one integer sort of (inverted score bits, place in depth order) ranks them.
+        keys = np.empty(size_of_tree, dtype=np.int64)
+        for j in range(size_of_tree):
+            bits = max(np.int64(np.float32(scores[first + by_depth[j]]).view(np.int32)), 0)  # -0.0 as 0
+            keys[j] = ((np.int64(0x7F800000) - bits) << 32) | j
+        keys.sort()
+        order = by_depth[keys & 0xFFFFFFFF]
         rank = 0
         for j in range(last - first):
             node = first + order[j]
