@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -356,7 +357,7 @@ def merge(trees: Sequence[DraftTree]) -> DraftTree:
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("merged trees must share their root token")
-    starts = np.cumsum([0] + [len(t) for t in trees], dtype=np.int64)
+    starts = np.array([0, *itertools.accumulate(len(t) for t in trees)], dtype=np.int64)
     tokens, parents, scores, sources, matches, depth = _merge(
         np.concatenate([t.tokens for t in trees]), np.concatenate([t.parents for t in trees]),
         np.concatenate([t.scores for t in trees]), np.concatenate([t.sources for t in trees]),
