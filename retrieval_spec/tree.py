@@ -549,7 +549,7 @@ def _best_first(scores, depths, parents, starts, max_nodes, max_depth):
         keys.sort()
         order = by_depth[keys & 0xFFFFFFFF]
         rank = 0
-        for j in range(last - first):
+        for j in range(size_of_tree):
             node = first + order[j]
             if depths[node] > max_depth[tree]:
                 continue
