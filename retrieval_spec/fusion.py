@@ -41,6 +41,9 @@ class TreeFuser:
         self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}
         self._whole: dict[RequestId, bool] = {}  # the request's last step accepted every node of its path
         self._recent: dict[RequestId, RecentSuccess] = {}
+        # The last step's rows in order, when each ranked candidates, with their forest and features: what
+        # :meth:`observe` learns from when it is told of exactly those rows, as the generator's loop does.
+        self._step: tuple[list[RequestId], Forest, np.ndarray] | None = None
 
     def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
         for drafter in self.drafters:
@@ -62,6 +65,7 @@ class TreeFuser:
         nodes that could only be accepted beyond its token limit; a budget or ``max_depth`` of 0 ranks nothing.
         """
         ranked = [DraftTree.empty(int(context[-1])) for context in contexts]  # rows with candidates: replaced below
+        self._step = None
         raws, rows = [], []
         for i, (request, context, budget, max_depth) in enumerate(zip(requests, contexts, budgets, max_depths)):
             self._ranked.pop(request, None)
@@ -82,7 +86,8 @@ class TreeFuser:
         whole = np.array([self._whole.get(requests[i], False) for i in rows])
         features = self.acceptance.features(forest, whole, recent)
         forest = replace(forest, scores=self.acceptance.rescore(forest, features))
-        trees, keep = best_first(forest, np.array([budgets[i] for i in rows]), np.array([max_depths[i] for i in rows]))
+        trees, keep, kept = best_first(forest, np.array([budgets[i] for i in rows]),
+                                       np.array([max_depths[i] for i in rows]))
         kept_features = features[keep]
         start = 0
         for i, tree in zip(rows, trees):
@@ -90,6 +95,8 @@ class TreeFuser:
             if len(tree) > 1:
                 self._ranked[requests[i]] = (tree, kept_features[start : start + len(tree)])
             start += len(tree)
+        if all(len(tree) > 1 for tree in trees):
+            self._step = ([requests[i] for i in rows], kept, kept_features)
         return ranked
 
     def branch(self, request: RequestId, context: np.ndarray) -> Branch | None:
@@ -118,19 +125,25 @@ class TreeFuser:
                 learned.append((request, feedback, *self._ranked[request]))
         if learned:
             self._learn(learned)
+        self._step = None
         for request, feedback in zip(requests, feedbacks):
             for drafter in self.drafters:
                 drafter.observe(request, feedback)
 
     def _learn(self, learned: list[tuple[RequestId, StepFeedback, DraftTree, np.ndarray]]) -> None:
         """Count every ranked candidate whose fate the step told (its parent was accepted), for the whole batch."""
-        forest = Forest.of([ranked for _, _, ranked, _ in learned])
+        step = self._step
+        if step is not None and step[0] == [request for request, *_ in learned]:
+            _, forest, features = step  # the rows the step ranked, as it ranked them
+        else:
+            forest = Forest.of([ranked for _, _, ranked, _ in learned])
+            features = np.concatenate([row_features for *_, row_features in learned])
         accepted = [f.accepted_nodes[: len(f.new_tokens)] for _, f, _, _ in learned]
         path = np.concatenate([a + start for a, start in zip(accepted, forest.starts.tolist())]).astype(np.int64)
         emitted = np.concatenate([f.new_tokens[: len(a)] for (_, f, _, _), a in zip(learned, accepted)])
         tested, hits, trials, won = _outcomes(forest.parents, forest.tokens, forest.sources, forest.rows, path,
                                               emitted.astype(np.int64), len(learned))
-        self.acceptance.update(np.concatenate([features for *_, features in learned]), tested, hits, len(learned))
+        self.acceptance.update(features, tested, hits, len(learned))
         for (request, *_), row_trials, row_won in zip(learned, trials.tolist(), won.tolist()):
             self._recent.setdefault(request, RecentSuccess()).update(row_trials, row_won)
 

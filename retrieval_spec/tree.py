@@ -486,7 +486,8 @@ def _within(tokens, parents, vocab_size):
     return keep[:size]
 
 
-def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> tuple[list[DraftTree], np.ndarray]:
+def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray
+               ) -> tuple[list[DraftTree], np.ndarray, Forest]:
     """Per tree of ``forest``, keep the root and its ``max_nodes`` highest-scoring other nodes, closed under
     ancestors.
 
@@ -500,17 +501,22 @@ def best_first(forest: Forest, max_nodes: np.ndarray, max_depth: np.ndarray) -> 
         max_depth: (rows,) drop nodes deeper than this in each tree (>= 0).
 
     Returns:
-        the kept trees, and (k,) int64 the kept nodes' indices in ``forest`` (tree by tree, each in its kept order).
+        the kept trees; (k,) int64 the kept nodes' indices in ``forest`` (tree by tree, each in its kept order);
+        and the kept trees as a forest (``Forest.of(trees)``, without building it again).
     """
     keep, parents, ends = _best_first(forest.scores, forest.depths, forest.parents, forest.starts,
                                       np.asarray(max_nodes, dtype=np.int64), np.asarray(max_depth, dtype=np.int64))
     tokens, scores = forest.tokens[keep], forest.scores[keep]
     sources, matches = forest.sources[keep], forest.matches[keep]
-    ends = ends.tolist()
     depths = forest.depths[keep]
+    forest_parents = parents.copy()
+    rows, starts = _number_forest(forest_parents, ends)
+    kept = Forest(tokens=tokens, parents=forest_parents, scores=scores, sources=sources, matches=matches,
+                  depths=depths, rows=rows, starts=starts)
+    ends = ends.tolist()
     trees = [DraftTree.trusted(tokens[a:b], parents[a:b], scores[a:b], sources[a:b], matches[a:b], depths[a:b])
              for a, b in zip([0, *ends[:-1]], ends)]
-    return trees, keep
+    return trees, keep, kept
 
 
 @kernel(returns(array(i64), array(i32), array(i64)), view(f32), view(i32), view(i32), view(i64), view(i64), view(i64))
@@ -595,13 +601,27 @@ class Forest:
                           starts=np.zeros(1, dtype=np.int64))
         tokens, parents, scores, sources, matches, depths = map(np.concatenate, zip(
             *[(t.tokens, t.parents, t.scores, t.sources, t.matches, t.depths) for t in trees]))
-        sizes = np.array([len(t.tokens) for t in trees], dtype=np.int64)
-        starts = np.zeros(len(trees), dtype=np.int64)
-        np.cumsum(sizes[:-1], out=starts[1:])
-        rows = np.repeat(np.arange(len(trees), dtype=np.int64), sizes)
-        parents = np.where(parents >= 0, parents + starts[rows], -1).astype(np.int32)
+        ends = np.array(list(itertools.accumulate(len(t.tokens) for t in trees)), dtype=np.int64)
+        rows, starts = _number_forest(parents, ends)
         return Forest(tokens=tokens, parents=parents, scores=scores, sources=sources, matches=matches, depths=depths,
                       rows=rows, starts=starts)
+
+
+@kernel(returns(array(i64), array(i64)), array(i32), view(i64))
+def _number_forest(parents, ends):
+    """:meth:`Forest.of`'s numbering of trees laid end to end (tree ``t`` ends before ``ends[t]``): shift each
+    tree's ``parents`` (in place) by where it starts, roots left at -1; return every node's tree and the starts."""
+    rows = np.empty(len(parents), dtype=np.int64)
+    starts = np.empty(len(ends), dtype=np.int64)
+    start = 0
+    for tree in range(len(ends)):
+        starts[tree] = start
+        for node in range(start, ends[tree]):
+            rows[node] = tree
+            if parents[node] >= 0:
+                parents[node] += start
+        start = ends[tree]
+    return rows, starts
 
 
 @dataclass(frozen=True)

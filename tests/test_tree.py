@@ -72,7 +72,7 @@ def test_validation_rejects_malformed_trees():
 
 
 def best_first_of(tree: DraftTree, budget: int, max_depth: int = 1 << 30) -> tuple[DraftTree, np.ndarray]:
-    [kept], keep = best_first(Forest.of([tree]), np.array([budget]), np.array([max_depth]))
+    [kept], keep, _ = best_first(Forest.of([tree]), np.array([budget]), np.array([max_depth]))
     return kept, keep
 
 
@@ -113,7 +113,10 @@ def heap_best_first(tree: DraftTree, max_nodes: int, max_depth: int | None) -> l
 @given(st.lists(st.tuples(trees(), st.integers(0, 30), st.integers(0, 6)), min_size=1, max_size=4))
 def test_best_first_is_the_frontier_expansion_in_every_tree_of_a_forest(rows):
     forest = Forest.of([tree for tree, _, _ in rows])
-    kept, keep = best_first(forest, np.array([b for _, b, _ in rows]), np.array([d for _, _, d in rows]))
+    kept, keep, kept_forest = best_first(forest, np.array([b for _, b, _ in rows]), np.array([d for _, _, d in rows]))
+    rebuilt = Forest.of(kept)
+    for name in ("tokens", "parents", "scores", "sources", "matches", "depths", "rows", "starts"):
+        np.testing.assert_array_equal(getattr(kept_forest, name), getattr(rebuilt, name))
     for (tree, budget, max_depth), start, tree_kept in zip(rows, forest.starts.tolist(), kept):
         expected = heap_best_first(tree, budget, max_depth)
         assert (keep[: len(expected)] - start).tolist() == expected
