@@ -71,8 +71,7 @@ class TreeFuser:
             self._ranked.pop(request, None)
             if budget <= 0 or max_depth <= 0 or not self.drafters:
                 continue
-            raw = within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]),
-                                    self.vocab_size)
+            raw = self.candidates(request, context, budget)
             if len(raw) > 1:
                 raws.append(raw)
                 rows.append(i)
@@ -98,6 +97,11 @@ class TreeFuser:
         if all(len(tree) > 1 for tree in trees):
             self._step = ([requests[i] for i in rows], kept, kept_features)
         return ranked
+
+    def candidates(self, request: RequestId, context: np.ndarray, budget: int) -> DraftTree:
+        """Every drafter's proposal after ``context`` (at most ``budget`` nodes each) merged into one trie, nodes
+        carrying a token outside the vocabulary dropped: what :meth:`rank` rescores and cuts to the budget."""
+        return within_vocabulary(merge([d.propose(request, context, budget) for d in self.drafters]), self.vocab_size)
 
     def branch(self, request: RequestId, context: np.ndarray) -> Branch | None:
         """The request's look-ahead branch for this step: the first a drafter offers, or None."""

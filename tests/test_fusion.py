@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retrieval_spec.fusion import TreeFuser
-from retrieval_spec.tree import Forest, Source, StepFeedback
+from retrieval_spec.tree import DraftTree, Forest, Source, StepFeedback
 
 VOCAB = 500
 
@@ -139,6 +139,49 @@ def test_a_batch_is_ranked_as_each_of_its_rows_alone():
         np.testing.assert_array_equal(tree.parents, expected.parents)
         np.testing.assert_allclose(tree.scores, expected.scores, rtol=1e-6)
 
+
+
+def test_learning_from_the_steps_own_forest_equals_learning_from_its_rows_in_another_order():
+    """observe() told of exactly the rows rank() ranked, in order, learns from the forest the ranking kept; told of
+    them in another order, it rebuilds the forest from each row's tree: the same counts and records either way."""
+    from retrieval_spec.drafters.base import Drafter
+
+    rng = np.random.default_rng(11)
+    forest = random_forest(rng, rows=5)
+    ends = [*forest.starts.tolist()[1:], len(forest.tokens)]
+    proposals = {}
+    for request, (a, b) in enumerate(zip(forest.starts.tolist(), ends)):
+        tree = DraftTree(forest.tokens[a:b] + 1, np.where(forest.parents[a:b] >= 0, forest.parents[a:b] - a, -1),
+                         forest.scores[a:b], forest.sources[a:b], forest.matches[a:b])
+        if len(tree) > 1:
+            proposals[request] = tree
+
+    class Fixed(Drafter):
+        def propose(self, request, context, budget):
+            return proposals[request]
+
+    requests = list(proposals)
+    fusers = [TreeFuser([Fixed()], VOCAB), TreeFuser([Fixed()], VOCAB)]
+    for fuser, order in zip(fusers, (requests, requests[::-1])):
+        for request in requests:
+            fuser.start(request, np.array([1], np.int32))
+        for step in range(3):
+            trees = dict(zip(requests, fuser.rank(requests, [np.array([1], np.int32)] * len(requests),
+                                                  [64] * len(requests), [64] * len(requests))))
+            feedbacks = []
+            for request in order:
+                tree = trees[request]
+                child = int(np.flatnonzero(tree.parents == 0)[step % max(1, int(np.sum(tree.parents == 0)))])
+                feedbacks.append(StepFeedback(tree=tree, accepted_nodes=np.array([0, child]),
+                                              new_tokens=np.array([tree.tokens[child], 3])))
+            fuser.observe(order, feedbacks)
+    for ours, theirs in zip(fusers[0].acceptance.trials + fusers[0].acceptance.hits,
+                            fusers[1].acceptance.trials + fusers[1].acceptance.hits):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    assert fusers[0].acceptance.trials[0].sum() > 0
+    for request in requests:
+        assert fusers[0]._recent[request].trials == pytest.approx(fusers[1]._recent[request].trials)
+        assert fusers[0]._recent[request].hits == pytest.approx(fusers[1]._recent[request].hits)
 
 def random_forest(rng, rows=3):
     from retrieval_spec.tree import DraftTree

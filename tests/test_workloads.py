@@ -256,3 +256,19 @@ def test_the_replay_of_a_recorded_workload_copies_from_its_references(tmp_path):
     without = replay("pld", [({**meta, "references": []}, r) for meta, r in records], flat, None, 64, 1000)["overall"]
     assert with_references["tokens"] == without["tokens"] == 32
     assert with_references["steps"] <= 4 < without["steps"]
+
+
+def test_the_ceiling_follows_the_longest_path_that_spells_the_output():
+    """``ceiling.py``'s bound of a tree: the sources along its longest root path that the output goes on to take."""
+    import numpy as np
+
+    from ceiling import matched_path
+    from retrieval_spec.tree import DraftTree
+
+    # root 5 -> 1 (prompt) -> 2 (prompt) -> 3 (recycle); root -> 1 would be a repeat, so 9 (recycle) beside it.
+    tree = DraftTree(np.array([5, 1, 2, 3, 9], np.int32), np.array([-1, 0, 1, 2, 0], np.int32),
+                     np.ones(5, np.float32), np.array([0, 1, 1, 4, 4], np.uint8))
+    assert matched_path(tree, np.array([1, 2, 3, 4])) == [1, 1, 4]
+    assert matched_path(tree, np.array([1, 2, 7])) == [1, 1]
+    assert matched_path(tree, np.array([9, 1])) == [4]
+    assert matched_path(tree, np.array([4])) == [] and matched_path(tree, np.array([], np.int32)) == []
