@@ -41,8 +41,8 @@ class TreeFuser:
         self._ranked: dict[RequestId, tuple[DraftTree, np.ndarray]] = {}
         self._whole: dict[RequestId, bool] = {}  # the request's last step accepted every node of its path
         self._recent: dict[RequestId, RecentSuccess] = {}
-        # The last step's rows in order, when each ranked candidates, with their forest and features: what
-        # :meth:`observe` learns from when it is told of exactly those rows, as the generator's loop does.
+        # The last step's rows in order, their ranked forest and its features, when every row ranked candidates:
+        # what :meth:`observe` learns from when it is told of exactly those rows, as the generator's loop does.
         self._step: tuple[list[RequestId], Forest, np.ndarray] | None = None
 
     def start(self, request: RequestId, prompt: np.ndarray, references: Sequence[np.ndarray] = ()) -> None:
