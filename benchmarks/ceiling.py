@@ -121,7 +121,8 @@ def main() -> None:
         report["categories"][category] = {
             "steps": t["steps"], "ranked_tokens_per_step": round(1 + t["ranked"] / n, 3),
             "candidates_tokens_per_step": round(1 + t["candidates"] / n, 3),
-            "no_first_candidate": round(t["no_first"] / n, 3), "candidates_per_step": round(t["candidate_nodes"] / n, 1),
+            "no_first_candidate": round(t["no_first"] / n, 3),
+            "candidates_per_step": round(t["candidate_nodes"] / n, 1),
             "accepted_by_source": {key: value for key, value in sorted(t.items()) if ":" in key}}
         c = report["categories"][category]
         print(f"| {category} | {t['steps']} | {c['ranked_tokens_per_step']:.2f} | {c['candidates_tokens_per_step']:.2f}"

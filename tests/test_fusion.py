@@ -140,7 +140,6 @@ def test_a_batch_is_ranked_as_each_of_its_rows_alone():
         np.testing.assert_allclose(tree.scores, expected.scores, rtol=1e-6)
 
 
-
 def test_learning_from_the_steps_own_forest_equals_learning_from_its_rows_in_another_order():
     """observe() told of exactly the rows rank() ranked, in order, learns from the forest the ranking kept; told of
     them in another order, it rebuilds the forest from each row's tree: the same counts and records either way."""
@@ -182,6 +181,7 @@ def test_learning_from_the_steps_own_forest_equals_learning_from_its_rows_in_ano
     for request in requests:
         assert fusers[0]._recent[request].trials == pytest.approx(fusers[1]._recent[request].trials)
         assert fusers[0]._recent[request].hits == pytest.approx(fusers[1]._recent[request].hits)
+
 
 def random_forest(rng, rows=3):
     from retrieval_spec.tree import DraftTree

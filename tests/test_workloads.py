@@ -265,7 +265,7 @@ def test_the_ceiling_follows_the_longest_path_that_spells_the_output():
     from ceiling import matched_path
     from retrieval_spec.tree import DraftTree
 
-    # root 5 -> 1 (prompt) -> 2 (prompt) -> 3 (recycle); root -> 1 would be a repeat, so 9 (recycle) beside it.
+    # root 5 -> 1 (prompt) -> 2 (prompt) -> 3 (recycle), and 9 (recycle) beside 1 under the root.
     tree = DraftTree(np.array([5, 1, 2, 3, 9], np.int32), np.array([-1, 0, 1, 2, 0], np.int32),
                      np.ones(5, np.float32), np.array([0, 1, 1, 4, 4], np.uint8))
     assert matched_path(tree, np.array([1, 2, 3, 4])) == [1, 1, 4]
