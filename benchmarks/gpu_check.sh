@@ -5,24 +5,34 @@
 # H100; CUDA timings are synchronised by the benchmarks themselves.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default: results/gpu (or $OUT where the device tool sets it)
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_ARGS="--max-new-tokens 4" PYTHON=.venv/bin/python \
+#     bash benchmarks/gpu_check.sh /tmp/dry         # a dry run of the plumbing here, on the CPU
 #
-# What it needs there: a python3 whose torch sees CUDA, this checkout installed without dependencies, and the
-# packages our requirements name that the machine lacks (carried as wheels in .whl/, see the device README), and
-# the converted models in the disk cache (RETRIEVAL_SPEC_CACHE), since a GPU machine here reaches no registry.
+# A GPU machine here reaches no registry: `python benchmarks/gpu_stage.py` stages the models and the wheels our
+# dependencies need there into .gpu/ and prints the device calls that carry them (the models do not fit one call);
+# this script unpacks whatever arrived (`gpu_stage.py --unpack`) and checks the models that did. Without .gpu/ it
+# takes the models as installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-results/gpu}}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+read -r -a EXTRA <<< "${GPU_CHECK_ARGS:-}"
 mkdir -p "$OUT_DIR"
 REPORT="$OUT_DIR/gpu_check.md"
 PY="${PYTHON:-python3}"
-if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
 export PYTHONPATH="$PWD:$PWD/benchmarks:${PYTHONPATH:-}"
+MODELS="smollm2-135m qwen2.5-0.5b"
+if [ -f .gpu/manifest.json ]; then
+  SITE="${GPU_CHECK_SITE:-/tmp/site}"
+  MODELS="$("$PY" benchmarks/gpu_stage.py --unpack "$SITE" 2> "$OUT_DIR/unpack.log" | tr '\n' ' ')" || MODELS=""
+  export PYTHONPATH="$SITE:$PYTHONPATH"
+fi
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo
-  "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '· torch', torch.__version__)"
+  "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA',
+'· torch', torch.__version__)"
+  echo "models: ${MODELS:-none} $(cat "$OUT_DIR/unpack.log" 2>/dev/null)"
   echo
 } > "$REPORT"
 
@@ -39,14 +49,20 @@ section() {  # section TITLE COMMAND...: run a command with a time limit, its ta
 }
 
 echo "## Model zoo on CUDA" >> "$REPORT"
-timeout 120 "$PY" -m pytest -q -m cuda tests/test_model_zoo.py 2>&1 | tail -3 >> "$REPORT"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_model_zoo.py 2>&1 | tail -3 >> "$REPORT"
 echo >> "$REPORT"
-for model in smollm2-135m qwen2.5-0.5b; do
+for model in $MODELS; do  # converted to a checkpoint once, outside the sections' time limits
+  timeout 300 "$PY" -c "from retrieval_spec.models import load_model; load_model('$model')" > "$OUT_DIR/last.log" 2>&1 \
+    || { echo "loading $model FAILED:" >> "$REPORT"; tail -5 "$OUT_DIR/last.log" | sed 's/^/    /' >> "$REPORT"; }
+done
+for model in $MODELS; do
   for dtype in float32 bfloat16; do
-    section "$model $dtype" "$PY" benchmarks/spec_bench.py --model "$model" --device cuda --dtype "$dtype" --limit 1 \
-      --methods ar,pld,auto --out "$OUT_DIR/spec_bench_${model}_${dtype}.json"
+    section "$model $dtype" "$PY" benchmarks/spec_bench.py --model "$model" --device "$DEVICE" --dtype "$dtype" \
+      --limit 1 --methods ar,pld,auto "${EXTRA[@]}" --out "$OUT_DIR/spec_bench_${model}_${dtype}.json"
   done
 done
-section "SmolLM2, flat curve, 64 nodes" "$PY" benchmarks/spec_bench.py --device cuda --limit 1 --methods auto \
-  --cost flat --budget 64 --out "$OUT_DIR/spec_bench_flat.json"
+if [[ " $MODELS " == *" smollm2-135m "* ]]; then
+  section "SmolLM2, flat curve, 64 nodes" "$PY" benchmarks/spec_bench.py --device "$DEVICE" --limit 1 \
+    --methods auto --cost flat --budget 64 "${EXTRA[@]}" --out "$OUT_DIR/spec_bench_flat.json"
+fi
 cat "$REPORT"

@@ -1,0 +1,53 @@
+"""benchmarks/gpu_stage.py: the models cut into transfers a GPU machine can receive, and joined there byte for byte;
+a model whose chunks did not all arrive, or arrived damaged, is left out and said to be."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_stage import MANIFEST, stage, unpack  # noqa: E402
+
+
+def files(tmp_path: Path) -> list[tuple[str, str, Path]]:
+    """Three weights files of two models, of sizes that fall across chunk boundaries."""
+    sizes = {("small", "small_pkg", "small.gguf"): 2500, ("split", "split_part1", "part01.bin"): 4096,
+             ("split", "split_part2", "part02.bin"): 777}
+    out = []
+    for i, ((model, package, name), size) in enumerate(sizes.items()):
+        path = tmp_path / "installed" / package / name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(bytes((i * 7 + j * 13) % 256 for j in range(size)))
+        out.append((model, package, path))
+    return out
+
+
+def test_every_file_comes_back_whole_from_chunks_that_each_fit_a_call(tmp_path):
+    parts = files(tmp_path)
+    stage_dir, site = tmp_path / "stage", tmp_path / "site"
+    calls = stage(parts, 1000, stage_dir, wheels=False)
+    chunks = sorted(stage_dir.glob("chunk.*"))
+    assert len(chunks) == 8 and all(c.stat().st_size <= 1000 for c in chunks)  # 7,373 bytes laid end to end
+    assert [len(call["carry"]) for call in calls] == [1] * 7 + [2]  # the last adds the manifest
+    assert calls[-1]["command"] == "bash benchmarks/gpu_check.sh"
+    assert unpack(stage_dir, site) == ["small", "split"]
+    for _, package, path in parts:
+        assert (site / package / path.name).read_bytes() == path.read_bytes()
+        assert (site / package / "__init__.py").is_file()  # found as the package that holds it
+
+
+def test_a_model_with_a_chunk_missing_or_damaged_is_left_out_and_named(tmp_path, capsys):
+    parts = files(tmp_path)
+    stage_dir = tmp_path / "stage"
+    stage(parts, 1000, stage_dir, wheels=False)
+    manifest = json.loads((stage_dir / MANIFEST).read_text())
+    (stage_dir / manifest["chunks"][-1]).unlink()  # the split model's last part did not arrive
+    assert unpack(stage_dir, tmp_path / "site") == ["small"]
+    assert "split: not carried here: chunk.007" in capsys.readouterr().err
+    (stage_dir / "chunk.000").write_bytes(b"x" * 1000)  # the small model's first chunk, damaged
+    assert unpack(stage_dir, tmp_path / "site2") == []
+    assert "small_pkg/small.gguf: sha256" in capsys.readouterr().err
