@@ -3,6 +3,7 @@
 
     python benchmarks/ceiling.py --limit 1                      # Spec-Bench dev, SmolLM2, auto, flat 64 nodes
     python benchmarks/ceiling.py --limit 1 --skip 3 --method pld
+    python benchmarks/ceiling.py --limit 1 --index indexes/sharegpt   # with a corpus (make corpora)
 
 Per step of the real model decoding each prompt (greedy, float32, checked against plain ``generate()``), three
 figures, each the longest path of a tree that the output goes on to take, plus the step's bonus token:
@@ -31,6 +32,8 @@ from tqdm import tqdm
 from common import ROOT, prompt_ids, read_curve, spec_bench, write_json
 from harness import WARM_UP_PROMPT, chat_ids
 from retrieval_spec.config import GenerationConfig
+from retrieval_spec.datastore.manifest import tokenizer_fingerprint
+from retrieval_spec.datastore.reader import Datastore
 from retrieval_spec.demo import plain_generate
 from retrieval_spec.drafters.registry import make_drafters
 from retrieval_spec.generate import SpeculativeGenerator
@@ -58,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="auto")
+    parser.add_argument("--index", type=Path, help="corpus datastore for `rest` and `auto` (built by build-index)")
     parser.add_argument("--limit", type=int, default=1, help="prompts per category")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first prompts of each category")
     parser.add_argument("--budget", type=int, default=64, help="most draft nodes per step")
@@ -68,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    generator = SpeculativeGenerator(model, tokenizer, make_drafters(args.method, model.config.vocab_size),
+    datastore = Datastore.open(args.index, tokenizer_fingerprint(tokenizer)) if args.index else None
+    generator = SpeculativeGenerator(model, tokenizer, make_drafters(args.method, model.config.vocab_size, datastore),
                                      cost_curve=read_curve(args.cost))
     fuser = generator.fuser
     steps: list[dict] = []
@@ -110,7 +115,8 @@ def main() -> None:
                     bucket[f"ranked:{Source(source).name.lower()}"] += 1
                 for source in candidate_path:
                     bucket[f"candidates:{Source(source).name.lower()}"] += 1
-    report = {"model": args.model, "method": args.method, "cpu": cpu_name(), "cost": args.cost, "budget": args.budget,
+    report = {"model": args.model, "method": args.method, "index": str(args.index) if args.index else None,
+              "cpu": cpu_name(), "cost": args.cost, "budget": args.budget,
               "max_new_tokens": args.max_new_tokens, "limit_per_category": args.limit, "skip": args.skip,
               "mismatches": mismatches, "categories": {}}
     print("| category | steps | ranked tok/step | candidates tok/step | steps with no right first candidate | "
