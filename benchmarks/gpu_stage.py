@@ -77,10 +77,13 @@ def stage(parts: list[tuple[str, str, Path]], chunk_bytes: int, stage_dir: Path 
     (stage_dir / MANIFEST).write_text(json.dumps({"chunk_bytes": chunk_bytes, "chunks": chunks, "files": files},
                                                  indent=1))
     relative = stage_dir.relative_to(ROOT) if stage_dir.is_relative_to(ROOT) else stage_dir
-    last = [str(relative / MANIFEST)] + ([str(relative / "wheels")] if wheels else [])
-    carried = [[str(relative / chunk)] for chunk in chunks] or [[]]
+    carried = [[str(relative / chunk)] for chunk in chunks]
+    extra = sum(path.stat().st_size for path in stage_dir.rglob("*") if not path.name.startswith("chunk."))
+    if not chunks or (stage_dir / chunks[-1]).stat().st_size + extra > chunk_bytes:  # else with the last chunk
+        carried.append([])
+    carried[-1] += [str(relative / MANIFEST)] + ([str(relative / "wheels")] if wheels else [])
     return [{"carry": group, "command": "true"} for group in carried[:-1]] + [
-        {"carry": carried[-1] + last, "command": "bash benchmarks/gpu_check.sh", "timeout_s": 540}]
+        {"carry": carried[-1], "command": "bash benchmarks/gpu_check.sh", "timeout_s": 540}]
 
 
 def _write_chunk(stage_dir: Path, index: int, data: bytes | bytearray) -> str:
