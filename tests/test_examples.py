@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {**os.environ, "MAX_NEW_TOKENS": "12"}
 
